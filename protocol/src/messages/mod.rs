@@ -1,0 +1,359 @@
+//! Requests and responses, one file per api, and the dispatch that ties api keys to them.
+//!
+//! Every body type implements [`Body`]. [`Request`] and [`Response`] are the closed sets a
+//! broker and a client match on; [`decode_request`] turns a frame into a request or into a
+//! [`RequestError`] that already knows the error response to send back, so an unknown api key,
+//! an unsupported version or a body that does not decode never costs the connection.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::{ErrorCode, WireError};
+use crate::frame::{RequestHeader, ResponseHeader, finish_frame, start_frame};
+use crate::wire::Reader;
+
+pub mod api_versions;
+pub mod create_topics;
+pub mod delete_topics;
+pub mod describe_topic;
+pub mod fetch;
+pub mod list_offsets;
+pub mod list_topics;
+pub mod metadata;
+pub mod produce;
+
+pub use api_versions::{ApiVersionRange, ApiVersionsRequest, ApiVersionsResponse};
+pub use create_topics::{
+    CreateTopic, CreateTopicResult, CreateTopicsRequest, CreateTopicsResponse,
+};
+pub use delete_topics::{DeleteTopicResult, DeleteTopicsRequest, DeleteTopicsResponse};
+pub use describe_topic::{DescribeTopicRequest, DescribeTopicResponse, PartitionDescription};
+pub use fetch::{
+    FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse, FetchTopic,
+    FetchTopicResponse,
+};
+pub use list_offsets::{
+    ListOffsetsPartition, ListOffsetsPartitionResponse, ListOffsetsRequest, ListOffsetsResponse,
+    ListOffsetsTopic, ListOffsetsTopicResponse, OffsetSpec,
+};
+pub use list_topics::{ListTopicsRequest, ListTopicsResponse, TopicListing};
+pub use metadata::{
+    BrokerMetadata, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata,
+};
+pub use produce::{
+    Acks, ProducePartition, ProducePartitionResponse, ProduceRequest, ProduceResponse,
+    ProduceTopic, ProduceTopicResponse,
+};
+
+/// A request or response body: its bytes after the frame header.
+pub trait Body: Sized {
+    /// Appends the body's bytes.
+    fn encode(&self, dst: &mut BytesMut);
+    /// Reads the body; the caller checks that nothing is left over.
+    fn decode(src: &mut Reader) -> Result<Self, WireError>;
+
+    /// Decodes a whole body, refusing trailing bytes.
+    fn decode_exact(body: Bytes) -> Result<Self, WireError> {
+        let mut reader = Reader::new(body);
+        let value = Self::decode(&mut reader)?;
+        reader.finish()?;
+        Ok(value)
+    }
+}
+
+macro_rules! apis {
+    ($($(#[$doc:meta])* $name:ident = $key:literal, $request:ty, $response:ty, $min:literal ..= $max:literal;)*) => {
+        /// The api keys. Numbers are stable and never reused.
+        #[repr(u16)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ApiKey {
+            $($(#[$doc])* $name = $key,)*
+        }
+
+        impl ApiKey {
+            /// Every api key this build speaks.
+            pub const ALL: &'static [ApiKey] = &[$(ApiKey::$name,)*];
+
+            pub const fn code(self) -> u16 {
+                self as u16
+            }
+
+            pub fn from_code(code: u16) -> Option<ApiKey> {
+                match code {
+                    $($key => Some(ApiKey::$name),)*
+                    _ => None,
+                }
+            }
+
+            /// The lowest and highest version this build speaks.
+            pub const fn versions(self) -> (u16, u16) {
+                match self {
+                    $(ApiKey::$name => ($min, $max),)*
+                }
+            }
+
+            /// The version a client sends: the highest this build speaks.
+            pub const fn current_version(self) -> u16 {
+                self.versions().1
+            }
+        }
+
+        /// Every request body, tagged by api.
+        #[derive(Clone, Debug, PartialEq)]
+        #[non_exhaustive]
+        pub enum Request {
+            $($name($request),)*
+        }
+
+        impl Request {
+            pub fn api_key(&self) -> ApiKey {
+                match self {
+                    $(Request::$name(_) => ApiKey::$name,)*
+                }
+            }
+
+            fn encode_body(&self, dst: &mut BytesMut) {
+                match self {
+                    $(Request::$name(body) => body.encode(dst),)*
+                }
+            }
+
+            fn decode_body(api_key: ApiKey, body: Bytes) -> Result<Request, WireError> {
+                match api_key {
+                    $(ApiKey::$name => <$request>::decode_exact(body).map(Request::$name),)*
+                }
+            }
+        }
+
+        $(impl From<$request> for Request {
+            fn from(body: $request) -> Request {
+                Request::$name(body)
+            }
+        })*
+
+        /// Every response body, tagged by api.
+        #[derive(Clone, Debug, PartialEq)]
+        #[non_exhaustive]
+        pub enum Response {
+            $($name($response),)*
+        }
+
+        impl Response {
+            pub fn api_key(&self) -> ApiKey {
+                match self {
+                    $(Response::$name(_) => ApiKey::$name,)*
+                }
+            }
+
+            fn encode_body(&self, dst: &mut BytesMut) {
+                match self {
+                    $(Response::$name(body) => body.encode(dst),)*
+                }
+            }
+
+            /// Decodes the body of a successful response to a request of `api_key`.
+            pub fn decode(api_key: ApiKey, body: Bytes) -> Result<Response, WireError> {
+                match api_key {
+                    $(ApiKey::$name => <$response>::decode_exact(body).map(Response::$name),)*
+                }
+            }
+        }
+
+        $(impl From<$response> for Response {
+            fn from(body: $response) -> Response {
+                Response::$name(body)
+            }
+        })*
+    };
+}
+
+apis! {
+    /// Which api keys and versions the broker speaks.
+    ApiVersions = 0, ApiVersionsRequest, ApiVersionsResponse, 0..=0;
+    /// Brokers, topics and partitions.
+    Metadata = 1, MetadataRequest, MetadataResponse, 0..=0;
+    /// Create topics.
+    CreateTopics = 2, CreateTopicsRequest, CreateTopicsResponse, 0..=0;
+    /// Delete topics.
+    DeleteTopics = 3, DeleteTopicsRequest, DeleteTopicsResponse, 0..=0;
+    /// Names and partition counts of all topics.
+    ListTopics = 4, ListTopicsRequest, ListTopicsResponse, 0..=0;
+    /// One topic's partitions, offsets, sizes and configuration.
+    DescribeTopic = 5, DescribeTopicRequest, DescribeTopicResponse, 0..=0;
+    /// Append record batches.
+    Produce = 6, ProduceRequest, ProduceResponse, 0..=0;
+    /// Read record batches, long polling.
+    Fetch = 7, FetchRequest, FetchResponse, 0..=0;
+    /// Earliest, latest or by-timestamp offsets.
+    ListOffsets = 8, ListOffsetsRequest, ListOffsetsResponse, 0..=0;
+}
+
+impl Request {
+    /// Appends a whole frame (length, header, body) at the current version of its api.
+    pub fn encode_frame(&self, correlation_id: u32, dst: &mut BytesMut) {
+        let at = start_frame(dst);
+        let api_key = self.api_key();
+        RequestHeader {
+            api_key: api_key.code(),
+            api_version: api_key.current_version(),
+            correlation_id,
+            flags: 0,
+        }
+        .encode(dst);
+        self.encode_body(dst);
+        finish_frame(dst, at);
+    }
+}
+
+impl Response {
+    /// Appends a whole successful response frame.
+    pub fn encode_frame(&self, correlation_id: u32, dst: &mut BytesMut) {
+        let at = start_frame(dst);
+        ResponseHeader {
+            correlation_id,
+            error_code: ErrorCode::None,
+        }
+        .encode(dst);
+        self.encode_body(dst);
+        finish_frame(dst, at);
+    }
+}
+
+/// Appends a response frame that fails a whole request: the header's error code, no body.
+pub fn encode_error_response(correlation_id: u32, error_code: ErrorCode, dst: &mut BytesMut) {
+    let at = start_frame(dst);
+    ResponseHeader {
+        correlation_id,
+        error_code,
+    }
+    .encode(dst);
+    finish_frame(dst, at);
+}
+
+/// A request frame that could not be turned into a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct RequestError {
+    /// The header, when it decoded; without it the answer goes out with correlation id 0.
+    pub header: Option<RequestHeader>,
+    pub error: WireError,
+}
+
+impl RequestError {
+    /// The code the whole request fails with.
+    pub fn error_code(&self) -> ErrorCode {
+        self.error.error_code()
+    }
+
+    /// Appends the error response frame the peer should get.
+    pub fn encode_response(&self, dst: &mut BytesMut) {
+        let correlation_id = self.header.map_or(0, |header| header.correlation_id);
+        encode_error_response(correlation_id, self.error_code(), dst);
+    }
+}
+
+/// Decodes a request frame (header and body, without the length prefix).
+///
+/// # Errors
+/// A [`RequestError`] for a short header, an unknown api key, an unsupported version or a body
+/// that does not decode exactly. Never panics, whatever the bytes.
+pub fn decode_request(frame: Bytes) -> Result<(RequestHeader, Request), RequestError> {
+    let mut reader = Reader::new(frame);
+    let header = RequestHeader::decode(&mut reader).map_err(|error| RequestError {
+        header: None,
+        error,
+    })?;
+    let fail = |error| RequestError {
+        header: Some(header),
+        error,
+    };
+    let api_key = ApiKey::from_code(header.api_key)
+        .ok_or_else(|| fail(WireError::UnknownApiKey(header.api_key)))?;
+    let (min, max) = api_key.versions();
+    if header.api_version < min || header.api_version > max {
+        return Err(fail(WireError::UnsupportedVersion {
+            api_key: header.api_key,
+            version: header.api_version,
+        }));
+    }
+    let body = reader.bytes_rest();
+    let request = Request::decode_body(api_key, body).map_err(fail)?;
+    Ok((header, request))
+}
+
+/// Splits a response frame (without the length prefix) into its header and body.
+pub fn decode_response_header(frame: Bytes) -> Result<(ResponseHeader, Bytes), WireError> {
+    let mut reader = Reader::new(frame);
+    let header = ResponseHeader::decode(&mut reader)?;
+    Ok((header, reader.bytes_rest()))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use bytes::{Bytes, BytesMut};
+    use proptest::prelude::*;
+
+    use super::Body;
+
+    /// Arbitrary byte strings up to 64 bytes.
+    pub fn bytes() -> impl Strategy<Value = Bytes> {
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from)
+    }
+
+    /// Names as the wire allows them (short, any UTF-8).
+    pub fn name() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9._é-]{0,20}"
+    }
+
+    /// Encode, decode, compare; then check that every strict prefix fails to decode cleanly.
+    pub fn round_trip<T: Body + PartialEq + std::fmt::Debug>(
+        value: &T,
+    ) -> Result<(), TestCaseError> {
+        let mut encoded = BytesMut::new();
+        value.encode(&mut encoded);
+        let encoded = encoded.freeze();
+        let decoded = T::decode_exact(encoded.clone())
+            .map_err(|error| TestCaseError::fail(format!("decode failed: {error}")))?;
+        prop_assert_eq!(&decoded, value);
+        for cut in 0..encoded.len() {
+            prop_assert!(
+                T::decode_exact(encoded.slice(..cut)).is_err(),
+                "prefix of {} of {} bytes decoded",
+                cut,
+                encoded.len()
+            );
+        }
+        let mut extended = BytesMut::from(&encoded[..]);
+        extended.extend_from_slice(&[0]);
+        prop_assert!(
+            T::decode_exact(extended.freeze()).is_err(),
+            "trailing byte accepted"
+        );
+        Ok(())
+    }
+
+    /// Encodes a body to bytes for exact-layout assertions.
+    pub fn encoded<T: Body>(value: &T) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        value.encode(&mut out);
+        out.to_vec()
+    }
+
+    macro_rules! round_trip_tests {
+        ($($name:ident: $ty:ty),* $(,)?) => {
+            proptest::proptest! {
+                #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+                $(
+                    #[test]
+                    fn $name(value in proptest::prelude::any::<$ty>()) {
+                        $crate::messages::test_support::round_trip(&value)?;
+                    }
+                )*
+            }
+        };
+    }
+    pub(crate) use round_trip_tests;
+}
+
+#[cfg(test)]
+mod tests;
