@@ -280,8 +280,16 @@ mod tests {
                 max_frame_bytes: 1 << 20
             }
         );
-        assert_eq!(buffer.capacity(), capacity_before, "decoder reserved memory");
-        assert_eq!(buffer.len(), 4, "a refused frame leaves the buffer as it was");
+        assert_eq!(
+            buffer.capacity(),
+            capacity_before,
+            "decoder reserved memory"
+        );
+        assert_eq!(
+            buffer.len(),
+            4,
+            "a refused frame leaves the buffer as it was"
+        );
         assert_eq!(error.error_code(), ErrorCode::MessageTooLarge);
     }
 
