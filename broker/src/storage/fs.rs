@@ -1,0 +1,180 @@
+//! The filesystem calls storage makes, behind one small trait.
+//!
+//! Production uses [`RealFs`] (std::fs, positional IO, fsync). Tests also run the same storage
+//! code over `FaultFs` (see `faultfs.rs`), which keeps unsynced state apart from synced state so
+//! a test can simulate a power loss, tear the last write, and fail writes or fsyncs.
+//!
+//! # Contract
+//! - `write_at` puts bytes in the file's current contents (the page cache). They survive a
+//!   power loss only after a later `sync_data` on that file returns `Ok`.
+//! - A newly created, renamed or removed directory entry survives a power loss only after a
+//!   later `sync_dir` on its parent returns `Ok`.
+//! - `read_at` sees every completed `write_at`, synced or not, from any handle.
+//! - Methods take `&self` and may be called from many threads; each call is atomic with
+//!   respect to the others on the same file (no torn reads of a completed write).
+//! - After a failed `sync_data` nothing is known about what reached the disk: callers must not
+//!   retry and then report success (see the flusher).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An open file, shared between the writer and readers.
+pub trait StorageFile: Send + Sync + std::fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `offset`; fewer only at end of file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset`, extending the file as needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes the file's contents durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// The file's current length.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends the file to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// Shared handle to an open file.
+pub type FileHandle = Arc<dyn StorageFile>;
+
+/// Directory and file operations.
+pub trait FileSystem: Send + Sync + std::fmt::Debug + 'static {
+    /// Opens a file for reading and writing, creating it (empty) when `create` and it is missing.
+    fn open(&self, path: &Path, create: bool) -> io::Result<FileHandle>;
+    /// Creates a directory and its parents.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// The entries of a directory (full paths), in no particular order.
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>>;
+    /// Atomically replaces `to` with `from`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+    /// Makes the directory's entries durable (fsync of the directory).
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+}
+
+/// Shared handle to a filesystem.
+pub type Fs = Arc<dyn FileSystem>;
+
+/// Writes `contents` to `path` durably: to a temporary sibling, fsynced, renamed into place,
+/// and the directory fsynced. After it returns `Ok` the file survives a power loss whole, and a
+/// crash before that leaves the previous version (or nothing) in place, never a torn file.
+pub fn write_file_durably(fs: &dyn FileSystem, path: &Path, contents: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let file = fs.open(&temporary, true)?;
+    file.set_len(0)?;
+    file.write_all_at(contents, 0)?;
+    file.sync_data()?;
+    drop(file);
+    fs.rename(&temporary, path)?;
+    fs.sync_dir(dir)
+}
+
+/// Reads a whole small file (checkpoints, metadata).
+pub fn read_file(fs: &dyn FileSystem, path: &Path) -> io::Result<Vec<u8>> {
+    let file = fs.open(path, false)?;
+    let len = usize::try_from(file.len()?)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large"))?;
+    let mut buf = vec![0; len];
+    let mut filled = 0;
+    while filled < len {
+        let read = file.read_at(&mut buf[filled..], filled as u64)?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+/// The real disk.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RealFs;
+
+#[derive(Debug)]
+struct RealFile(File);
+
+impl StorageFile for RealFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.0.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(filled)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl FileSystem for RealFs {
+    fn open(&self, path: &Path, create: bool) -> io::Result<FileHandle> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
+        Ok(Arc::new(RealFile(file)))
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+
+    fn read_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        std::fs::read_dir(path)?
+            .map(|entry| entry.map(|entry| entry.path()))
+            .collect()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir_all(path)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+}

@@ -1,0 +1,759 @@
+//! `PartitionLog`: one partition's append-only log of record batches in segment files.
+//!
+//! ```text
+//! append(batch) ── writer lock ──▶ stamp base_offset ─▶ write_all_at(end of active segment)
+//!                                   │                     (page cache; rolls first if full/old)
+//!                                   ▼
+//!                     index entry, segment size (Release) ─▶ high watermark (Release) ─▶ wake fetches
+//! wait_durable(next) ── waiter + requested offset ──▶ flusher: fsync ─▶ durable offset ─▶ waiters
+//! read(offset, max) ── segment list (read lock) ─▶ sparse index ─▶ pread whole batches
+//! ```
+//!
+//! One writer at a time (a mutex held only for the page-cache write), any number of readers:
+//! readers take no lock the writer holds while writing, and use positional reads of bytes the
+//! writer has already published.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use sluice_protocol::RecordBatch;
+use sluice_protocol::batch::{HEADER_BYTES, RecordBatchRef, batch_size};
+use tokio::sync::oneshot;
+
+use super::StorageShared;
+use super::config::{FsyncPolicy, LogConfig};
+use super::error::{Result, StorageError};
+use super::fs::{FileHandle, write_file_durably};
+use super::index::SegmentIndex;
+use super::recovery::{self, Recovered};
+use super::segment::{Segment, SegmentPaths};
+use super::signal::HighWatermark;
+
+/// Where an appended batch went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendInfo {
+    pub base_offset: u64,
+    pub last_offset: u64,
+    pub log_start_offset: u64,
+}
+
+/// What a read returned: whole batches, back to back, as they were appended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadResult {
+    pub records: Bytes,
+    pub high_watermark: u64,
+    pub log_start_offset: u64,
+}
+
+/// The file name of the recovery-point checkpoint in a partition directory.
+pub const RECOVERY_POINT_FILE: &str = "recovery-point";
+
+/// Bytes read at a time when looking for the batch that holds an offset.
+const HEADER_PROBE_BYTES: usize = 27;
+
+#[derive(Debug)]
+struct Writer {
+    active: Arc<Segment>,
+    active_file: FileHandle,
+    /// Wall-clock time of the active segment's first append, for `segment_ms`.
+    active_since_ms: Option<u64>,
+    next_offset: u64,
+    /// Files of rolled segments with data the flusher has not synced yet.
+    unsynced_files: Vec<FileHandle>,
+}
+
+#[derive(Debug)]
+struct Durability {
+    /// Every offset below this is fsynced.
+    durable_offset: u64,
+    /// The highest offset someone asked to be fsynced.
+    requested_offset: u64,
+    /// A sync job is queued or running.
+    scheduled: bool,
+    waiters: Vec<(u64, oneshot::Sender<Result<(), String>>)>,
+}
+
+/// One partition's log. Shared as `Arc<PartitionLog>`.
+#[derive(Debug)]
+pub struct PartitionLog {
+    dir: PathBuf,
+    config: LogConfig,
+    shared: Arc<StorageShared>,
+    writer: Mutex<Writer>,
+    /// Every segment, oldest first; the last is the active one.
+    segments: RwLock<Vec<Arc<Segment>>>,
+    high_watermark: HighWatermark,
+    log_start_offset: AtomicU64,
+    durability: Mutex<Durability>,
+    /// Set once: why the partition refuses writes.
+    poisoned: Mutex<Option<String>>,
+    is_poisoned: AtomicBool,
+    /// Weak-ack data waits for the interval flush.
+    dirty: AtomicBool,
+    fsyncs: AtomicU64,
+    last_checkpoint: Mutex<Option<u64>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+impl PartitionLog {
+    /// Opens (recovering) or creates the log in `dir`.
+    pub(crate) fn open(
+        shared: Arc<StorageShared>,
+        dir: &Path,
+        config: LogConfig,
+    ) -> Result<Arc<PartitionLog>> {
+        config
+            .validate()
+            .map_err(|reason| StorageError::io("log config", std::io::Error::other(reason)))?;
+        let recovered: Recovered = recovery::recover(shared.fs.as_ref(), dir, &config)?;
+        let next_offset = recovered.next_offset;
+        let log_start_offset = recovered
+            .segments
+            .first()
+            .map_or(next_offset, |segment| segment.base_offset);
+        let active = recovered
+            .segments
+            .last()
+            .cloned()
+            .expect("recovery leaves at least one segment");
+        let active_file = active
+            .active_file()
+            .expect("recovery leaves the last segment active");
+        let poisoned = recovered.corruption.clone();
+        let log = Arc::new(PartitionLog {
+            dir: dir.to_path_buf(),
+            config,
+            writer: Mutex::new(Writer {
+                active,
+                active_file,
+                active_since_ms: None,
+                next_offset,
+                unsynced_files: Vec::new(),
+            }),
+            segments: RwLock::new(recovered.segments),
+            high_watermark: HighWatermark::new(next_offset),
+            log_start_offset: AtomicU64::new(log_start_offset),
+            durability: Mutex::new(Durability {
+                durable_offset: recovered.durable_offset,
+                requested_offset: recovered.durable_offset,
+                scheduled: false,
+                waiters: Vec::new(),
+            }),
+            is_poisoned: AtomicBool::new(poisoned.is_some()),
+            poisoned: Mutex::new(poisoned),
+            dirty: AtomicBool::new(false),
+            fsyncs: AtomicU64::new(recovered.fsyncs),
+            last_checkpoint: Mutex::new(None),
+            shared,
+        });
+        if let Some(reason) = log.poison_reason() {
+            tracing::error!(dir = %log.dir.display(), %reason, "partition refuses writes");
+        } else {
+            log.checkpoint_recovery_point()?;
+        }
+        log.shared.flusher.register(Arc::downgrade(&log));
+        Ok(log)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// The offset the next appended record gets (the high watermark).
+    pub fn latest_offset(&self) -> u64 {
+        self.high_watermark.get()
+    }
+
+    /// The first offset still in the log.
+    pub fn earliest_offset(&self) -> u64 {
+        self.log_start_offset.load(Ordering::Acquire)
+    }
+
+    /// The high watermark, for long polls that wait for data.
+    pub fn high_watermark(&self) -> &HighWatermark {
+        &self.high_watermark
+    }
+
+    /// Every offset below this is fsynced.
+    pub fn durable_offset(&self) -> u64 {
+        self.durability
+            .lock()
+            .expect("durability lock poisoned")
+            .durable_offset
+    }
+
+    /// fsyncs of this log's segment files so far.
+    pub fn fsync_count(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.read().expect("segments lock poisoned").len()
+    }
+
+    /// Base offsets of the segments, oldest first.
+    pub fn segment_base_offsets(&self) -> Vec<u64> {
+        let segments = self.segments.read().expect("segments lock poisoned");
+        segments.iter().map(|segment| segment.base_offset).collect()
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        let segments = self.segments.read().expect("segments lock poisoned");
+        segments.iter().map(|segment| segment.size_bytes()).sum()
+    }
+
+    /// Why the partition refuses writes, if it does.
+    pub fn poison_reason(&self) -> Option<String> {
+        self.poisoned.lock().expect("poison lock poisoned").clone()
+    }
+
+    fn poison(&self, reason: String) {
+        let mut poisoned = self.poisoned.lock().expect("poison lock poisoned");
+        if poisoned.is_none() {
+            tracing::error!(dir = %self.dir.display(), %reason, "partition refuses writes");
+            *poisoned = Some(reason);
+            self.is_poisoned.store(true, Ordering::Release);
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.is_poisoned.load(Ordering::Acquire) {
+            return Err(StorageError::Poisoned {
+                reason: self.poison_reason().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends a batch the caller has validated (`RecordBatch::validate`), stamping its base
+    /// offset. The bytes are in the page cache when this returns; call
+    /// [`PartitionLog::wait_durable`] for fsync.
+    ///
+    /// # Errors
+    /// `BatchTooLarge` over `max_message_bytes`; `Poisoned` once the partition refuses writes;
+    /// `Io` when the write failed, in which case nothing of the batch is visible and the log is
+    /// as it was.
+    pub fn append(self: &Arc<Self>, batch: RecordBatch) -> Result<AppendInfo> {
+        self.append_at(batch, now_ms())
+    }
+
+    /// [`PartitionLog::append`] with the wall-clock time given, for tests of time-based rolls.
+    pub fn append_at(self: &Arc<Self>, batch: RecordBatch, now_ms: u64) -> Result<AppendInfo> {
+        let size_bytes = batch.size_bytes() as u64;
+        if size_bytes > self.config.max_message_bytes {
+            return Err(StorageError::BatchTooLarge {
+                size_bytes,
+                max_message_bytes: self.config.max_message_bytes,
+            });
+        }
+        assert!(
+            batch.record_count() > 0,
+            "append of a batch that was not validated"
+        );
+        let info = {
+            let mut writer = self.writer.lock().expect("writer lock poisoned");
+            self.check_writable()?;
+            let active_size = writer.active.size_bytes();
+            let too_big = active_size + size_bytes > self.config.segment_bytes;
+            let too_old = writer
+                .active_since_ms
+                .is_some_and(|since| now_ms.saturating_sub(since) >= self.config.segment_ms);
+            if active_size > 0 && (too_big || too_old) {
+                self.roll(&mut writer)?;
+            }
+            let base_offset = writer.next_offset;
+            let batch = batch.stamped(base_offset, 0);
+            let view = batch.view();
+            let last_offset = view.last_offset();
+            let position = writer.active.size_bytes();
+            if let Err(error) = writer.active_file.write_all_at(batch.as_bytes(), position) {
+                // Part of the batch may be in the file: cut it off so the log stays whole.
+                if let Err(truncate_error) = writer.active_file.set_len(position) {
+                    self.poison(format!(
+                        "write to {} failed ({error}) and could not be undone ({truncate_error})",
+                        writer.active.paths.log.display()
+                    ));
+                }
+                return Err(StorageError::io(
+                    format!("append to {}", writer.active.paths.log.display()),
+                    error,
+                ));
+            }
+            let relative_offset = u32::try_from(base_offset - writer.active.base_offset)
+                .expect("segment offset span over u32 (segments roll long before)");
+            let position_u32 = u32::try_from(position)
+                .expect("segment position over u32 (segment_bytes bounds it)");
+            writer.active.on_appended(
+                relative_offset,
+                position_u32,
+                size_bytes,
+                last_offset + 1,
+                view.max_timestamp(),
+                self.config.index_interval_bytes,
+            );
+            writer.next_offset = last_offset + 1;
+            writer.active_since_ms.get_or_insert(now_ms);
+            // Published after the bytes are in the file and the segment size is updated.
+            self.high_watermark.publish(writer.next_offset);
+            AppendInfo {
+                base_offset,
+                last_offset,
+                log_start_offset: self.earliest_offset(),
+            }
+        };
+        match self.shared.fsync {
+            FsyncPolicy::Always => self.request_sync(None),
+            FsyncPolicy::Interval(_) => {
+                if !self.dirty.swap(true, Ordering::AcqRel) {
+                    self.shared.flusher.mark_dirty(Arc::clone(self));
+                }
+            }
+            FsyncPolicy::Never => {}
+        }
+        Ok(info)
+    }
+
+    /// Closes the active segment (its indexes written durably) and starts a new one, created
+    /// durably. Runs under the writer lock.
+    fn roll(&self, writer: &mut Writer) -> Result<()> {
+        let fs = self.shared.fs.as_ref();
+        let old = Arc::clone(&writer.active);
+        let base_offset = writer.next_offset;
+        let paths = SegmentPaths::new(&self.dir, base_offset);
+        let create = || -> std::io::Result<FileHandle> {
+            write_file_durably(fs, &paths.log, &[])?;
+            fs.open(&paths.log, false)
+        };
+        let file = create().map_err(|error| {
+            StorageError::io(format!("create segment {}", paths.log.display()), error)
+        })?;
+        // Indexes first, so that a reader opening the closed segment finds them in place.
+        if let Some(index) = old.closing_index() {
+            let persisted = write_file_durably(fs, &old.paths.index, &index.encode_offsets())
+                .and_then(|()| {
+                    write_file_durably(fs, &old.paths.time_index, &index.encode_times())
+                });
+            if let Err(error) = persisted {
+                // The log itself is intact; recovery rebuilds indexes that are missing.
+                tracing::warn!(segment = %old.paths.log.display(), %error, "writing segment index failed");
+            }
+        }
+        if let Some(old_file) = old.deactivate() {
+            writer.unsynced_files.push(old_file);
+        }
+        let segment = Arc::new(Segment::active(
+            &self.dir,
+            base_offset,
+            file.clone(),
+            SegmentIndex::new(),
+            0,
+            base_offset,
+        ));
+        self.segments
+            .write()
+            .expect("segments lock poisoned")
+            .push(Arc::clone(&segment));
+        writer.active = segment;
+        writer.active_file = file;
+        writer.active_since_ms = None;
+        tracing::debug!(dir = %self.dir.display(), base_offset, "rolled segment");
+        Ok(())
+    }
+
+    /// Resolves once every offset below `next_offset` is fsynced. Concurrent callers share
+    /// fsyncs (group commit). The fsync runs on the flusher's threads, never the caller's.
+    ///
+    /// # Errors
+    /// `Poisoned` when an fsync failed: the data may or may not be on disk, and the partition
+    /// refuses further writes rather than pretend.
+    pub async fn wait_durable(self: &Arc<Self>, next_offset: u64) -> Result<()> {
+        let receiver = {
+            let mut durability = self.durability.lock().expect("durability lock poisoned");
+            if durability.durable_offset >= next_offset {
+                return Ok(());
+            }
+            self.check_writable()?;
+            let (sender, receiver) = oneshot::channel();
+            durability.waiters.push((next_offset, sender));
+            self.schedule(&mut durability, next_offset);
+            receiver
+        };
+        match receiver.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(StorageError::Poisoned { reason }),
+            Err(_) => Err(StorageError::Closed),
+        }
+    }
+
+    /// Asks the flusher to sync up to `next_offset` (default: everything appended so far)
+    /// without waiting.
+    pub(crate) fn request_sync(self: &Arc<Self>, next_offset: Option<u64>) {
+        let target = next_offset.unwrap_or_else(|| self.high_watermark.get());
+        let mut durability = self.durability.lock().expect("durability lock poisoned");
+        if durability.durable_offset < target {
+            self.schedule(&mut durability, target);
+        }
+    }
+
+    fn schedule(self: &Arc<Self>, durability: &mut Durability, target: u64) {
+        durability.requested_offset = durability.requested_offset.max(target);
+        if !durability.scheduled {
+            durability.scheduled = true;
+            self.shared.flusher.sync(Arc::clone(self));
+        }
+    }
+
+    pub(crate) fn clear_dirty(&self) {
+        self.dirty.store(false, Ordering::Release);
+    }
+
+    /// Flusher only: fsyncs everything appended so far, releases the waiters it covers, and
+    /// returns whether another round is wanted.
+    pub(crate) fn run_sync(&self) -> bool {
+        let target = self.high_watermark.get();
+        let result = self.sync_files();
+        let mut durability = self.durability.lock().expect("durability lock poisoned");
+        match result {
+            Ok(()) => {
+                durability.durable_offset = durability.durable_offset.max(target);
+                let durable = durability.durable_offset;
+                let mut index = 0;
+                while index < durability.waiters.len() {
+                    if durability.waiters[index].0 <= durable {
+                        let (_, waiter) = durability.waiters.swap_remove(index);
+                        let _ = waiter.send(Ok(()));
+                    } else {
+                        index += 1;
+                    }
+                }
+                let again = durability.requested_offset > durable
+                    && !self.is_poisoned.load(Ordering::Acquire);
+                durability.scheduled = again;
+                again
+            }
+            Err(reason) => {
+                self.poison(reason.clone());
+                durability.scheduled = false;
+                for (_, waiter) in durability.waiters.drain(..) {
+                    let _ = waiter.send(Err(reason.clone()));
+                }
+                false
+            }
+        }
+    }
+
+    /// fsyncs the rolled segments not yet synced and the active one.
+    fn sync_files(&self) -> std::result::Result<(), String> {
+        let (mut files, active_path) = {
+            let mut writer = self.writer.lock().expect("writer lock poisoned");
+            let mut files = std::mem::take(&mut writer.unsynced_files);
+            files.push(writer.active_file.clone());
+            (files, writer.active.paths.log.clone())
+        };
+        for file in files.drain(..) {
+            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            file.sync_data().map_err(|error| {
+                format!(
+                    "fsync of {} (or a segment before it) failed: {error}",
+                    active_path.display()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes the recovery point (the durable offset) durably, when it moved. Called by the
+    /// flusher's ticker every `recovery_checkpoint_ms` and at close, never on the produce path.
+    pub fn checkpoint_recovery_point(&self) -> Result<()> {
+        let durable = self.durable_offset();
+        let mut last = self
+            .last_checkpoint
+            .lock()
+            .expect("checkpoint lock poisoned");
+        if *last == Some(durable) {
+            return Ok(());
+        }
+        let path = self.dir.join(RECOVERY_POINT_FILE);
+        write_file_durably(
+            self.shared.fs.as_ref(),
+            &path,
+            &recovery::encode_recovery_point(durable),
+        )
+        .map_err(|error| StorageError::io(format!("write {}", path.display()), error))?;
+        *last = Some(durable);
+        Ok(())
+    }
+
+    /// Syncs everything, checkpoints, and wakes every waiting fetch. Appends fail afterwards.
+    pub fn close(self: &Arc<Self>) -> Result<()> {
+        let result = if self.is_poisoned.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            self.sync_files()
+                .map_err(|reason| StorageError::Poisoned { reason })
+                .and_then(|()| {
+                    let target = self.high_watermark.get();
+                    let mut durability = self.durability.lock().expect("durability lock poisoned");
+                    durability.durable_offset = durability.durable_offset.max(target);
+                    drop(durability);
+                    self.checkpoint_recovery_point()
+                })
+        };
+        self.poison("the log is closed".to_owned());
+        self.high_watermark.close();
+        let segments = self.segments.read().expect("segments lock poisoned");
+        for segment in segments.iter() {
+            self.shared.cache.evict(&segment.paths.log);
+        }
+        result
+    }
+
+    fn out_of_range(&self, requested: u64) -> StorageError {
+        StorageError::OffsetOutOfRange {
+            requested,
+            log_start_offset: self.earliest_offset(),
+            log_end_offset: self.high_watermark.get(),
+        }
+    }
+
+    /// The segment that holds `offset`, or the first after it.
+    fn segment_for(&self, offset: u64) -> Option<Arc<Segment>> {
+        let segments = self.segments.read().expect("segments lock poisoned");
+        let at = segments.partition_point(|segment| segment.base_offset <= offset);
+        at.checked_sub(1)
+            .and_then(|index| segments.get(index))
+            .filter(|segment| offset < segment.next_offset() || segment.is_active())
+            .or_else(|| segments.get(at))
+            .cloned()
+    }
+
+    /// Reads whole batches starting with the one that holds `offset`, up to `max_bytes` in all,
+    /// but at least one batch however large. Reading at the high watermark returns no records.
+    ///
+    /// # Errors
+    /// `OffsetOutOfRange` below the earliest or above the latest offset; `Corrupt` when a
+    /// stored batch fails its CRC (the partition then refuses writes).
+    pub fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadResult> {
+        let high_watermark = self.high_watermark.get();
+        let log_start_offset = self.earliest_offset();
+        if offset < log_start_offset || offset > high_watermark {
+            return Err(self.out_of_range(offset));
+        }
+        let empty = ReadResult {
+            records: Bytes::new(),
+            high_watermark,
+            log_start_offset,
+        };
+        if offset == high_watermark {
+            return Ok(empty);
+        }
+        let Some(segment) = self.segment_for(offset) else {
+            return Ok(empty);
+        };
+        let fs = self.shared.fs.as_ref();
+        let (file, mut position) = segment.lookup(fs, &self.shared.cache, offset)?;
+        let end = segment.size_bytes();
+        // Walk batch headers from the index entry to the batch that holds the offset.
+        let mut header = [0u8; HEADER_PROBE_BYTES];
+        let first_size = loop {
+            if position + HEADER_PROBE_BYTES as u64 > end {
+                return Ok(empty);
+            }
+            self.read_exact(&file, &segment, &mut header, position)?;
+            let base = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
+            let size = batch_size(&header).unwrap_or(0);
+            let last_delta = u32::from_be_bytes(header[23..27].try_into().expect("4 bytes"));
+            if size < HEADER_BYTES as u64 || position + size > end {
+                return Err(self.corrupt(
+                    &segment,
+                    position,
+                    format!("batch size {size} out of bounds"),
+                ));
+            }
+            if base + u64::from(last_delta) >= offset {
+                break size;
+            }
+            position += size;
+        };
+        let want = (max_bytes as u64).max(first_size).min(end - position);
+        let length = usize::try_from(want).expect("read length fits in memory");
+        let mut buffer = BytesMut::zeroed(length);
+        self.read_exact(&file, &segment, &mut buffer, position)?;
+        // Keep whole batches only, each checked as it leaves the disk.
+        let mut cut = 0usize;
+        while let Some(size) = buffer.get(cut..).and_then(batch_size) {
+            let size = size as usize;
+            if cut + size > buffer.len() || size < HEADER_BYTES {
+                break;
+            }
+            let batch = RecordBatchRef::new(&buffer[cut..cut + size]).map_err(|error| {
+                self.corrupt(&segment, position + cut as u64, error.to_string())
+            })?;
+            if batch.crc() != batch.computed_crc() {
+                if cut > 0 {
+                    break; // serve what precedes the damage; the next read reports it
+                }
+                return Err(self.corrupt(&segment, position, "crc32c mismatch".to_owned()));
+            }
+            cut += size;
+        }
+        buffer.truncate(cut);
+        Ok(ReadResult {
+            records: buffer.freeze(),
+            high_watermark,
+            log_start_offset,
+        })
+    }
+
+    fn read_exact(
+        &self,
+        file: &FileHandle,
+        segment: &Segment,
+        buf: &mut [u8],
+        position: u64,
+    ) -> Result<()> {
+        let read = file.read_at(buf, position).map_err(|error| {
+            StorageError::io(
+                format!("read {} at {position}", segment.paths.log.display()),
+                error,
+            )
+        })?;
+        if read < buf.len() {
+            return Err(self.corrupt(
+                segment,
+                position,
+                format!("short read: {read} of {} bytes", buf.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn corrupt(&self, segment: &Segment, position: u64, detail: String) -> StorageError {
+        let error = StorageError::Corrupt {
+            file: segment.paths.log.clone(),
+            position,
+            detail,
+        };
+        self.poison(error.to_string());
+        error
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp_ms`, with that
+    /// timestamp; `None` when every record is older.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(u64, i64)>> {
+        let segments: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .expect("segments lock poisoned")
+            .clone();
+        let fs = self.shared.fs.as_ref();
+        for segment in segments {
+            if segment.max_timestamp().is_none_or(|max| max < timestamp_ms) {
+                continue;
+            }
+            let (file, mut position) = segment.lookup_time(fs, &self.shared.cache, timestamp_ms)?;
+            let end = segment.size_bytes();
+            let mut header = [0u8; HEADER_BYTES];
+            while position + HEADER_BYTES as u64 <= end {
+                self.read_exact(&file, &segment, &mut header, position)?;
+                let size = batch_size(&header).unwrap_or(0);
+                if size < HEADER_BYTES as u64 || position + size > end {
+                    return Err(self.corrupt(
+                        &segment,
+                        position,
+                        format!("batch size {size} out of bounds"),
+                    ));
+                }
+                let max_timestamp = i64::from_be_bytes(header[35..43].try_into().expect("8 bytes"));
+                if max_timestamp >= timestamp_ms {
+                    let mut batch = vec![0u8; size as usize];
+                    self.read_exact(&file, &segment, &mut batch, position)?;
+                    let view = RecordBatchRef::new(&batch)
+                        .map_err(|error| self.corrupt(&segment, position, error.to_string()))?;
+                    for record in view.records() {
+                        let record = record
+                            .map_err(|error| self.corrupt(&segment, position, error.to_string()))?;
+                        if record.timestamp_ms >= timestamp_ms {
+                            return Ok(Some((
+                                record.offset(view.base_offset()),
+                                record.timestamp_ms,
+                            )));
+                        }
+                    }
+                }
+                position += size;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes whole closed segments past `retention_bytes` or `retention_ms`, oldest first.
+    /// The active segment is never deleted. Returns how many segments went.
+    pub fn enforce_retention(&self, now_ms: u64) -> Result<usize> {
+        let doomed: Vec<Arc<Segment>> = {
+            let mut segments = self.segments.write().expect("segments lock poisoned");
+            let mut total: u64 = segments.iter().map(|segment| segment.size_bytes()).sum();
+            let mut count = 0;
+            for segment in segments.iter().take(segments.len().saturating_sub(1)) {
+                let over_size = self
+                    .config
+                    .retention_bytes
+                    .is_some_and(|limit| total > limit);
+                let expired = self.config.retention_ms.is_some_and(|limit| {
+                    segment
+                        .max_timestamp()
+                        .is_some_and(|newest| (now_ms as i64).saturating_sub(newest) > limit as i64)
+                });
+                if !(over_size || expired) {
+                    break;
+                }
+                total -= segment.size_bytes();
+                count += 1;
+            }
+            let doomed: Vec<Arc<Segment>> = segments.drain(..count).collect();
+            if let Some(first) = segments.first() {
+                self.log_start_offset
+                    .store(first.base_offset, Ordering::Release);
+            }
+            doomed
+        };
+        let fs = self.shared.fs.as_ref();
+        for segment in &doomed {
+            self.shared.cache.evict(&segment.paths.log);
+            for path in [
+                &segment.paths.log,
+                &segment.paths.index,
+                &segment.paths.time_index,
+            ] {
+                if let Err(error) = fs.remove_file(path)
+                    && error.kind() != std::io::ErrorKind::NotFound
+                {
+                    return Err(StorageError::io(
+                        format!("delete {}", path.display()),
+                        error,
+                    ));
+                }
+            }
+            tracing::info!(segment = %segment.paths.log.display(), "retention deleted segment");
+        }
+        if !doomed.is_empty() {
+            fs.sync_dir(&self.dir)
+                .map_err(|error| StorageError::io(format!("sync {}", self.dir.display()), error))?;
+        }
+        Ok(doomed.len())
+    }
+}

@@ -1,0 +1,343 @@
+//! Segments: one `.log` file of record batches and its two sparse indexes, named by the offset
+//! of their first record; and the bounded cache through which closed segments are opened.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::error::{Result, StorageError};
+use super::fs::{FileHandle, FileSystem, read_file};
+use super::index::SegmentIndex;
+
+/// The three files of a segment. Every segment path in the broker is built here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentPaths {
+    pub log: PathBuf,
+    pub index: PathBuf,
+    pub time_index: PathBuf,
+}
+
+impl SegmentPaths {
+    /// `<dir>/<base_offset:020>.log`, `.index`, `.timeindex`.
+    pub fn new(dir: &Path, base_offset: u64) -> Self {
+        let stem = format!("{base_offset:020}");
+        SegmentPaths {
+            log: dir.join(format!("{stem}.log")),
+            index: dir.join(format!("{stem}.index")),
+            time_index: dir.join(format!("{stem}.timeindex")),
+        }
+    }
+
+    /// The base offset a segment file name encodes, with its extension, when it is one of ours.
+    pub fn parse(path: &Path) -> Option<(u64, &str)> {
+        let name = path.file_name()?.to_str()?;
+        let (stem, extension) = name.split_once('.')?;
+        if stem.len() != 20 || !stem.bytes().all(|byte| byte.is_ascii_digit()) {
+            return None;
+        }
+        Some((stem.parse().ok()?, extension))
+    }
+}
+
+/// A segment's metadata. The active segment also holds its open file and in-memory index;
+/// a closed segment's file and index are opened on demand through the [`SegmentCache`].
+#[derive(Debug)]
+pub struct Segment {
+    pub base_offset: u64,
+    pub paths: SegmentPaths,
+    /// Bytes of complete batches. Published (Release) after the bytes are in the file.
+    size_bytes: AtomicU64,
+    /// Offset after the segment's last record.
+    next_offset: AtomicU64,
+    /// Largest record timestamp, `i64::MIN` while empty.
+    max_timestamp: AtomicI64,
+    /// Present while the segment is active.
+    active: RwLock<Option<ActiveFiles>>,
+}
+
+#[derive(Debug)]
+struct ActiveFiles {
+    file: FileHandle,
+    index: SegmentIndex,
+}
+
+/// An opened segment: its file and its index, ready for lookups.
+#[derive(Clone, Debug)]
+pub struct OpenSegment {
+    pub file: FileHandle,
+    pub index: Arc<SegmentIndex>,
+}
+
+impl Segment {
+    /// An active segment over an open file.
+    pub fn active(
+        dir: &Path,
+        base_offset: u64,
+        file: FileHandle,
+        index: SegmentIndex,
+        size_bytes: u64,
+        next_offset: u64,
+    ) -> Segment {
+        let max_timestamp = index.max_timestamp().unwrap_or(i64::MIN);
+        Segment {
+            base_offset,
+            paths: SegmentPaths::new(dir, base_offset),
+            size_bytes: AtomicU64::new(size_bytes),
+            next_offset: AtomicU64::new(next_offset),
+            max_timestamp: AtomicI64::new(max_timestamp),
+            active: RwLock::new(Some(ActiveFiles { file, index })),
+        }
+    }
+
+    /// A closed segment known by its metadata.
+    pub fn closed(
+        dir: &Path,
+        base_offset: u64,
+        size_bytes: u64,
+        next_offset: u64,
+        max_timestamp: Option<i64>,
+    ) -> Segment {
+        Segment {
+            base_offset,
+            paths: SegmentPaths::new(dir, base_offset),
+            size_bytes: AtomicU64::new(size_bytes),
+            next_offset: AtomicU64::new(next_offset),
+            max_timestamp: AtomicI64::new(max_timestamp.unwrap_or(i64::MIN)),
+            active: RwLock::new(None),
+        }
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    pub fn max_timestamp(&self) -> Option<i64> {
+        match self.max_timestamp.load(Ordering::Acquire) {
+            i64::MIN => None,
+            timestamp => Some(timestamp),
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.read().expect("segment lock poisoned").is_some()
+    }
+
+    /// Writer only: records a batch written at the end of the active segment.
+    pub fn on_appended(
+        &self,
+        relative_offset: u32,
+        position: u32,
+        size_bytes: u64,
+        next_offset: u64,
+        max_timestamp: i64,
+        index_interval_bytes: u64,
+    ) {
+        if let Some(active) = self.active.write().expect("segment lock poisoned").as_mut() {
+            active.index.on_append(
+                relative_offset,
+                position,
+                size_bytes,
+                max_timestamp,
+                index_interval_bytes,
+            );
+        }
+        self.max_timestamp
+            .fetch_max(max_timestamp, Ordering::AcqRel);
+        self.next_offset.store(next_offset, Ordering::Release);
+        self.size_bytes
+            .store(u64::from(position) + size_bytes, Ordering::Release);
+    }
+
+    /// Writer only: the active segment's index as it will be persisted when the segment closes
+    /// (with its closing time entry).
+    pub fn closing_index(&self) -> Option<SegmentIndex> {
+        let active = self.active.read().expect("segment lock poisoned");
+        let mut index = active.as_ref()?.index.clone();
+        let span = self.next_offset() - self.base_offset;
+        index.close(u32::try_from(span).unwrap_or(u32::MAX));
+        Some(index)
+    }
+
+    /// Writer only: makes the segment closed; later reads open it through the cache. Returns
+    /// its file, which may still hold unsynced data.
+    pub fn deactivate(&self) -> Option<FileHandle> {
+        let active = self.active.write().expect("segment lock poisoned").take()?;
+        Some(active.file)
+    }
+
+    /// The active segment's file, if it is active.
+    pub fn active_file(&self) -> Option<FileHandle> {
+        self.active
+            .read()
+            .expect("segment lock poisoned")
+            .as_ref()
+            .map(|active| active.file.clone())
+    }
+
+    /// Looks up where to start reading `offset` without copying the active index.
+    pub fn lookup(
+        &self,
+        fs: &dyn FileSystem,
+        cache: &SegmentCache,
+        offset: u64,
+    ) -> Result<(FileHandle, u64)> {
+        let relative = u32::try_from(offset.saturating_sub(self.base_offset)).unwrap_or(u32::MAX);
+        if let Some(active) = self.active.read().expect("segment lock poisoned").as_ref() {
+            return Ok((
+                active.file.clone(),
+                u64::from(active.index.lookup(relative).position),
+            ));
+        }
+        let open = cache.get_or_open(self, fs)?;
+        let position = u64::from(open.index.lookup(relative).position);
+        Ok((open.file, position))
+    }
+
+    /// Like [`Segment::lookup`], for the first batch that may hold `timestamp_ms`.
+    pub fn lookup_time(
+        &self,
+        fs: &dyn FileSystem,
+        cache: &SegmentCache,
+        timestamp_ms: i64,
+    ) -> Result<(FileHandle, u64)> {
+        if let Some(active) = self.active.read().expect("segment lock poisoned").as_ref() {
+            let entry = active.index.lookup_time(timestamp_ms);
+            return Ok((active.file.clone(), u64::from(entry.position)));
+        }
+        let open = cache.get_or_open(self, fs)?;
+        let position = u64::from(open.index.lookup_time(timestamp_ms).position);
+        Ok((open.file, position))
+    }
+}
+
+/// Open closed segments, bounded: the least recently used is closed when a new one needs room,
+/// so many partitions with many segments hold a fixed number of file descriptors. Shared by
+/// every log of a broker.
+#[derive(Debug)]
+pub struct SegmentCache {
+    capacity: usize,
+    state: Mutex<CacheState>,
+}
+
+#[derive(Debug, Default)]
+struct CacheState {
+    entries: HashMap<PathBuf, (OpenSegment, u64)>,
+    clock: u64,
+    opens: u64,
+}
+
+impl SegmentCache {
+    pub fn new(capacity: usize) -> Self {
+        SegmentCache {
+            capacity: capacity.max(1),
+            state: Mutex::new(CacheState::default()),
+        }
+    }
+
+    /// Segments currently open through the cache.
+    pub fn len(&self) -> usize {
+        self.state
+            .lock()
+            .expect("cache lock poisoned")
+            .entries
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Times a segment was opened from disk (misses).
+    pub fn opens(&self) -> u64 {
+        self.state.lock().expect("cache lock poisoned").opens
+    }
+
+    /// Forgets a segment (deleted by retention, or its log closed).
+    pub fn evict(&self, path: &Path) {
+        self.state
+            .lock()
+            .expect("cache lock poisoned")
+            .entries
+            .remove(path);
+    }
+
+    fn get_or_open(&self, segment: &Segment, fs: &dyn FileSystem) -> Result<OpenSegment> {
+        {
+            let mut state = self.state.lock().expect("cache lock poisoned");
+            state.clock += 1;
+            let clock = state.clock;
+            if let Some((open, last_used)) = state.entries.get_mut(&segment.paths.log) {
+                *last_used = clock;
+                return Ok(open.clone());
+            }
+        }
+        // Open outside the lock: disk reads must not stall other partitions' lookups.
+        let open = open_closed_segment(segment, fs)?;
+        let mut state = self.state.lock().expect("cache lock poisoned");
+        state.opens += 1;
+        while state.entries.len() >= self.capacity {
+            let oldest = state
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, last_used))| *last_used)
+                .map(|(path, _)| path.clone());
+            match oldest {
+                Some(path) => state.entries.remove(&path),
+                None => break,
+            };
+        }
+        let clock = state.clock;
+        state
+            .entries
+            .insert(segment.paths.log.clone(), (open.clone(), clock));
+        Ok(open)
+    }
+}
+
+fn open_closed_segment(segment: &Segment, fs: &dyn FileSystem) -> Result<OpenSegment> {
+    let file = fs.open(&segment.paths.log, false).map_err(|error| {
+        StorageError::io(format!("open {}", segment.paths.log.display()), error)
+    })?;
+    let offsets = read_file(fs, &segment.paths.index).unwrap_or_default();
+    let times = read_file(fs, &segment.paths.time_index).unwrap_or_default();
+    let span = segment.next_offset() - segment.base_offset;
+    // Recovery checked (and if need be rebuilt) these files; an empty index is still correct,
+    // only slower, so a file gone bad since then degrades to scanning from the start.
+    let index = SegmentIndex::decode_closed(&offsets, &times, segment.size_bytes(), span)
+        .unwrap_or_default();
+    Ok(OpenSegment {
+        file,
+        index: Arc::new(index),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_zero_padded_and_parse_back() {
+        let paths = SegmentPaths::new(Path::new("/data/t/0"), 42);
+        assert_eq!(paths.log, Path::new("/data/t/0/00000000000000000042.log"));
+        assert_eq!(
+            paths.index,
+            Path::new("/data/t/0/00000000000000000042.index")
+        );
+        assert_eq!(
+            paths.time_index,
+            Path::new("/data/t/0/00000000000000000042.timeindex")
+        );
+        assert_eq!(SegmentPaths::parse(&paths.log), Some((42, "log")));
+        assert_eq!(
+            SegmentPaths::parse(&paths.time_index),
+            Some((42, "timeindex"))
+        );
+        assert_eq!(SegmentPaths::parse(Path::new("/x/recovery-point")), None);
+        assert_eq!(SegmentPaths::parse(Path::new("/x/42.log")), None);
+    }
+}

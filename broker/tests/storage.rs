@@ -1,0 +1,553 @@
+//! Storage engine tests over the real disk and over the fault-injecting filesystem.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sluice_broker::storage::faultfs::{FaultFs, FaultKind};
+use sluice_broker::storage::{
+    FsyncPolicy, LogConfig, PartitionLog, RealFs, Storage, StorageError, StorageOptions,
+};
+use sluice_protocol::batch::split_batches;
+use sluice_protocol::{RecordBatch, RecordBatchBuilder};
+
+fn batch(first_value: u64, records: usize, value_bytes: usize, timestamp_ms: i64) -> RecordBatch {
+    let mut builder = RecordBatchBuilder::new();
+    for index in 0..records {
+        let mut value = (first_value + index as u64).to_be_bytes().to_vec();
+        value.resize(value_bytes.max(8), 0xab);
+        builder.append(timestamp_ms + index as i64, None, &value, &[]);
+    }
+    builder.build()
+}
+
+/// Every record of a log, as (offset, first 8 value bytes as u64), by reading from `from`.
+fn read_all(log: &PartitionLog, from: u64, max_bytes: usize) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut offset = from;
+    while offset < log.latest_offset() {
+        let read = log.read(offset, max_bytes).expect("read");
+        assert!(
+            !read.records.is_empty(),
+            "empty read at {offset} below {}",
+            log.latest_offset()
+        );
+        for batch in split_batches(&read.records) {
+            let batch = batch.expect("whole batches");
+            batch.validate().expect("valid batch");
+            for record in batch.records() {
+                let record = record.unwrap();
+                let tag = u64::from_be_bytes(record.value[..8].try_into().unwrap());
+                let record_offset = record.offset(batch.base_offset());
+                if record_offset >= offset {
+                    out.push((record_offset, tag));
+                }
+            }
+            offset = batch.last_offset() + 1;
+        }
+    }
+    out
+}
+
+fn small_segments() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        index_interval_bytes: 512,
+        max_message_bytes: 4096,
+        retention_ms: None,
+        ..LogConfig::default()
+    }
+}
+
+fn storage(fs: sluice_broker::storage::Fs, fsync: FsyncPolicy) -> Storage {
+    Storage::new(
+        fs,
+        StorageOptions {
+            fsync,
+            open_segments_max: 4,
+            ..StorageOptions::default()
+        },
+    )
+}
+
+fn partition_dir(root: &Path) -> PathBuf {
+    root.join("topics").join("orders").join("0")
+}
+
+#[test]
+fn round_trip_across_many_segment_rolls_and_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = partition_dir(root.path());
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    let mut expected = Vec::new();
+    let mut next_tag = 0u64;
+    for round in 0..300usize {
+        let records = 1 + round % 7;
+        let info = log
+            .append(batch(
+                next_tag,
+                records,
+                20 + round % 90,
+                1_000 + round as i64,
+            ))
+            .unwrap();
+        assert_eq!(info.base_offset, expected.len() as u64);
+        assert_eq!(info.last_offset, info.base_offset + records as u64 - 1);
+        for index in 0..records {
+            expected.push((expected.len() as u64, next_tag + index as u64));
+        }
+        next_tag += records as u64;
+    }
+    assert!(
+        log.segment_count() > 10,
+        "only {} segments",
+        log.segment_count()
+    );
+    // From every offset, with small and large reads.
+    for from in (0..expected.len() as u64).step_by(37) {
+        assert_eq!(read_all(&log, from, 300), expected[from as usize..]);
+    }
+    assert_eq!(read_all(&log, 0, 1 << 20), expected);
+    // Closed segments went through the bounded cache.
+    assert!(storage.open_segment_count() <= 4);
+    log.close().unwrap();
+    drop(log);
+
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    assert_eq!(log.latest_offset(), expected.len() as u64);
+    assert_eq!(read_all(&log, 0, 1000), expected);
+    let info = log.append(batch(next_tag, 1, 10, 5_000)).unwrap();
+    assert_eq!(info.base_offset, expected.len() as u64);
+    storage.shutdown();
+}
+
+#[test]
+fn reads_outside_the_log_get_clear_errors_and_at_least_one_batch() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage
+        .open_log(&partition_dir(root.path()), LogConfig::default())
+        .unwrap();
+    log.append(batch(0, 100, 100, 1)).unwrap();
+    log.append(batch(100, 1, 10, 2)).unwrap();
+    match log.read(102, 100) {
+        Err(StorageError::OffsetOutOfRange {
+            requested: 102,
+            log_start_offset: 0,
+            log_end_offset: 101,
+        }) => {}
+        other => panic!("read above the end: {other:?}"),
+    }
+    assert!(
+        log.read(101, 100).unwrap().records.is_empty(),
+        "read at the end is empty"
+    );
+    // max_bytes far below the first batch's size still returns that whole batch.
+    let read = log.read(50, 10).unwrap();
+    let batches: Vec<_> = split_batches(&read.records).map(Result::unwrap).collect();
+    assert_eq!(batches.len(), 1);
+    assert_eq!(batches[0].record_count(), 100);
+    assert_eq!(read.high_watermark, 101);
+    storage.shutdown();
+}
+
+#[test]
+fn retention_by_bytes_and_by_age_deletes_whole_closed_segments() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let config = LogConfig {
+        retention_bytes: Some(10_000),
+        ..small_segments()
+    };
+    let log = storage
+        .open_log(&partition_dir(root.path()), config)
+        .unwrap();
+    for round in 0..100u64 {
+        log.append(batch(round, 1, 500, 1_000 + round as i64))
+            .unwrap();
+    }
+    let before = log.segment_count();
+    let deleted = log.enforce_retention(0).unwrap();
+    assert!(deleted > 0);
+    assert_eq!(log.segment_count(), before - deleted);
+    assert!(
+        log.size_bytes() <= 10_000 + 4096,
+        "size {} after retention",
+        log.size_bytes()
+    );
+    let earliest = log.earliest_offset();
+    assert_eq!(log.segment_base_offsets()[0], earliest);
+    assert!(matches!(
+        log.read(0, 100),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(
+        read_all(&log, earliest, 4096).first().map(|r| r.0),
+        Some(earliest)
+    );
+    for base in log.segment_base_offsets() {
+        assert!(base >= earliest);
+    }
+    storage.shutdown();
+
+    // By age: everything but the active segment is older than the limit.
+    let root = tempfile::tempdir().unwrap();
+    let storage = self::storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let config = LogConfig {
+        retention_ms: Some(60_000),
+        ..small_segments()
+    };
+    let log = storage
+        .open_log(&partition_dir(root.path()), config)
+        .unwrap();
+    for round in 0..40u64 {
+        log.append(batch(round, 1, 500, 1_000_000 + round as i64))
+            .unwrap();
+    }
+    assert_eq!(
+        log.enforce_retention(1_000_000 + 30_000).unwrap(),
+        0,
+        "nothing is old yet"
+    );
+    let deleted = log.enforce_retention(1_000_000 + 120_000).unwrap();
+    assert_eq!(log.segment_count(), 1, "{deleted} deleted");
+    assert_eq!(log.earliest_offset(), log.segment_base_offsets()[0]);
+    storage.shutdown();
+}
+
+#[test]
+fn segments_roll_by_age() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let config = LogConfig {
+        segment_ms: 1_000,
+        ..LogConfig::default()
+    };
+    let log = storage
+        .open_log(&partition_dir(root.path()), config)
+        .unwrap();
+    log.append_at(batch(0, 1, 10, 1), 10_000).unwrap();
+    log.append_at(batch(1, 1, 10, 2), 10_500).unwrap();
+    assert_eq!(log.segment_count(), 1);
+    log.append_at(batch(2, 1, 10, 3), 11_000).unwrap();
+    assert_eq!(log.segment_base_offsets(), [0, 2]);
+    storage.shutdown();
+}
+
+#[test]
+fn offset_for_timestamp_finds_the_first_record_at_or_after() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage
+        .open_log(&partition_dir(root.path()), small_segments())
+        .unwrap();
+    // Batch r holds two records, at 10_000 + 20r and one millisecond later.
+    let mut model = Vec::new();
+    for round in 0..200u64 {
+        log.append(batch(round * 2, 2, 40, 10_000 + round as i64 * 20))
+            .unwrap();
+        model.push((round * 2, 10_000 + round as i64 * 20));
+        model.push((round * 2 + 1, 10_000 + round as i64 * 20 + 1));
+    }
+    assert!(log.segment_count() > 3);
+    for target in [0i64, 10_000, 10_001, 10_002, 10_015, 10_020, 12_345, 13_981] {
+        let expected = model
+            .iter()
+            .find(|(_, timestamp)| *timestamp >= target)
+            .copied();
+        assert_eq!(
+            log.offset_for_timestamp(target).unwrap(),
+            expected,
+            "target {target}"
+        );
+    }
+    assert_eq!(log.offset_for_timestamp(14_000).unwrap(), None);
+    storage.shutdown();
+}
+
+#[tokio::test]
+async fn torn_write_at_every_byte_of_the_last_batch_recovers_the_batches_before_it() {
+    let fs = FaultFs::new();
+    let storage = storage(Arc::new(fs.clone()), FsyncPolicy::Never);
+    let dir = PathBuf::from("/data/topics/t/0");
+    let config = LogConfig::default();
+    let last = batch(3, 3, 30, 7);
+    let last_size = last.size_bytes();
+    for keep in 0..last_size {
+        let log = storage.open_log(&dir, config.clone()).unwrap();
+        if log.latest_offset() == 0 {
+            log.append(batch(0, 3, 30, 1)).unwrap();
+            log.wait_durable(3).await.unwrap();
+            log.checkpoint_recovery_point().unwrap();
+        }
+        assert_eq!(
+            log.latest_offset(),
+            3,
+            "keep {keep}: earlier batches intact"
+        );
+        log.append(last.clone()).unwrap();
+        fs.tear_on_crash(keep);
+        fs.crash();
+        drop(log);
+        let log = storage.open_log(&dir, config.clone()).unwrap();
+        assert_eq!(log.latest_offset(), 3, "keep {keep} of {last_size}");
+        assert_eq!(read_all(&log, 0, 1 << 20), [(0, 0), (1, 1), (2, 2)]);
+        assert!(
+            log.poison_reason().is_none(),
+            "keep {keep}: {:?}",
+            log.poison_reason()
+        );
+        // The log accepts writes right after the cut.
+        let info = log.append(batch(3, 1, 5, 9)).unwrap();
+        assert_eq!(info.base_offset, 3);
+        fs.crash();
+    }
+    storage.shutdown();
+}
+
+#[tokio::test]
+async fn power_loss_keeps_everything_fsynced_and_below_the_recovery_point() {
+    let fs = FaultFs::new();
+    let storage = storage(Arc::new(fs.clone()), FsyncPolicy::Never);
+    let dir = PathBuf::from("/data/topics/t/0");
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    let mut durable = 0;
+    for round in 0..120u64 {
+        let info = log.append(batch(round * 3, 3, 60, round as i64)).unwrap();
+        if round % 10 == 9 {
+            log.wait_durable(info.last_offset + 1).await.unwrap();
+            durable = info.last_offset + 1;
+        }
+        if round == 60 {
+            log.checkpoint_recovery_point().unwrap();
+        }
+    }
+    // A few more, never synced.
+    for round in 120..125u64 {
+        log.append(batch(round * 3, 3, 60, round as i64)).unwrap();
+    }
+    assert!(log.segment_count() > 5);
+    fs.crash();
+    drop(log);
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    assert!(log.poison_reason().is_none(), "{:?}", log.poison_reason());
+    let recovered = log.latest_offset();
+    assert!(
+        recovered >= durable,
+        "lost fsynced data: {recovered} < {durable}"
+    );
+    let records = read_all(&log, 0, 1 << 20);
+    assert_eq!(records.len() as u64, recovered);
+    for (offset, tag) in records {
+        assert_eq!(
+            offset, tag,
+            "recovered records are a prefix of what was written"
+        );
+    }
+    storage.shutdown();
+}
+
+#[test]
+fn bit_flip_below_the_recovery_point_refuses_writes_and_names_the_file() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = partition_dir(root.path());
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, LogConfig::default()).unwrap();
+    let first = log.append(batch(0, 2, 50, 1)).unwrap();
+    log.append(batch(2, 2, 50, 2)).unwrap();
+    log.append(batch(4, 2, 50, 3)).unwrap();
+    log.close().unwrap();
+    drop(log);
+    // Flip a bit inside the second batch's value bytes.
+    let segment = dir.join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let second_start = bytes.len() / 3;
+    bytes[second_start + 100] ^= 0x04;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let log = storage.open_log(&dir, LogConfig::default()).unwrap();
+    let reason = log.poison_reason().expect("corruption detected");
+    assert!(reason.contains("00000000000000000000.log"), "{reason}");
+    assert!(
+        reason.contains(&format!("position {second_start}")),
+        "{reason}"
+    );
+    match log.append(batch(9, 1, 5, 9)) {
+        Err(StorageError::Poisoned { reason }) => {
+            assert!(reason.contains("00000000000000000000.log"))
+        }
+        other => panic!("append to a corrupt partition: {other:?}"),
+    }
+    // What precedes the damage is served.
+    assert_eq!(first.base_offset, 0);
+    assert_eq!(read_all(&log, 0, 1 << 20), [(0, 0), (1, 1)]);
+    // The file was not "repaired".
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes);
+    storage.shutdown();
+}
+
+#[test]
+fn garbage_after_the_last_batch_is_cut() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = partition_dir(root.path());
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, LogConfig::default()).unwrap();
+    log.append(batch(0, 2, 50, 1)).unwrap();
+    log.append(batch(2, 1, 50, 2)).unwrap();
+    log.close().unwrap();
+    drop(log);
+    let segment = dir.join("00000000000000000000.log");
+    let clean_len = std::fs::metadata(&segment).unwrap().len();
+    // Garbage after the recovery point, as a crash mid-append could leave.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .unwrap();
+    std::io::Write::write_all(&mut file, &[0x5a; 333]).unwrap();
+    drop(file);
+    // The checkpoint says 3 are durable: the garbage lies above it.
+    let log = storage.open_log(&dir, LogConfig::default()).unwrap();
+    assert!(log.poison_reason().is_none());
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), clean_len);
+    assert_eq!(read_all(&log, 0, 1 << 20), [(0, 0), (1, 1), (2, 2)]);
+    assert_eq!(log.append(batch(3, 1, 5, 3)).unwrap().base_offset, 3);
+    storage.shutdown();
+}
+
+#[test]
+fn enospc_fails_the_append_and_the_log_stays_consistent() {
+    let fs = FaultFs::new();
+    let storage = storage(Arc::new(fs.clone()), FsyncPolicy::Never);
+    let log = storage
+        .open_log(Path::new("/data/topics/t/0"), LogConfig::default())
+        .unwrap();
+    log.append(batch(0, 2, 50, 1)).unwrap();
+    fs.fail_writes(FaultKind::Enospc, Some(40));
+    match log.append(batch(2, 2, 50, 2)) {
+        Err(StorageError::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(28)),
+        other => panic!("append on a full disk: {other:?}"),
+    }
+    assert_eq!(log.latest_offset(), 2);
+    assert_eq!(read_all(&log, 0, 1 << 20), [(0, 0), (1, 1)]);
+    fs.clear_faults();
+    assert_eq!(log.append(batch(2, 2, 50, 3)).unwrap().base_offset, 2);
+    assert_eq!(read_all(&log, 0, 1 << 20), [(0, 0), (1, 1), (2, 2), (3, 3)]);
+    storage.shutdown();
+}
+
+#[tokio::test]
+async fn failed_fsync_refuses_writes_and_never_acknowledges() {
+    let fs = FaultFs::new();
+    let storage = storage(Arc::new(fs.clone()), FsyncPolicy::Never);
+    let log = storage
+        .open_log(Path::new("/data/topics/t/0"), LogConfig::default())
+        .unwrap();
+    let info = log.append(batch(0, 1, 10, 1)).unwrap();
+    fs.fail_syncs(FaultKind::Eio);
+    assert!(matches!(
+        log.wait_durable(info.last_offset + 1).await,
+        Err(StorageError::Poisoned { .. })
+    ));
+    fs.clear_faults();
+    // No retry-then-acknowledge: the partition stays refused.
+    assert!(matches!(
+        log.wait_durable(info.last_offset + 1).await,
+        Err(StorageError::Poisoned { .. })
+    ));
+    assert!(matches!(
+        log.append(batch(1, 1, 10, 2)),
+        Err(StorageError::Poisoned { .. })
+    ));
+    assert_eq!(log.durable_offset(), 0);
+    storage.shutdown();
+}
+
+#[tokio::test]
+async fn concurrent_durable_appenders_share_fsyncs() {
+    let fs = FaultFs::new();
+    let storage = storage(Arc::new(fs.clone()), FsyncPolicy::Never);
+    let log = storage
+        .open_log(Path::new("/data/topics/t/0"), LogConfig::default())
+        .unwrap();
+    let appenders = 8;
+    let rounds = 50;
+    let mut tasks = Vec::new();
+    for appender in 0..appenders {
+        let log = Arc::clone(&log);
+        tasks.push(tokio::spawn(async move {
+            for round in 0..rounds {
+                let info = log
+                    .append(batch(appender * 1000 + round, 1, 100, 1))
+                    .unwrap();
+                log.wait_durable(info.last_offset + 1).await.unwrap();
+                assert!(log.durable_offset() > info.last_offset);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let batches = appenders * rounds;
+    assert_eq!(log.latest_offset(), batches);
+    let fsyncs = log.fsync_count();
+    assert!(fsyncs <= batches, "{fsyncs} fsyncs for {batches} batches");
+    // Every acknowledged batch is on the simulated disk.
+    fs.crash();
+    drop(log);
+    let log = storage
+        .open_log(Path::new("/data/topics/t/0"), LogConfig::default())
+        .unwrap();
+    assert_eq!(log.latest_offset(), batches);
+    storage.shutdown();
+}
+
+#[tokio::test]
+async fn fsync_always_policy_makes_weak_acks_durable_without_waiting() {
+    let fs = FaultFs::new();
+    let storage = storage(Arc::new(fs.clone()), FsyncPolicy::Always);
+    let log = storage
+        .open_log(Path::new("/data/topics/t/0"), LogConfig::default())
+        .unwrap();
+    log.append(batch(0, 1, 10, 1)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while log.durable_offset() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fsync=always never synced"
+        );
+        tokio::task::yield_now().await;
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    storage.shutdown();
+}
+
+#[test]
+fn missing_or_damaged_indexes_are_rebuilt() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = partition_dir(root.path());
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    for round in 0..100u64 {
+        log.append(batch(round, 1, 200, round as i64)).unwrap();
+    }
+    let bases = log.segment_base_offsets();
+    log.close().unwrap();
+    drop(log);
+    let first_index = dir.join(format!("{:020}.index", bases[0]));
+    let good = std::fs::read(&first_index).unwrap();
+    assert!(!good.is_empty());
+    std::fs::write(&first_index, b"nonsense").unwrap();
+    std::fs::remove_file(dir.join(format!("{:020}.timeindex", bases[1]))).unwrap();
+
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    assert!(log.poison_reason().is_none());
+    assert_eq!(
+        std::fs::read(&first_index).unwrap(),
+        good,
+        "index rewritten from the log"
+    );
+    assert!(dir.join(format!("{:020}.timeindex", bases[1])).exists());
+    let records = read_all(&log, 0, 4096);
+    assert_eq!(records.len(), 100);
+    storage.shutdown();
+}
