@@ -1,7 +1,11 @@
-//! The Sluice client library. Producers, consumers, group members and admin calls arrive with
-//! the client issue; today it re-exports the wire format, which is what a client builds batches
-//! with.
+//! The Sluice client library.
+//!
+//! Built so far: [`Connection`], one multiplexed connection to a broker. Producers, consumers,
+//! group members and admin calls arrive with the client issue.
 
 #![deny(unsafe_code)]
+
+pub mod connection;
+pub mod error;
 
 pub use sluice_protocol as protocol;

@@ -1,0 +1,1 @@
+//! Placeholder: the broker configuration is being written.
