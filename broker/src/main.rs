@@ -1,63 +1,80 @@
-//! `sluice-broker`: the broker binary.
+//! `sluice-broker`: flags, environment and file → `Config` → `Broker::start`; signals.
 //!
-//! A placeholder until the broker issue lands: it accepts DESIGN.md's flags (so scripts and the
-//! README's command keep working), reports the configuration it would serve with, and exits.
+//! Exit codes: 0 after a clean shutdown, 1 when the broker cannot start or fails, 2 for a bad
+//! flag or configuration (one line on stderr naming the option).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-
-/// The Sluice message broker.
-#[derive(Debug, Parser)]
-#[command(name = "sluice-broker", version)]
-struct Args {
-    /// TOML configuration file.
-    #[arg(long, env = "SLUICE_CONFIG")]
-    config: Option<PathBuf>,
-    /// Directory holding topics, offsets and certificates.
-    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
-    data_dir: PathBuf,
-    /// TCP listen address.
-    #[arg(long, env = "SLUICE_TCP", default_value = "127.0.0.1:7171")]
-    tcp: String,
-    /// QUIC (UDP) listen address.
-    #[arg(long, env = "SLUICE_QUIC", default_value = "127.0.0.1:7171")]
-    quic: String,
-    /// HTTP admin listen address (/livez, /readyz, /metrics).
-    #[arg(long, env = "SLUICE_HTTP", default_value = "127.0.0.1:7172")]
-    http: String,
-    /// Background fsync policy for data written with weaker acks than durable:
-    /// always | interval:MS | never.
-    #[arg(long, env = "SLUICE_FSYNC", default_value = "interval:1000")]
-    fsync: String,
-    /// Log format: text | json.
-    #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
-}
+use sluice_broker::Broker;
+use sluice_broker::config::{self, Cli};
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            // clap exits 0 for --help/--version and 2 for usage errors, as DESIGN.md asks.
+            // clap's --help and --version are not errors.
             return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
         }
     };
-    eprintln!(
-        "sluice-broker {}: placeholder build, no listeners yet (the broker lands with issue 4); \
-         configured data dir {}, tcp {}, quic {}, http {}, fsync {}, log format {}{}",
-        env!("CARGO_PKG_VERSION"),
-        args.data_dir.display(),
-        args.tcp,
-        args.quic,
-        args.http,
-        args.fsync,
-        args.log_format,
-        args.config
-            .map(|path| format!(", config {}", path.display()))
-            .unwrap_or_default(),
-    );
+    let config = match config::load(&cli, config::process_environment()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("sluice-broker: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = config::init_tracing(&config.logging) {
+        eprintln!("sluice-broker: {error}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sluice-worker")
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sluice-broker: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: sluice_broker::Config) -> ExitCode {
+    let broker = match Broker::start(config).await {
+        Ok(broker) => broker,
+        Err(error) => {
+            tracing::error!(%error, "broker failed to start");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(error) = wait_for_signal().await {
+        tracing::error!(%error, "cannot listen for signals");
+        broker.shutdown().await;
+        return ExitCode::from(1);
+    }
+    tracing::info!("signal received: shutting down (send another to exit at once)");
+    tokio::spawn(async {
+        if wait_for_signal().await.is_ok() {
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(130);
+        }
+    });
+    broker.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    Ok(())
 }

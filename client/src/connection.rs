@@ -1,1 +1,960 @@
-//! Placeholder: being written.
+//! One multiplexed connection to a broker: many requests in flight at once, responses matched
+//! to their requests by correlation id, whatever order they come back in.
+//!
+//! ```no_run
+//! use sluice_client::protocol::Response;
+//! use sluice_client::protocol::messages::ApiVersionsRequest;
+//! use sluice_client::{Connection, ConnectionOptions};
+//! use std::time::Duration;
+//!
+//! # async fn example() -> sluice_client::error::Result<()> {
+//! let options = ConnectionOptions::default().request_timeout(Duration::from_secs(5));
+//! let connection = Connection::connect_with("tcp://127.0.0.1:7171", options).await?;
+//! if let Response::ApiVersions(versions) = connection.send(ApiVersionsRequest {}).await? {
+//!     println!("the broker speaks {} apis", versions.apis.len());
+//! }
+//! connection.close().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Inside, two tasks own the two halves of the transport; callers only touch a map of pending
+//! requests and a bounded queue of encoded frames:
+//!
+//! ```text
+//!  send() ──(correlation id, api key, oneshot)──▶ pending map ◀──complete by id── reader task
+//!    │  ▲                                                                          ▲
+//!    │  └──────────── Result<Response> over the oneshot ◀──────────────────────────┤
+//!    │                                                             FrameDecoder    │
+//!    └──encoded frame──▶ bounded mpsc ──▶ writer task ──BufWriter──▶ socket ──▶ broker
+//!                                         (drains the queue, then one flush)
+//! ```
+//!
+//! When the reader meets the end of the stream or an error, or the writer fails, the
+//! connection is closed for good: every pending request fails with
+//! [`Error::ConnectionClosed`] and so does every later call. Reconnecting is the caller's job
+//! (the producer and consumer do it with backoff).
+//!
+//! The tasks are generic over the transport's read and write halves, so TCP is one
+//! instantiation and a QUIC stream pair can be another.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+use std::io;
+use std::net::Ipv6Addr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use sluice_protocol::frame::{DEFAULT_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
+use sluice_protocol::{ApiKey, FrameDecoder, Request, Response, decode_response_header};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::{Instrument, debug, warn};
+
+use crate::error::{Error, Result};
+
+/// Bytes the reader asks the socket for at a time (at least).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Bytes the writer gathers before a write reaches the socket.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Frames the writer takes off the queue before it flushes. Bounds the time a flush can be put
+/// off while callers keep the queue full.
+const MAX_FRAMES_PER_FLUSH: usize = 256;
+/// Why `quic://` URLs are refused for now.
+const QUIC_NOT_SUPPORTED: &str = "quic:// is not supported yet; use tcp://host:port";
+
+/// How a [`Connection`] behaves. Build it with chained setters:
+///
+/// ```
+/// use std::time::Duration;
+/// use sluice_client::ConnectionOptions;
+///
+/// let options = ConnectionOptions::default()
+///     .request_timeout(Duration::from_secs(5))
+///     .max_in_flight(64);
+/// assert_eq!(options.max_in_flight, 64);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    /// Largest frame accepted from the broker, and largest request frame sent to it.
+    pub max_frame_bytes: u32,
+    /// How long a request may take, from the call to its response (waiting for an in-flight
+    /// slot included). Also bounds how long [`Connection::close`] waits for queued frames.
+    pub request_timeout: Duration,
+    /// How long resolving the host and opening the connection may take.
+    pub connect_timeout: Duration,
+    /// Requests awaiting their response at once; further sends wait for a slot.
+    pub max_in_flight: usize,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_in_flight: 256,
+        }
+    }
+}
+
+impl ConnectionOptions {
+    /// Largest frame accepted from the broker, and largest request frame sent to it. A bigger
+    /// response closes the connection (the stream cannot be resynchronised after it); a bigger
+    /// request fails with [`Error::RequestTooLarge`] without being sent.
+    ///
+    /// Default = 8 MiB (the protocol's `DEFAULT_MAX_FRAME_BYTES`, as the broker's).
+    pub fn max_frame_bytes(mut self, max_frame_bytes: u32) -> Self {
+        self.max_frame_bytes = max_frame_bytes;
+        self
+    }
+
+    /// How long [`Connection::send`] may take in all, and how long
+    /// [`Connection::send_without_response`] may wait for room in the write queue.
+    ///
+    /// Default = 30 s.
+    pub fn request_timeout(mut self, request_timeout: Duration) -> Self {
+        self.request_timeout = request_timeout;
+        self
+    }
+
+    /// How long resolving the host name and opening the connection may take.
+    ///
+    /// Default = 10 s.
+    pub fn connect_timeout(mut self, connect_timeout: Duration) -> Self {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// How many requests may await their response at once; a send beyond it waits for a slot.
+    /// It also sizes the queue of frames waiting for the socket. 0 is taken as 1.
+    ///
+    /// Default = 256.
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = max_in_flight;
+        self
+    }
+
+    fn in_flight_limit(&self) -> usize {
+        self.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)
+    }
+}
+
+/// A connection to one broker, shared by cloning: clones are cheap handles onto the same
+/// socket, and any number of tasks may send through it at once.
+///
+/// The connection closes when [`close`](Connection::close) is called, when the broker or the
+/// network drops it, or when the last handle is dropped.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+/// What the handles own; dropping the last one closes the connection.
+struct Inner {
+    shared: Arc<Shared>,
+    frame_sender: mpsc::Sender<Bytes>,
+    /// Becomes true when the writer task has finished, so `close` can wait for queued frames.
+    writer_done: watch::Receiver<bool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // No handle is left to send or to await a response, so nothing is pending: closing
+        // only tells the tasks to finish and release the socket.
+        self.shared.close();
+    }
+}
+
+/// What the handles and both tasks share.
+struct Shared {
+    peer: String,
+    options: ConnectionOptions,
+    state: Mutex<State>,
+    /// One permit per request awaiting its response.
+    in_flight_slots: Semaphore,
+    /// Set to true once, when the connection closes; both tasks watch it.
+    closing: watch::Sender<bool>,
+}
+
+/// The part of [`Shared`] behind its lock. `closed` lives beside `pending` so that a request
+/// is either registered before the connection closes (and failed by the close) or refused.
+struct State {
+    closed: bool,
+    next_correlation_id: u32,
+    pending: HashMap<u32, PendingEntry>,
+}
+
+/// A request awaiting its response.
+struct PendingEntry {
+    /// Which body type the response carries.
+    api_key: ApiKey,
+    response_sender: oneshot::Sender<Result<Response>>,
+}
+
+impl Connection {
+    /// Connects to the broker at `url` with default options.
+    ///
+    /// # Errors
+    /// See [`connect_with`](Connection::connect_with).
+    pub async fn connect(url: &str) -> Result<Connection> {
+        Connection::connect_with(url, ConnectionOptions::default()).await
+    }
+
+    /// Connects to the broker at `url`: `tcp://host:port`, where host is a name, an IPv4
+    /// address or a bracketed IPv6 address (`tcp://[::1]:7171`). Every address the name
+    /// resolves to is tried in turn.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for a URL without a scheme, host or port, with an unknown scheme,
+    /// or with `quic://`, which is not supported yet. [`Error::Connect`] when no address
+    /// accepts the connection within `connect_timeout`.
+    pub async fn connect_with(url: &str, options: ConnectionOptions) -> Result<Connection> {
+        let endpoint = Endpoint::parse(url)?;
+        match endpoint.transport {
+            Transport::Tcp => {
+                let address = endpoint.address();
+                let stream = tokio::time::timeout(options.connect_timeout, connect_tcp(&endpoint))
+                    .await
+                    .map_err(|_elapsed| Error::Connect {
+                        address: address.clone(),
+                        source: io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "no connection within {} ms",
+                                duration_ms(options.connect_timeout)
+                            ),
+                        ),
+                    })??;
+                // Requests are small and latency matters more than packet count; the writer
+                // already batches whatever is queued into one write.
+                stream
+                    .set_nodelay(true)
+                    .map_err(|source| Error::Connect { address, source })?;
+                let (read_half, write_half) = stream.into_split();
+                Ok(Connection::from_halves(
+                    url.to_owned(),
+                    read_half,
+                    write_half,
+                    options,
+                ))
+            }
+            Transport::Quic => Err(Error::InvalidUrl(QUIC_NOT_SUPPORTED.to_owned())),
+        }
+    }
+
+    /// Starts the reader and writer tasks over an open transport.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub(crate) fn from_halves<R, W>(
+        peer: String,
+        read_half: R,
+        write_half: W,
+        options: ConnectionOptions,
+    ) -> Connection
+    where
+        R: AsyncRead + Send + 'static,
+        W: AsyncWrite + Send + 'static,
+    {
+        let in_flight_limit = options.in_flight_limit();
+        let shared = Arc::new(Shared {
+            peer: peer.clone(),
+            options,
+            state: Mutex::new(State {
+                closed: false,
+                next_correlation_id: 0,
+                pending: HashMap::new(),
+            }),
+            in_flight_slots: Semaphore::new(in_flight_limit),
+            closing: watch::Sender::new(false),
+        });
+        // The queue is bounded like everything else: a caller that outruns the socket waits.
+        let (frame_sender, frame_receiver) = mpsc::channel(in_flight_limit);
+        let (writer_done_sender, writer_done) = watch::channel(false);
+        let span = tracing::debug_span!("connection", peer = %peer);
+        tokio::spawn(run_reader(read_half, Arc::clone(&shared)).instrument(span.clone()));
+        tokio::spawn(
+            run_writer(
+                write_half,
+                frame_receiver,
+                Arc::clone(&shared),
+                writer_done_sender,
+            )
+            .instrument(span),
+        );
+        Connection {
+            inner: Arc::new(Inner {
+                shared,
+                frame_sender,
+                writer_done,
+            }),
+        }
+    }
+
+    /// Sends a request and waits for its response.
+    ///
+    /// Any number of sends may run at once on one connection; at most `max_in_flight` of them
+    /// await a response, the others wait for a slot. The whole call is bounded by
+    /// `request_timeout`. Dropping the future gives up on the response (a late one is dropped).
+    ///
+    /// # Errors
+    /// - [`Error::Broker`] when the response header carries an error code (the request failed
+    ///   as a whole; per-partition errors are inside a successful response).
+    /// - [`Error::Protocol`] when the response body does not decode.
+    /// - [`Error::Timeout`] when no response arrived within `request_timeout`.
+    /// - [`Error::ConnectionClosed`] when the connection is closed or closes before the
+    ///   response arrives.
+    /// - [`Error::RequestTooLarge`] when the encoded request is over `max_frame_bytes`.
+    pub async fn send(&self, request: impl Into<Request>) -> Result<Response> {
+        let request = request.into();
+        if self.is_closed() {
+            return Err(Error::ConnectionClosed);
+        }
+        let request_timeout = self.inner.shared.options.request_timeout;
+        match tokio::time::timeout(request_timeout, self.send_and_await(&request)).await {
+            Ok(result) => result,
+            // The timeout dropped the inner future, whose guard removed the pending entry.
+            Err(_elapsed) => Err(Error::Timeout {
+                timeout_ms: duration_ms(request_timeout),
+            }),
+        }
+    }
+
+    async fn send_and_await(&self, request: &Request) -> Result<Response> {
+        let shared = &self.inner.shared;
+        // The semaphore is closed when the connection closes, which wakes every waiter.
+        let _in_flight_slot = shared
+            .in_flight_slots
+            .acquire()
+            .await
+            .map_err(|_closed| Error::ConnectionClosed)?;
+        let (registration, response_receiver) = shared.register(request.api_key())?;
+        let frame = encode_frame(
+            request,
+            registration.correlation_id,
+            shared.options.max_frame_bytes,
+        )?;
+        self.inner
+            .frame_sender
+            .send(frame)
+            .await
+            .map_err(|_closed| Error::ConnectionClosed)?;
+        // A dropped sender means the entry was removed without an answer, which only a close
+        // does (it sends ConnectionClosed first, but a race with the drop is harmless).
+        let result = response_receiver
+            .await
+            .unwrap_or(Err(Error::ConnectionClosed));
+        drop(registration);
+        result
+    }
+
+    /// Sends a request the broker does not answer (a produce with `acks = none`): the frame is
+    /// queued for the socket and nothing waits for a response. Returning `Ok` means the frame
+    /// was queued, not that the broker received it. Should the broker answer anyway, the
+    /// response is logged and dropped.
+    ///
+    /// # Errors
+    /// [`Error::ConnectionClosed`] when the connection is closed, [`Error::Timeout`] when the
+    /// write queue stayed full for `request_timeout`, [`Error::RequestTooLarge`] when the
+    /// encoded request is over `max_frame_bytes`.
+    pub async fn send_without_response(&self, request: impl Into<Request>) -> Result<()> {
+        let request = request.into();
+        let shared = &self.inner.shared;
+        let correlation_id = shared.unregistered_correlation_id()?;
+        let frame = encode_frame(&request, correlation_id, shared.options.max_frame_bytes)?;
+        let request_timeout = shared.options.request_timeout;
+        match tokio::time::timeout(request_timeout, self.inner.frame_sender.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_closed)) => Err(Error::ConnectionClosed),
+            Err(_elapsed) => Err(Error::Timeout {
+                timeout_ms: duration_ms(request_timeout),
+            }),
+        }
+    }
+
+    /// True once the connection is closed; every send then fails with
+    /// [`Error::ConnectionClosed`].
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.lock_state().closed
+    }
+
+    /// The URL this connection was opened with.
+    pub fn peer(&self) -> &str {
+        &self.inner.shared.peer
+    }
+
+    /// Requests sent with [`send`](Connection::send) that still await their response.
+    pub fn in_flight_count(&self) -> usize {
+        self.inner.shared.lock_state().pending.len()
+    }
+
+    /// Closes the connection for every handle: pending requests fail with
+    /// [`Error::ConnectionClosed`], frames already queued (such as `acks = none` produces) are
+    /// still written, then the write side is shut down. Waits at most `request_timeout` for
+    /// the queued frames. Closing a closed connection does nothing more.
+    pub async fn close(&self) {
+        self.inner.shared.close();
+        let mut writer_done = self.inner.writer_done.clone();
+        // An error means the writer task is gone already, which is just as done.
+        let _ = writer_done.wait_for(|done| *done).await;
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.inner.shared.lock_state();
+        f.debug_struct("Connection")
+            .field("peer", &self.inner.shared.peer)
+            .field("closed", &state.closed)
+            .field("in_flight", &state.pending.len())
+            .finish()
+    }
+}
+
+/// Removes its pending entry when the send that registered it ends, however it ends: answered
+/// (the entry is gone already), failed, timed out or dropped. This keeps the map bounded.
+struct Registration<'a> {
+    shared: &'a Shared,
+    correlation_id: u32,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .lock_state()
+            .pending
+            .remove(&self.correlation_id);
+    }
+}
+
+impl Shared {
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        // The lock is never held across code that can panic halfway through an update, so the
+        // state behind a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a request under a fresh correlation id, unless the connection is closed.
+    fn register(
+        &self,
+        api_key: ApiKey,
+    ) -> Result<(Registration<'_>, oneshot::Receiver<Result<Response>>)> {
+        let (response_sender, response_receiver) = oneshot::channel();
+        let mut state = self.lock_state();
+        if state.closed {
+            return Err(Error::ConnectionClosed);
+        }
+        // Ids wrap after 2^32 requests; skipping the ones still pending keeps matching exact.
+        // The loop ends within `pending.len() + 1` steps, and the semaphore bounds `pending`.
+        let correlation_id = loop {
+            let candidate = state.next_correlation_id;
+            state.next_correlation_id = candidate.wrapping_add(1);
+            if let Entry::Vacant(vacant) = state.pending.entry(candidate) {
+                vacant.insert(PendingEntry {
+                    api_key,
+                    response_sender,
+                });
+                break candidate;
+            }
+        };
+        drop(state);
+        Ok((
+            Registration {
+                shared: self,
+                correlation_id,
+            },
+            response_receiver,
+        ))
+    }
+
+    /// A correlation id for a request nobody waits on, unless the connection is closed.
+    fn unregistered_correlation_id(&self) -> Result<u32> {
+        let mut state = self.lock_state();
+        if state.closed {
+            return Err(Error::ConnectionClosed);
+        }
+        loop {
+            let candidate = state.next_correlation_id;
+            state.next_correlation_id = candidate.wrapping_add(1);
+            if !state.pending.contains_key(&candidate) {
+                return Ok(candidate);
+            }
+        }
+    }
+
+    /// Hands a response frame to the request it answers.
+    fn complete(&self, frame: Bytes) {
+        let (header, body) = match decode_response_header(frame) {
+            Ok(parts) => parts,
+            Err(error) => {
+                // The frame decoder guarantees a whole header, so this is a bug, not the peer.
+                warn!(%error, "undecodable response header; frame dropped");
+                return;
+            }
+        };
+        let Some(entry) = self.lock_state().pending.remove(&header.correlation_id) else {
+            warn!(
+                correlation_id = header.correlation_id,
+                error_code = %header.error_code,
+                "response matches no pending request (timed out, cancelled or never asked); dropped"
+            );
+            return;
+        };
+        // Decoding happens outside the lock: other requests keep registering meanwhile.
+        let outcome = if header.error_code.is_ok() {
+            Response::decode(entry.api_key, body).map_err(Error::Protocol)
+        } else {
+            Err(Error::Broker {
+                code: header.error_code,
+                message: None,
+            })
+        };
+        // The caller may have given up in between; its answer then has nowhere to go.
+        let _ = entry.response_sender.send(outcome);
+    }
+
+    /// Closes the connection: refuses new requests, fails the pending ones and tells both
+    /// tasks to finish. Only the first call does anything.
+    fn close(&self) {
+        let pending = {
+            let mut state = self.lock_state();
+            if state.closed {
+                return;
+            }
+            state.closed = true;
+            std::mem::take(&mut state.pending)
+        };
+        self.in_flight_slots.close();
+        self.closing.send_replace(true);
+        debug!(failed_requests = pending.len(), "connection closed");
+        for entry in pending.into_values() {
+            let _ = entry.response_sender.send(Err(Error::ConnectionClosed));
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock_state().closed
+    }
+}
+
+/// Encodes a request frame, refusing one the broker would refuse.
+fn encode_frame(request: &Request, correlation_id: u32, max_frame_bytes: u32) -> Result<Bytes> {
+    let mut frame = BytesMut::new();
+    request.encode_frame(correlation_id, &mut frame);
+    // Measured like the decoder measures it: the bytes after the length prefix.
+    let frame_bytes = frame.len().saturating_sub(LENGTH_PREFIX_BYTES);
+    if u64::try_from(frame_bytes).unwrap_or(u64::MAX) > u64::from(max_frame_bytes) {
+        return Err(Error::RequestTooLarge {
+            frame_bytes: u64::try_from(frame_bytes).unwrap_or(u64::MAX),
+            max_frame_bytes,
+        });
+    }
+    Ok(frame.freeze())
+}
+
+/// Returns once the connection is closing.
+async fn closing_signalled(closing: &mut watch::Receiver<bool>) {
+    // The sender lives in `Shared`, which the caller keeps alive, so this cannot fail; if it
+    // did, there would be nobody left to wait for anyway.
+    let _ = closing.wait_for(|closing| *closing).await;
+}
+
+/// Reads response frames until the stream ends, fails or the connection closes, then closes
+/// the connection (which fails whatever is still pending).
+async fn run_reader<R>(read_half: R, shared: Arc<Shared>)
+where
+    R: AsyncRead + Send + 'static,
+{
+    let mut closing = shared.closing.subscribe();
+    tokio::select! {
+        reason = read_responses(read_half, &shared) => {
+            if !shared.is_closed() {
+                warn!(%reason, "connection lost");
+            }
+            shared.close();
+        }
+        () = closing_signalled(&mut closing) => {}
+    }
+}
+
+/// Why the reader stopped.
+#[derive(Debug)]
+enum ReadEnd {
+    EndOfStream,
+    EndOfStreamMidFrame,
+    Undecodable(sluice_protocol::WireError),
+    Failed(io::Error),
+}
+
+impl fmt::Display for ReadEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadEnd::EndOfStream => write!(f, "the broker closed the connection"),
+            ReadEnd::EndOfStreamMidFrame => {
+                write!(
+                    f,
+                    "the broker closed the connection in the middle of a frame"
+                )
+            }
+            ReadEnd::Undecodable(error) => write!(f, "undecodable frame: {error}"),
+            ReadEnd::Failed(error) => write!(f, "read failed: {error}"),
+        }
+    }
+}
+
+async fn read_responses<R>(read_half: R, shared: &Shared) -> ReadEnd
+where
+    R: AsyncRead,
+{
+    tokio::pin!(read_half);
+    let mut decoder = FrameDecoder::for_responses(shared.options.max_frame_bytes);
+    let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    loop {
+        loop {
+            match decoder.decode(&mut buffer) {
+                Ok(Some(frame)) => shared.complete(frame.freeze()),
+                Ok(None) => break,
+                // A bad length prefix leaves no way to find the next frame.
+                Err(error) => return ReadEnd::Undecodable(error),
+            }
+        }
+        if buffer.capacity() - buffer.len() < READ_BUFFER_BYTES / 4 {
+            buffer.reserve(READ_BUFFER_BYTES);
+        }
+        match read_half.as_mut().read_buf(&mut buffer).await {
+            Ok(0) if decoder.is_mid_frame(&buffer) => return ReadEnd::EndOfStreamMidFrame,
+            Ok(0) => return ReadEnd::EndOfStream,
+            Ok(_) => {}
+            Err(error) => return ReadEnd::Failed(error),
+        }
+    }
+}
+
+/// Writes queued frames until the connection closes, then writes what was queued before the
+/// close, shuts the write side down and reports itself done. After the close it has
+/// `request_timeout` to finish, so a broker that stopped reading cannot hold it forever.
+async fn run_writer<W>(
+    write_half: W,
+    mut frames: mpsc::Receiver<Bytes>,
+    shared: Arc<Shared>,
+    done: watch::Sender<bool>,
+) where
+    W: AsyncWrite + Send + 'static,
+{
+    let writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, write_half);
+    tokio::pin!(writer);
+    let mut closing = shared.closing.subscribe();
+    let drain_timeout = shared.options.request_timeout;
+    let give_up = async {
+        closing_signalled(&mut closing).await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        result = write_frames(writer.as_mut(), &mut frames, &shared) => {
+            if let Err(error) = result {
+                if shared.is_closed() {
+                    debug!(%error, "write failed after the connection closed");
+                } else {
+                    warn!(%error, "write failed; closing the connection");
+                }
+            }
+        }
+        () = give_up => {
+            debug!(
+                drain_timeout_ms = duration_ms(drain_timeout),
+                "gave up writing queued frames after the close"
+            );
+        }
+    }
+    shared.close();
+    done.send_replace(true);
+}
+
+async fn write_frames<W>(
+    mut writer: Pin<&mut BufWriter<W>>,
+    frames: &mut mpsc::Receiver<Bytes>,
+    shared: &Shared,
+) -> io::Result<()>
+where
+    W: AsyncWrite,
+{
+    let mut closing = shared.closing.subscribe();
+    loop {
+        let frame = tokio::select! {
+            frame = frames.recv() => frame,
+            () = closing_signalled(&mut closing) => None,
+        };
+        let Some(frame) = frame else { break };
+        writer.write_all(&frame).await?;
+        // Everything already queued goes out with the same flush: a burst of requests costs
+        // one write syscall, not one each.
+        for _ in 1..MAX_FRAMES_PER_FLUSH {
+            let Ok(frame) = frames.try_recv() else { break };
+            writer.write_all(&frame).await?;
+        }
+        writer.flush().await?;
+    }
+    // Frames queued before the close were accepted (an `acks = none` produce has returned Ok
+    // for its frame), so they still go out; nothing new is accepted from here on.
+    frames.close();
+    while let Some(frame) = frames.recv().await {
+        writer.write_all(&frame).await?;
+    }
+    writer.flush().await?;
+    writer.shutdown().await
+}
+
+/// The transports a URL can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Quic,
+}
+
+/// A parsed broker URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Endpoint {
+    transport: Transport,
+    /// A host name or an IP address; an IPv6 address without its brackets.
+    host: String,
+    port: u16,
+}
+
+impl Endpoint {
+    /// Parses `scheme://host:port`, naming the first problem found.
+    fn parse(url: &str) -> Result<Endpoint> {
+        let invalid = |problem: &str| {
+            Error::InvalidUrl(format!("{problem} in \"{url}\" (expected tcp://host:port)"))
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(invalid("missing scheme"));
+        };
+        let transport = if scheme.eq_ignore_ascii_case("tcp") {
+            Transport::Tcp
+        } else if scheme.eq_ignore_ascii_case("quic") {
+            Transport::Quic
+        } else if scheme.is_empty() {
+            return Err(invalid("missing scheme"));
+        } else {
+            return Err(invalid(&format!("unknown scheme \"{scheme}\"")));
+        };
+        // A trailing slash is harmless; a path, query, fragment or user name means the caller
+        // expects something this client does not do.
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if let Some(position) = authority.find(['/', '?', '#', '@']) {
+            return Err(invalid(&format!(
+                "unexpected \"{}\" around the address",
+                &authority[position..]
+            )));
+        }
+        if authority.is_empty() {
+            return Err(invalid("missing host and port"));
+        }
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let Some((host, after_host)) = bracketed.split_once(']') else {
+                return Err(invalid("unclosed '[' around the IPv6 address"));
+            };
+            if host.parse::<Ipv6Addr>().is_err() {
+                return Err(invalid(&format!("\"{host}\" is not an IPv6 address")));
+            }
+            match after_host.strip_prefix(':') {
+                Some(port) => (host, port),
+                None if after_host.is_empty() => return Err(invalid("missing port")),
+                None => {
+                    return Err(invalid(&format!(
+                        "unexpected \"{after_host}\" after the IPv6 address"
+                    )));
+                }
+            }
+        } else {
+            let Some((host, port)) = authority.rsplit_once(':') else {
+                return Err(invalid("missing port"));
+            };
+            if host.contains(':') {
+                return Err(invalid(
+                    "an IPv6 address needs brackets, as in tcp://[::1]:7171,",
+                ));
+            }
+            (host, port)
+        };
+        if host.is_empty() {
+            return Err(invalid("missing host"));
+        }
+        if port.is_empty() {
+            return Err(invalid("missing port"));
+        }
+        let port = port
+            .bytes()
+            .all(|byte| byte.is_ascii_digit())
+            .then(|| port.parse::<u16>().ok())
+            .flatten()
+            .filter(|port| *port != 0)
+            .ok_or_else(|| invalid(&format!("port \"{port}\" is not a number from 1 to 65535")))?;
+        Ok(Endpoint {
+            transport,
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// `host:port`, with brackets around an IPv6 address.
+    fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Resolves the host and tries each of its addresses in turn.
+async fn connect_tcp(endpoint: &Endpoint) -> Result<TcpStream> {
+    let address = endpoint.address();
+    let candidates = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+        .await
+        .map_err(|source| Error::Connect {
+            address: address.clone(),
+            source,
+        })?;
+    let mut last_error = None;
+    for candidate in candidates {
+        match TcpStream::connect(candidate).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => {
+                debug!(%candidate, %error, "connect failed; trying the next address");
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(Error::Connect {
+        address,
+        source: last_error.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "the host resolved to no address")
+        }),
+    })
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Endpoint {
+        Endpoint::parse(url).unwrap_or_else(|error| panic!("{url}: {error}"))
+    }
+
+    #[test]
+    fn parses_host_names_and_addresses() {
+        let endpoint = parse("tcp://localhost:7171");
+        assert_eq!(endpoint.transport, Transport::Tcp);
+        assert_eq!(endpoint.host, "localhost");
+        assert_eq!(endpoint.port, 7171);
+        assert_eq!(endpoint.address(), "localhost:7171");
+
+        let endpoint = parse("tcp://127.0.0.1:1/");
+        assert_eq!((endpoint.host.as_str(), endpoint.port), ("127.0.0.1", 1));
+
+        let endpoint = parse("TCP://[::1]:65535");
+        assert_eq!(endpoint.transport, Transport::Tcp);
+        assert_eq!((endpoint.host.as_str(), endpoint.port), ("::1", 65535));
+        assert_eq!(endpoint.address(), "[::1]:65535");
+
+        assert_eq!(parse("quic://broker:7171").transport, Transport::Quic);
+    }
+
+    #[test]
+    fn names_the_problem() {
+        let cases = [
+            ("", "missing scheme"),
+            ("localhost:7171", "missing scheme"),
+            ("://localhost:7171", "missing scheme"),
+            ("http://localhost:7171", "unknown scheme \"http\""),
+            ("tcp://", "missing host and port"),
+            ("tcp://localhost", "missing port"),
+            ("tcp://localhost:", "missing port"),
+            ("tcp://:7171", "missing host"),
+            ("tcp://localhost:port", "port \"port\""),
+            ("tcp://localhost:+80", "port \"+80\""),
+            ("tcp://localhost:0", "port \"0\""),
+            ("tcp://localhost:65536", "port \"65536\""),
+            ("tcp://::1:7171", "needs brackets"),
+            ("tcp://[::1", "unclosed '['"),
+            ("tcp://[::1]", "missing port"),
+            ("tcp://[::1]x:7171", "unexpected \"x:7171\""),
+            ("tcp://[nope]:7171", "not an IPv6 address"),
+            ("tcp://localhost:7171/topics", "unexpected \"/topics\""),
+            (
+                "tcp://user@localhost:7171",
+                "unexpected \"@localhost:7171\"",
+            ),
+        ];
+        for (url, expected) in cases {
+            match Endpoint::parse(url) {
+                Err(Error::InvalidUrl(message)) => assert!(
+                    message.contains(expected),
+                    "{url:?}: {message:?} does not mention {expected:?}"
+                ),
+                other => panic!("{url:?}: expected InvalidUrl, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn works_over_any_transport_halves() {
+        // An in-memory pipe stands in for a socket: the tasks only need AsyncRead/AsyncWrite.
+        let (client_side, server_side) = tokio::io::duplex(1024);
+        let (read_half, write_half) = tokio::io::split(client_side);
+        let connection = Connection::from_halves(
+            "memory://".to_owned(),
+            read_half,
+            write_half,
+            ConnectionOptions::default(),
+        );
+        let server = tokio::spawn(async move {
+            let (mut server_read, mut server_write) = tokio::io::split(server_side);
+            let mut decoder = FrameDecoder::for_requests(DEFAULT_MAX_FRAME_BYTES);
+            let mut buffer = BytesMut::new();
+            let frame = loop {
+                if let Some(frame) = decoder.decode(&mut buffer).expect("valid frame") {
+                    break frame;
+                }
+                let read = server_read.read_buf(&mut buffer).await.expect("read");
+                assert_ne!(read, 0, "client closed before sending");
+            };
+            let (header, request) = sluice_protocol::decode_request(frame.freeze()).unwrap();
+            assert_eq!(request.api_key(), ApiKey::ListTopics);
+            let mut out = BytesMut::new();
+            Response::from(sluice_protocol::messages::ListTopicsResponse::default())
+                .encode_frame(header.correlation_id, &mut out);
+            server_write.write_all(&out).await.expect("write");
+            server_write
+        });
+        let response = tokio::time::timeout(
+            Duration::from_secs(10),
+            connection.send(sluice_protocol::messages::ListTopicsRequest {}),
+        )
+        .await
+        .expect("answered in time")
+        .expect("successful response");
+        assert_eq!(
+            response,
+            Response::ListTopics(sluice_protocol::messages::ListTopicsResponse::default())
+        );
+        assert_eq!(connection.in_flight_count(), 0);
+        drop(server.await.expect("server task"));
+    }
+
+    #[test]
+    fn connection_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync + Clone>() {}
+        assert_send_sync::<Connection>();
+    }
+}

@@ -2,10 +2,18 @@
 //!
 //! Built so far: [`Connection`], one multiplexed connection to a broker. Producers, consumers,
 //! group members and admin calls arrive with the client issue.
+//!
+//! Modules:
+//! - [`connection`]: [`Connection`] and its [`ConnectionOptions`]: URLs, the reader and writer
+//!   tasks, correlation of responses to requests.
+//! - [`error`]: the one [`Error`] enum every call returns, with `is_retriable()`.
+//! - [`protocol`]: the wire types, re-exported from `sluice-protocol`.
 
 #![deny(unsafe_code)]
 
 pub mod connection;
 pub mod error;
 
+pub use connection::{Connection, ConnectionOptions};
+pub use error::Error;
 pub use sluice_protocol as protocol;

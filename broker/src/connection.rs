@@ -1,0 +1,195 @@
+//! One client connection: frames in, responses out. Generic over `AsyncRead + AsyncWrite`, so
+//! TCP and (later) each QUIC stream are served by the same code.
+//!
+//! ```text
+//! socket ─read─▶ FrameDecoder ─▶ decode_request ─▶ handlers::handle ─┬─ Ready  ─────────────┐
+//!                   ▲ (frame_read_timeout_ms while                    ├─ Later  ─ task ─────┤
+//!                   │  mid-frame; max_frame_bytes)                    └─ Silent             ▼
+//!                   └──── in-flight permit (max_in_flight_requests) ◀────────── writer task ─▶ socket
+//! ```
+//!
+//! Requests are read continuously and handled in arrival order; waiting work runs in its own
+//! task, so responses go out as they complete, matched by correlation id. At most
+//! `max_in_flight_requests` are pending per connection: beyond that the reader stops reading,
+//! which pushes back on the client through TCP instead of growing memory. A frame over
+//! `max_frame_bytes`, or one that stalls mid-way past `frame_read_timeout_ms`, gets an error
+//! answer and the connection is closed; nobody else is affected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use sluice_protocol::frame::{LENGTH_PREFIX_BYTES, REQUEST_HEADER_BYTES};
+use sluice_protocol::{ErrorCode, FrameDecoder, Response, decode_request, encode_error_response};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::BrokerState;
+use crate::handlers::{self, Outcome};
+
+/// Bytes the reader asks the socket for at a time (the buffer grows for larger frames).
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Serves one connection until the peer closes it, it breaks a limit, or the broker stops.
+pub async fn serve<S>(stream: S, state: Arc<BrokerState>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, writer) = tokio::io::split(stream);
+    let limits = &state.config.limits;
+    let max_in_flight = limits.max_in_flight_requests.max(1);
+    let (responses, outgoing) = mpsc::channel::<Bytes>(max_in_flight);
+    let writer_task = tokio::spawn(write_responses(writer, outgoing));
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let mut decoder = FrameDecoder::for_requests(limits.max_frame_bytes);
+    let frame_read_timeout = Duration::from_millis(limits.frame_read_timeout_ms);
+    let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut shutdown = state.shutdown_receiver();
+    tracing::debug!(%peer, "connection opened");
+
+    'connection: loop {
+        loop {
+            let frame = match decoder.decode(&mut buffer) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(error) => {
+                    // The stream cannot be resynchronised: answer and close.
+                    tracing::warn!(%peer, %error, "closing connection after a bad frame");
+                    let mut answer = BytesMut::new();
+                    encode_error_response(
+                        peeked_correlation_id(&buffer),
+                        error.error_code(),
+                        &mut answer,
+                    );
+                    let _ = responses.send(answer.freeze()).await;
+                    break 'connection;
+                }
+            };
+            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                break 'connection;
+            };
+            let (correlation_id, outcome) = match decode_request(frame.freeze()) {
+                Ok((header, request)) => (
+                    header.correlation_id,
+                    handlers::handle(&state, &header, request),
+                ),
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "request did not decode");
+                    let mut answer = BytesMut::new();
+                    error.encode_response(&mut answer);
+                    if responses.send(answer.freeze()).await.is_err() {
+                        break 'connection;
+                    }
+                    continue;
+                }
+            };
+            match outcome {
+                Outcome::Silent => drop(permit),
+                Outcome::Ready(response) => {
+                    if responses
+                        .send(encode(correlation_id, &response))
+                        .await
+                        .is_err()
+                    {
+                        break 'connection;
+                    }
+                    drop(permit);
+                }
+                Outcome::Failed(code) => {
+                    let mut answer = BytesMut::new();
+                    encode_error_response(correlation_id, code, &mut answer);
+                    if responses.send(answer.freeze()).await.is_err() {
+                        break 'connection;
+                    }
+                    drop(permit);
+                }
+                Outcome::Later(pending) => {
+                    let responses = responses.clone();
+                    tokio::spawn(async move {
+                        let response = pending.await;
+                        let _ = responses.send(encode(correlation_id, &response)).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+
+        buffer.reserve(READ_CHUNK_BYTES);
+        let read = if decoder.is_mid_frame(&buffer) {
+            // A peer that stops half-way through a frame is cut off after the deadline.
+            match tokio::time::timeout(frame_read_timeout, reader.read_buf(&mut buffer)).await {
+                Ok(read) => read,
+                Err(_) => {
+                    tracing::warn!(%peer, timeout_ms = limits.frame_read_timeout_ms, "closing connection stalled mid-frame");
+                    let mut answer = BytesMut::new();
+                    encode_error_response(
+                        peeked_correlation_id(&buffer),
+                        ErrorCode::RequestTimedOut,
+                        &mut answer,
+                    );
+                    let _ = responses.send(answer.freeze()).await;
+                    break;
+                }
+            }
+        } else {
+            tokio::select! {
+                read = reader.read_buf(&mut buffer) => read,
+                _ = shutdown.changed() => break,
+            }
+        };
+        match read {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection read failed");
+                break;
+            }
+        }
+    }
+
+    // Let in-flight requests finish and their answers go out before closing.
+    let _ = in_flight.acquire_many(max_in_flight as u32).await;
+    drop(responses);
+    let _ = writer_task.await;
+    tracing::debug!(%peer, "connection closed");
+}
+
+fn encode(correlation_id: u32, response: &Response) -> Bytes {
+    let mut out = BytesMut::new();
+    response.encode_frame(correlation_id, &mut out);
+    out.freeze()
+}
+
+/// The correlation id of a frame still in the buffer (with its length prefix), so even a
+/// refused frame's answer can be matched by the client; 0 when not enough arrived.
+fn peeked_correlation_id(buffer: &BytesMut) -> u32 {
+    let at = LENGTH_PREFIX_BYTES + 4;
+    match buffer.get(at..at + 4) {
+        Some(bytes) if buffer.len() >= LENGTH_PREFIX_BYTES + REQUEST_HEADER_BYTES => {
+            u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+        }
+        _ => 0,
+    }
+}
+
+async fn write_responses<W>(writer: W, mut outgoing: mpsc::Receiver<Bytes>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut writer = BufWriter::with_capacity(READ_CHUNK_BYTES, writer);
+    while let Some(frame) = outgoing.recv().await {
+        if writer.write_all(&frame).await.is_err() {
+            return;
+        }
+        // Batch whatever else is ready into the same flush.
+        while let Ok(frame) = outgoing.try_recv() {
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}

@@ -1,0 +1,69 @@
+//! Request handlers, one file per api, dispatched in one `match`.
+//!
+//! A handler returns an [`Outcome`]. Work that must happen in arrival order (appending to a
+//! partition) runs inside `handle`, on the connection's reader, before the next request is
+//! read; work that waits (durability, long polls, disk-heavy admin calls) is returned as a
+//! future that the connection runs concurrently, so a long poll never delays a heartbeat.
+
+mod admin;
+mod fetch;
+mod metadata;
+mod offsets;
+mod produce;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sluice_protocol::{ErrorCode, Request, RequestHeader, Response};
+
+use crate::BrokerState;
+
+/// A response still being worked out.
+pub type PendingResponse = Pin<Box<dyn Future<Output = Response> + Send + 'static>>;
+
+/// What a request leads to.
+pub enum Outcome {
+    /// Answer now.
+    Ready(Response),
+    /// Answer when this completes.
+    Later(PendingResponse),
+    /// No answer at all (produce with acks=none).
+    Silent,
+    /// The whole request fails with this code (an error response frame, no body).
+    Failed(ErrorCode),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Ready(response) => write!(f, "Ready({:?})", response.api_key()),
+            Outcome::Later(_) => f.write_str("Later"),
+            Outcome::Silent => f.write_str("Silent"),
+            Outcome::Failed(code) => write!(f, "Failed({code})"),
+        }
+    }
+}
+
+/// Handles one decoded request.
+pub fn handle(state: &Arc<BrokerState>, header: &RequestHeader, request: Request) -> Outcome {
+    tracing::trace!(correlation_id = header.correlation_id, api = ?request.api_key(), "request");
+    match request {
+        Request::ApiVersions(request) => Outcome::Ready(metadata::api_versions(request).into()),
+        Request::Metadata(request) => Outcome::Ready(metadata::metadata(state, request).into()),
+        Request::CreateTopics(request) => admin::create_topics(state, request),
+        Request::DeleteTopics(request) => admin::delete_topics(state, request),
+        Request::ListTopics(request) => Outcome::Ready(admin::list_topics(state, request).into()),
+        Request::DescribeTopic(request) => {
+            Outcome::Ready(admin::describe_topic(state, request).into())
+        }
+        Request::Produce(request) => produce::produce(state, request),
+        Request::Fetch(request) => fetch::fetch(state, request),
+        Request::ListOffsets(request) => {
+            Outcome::Ready(offsets::list_offsets(state, request).into())
+        }
+        // The protocol enum is non-exhaustive: an api added there before a handler exists here
+        // gets an error answer, never a dropped connection.
+        _ => Outcome::Failed(ErrorCode::UnknownApiKey),
+    }
+}

@@ -1,0 +1,148 @@
+//! Produce: validate each partition's batch, append it in arrival order, answer per acks.
+//!
+//! The append happens here, synchronously, before the connection reads its next request, so
+//! batches a connection sends to one partition land in the order they were sent. The batch
+//! bytes are a slice of the request frame: validated, stamped in place and written as they are.
+//! Only `acks=durable` waits, and it waits in the returned future (group commit in storage).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_protocol::messages::{
+    Acks, ProducePartitionResponse, ProduceRequest, ProduceResponse, ProduceTopicResponse,
+};
+use sluice_protocol::{ErrorCode, RecordBatch};
+
+use super::Outcome;
+use crate::BrokerState;
+use crate::storage::PartitionLog;
+
+fn result(
+    partition: u32,
+    error_code: ErrorCode,
+    base_offset: u64,
+    log_start_offset: u64,
+    message: Option<String>,
+) -> ProducePartitionResponse {
+    ProducePartitionResponse {
+        partition,
+        error_code,
+        base_offset,
+        log_start_offset,
+        error_message: message,
+    }
+}
+
+fn failed(partition: u32, error_code: ErrorCode, message: String) -> ProducePartitionResponse {
+    result(partition, error_code, 0, 0, Some(message))
+}
+
+pub fn produce(state: &Arc<BrokerState>, request: ProduceRequest) -> Outcome {
+    let max_batch_bytes = state.config.limits.max_batch_bytes as usize;
+    let mut waits: Vec<(usize, usize, Arc<PartitionLog>, u64)> = Vec::new();
+    let mut topics = Vec::with_capacity(request.topics.len());
+    for (topic_index, topic_request) in request.topics.into_iter().enumerate() {
+        let topic = state
+            .topics
+            .get(&topic_request.name)
+            .filter(|topic| !topic.internal);
+        let mut partitions = Vec::with_capacity(topic_request.partitions.len());
+        for (partition_index, partition) in topic_request.partitions.into_iter().enumerate() {
+            let index = partition.partition;
+            let Some(topic) = &topic else {
+                partitions.push(failed(
+                    index,
+                    ErrorCode::UnknownTopic,
+                    format!("unknown topic {}", topic_request.name),
+                ));
+                continue;
+            };
+            let Some(log) = topic.partition(index) else {
+                partitions.push(failed(
+                    index,
+                    ErrorCode::UnknownPartition,
+                    format!(
+                        "topic {} has {} partitions",
+                        topic.name,
+                        topic.partitions.len()
+                    ),
+                ));
+                continue;
+            };
+            if partition.records.len() > max_batch_bytes {
+                partitions.push(failed(
+                    index,
+                    ErrorCode::MessageTooLarge,
+                    format!(
+                        "batch of {} bytes is over max_batch_bytes {max_batch_bytes}",
+                        partition.records.len()
+                    ),
+                ));
+                continue;
+            }
+            let batch = match RecordBatch::new(partition.records)
+                .and_then(|batch| batch.validate().map(|()| batch))
+            {
+                Ok(batch) => batch,
+                Err(error) => {
+                    partitions.push(failed(index, ErrorCode::CorruptMessage, error.to_string()));
+                    continue;
+                }
+            };
+            match log.append(batch) {
+                Ok(info) => {
+                    if request.acks == Acks::Durable {
+                        waits.push((
+                            topic_index,
+                            partition_index,
+                            Arc::clone(log),
+                            info.last_offset + 1,
+                        ));
+                    }
+                    partitions.push(result(
+                        index,
+                        ErrorCode::None,
+                        info.base_offset,
+                        info.log_start_offset,
+                        None,
+                    ));
+                }
+                Err(error) => partitions.push(failed(index, error.error_code(), error.to_string())),
+            }
+        }
+        topics.push(ProduceTopicResponse {
+            name: topic_request.name,
+            partitions,
+        });
+    }
+    let response = ProduceResponse { topics };
+    match request.acks {
+        Acks::None => Outcome::Silent,
+        Acks::Leader => Outcome::Ready(response.into()),
+        Acks::Durable if waits.is_empty() => Outcome::Ready(response.into()),
+        Acks::Durable => {
+            let timeout = Duration::from_millis(u64::from(request.timeout_ms.max(1)));
+            let deadline = tokio::time::Instant::now() + timeout;
+            Outcome::Later(Box::pin(async move {
+                let mut response = response;
+                // One deadline for the whole request, however many partitions it waits for.
+                for (topic_index, partition_index, log, next_offset) in waits {
+                    let outcome =
+                        tokio::time::timeout_at(deadline, log.wait_durable(next_offset)).await;
+                    let error = match outcome {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(error)) => (error.error_code(), error.to_string()),
+                        Err(_) => (
+                            ErrorCode::RequestTimedOut,
+                            format!("not durable within {} ms", timeout.as_millis()),
+                        ),
+                    };
+                    let entry = &mut response.topics[topic_index].partitions[partition_index];
+                    entry.error_code = error.0;
+                    entry.error_message = Some(error.1);
+                }
+                response.into()
+            }))
+        }
+    }
+}

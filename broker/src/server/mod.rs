@@ -1,0 +1,3 @@
+//! Listeners: accept loops only. Each accepted connection goes to [`crate::connection::serve`].
+
+pub mod tcp;

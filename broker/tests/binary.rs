@@ -1,0 +1,200 @@
+//! The `sluice-broker` binary: exit codes, configuration errors, serving, signals.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sluice_client::Connection;
+use sluice_protocol::Response;
+use sluice_protocol::messages::*;
+
+fn broker() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice-broker"));
+    // The tests' own environment must not leak into the broker's configuration.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SLUICE_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+fn wait_with_deadline(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn bad_flag_and_bad_config_exit_2_with_one_line() {
+    let output = broker().arg("--fsync").arg("sometimes").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--fsync"));
+
+    let output = broker()
+        .env("SLUICE_LIMITS_MAX_FRAME_BYTES", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("limits.max_frame_bytes"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sluice.toml");
+    std::fs::write(&file, "[storage]\nfsink = \"always\"\n").unwrap();
+    let output = broker().arg("--config").arg(&file).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("fsink"));
+}
+
+/// Starts the binary on an ephemeral port and returns it with the address it logged.
+fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String, mpsc::Receiver<String>) {
+    let mut child = broker()
+        .args([
+            "--tcp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines, receiver) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = receiver
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the broker logs its address");
+        if line.contains("broker started") {
+            let address = line
+                .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+                .find_map(|word| {
+                    let word = word.trim_start_matches("tcp_addr=");
+                    word.parse::<std::net::SocketAddr>().ok()
+                })
+                .expect("an address in the started line");
+            return (child, address.to_string(), receiver);
+        }
+    }
+}
+
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn serves_produce_and_fetch_then_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, address, _lines) = spawn(dir.path(), &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let connection = Connection::connect(&format!("tcp://{address}"))
+            .await
+            .unwrap();
+        connection
+            .send(CreateTopicsRequest {
+                topics: vec![CreateTopic {
+                    name: "cli".into(),
+                    partitions: 1,
+                    configs: vec![],
+                }],
+                validate_only: false,
+            })
+            .await
+            .unwrap();
+        let mut builder = sluice_protocol::RecordBatchBuilder::new();
+        builder.append(1, None, b"hello", &[]);
+        let Response::Produce(produced) = connection
+            .send(ProduceRequest {
+                acks: Acks::Durable,
+                timeout_ms: 10_000,
+                topics: vec![ProduceTopic {
+                    name: "cli".into(),
+                    partitions: vec![ProducePartition {
+                        partition: 0,
+                        records: builder.build().into_bytes(),
+                    }],
+                }],
+            })
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            produced.topics[0].partitions[0].error_code,
+            sluice_protocol::ErrorCode::None
+        );
+        let Response::Fetch(fetched) = connection
+            .send(FetchRequest {
+                max_wait_ms: 0,
+                min_bytes: 1,
+                max_bytes: 1 << 20,
+                topics: vec![FetchTopic {
+                    name: "cli".into(),
+                    partitions: vec![FetchPartition {
+                        partition: 0,
+                        fetch_offset: 0,
+                        partition_max_bytes: 1 << 20,
+                    }],
+                }],
+            })
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert!(!fetched.topics[0].partitions[0].records.is_empty());
+    });
+    terminate(&child);
+    let status =
+        wait_with_deadline(&mut child, Duration::from_secs(30)).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    // Shutdown checkpointed the partition.
+    assert!(dir.path().join("topics/cli/0/recovery-point").exists());
+}
+
+#[test]
+fn json_log_format_writes_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _address, lines) = spawn(dir.path(), &["--log-format", "json"]);
+    terminate(&child);
+    let status = wait_with_deadline(&mut child, Duration::from_secs(30)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(!rest.is_empty());
+    for line in rest {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not JSON: {line}"
+        );
+    }
+}

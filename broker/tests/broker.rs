@@ -1,0 +1,610 @@
+//! A real broker on an ephemeral port, driven through the client connection.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sluice_broker::{Broker, BrokerHandle, Config};
+use sluice_client::Connection;
+use sluice_protocol::batch::split_batches;
+use sluice_protocol::messages::*;
+use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
+
+fn config(data_dir: &Path) -> Config {
+    let mut config = Config {
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
+    let broker = Broker::start(config(data_dir))
+        .await
+        .expect("broker starts");
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .expect("connect");
+    (broker, connection)
+}
+
+fn batch(values: &[&str]) -> bytes::Bytes {
+    let mut builder = RecordBatchBuilder::new();
+    for (index, value) in values.iter().enumerate() {
+        builder.append(
+            1_700_000_000_000 + index as i64,
+            Some(b"key"),
+            value.as_bytes(),
+            &[("h", b"v")],
+        );
+    }
+    builder.build().into_bytes()
+}
+
+async fn create(connection: &Connection, name: &str, partitions: u32) -> CreateTopicResult {
+    let response = connection
+        .send(CreateTopicsRequest {
+            topics: vec![CreateTopic {
+                name: name.into(),
+                partitions,
+                configs: vec![],
+            }],
+            validate_only: false,
+        })
+        .await
+        .expect("create topics");
+    let Response::CreateTopics(mut response) = response else {
+        panic!("wrong response {response:?}")
+    };
+    response.results.remove(0)
+}
+
+fn produce_request(topic: &str, partition: u32, values: &[&str], acks: Acks) -> ProduceRequest {
+    ProduceRequest {
+        acks,
+        timeout_ms: 10_000,
+        topics: vec![ProduceTopic {
+            name: topic.into(),
+            partitions: vec![ProducePartition {
+                partition,
+                records: batch(values),
+            }],
+        }],
+    }
+}
+
+async fn produce(
+    connection: &Connection,
+    topic: &str,
+    partition: u32,
+    values: &[&str],
+    acks: Acks,
+) -> ProducePartitionResponse {
+    let response = connection
+        .send(produce_request(topic, partition, values, acks))
+        .await
+        .expect("produce");
+    let Response::Produce(mut response) = response else {
+        panic!("wrong response {response:?}")
+    };
+    response.topics.remove(0).partitions.remove(0)
+}
+
+fn fetch_request(topic: &str, partition: u32, offset: u64, max_wait_ms: u32) -> FetchRequest {
+    FetchRequest {
+        max_wait_ms,
+        min_bytes: 1,
+        max_bytes: 1 << 20,
+        topics: vec![FetchTopic {
+            name: topic.into(),
+            partitions: vec![FetchPartition {
+                partition,
+                fetch_offset: offset,
+                partition_max_bytes: 1 << 20,
+            }],
+        }],
+    }
+}
+
+async fn fetch(
+    connection: &Connection,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    max_wait_ms: u32,
+) -> FetchPartitionResponse {
+    let response = connection
+        .send(fetch_request(topic, partition, offset, max_wait_ms))
+        .await
+        .expect("fetch");
+    let Response::Fetch(mut response) = response else {
+        panic!("wrong response {response:?}")
+    };
+    response.topics.remove(0).partitions.remove(0)
+}
+
+/// Values of every record in a fetch response, with offsets.
+fn values(records: &[u8]) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for batch in split_batches(records) {
+        let batch = batch.expect("whole batch");
+        batch.validate().expect("valid batch");
+        for record in batch.records() {
+            let record = record.unwrap();
+            out.push((
+                record.offset(batch.base_offset()),
+                String::from_utf8(record.value.to_vec()).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn api_versions_metadata_and_topic_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    let Response::ApiVersions(versions) = connection.send(ApiVersionsRequest {}).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(versions.error_code, ErrorCode::None);
+    assert!(
+        versions
+            .apis
+            .iter()
+            .any(|api| api.api_key == sluice_protocol::ApiKey::Fetch.code())
+    );
+
+    assert_eq!(
+        create(&connection, "orders", 3).await.error_code,
+        ErrorCode::None
+    );
+    assert_eq!(
+        create(&connection, "orders", 3).await.error_code,
+        ErrorCode::TopicAlreadyExists
+    );
+    assert_eq!(
+        create(&connection, "bad name", 1).await.error_code,
+        ErrorCode::InvalidTopicName
+    );
+    assert_eq!(
+        create(&connection, "__internal", 1).await.error_code,
+        ErrorCode::InvalidTopicName
+    );
+    assert_eq!(
+        create(&connection, "zero", 0).await.error_code,
+        ErrorCode::InvalidPartitions
+    );
+
+    let Response::Metadata(metadata) = connection
+        .send(MetadataRequest { topics: None })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(metadata.brokers[0].port, broker.tcp_addr.port());
+    assert_eq!(metadata.topics.len(), 1);
+    assert_eq!(metadata.topics[0].partitions.len(), 3);
+    let Response::Metadata(metadata) = connection
+        .send(MetadataRequest {
+            topics: Some(vec!["nope".into()]),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(metadata.topics[0].error_code, ErrorCode::UnknownTopic);
+
+    let Response::ListTopics(list) = connection.send(ListTopicsRequest {}).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        list.topics,
+        [TopicListing {
+            name: "orders".into(),
+            partitions: 3,
+            internal: false
+        }]
+    );
+
+    produce(&connection, "orders", 1, &["a", "b"], Acks::Durable).await;
+    let Response::DescribeTopic(described) = connection
+        .send(DescribeTopicRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(described.error_code, ErrorCode::None);
+    assert_eq!(described.partitions[1].high_watermark, 2);
+    assert!(described.partitions[1].size_bytes > 0);
+    assert!(
+        described
+            .configs
+            .iter()
+            .any(|(key, _)| key == "retention_ms")
+    );
+
+    let Response::DeleteTopics(deleted) = connection
+        .send(DeleteTopicsRequest {
+            names: vec!["orders".into(), "ghost".into()],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(deleted.results[0].error_code, ErrorCode::None);
+    assert_eq!(deleted.results[1].error_code, ErrorCode::UnknownTopic);
+    assert!(!dir.path().join("topics/orders").exists());
+    let Response::DescribeTopic(described) = connection
+        .send(DescribeTopicRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(described.error_code, ErrorCode::UnknownTopic);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn produce_with_every_acks_and_per_partition_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create(&connection, "t", 2).await;
+    let durable = produce(&connection, "t", 0, &["one", "two"], Acks::Durable).await;
+    assert_eq!(
+        (durable.error_code, durable.base_offset),
+        (ErrorCode::None, 0)
+    );
+    let leader = produce(&connection, "t", 0, &["three"], Acks::Leader).await;
+    assert_eq!(
+        (leader.error_code, leader.base_offset),
+        (ErrorCode::None, 2)
+    );
+    connection
+        .send_without_response(produce_request("t", 0, &["four"], Acks::None))
+        .await
+        .unwrap();
+    // acks=none has no answer; the record shows up in a fetch.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = values(&fetch(&connection, "t", 0, 0, 100).await.records);
+        if got.len() == 4 {
+            assert_eq!(got[3], (3, "four".to_owned()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "acks=none record never arrived");
+    }
+
+    // One request, several partitions, each with its own result.
+    let mut corrupt = batch(&["x"]).to_vec();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    let response = connection
+        .send(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 10_000,
+            topics: vec![
+                ProduceTopic {
+                    name: "t".into(),
+                    partitions: vec![
+                        ProducePartition {
+                            partition: 1,
+                            records: batch(&["ok"]),
+                        },
+                        ProducePartition {
+                            partition: 7,
+                            records: batch(&["no partition"]),
+                        },
+                        ProducePartition {
+                            partition: 0,
+                            records: corrupt.into(),
+                        },
+                    ],
+                },
+                ProduceTopic {
+                    name: "missing".into(),
+                    partitions: vec![ProducePartition {
+                        partition: 0,
+                        records: batch(&["no topic"]),
+                    }],
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    let Response::Produce(response) = response else {
+        panic!()
+    };
+    let codes: Vec<ErrorCode> = response
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(|p| p.error_code))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            ErrorCode::None,
+            ErrorCode::UnknownPartition,
+            ErrorCode::CorruptMessage,
+            ErrorCode::UnknownTopic
+        ]
+    );
+    // Nothing of the corrupt batch was written.
+    assert_eq!(
+        values(&fetch(&connection, "t", 0, 0, 0).await.records).len(),
+        4
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn fetch_long_poll_answers_as_soon_as_a_produce_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create(&connection, "t", 1).await;
+    let waiting = {
+        let connection = connection.clone();
+        tokio::spawn(async move { fetch(&connection, "t", 0, 0, 60_000).await })
+    };
+    // The same connection keeps serving while the fetch waits (responses overtake it).
+    for _ in 0..5 {
+        connection.send(ApiVersionsRequest {}).await.unwrap();
+    }
+    assert!(
+        !waiting.is_finished(),
+        "the fetch answered before any data existed"
+    );
+    let started = Instant::now();
+    produce(&connection, "t", 0, &["wake"], Acks::Leader).await;
+    let fetched = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("fetch woke")
+        .unwrap();
+    assert_eq!(values(&fetched.records), [(0, "wake".to_owned())]);
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // With nothing to read, max_wait_ms bounds the wait and the answer is empty.
+    let empty = fetch(&connection, "t", 0, 1, 50).await;
+    assert_eq!(empty.error_code, ErrorCode::None);
+    assert!(empty.records.is_empty());
+    assert_eq!(empty.high_watermark, 1);
+    // Outside the log: a clear error.
+    assert_eq!(
+        fetch(&connection, "t", 0, 5, 0).await.error_code,
+        ErrorCode::OffsetOutOfRange
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_concurrent_requests_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create(&connection, "t", 4).await;
+    let mut tasks = Vec::new();
+    for index in 0..200u32 {
+        let connection = connection.clone();
+        tasks.push(tokio::spawn(async move {
+            match index % 3 {
+                0 => {
+                    let value = format!("v{index}");
+                    let result =
+                        produce(&connection, "t", index % 4, &[&value], Acks::Durable).await;
+                    assert_eq!(result.error_code, ErrorCode::None);
+                }
+                1 => {
+                    connection
+                        .send(MetadataRequest { topics: None })
+                        .await
+                        .unwrap();
+                }
+                _ => {
+                    let fetched = fetch(&connection, "t", index % 4, 0, 10).await;
+                    assert_eq!(fetched.error_code, ErrorCode::None);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Every produced record is there exactly once.
+    let mut seen = BTreeSet::new();
+    for partition in 0..4 {
+        for (_, value) in values(&fetch(&connection, "t", partition, 0, 0).await.records) {
+            assert!(seen.insert(value), "duplicate");
+        }
+    }
+    assert_eq!(seen.len(), (0..200).filter(|index| index % 3 == 0).count());
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_offsets_earliest_latest_and_by_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create(&connection, "t", 1).await;
+    produce(&connection, "t", 0, &["a", "b", "c"], Acks::Leader).await;
+    let specs = [
+        OffsetSpec::Earliest,
+        OffsetSpec::Latest,
+        OffsetSpec::Timestamp(1_700_000_000_001),
+        OffsetSpec::Timestamp(1_800_000_000_000),
+    ];
+    let response = connection
+        .send(ListOffsetsRequest {
+            topics: vec![ListOffsetsTopic {
+                name: "t".into(),
+                partitions: specs
+                    .iter()
+                    .map(|spec| ListOffsetsPartition {
+                        partition: 0,
+                        spec: *spec,
+                    })
+                    .collect(),
+            }],
+        })
+        .await
+        .unwrap();
+    let Response::ListOffsets(response) = response else {
+        panic!()
+    };
+    let offsets: Vec<(u64, i64)> = response.topics[0]
+        .partitions
+        .iter()
+        .map(|p| (p.offset, p.timestamp))
+        .collect();
+    assert_eq!(offsets, [(0, -1), (3, -1), (1, 1_700_000_000_001), (3, -1)]);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_topics_and_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create(&connection, "kept", 2).await;
+    for index in 0..50 {
+        let value = format!("r{index}");
+        produce(&connection, "kept", index % 2, &[&value], Acks::Leader).await;
+    }
+    drop(connection);
+    broker.shutdown().await;
+
+    let (broker, connection) = start(dir.path()).await;
+    let Response::ListTopics(list) = connection.send(ListTopicsRequest {}).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(list.topics[0].name, "kept");
+    let mut all = Vec::new();
+    for partition in 0..2 {
+        all.extend(
+            values(&fetch(&connection, "kept", partition, 0, 0).await.records)
+                .into_iter()
+                .map(|(_, v)| v),
+        );
+    }
+    all.sort();
+    let mut expected: Vec<String> = (0..50).map(|index| format!("r{index}")).collect();
+    expected.sort();
+    assert_eq!(all, expected);
+    assert_eq!(
+        produce(&connection, "kept", 0, &["after"], Acks::Durable)
+            .await
+            .base_offset,
+        25
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn hundred_topics_of_eight_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    let response = connection
+        .send(CreateTopicsRequest {
+            topics: (0..100)
+                .map(|index| CreateTopic {
+                    name: format!("topic-{index:03}"),
+                    partitions: 8,
+                    configs: vec![],
+                })
+                .collect(),
+            validate_only: false,
+        })
+        .await
+        .unwrap();
+    let Response::CreateTopics(response) = response else {
+        panic!()
+    };
+    assert!(
+        response
+            .results
+            .iter()
+            .all(|result| result.error_code == ErrorCode::None)
+    );
+    let Response::ListTopics(list) = connection.send(ListTopicsRequest {}).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(list.topics.len(), 100);
+    assert!(list.topics.iter().all(|topic| topic.partitions == 8));
+    assert_eq!(list.topics[42].name, "topic-042");
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_frames_get_an_error_and_do_not_harm_other_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    // A frame claiming 4 GiB: refused before anything is allocated, answered, closed.
+    let mut raw = tokio::net::TcpStream::connect(broker.tcp_addr)
+        .await
+        .unwrap();
+    raw.write_all(&[0xff, 0xff, 0xff, 0xff, 0, 6, 0, 0, 0, 0, 0, 9, 0, 0])
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        answer,
+        [
+            0,
+            0,
+            0,
+            6,
+            0,
+            0,
+            0,
+            9,
+            0,
+            ErrorCode::MessageTooLarge.code() as u8
+        ]
+    );
+    // An unknown api key: an error response, and the connection stays usable.
+    let mut raw = tokio::net::TcpStream::connect(broker.tcp_addr)
+        .await
+        .unwrap();
+    raw.write_all(&[0, 0, 0, 10, 0x03, 0xe7, 0, 0, 0, 0, 0, 5, 0, 0])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 10];
+    raw.read_exact(&mut answer).await.unwrap();
+    assert_eq!(
+        answer,
+        [
+            0,
+            0,
+            0,
+            6,
+            0,
+            0,
+            0,
+            5,
+            0,
+            ErrorCode::UnknownApiKey.code() as u8
+        ]
+    );
+    raw.write_all(&[0, 0, 0, 10, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0])
+        .await
+        .unwrap();
+    let mut header = [0u8; 10];
+    raw.read_exact(&mut header).await.unwrap();
+    assert_eq!(&header[4..10], &[0, 0, 0, 6, 0, 0]);
+    // The well-behaved client never noticed.
+    connection.send(ApiVersionsRequest {}).await.unwrap();
+    broker.shutdown().await;
+}
