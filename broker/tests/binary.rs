@@ -81,19 +81,27 @@ fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String, mpsc::Re
         }
     });
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = receiver
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the broker logs its address");
+    let address = loop {
+        let Ok(line) = receiver.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        else {
+            break None;
+        };
         if line.contains("broker started") {
-            let address = line
+            break line
                 .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
                 .find_map(|word| {
-                    let word = word.trim_start_matches("tcp_addr=");
-                    word.parse::<std::net::SocketAddr>().ok()
-                })
-                .expect("an address in the started line");
-            return (child, address.to_string(), receiver);
+                    word.trim_start_matches("tcp_addr=")
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                });
+        }
+    };
+    match address {
+        Some(address) => (child, address.to_string(), receiver),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the broker did not log its address");
         }
     }
 }
