@@ -301,11 +301,7 @@ impl<'a> RecordBatchRef<'a> {
                     record.offset_delta
                 ));
             }
-            for header in record.headers() {
-                if let Err(error) = header {
-                    return corrupt(format!("record {expected_delta}: {error}"));
-                }
-            }
+            // Header structure and UTF-8 keys were checked by the record decoder.
             max_timestamp = max_timestamp.max(record.timestamp_ms);
         }
         if !records.rest.is_empty() {
@@ -483,7 +479,11 @@ impl<'a> Iterator for Records<'a> {
         if self.remaining == 0 || self.failed {
             return None;
         }
-        match decode_record(self.rest, self.base_timestamp) {
+        // The fast decoder only says yes or no; the detailed one explains a no.
+        let decoded = decode_record_fast(self.rest, self.base_timestamp)
+            .ok_or(())
+            .or_else(|()| decode_record(self.rest, self.base_timestamp));
+        match decoded {
             Ok((record, used)) => {
                 self.rest = &self.rest[used..];
                 self.remaining -= 1;
@@ -540,6 +540,70 @@ impl<'a> Cursor<'a> {
     fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
         Ok(self.take(1, what)?[0])
     }
+}
+
+/// Reads a varint at `*at`, advancing it; `None` on any problem.
+#[inline(always)]
+fn varint_at(src: &[u8], at: &mut usize) -> Option<i64> {
+    let (value, used) = get_varint(src.get(*at..)?).ok()?;
+    *at += used;
+    Some(value)
+}
+
+/// Takes `length` bytes at `*at`, advancing it.
+#[inline(always)]
+fn take_at<'a>(src: &'a [u8], at: &mut usize, length: i64) -> Option<&'a [u8]> {
+    let length = usize::try_from(length).ok()?;
+    let end = at.checked_add(length)?;
+    let taken = src.get(*at..end)?;
+    *at = end;
+    Some(taken)
+}
+
+/// The hot path of record decoding: the same checks as [`decode_record`], without building
+/// error messages. `None` means the record is invalid; `decode_record` then says why.
+#[inline]
+fn decode_record_fast(src: &[u8], base_timestamp: i64) -> Option<(Record<'_>, usize)> {
+    let mut at = 0;
+    let length = varint_at(src, &mut at)?;
+    let body = take_at(src, &mut at, length)?;
+    let used = at;
+    let mut at = 0;
+    let attributes = *body.first()?;
+    at += 1;
+    let timestamp_ms = base_timestamp.checked_add(varint_at(body, &mut at)?)?;
+    let offset_delta = u32::try_from(varint_at(body, &mut at)?).ok()?;
+    let key = match varint_at(body, &mut at)? {
+        -1 => None,
+        length => Some(take_at(body, &mut at, length)?),
+    };
+    let value_length = varint_at(body, &mut at)?;
+    let value = take_at(body, &mut at, value_length)?;
+    let header_count = u32::try_from(varint_at(body, &mut at)?).ok()?;
+    let header_bytes = body.get(at..)?;
+    let mut rest = 0;
+    for _ in 0..header_count {
+        let key_length = varint_at(header_bytes, &mut rest)?;
+        let key = take_at(header_bytes, &mut rest, key_length)?;
+        std::str::from_utf8(key).ok()?;
+        let value_length = varint_at(header_bytes, &mut rest)?;
+        take_at(header_bytes, &mut rest, value_length)?;
+    }
+    if rest != header_bytes.len() {
+        return None;
+    }
+    Some((
+        Record {
+            attributes,
+            timestamp_ms,
+            offset_delta,
+            key,
+            value,
+            header_count,
+            header_bytes,
+        },
+        used,
+    ))
 }
 
 fn decode_record(src: &[u8], base_timestamp: i64) -> Result<(Record<'_>, usize), WireError> {

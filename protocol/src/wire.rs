@@ -266,7 +266,27 @@ pub fn put_varint(dst: &mut impl BufMut, value: i64) {
 /// Reads a zig-zag LEB128 varint from the front of `src`; returns it and the bytes it took.
 ///
 /// Fails when the input ends inside the varint or when it runs past 10 bytes or 64 bits.
+#[inline]
 pub fn get_varint(src: &[u8]) -> Result<(i64, usize), WireError> {
+    // Most varints in a record (attributes, deltas, small lengths) fit in one or two bytes.
+    match src {
+        [first, ..] if *first < 0x80 => return Ok((unzigzag(u64::from(*first)), 1)),
+        [first, second, ..] if *second < 0x80 => {
+            let value = u64::from(first & 0x7f) | (u64::from(*second) << 7);
+            return Ok((unzigzag(value), 2));
+        }
+        _ => {}
+    }
+    get_varint_slow(src)
+}
+
+#[inline]
+fn unzigzag(value: u64) -> i64 {
+    ((value >> 1) as i64) ^ -((value & 1) as i64)
+}
+
+#[cold]
+fn get_varint_slow(src: &[u8]) -> Result<(i64, usize), WireError> {
     let mut value: u64 = 0;
     for (index, byte) in src.iter().take(MAX_VARINT_BYTES).enumerate() {
         let payload = u64::from(byte & 0x7f);
@@ -275,8 +295,7 @@ pub fn get_varint(src: &[u8]) -> Result<(i64, usize), WireError> {
         }
         value |= payload << (7 * index);
         if byte & 0x80 == 0 {
-            let decoded = ((value >> 1) as i64) ^ -((value & 1) as i64);
-            return Ok((decoded, index + 1));
+            return Ok((unzigzag(value), index + 1));
         }
     }
     if src.len() >= MAX_VARINT_BYTES {

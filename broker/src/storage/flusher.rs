@@ -18,10 +18,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::config::FsyncPolicy;
 use super::log::PartitionLog;
+use super::segment::Segment;
 
 pub(crate) enum Job {
     /// Sync this partition up to what it has requested.
     Sync(Arc<PartitionLog>),
+    /// Write a closed segment's indexes.
+    PersistIndex(Arc<PartitionLog>, Arc<Segment>),
     Stop,
 }
 
@@ -46,6 +49,9 @@ impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Job::Sync(log) => write!(f, "Sync({})", log.dir().display()),
+            Job::PersistIndex(_, segment) => {
+                write!(f, "PersistIndex({})", segment.paths.log.display())
+            }
             Job::Stop => f.write_str("Stop"),
         }
     }
@@ -94,6 +100,10 @@ impl Flusher {
         let _ = self.jobs.send(Job::Sync(log));
     }
 
+    pub(crate) fn persist_index(&self, log: Arc<PartitionLog>, segment: Arc<Segment>) {
+        let _ = self.jobs.send(Job::PersistIndex(log, segment));
+    }
+
     pub(crate) fn mark_dirty(&self, log: Arc<PartitionLog>) {
         let _ = self.ticks.send(Tick::Dirty(log));
     }
@@ -124,6 +134,7 @@ fn run_worker(receiver: &Receiver<Job>, jobs: &Sender<Job>) {
                     let _ = jobs.send(Job::Sync(log));
                 }
             }
+            Job::PersistIndex(log, segment) => log.persist_index(&segment),
             Job::Stop => return,
         }
     }

@@ -63,6 +63,8 @@ struct Writer {
     next_offset: u64,
     /// Files of rolled segments with data the flusher has not synced yet.
     unsynced_files: Vec<FileHandle>,
+    /// A segment file was created since the directory was last synced.
+    directory_dirty: bool,
 }
 
 #[derive(Debug)]
@@ -139,6 +141,7 @@ impl PartitionLog {
                 active_since_ms: None,
                 next_offset,
                 unsynced_files: Vec::new(),
+                directory_dirty: false,
             }),
             segments: RwLock::new(recovered.segments),
             high_watermark: HighWatermark::new(next_offset),
@@ -327,30 +330,24 @@ impl PartitionLog {
         Ok(info)
     }
 
-    /// Closes the active segment (its indexes written durably) and starts a new one, created
-    /// durably. Runs under the writer lock.
-    fn roll(&self, writer: &mut Writer) -> Result<()> {
+    /// Closes the active segment and starts a new one. Runs under the writer lock, so it does
+    /// no fsync: the flusher syncs the new file's directory entry before any offset in it
+    /// counts as durable, and writes the closed segment's indexes (readers use the in-memory
+    /// copy until then).
+    fn roll(self: &Arc<Self>, writer: &mut Writer) -> Result<()> {
         let fs = self.shared.fs.as_ref();
         let old = Arc::clone(&writer.active);
         let base_offset = writer.next_offset;
         let paths = SegmentPaths::new(&self.dir, base_offset);
-        let create = || -> std::io::Result<FileHandle> {
-            write_file_durably(fs, &paths.log, &[])?;
-            fs.open(&paths.log, false)
-        };
-        let file = create().map_err(|error| {
+        let file = fs.open(&paths.log, true).map_err(|error| {
             StorageError::io(format!("create segment {}", paths.log.display()), error)
         })?;
-        // Indexes first, so that a reader opening the closed segment finds them in place.
+        writer.directory_dirty = true;
         if let Some(index) = old.closing_index() {
-            let persisted = write_file_durably(fs, &old.paths.index, &index.encode_offsets())
-                .and_then(|()| {
-                    write_file_durably(fs, &old.paths.time_index, &index.encode_times())
-                });
-            if let Err(error) = persisted {
-                // The log itself is intact; recovery rebuilds indexes that are missing.
-                tracing::warn!(segment = %old.paths.log.display(), %error, "writing segment index failed");
-            }
+            old.set_pending_index(index);
+            self.shared
+                .flusher
+                .persist_index(Arc::clone(self), Arc::clone(&old));
         }
         if let Some(old_file) = old.deactivate() {
             writer.unsynced_files.push(old_file);
@@ -372,6 +369,26 @@ impl PartitionLog {
         writer.active_since_ms = None;
         tracing::debug!(dir = %self.dir.display(), base_offset, "rolled segment");
         Ok(())
+    }
+
+    /// Flusher only: writes a closed segment's indexes durably, then drops the in-memory copy.
+    pub(crate) fn persist_index(&self, segment: &Segment) {
+        let Some(index) = segment.pending_index() else {
+            return;
+        };
+        let fs = self.shared.fs.as_ref();
+        let persisted = write_file_durably(fs, &segment.paths.index, &index.encode_offsets())
+            .and_then(|()| {
+                write_file_durably(fs, &segment.paths.time_index, &index.encode_times())
+            });
+        match persisted {
+            Ok(()) => segment.clear_pending_index(),
+            // The log itself is intact and recovery rebuilds missing indexes; readers keep
+            // using the in-memory copy meanwhile.
+            Err(error) => {
+                tracing::warn!(segment = %segment.paths.log.display(), %error, "writing segment index failed")
+            }
+        }
     }
 
     /// Resolves once every offset below `next_offset` is fsynced. Concurrent callers share
@@ -500,6 +517,14 @@ impl PartitionLog {
 
     /// Syncs everything, checkpoints, and wakes every waiting fetch. Appends fail afterwards.
     pub fn close(self: &Arc<Self>) -> Result<()> {
+        let closed: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .expect("segments lock poisoned")
+            .clone();
+        for segment in &closed {
+            self.persist_index(segment);
+        }
         let result = if self.is_poisoned.load(Ordering::Acquire) {
             Ok(())
         } else {

@@ -54,6 +54,8 @@ pub struct Segment {
     max_timestamp: AtomicI64,
     /// Present while the segment is active.
     active: RwLock<Option<ActiveFiles>>,
+    /// A closed segment's index until the flusher has written it to disk.
+    pending_index: Mutex<Option<Arc<SegmentIndex>>>,
 }
 
 #[derive(Debug)]
@@ -87,6 +89,7 @@ impl Segment {
             next_offset: AtomicU64::new(next_offset),
             max_timestamp: AtomicI64::new(max_timestamp),
             active: RwLock::new(Some(ActiveFiles { file, index })),
+            pending_index: Mutex::new(None),
         }
     }
 
@@ -105,6 +108,7 @@ impl Segment {
             next_offset: AtomicU64::new(next_offset),
             max_timestamp: AtomicI64::new(max_timestamp.unwrap_or(i64::MIN)),
             active: RwLock::new(None),
+            pending_index: Mutex::new(None),
         }
     }
 
@@ -161,6 +165,23 @@ impl Segment {
         let span = self.next_offset() - self.base_offset;
         index.close(u32::try_from(span).unwrap_or(u32::MAX));
         Some(index)
+    }
+
+    /// Keeps the closed segment's index in memory until it is on disk.
+    pub fn set_pending_index(&self, index: SegmentIndex) {
+        *self.pending_index.lock().expect("segment lock poisoned") = Some(Arc::new(index));
+    }
+
+    /// The index not yet written to disk, if any.
+    pub fn pending_index(&self) -> Option<Arc<SegmentIndex>> {
+        self.pending_index
+            .lock()
+            .expect("segment lock poisoned")
+            .clone()
+    }
+
+    pub fn clear_pending_index(&self) {
+        *self.pending_index.lock().expect("segment lock poisoned") = None;
     }
 
     /// Writer only: makes the segment closed; later reads open it through the cache. Returns
