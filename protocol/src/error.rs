@@ -146,6 +146,12 @@ impl ErrorCode {
     }
 }
 
+impl Default for ErrorCode {
+    fn default() -> Self {
+        ErrorCode::None
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?} ({})", self, self.code())

@@ -16,6 +16,8 @@ pub mod create_topics;
 pub mod delete_topics;
 pub mod describe_topic;
 pub mod fetch;
+pub mod groups;
+pub mod init_producer_id;
 pub mod list_offsets;
 pub mod list_topics;
 pub mod metadata;
@@ -30,6 +32,17 @@ pub use describe_topic::{DescribeTopicRequest, DescribeTopicResponse, PartitionD
 pub use fetch::{
     FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse, FetchTopic,
     FetchTopicResponse,
+};
+pub use groups::{
+    CommitOffsetsRequest, CommitOffsetsResponse, CommitPartition, CommitTopic, CommittedPartition,
+    CommittedTopic, ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse,
+    DescribeGroupRequest, DescribeGroupResponse, FetchOffsetsRequest, FetchOffsetsResponse,
+    GroupListing, GroupMemberDescription, GroupOffsetDescription, LeaveGroupRequest,
+    LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse, PartitionResult, TopicPartitions,
+    TopicResults,
+};
+pub use init_producer_id::{
+    InitProducerIdRequest, InitProducerIdResponse, PartitionSequence, TopicSequences,
 };
 pub use list_offsets::{
     ListOffsetsPartition, ListOffsetsPartitionResponse, ListOffsetsRequest, ListOffsetsResponse,
@@ -186,6 +199,20 @@ apis! {
     Fetch = 7, FetchRequest, FetchResponse, 0..=0;
     /// Earliest, latest or by-timestamp offsets.
     ListOffsets = 8, ListOffsetsRequest, ListOffsetsResponse, 0..=0;
+    /// An id and epoch for an idempotent producer.
+    InitProducerId = 9, InitProducerIdRequest, InitProducerIdResponse, 0..=0;
+    /// Join, stay in, and learn the assignment of a consumer group.
+    ConsumerGroupHeartbeat = 10, ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, 0..=0;
+    /// Leave a consumer group.
+    LeaveGroup = 11, LeaveGroupRequest, LeaveGroupResponse, 0..=0;
+    /// Commit a group's offsets.
+    CommitOffsets = 12, CommitOffsetsRequest, CommitOffsetsResponse, 0..=0;
+    /// Read a group's committed offsets.
+    FetchOffsets = 13, FetchOffsetsRequest, FetchOffsetsResponse, 0..=0;
+    /// A group's members, assignment, committed offsets and lag.
+    DescribeGroup = 14, DescribeGroupRequest, DescribeGroupResponse, 0..=0;
+    /// Every group.
+    ListGroups = 15, ListGroupsRequest, ListGroupsResponse, 0..=0;
 }
 
 impl Request {

@@ -17,6 +17,13 @@ fn any_request() -> impl Strategy<Value = Request> {
         any::<ProduceRequest>().prop_map(Request::from),
         any::<FetchRequest>().prop_map(Request::from),
         any::<ListOffsetsRequest>().prop_map(Request::from),
+        any::<InitProducerIdRequest>().prop_map(Request::from),
+        any::<ConsumerGroupHeartbeatRequest>().prop_map(Request::from),
+        any::<LeaveGroupRequest>().prop_map(Request::from),
+        any::<CommitOffsetsRequest>().prop_map(Request::from),
+        any::<FetchOffsetsRequest>().prop_map(Request::from),
+        any::<DescribeGroupRequest>().prop_map(Request::from),
+        any::<ListGroupsRequest>().prop_map(Request::from),
     ]
 }
 
@@ -31,6 +38,13 @@ fn any_response() -> impl Strategy<Value = Response> {
         any::<ProduceResponse>().prop_map(Response::from),
         any::<FetchResponse>().prop_map(Response::from),
         any::<ListOffsetsResponse>().prop_map(Response::from),
+        any::<InitProducerIdResponse>().prop_map(Response::from),
+        any::<ConsumerGroupHeartbeatResponse>().prop_map(Response::from),
+        any::<LeaveGroupResponse>().prop_map(Response::from),
+        any::<CommitOffsetsResponse>().prop_map(Response::from),
+        any::<FetchOffsetsResponse>().prop_map(Response::from),
+        any::<DescribeGroupResponse>().prop_map(Response::from),
+        any::<ListGroupsResponse>().prop_map(Response::from),
     ]
 }
 
@@ -91,7 +105,7 @@ proptest! {
 
     #[test]
     fn random_bodies_behind_valid_headers_never_panic(
-        api_key in 0u16..12,
+        api_key in 0u16..18,
         bytes in proptest::collection::vec(any::<u8>(), 0..128),
     ) {
         let mut frame = BytesMut::new();
