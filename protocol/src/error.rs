@@ -9,11 +9,12 @@ use std::fmt;
 /// retired. A code this build does not know decodes as [`ErrorCode::UnknownServerError`], so an
 /// older client still fails cleanly against a newer broker.
 #[repr(u16)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[non_exhaustive]
 pub enum ErrorCode {
     /// Success.
+    #[default]
     None = 0,
     /// The broker hit an error it has no better code for.
     UnknownServerError = 1,
@@ -143,12 +144,6 @@ impl ErrorCode {
     /// True for [`ErrorCode::None`].
     pub const fn is_ok(self) -> bool {
         matches!(self, ErrorCode::None)
-    }
-}
-
-impl Default for ErrorCode {
-    fn default() -> Self {
-        ErrorCode::None
     }
 }
 
