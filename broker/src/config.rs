@@ -241,6 +241,7 @@ impl Storage {
             flusher_threads: self.flusher_threads,
             open_segments_max: self.open_segments_max,
             recovery_checkpoint_ms: self.recovery_checkpoint_ms,
+            ..StorageOptions::default()
         }
     }
 
@@ -333,7 +334,9 @@ pub struct Limits {
     pub max_partitions_per_topic: u32,
     /// Topics the broker holds. Default 10000.
     pub max_topics: usize,
-    /// Idempotent producers whose state the broker keeps. Default 100000.
+    /// Idempotent-producer states the broker keeps, counted per (producer, partition) across
+    /// all partitions; also the number of producer names it remembers. A new producer over it
+    /// gets `LimitExceeded` once no state is idle past `producer_expiry_ms`. Default 100000.
     pub max_producers: usize,
     /// Longest a fetch may wait for data, in milliseconds; a fetch asking for more waits this
     /// long. 0 answers every fetch at once. A `u32`, like the request's own `max_wait_ms`.
@@ -580,9 +583,14 @@ fn apply_flags(config: &mut Config, cli: &Cli) {
 }
 
 impl Config {
-    /// The storage engine's options: [`Storage::storage_options`] of `[storage]`.
+    /// The storage engine's options: [`Storage::storage_options`] of `[storage]`, with the
+    /// producer-state limits of `[limits]`.
     pub fn storage_options(&self) -> StorageOptions {
-        self.storage.storage_options()
+        StorageOptions {
+            max_producers: self.limits.max_producers,
+            producer_expiry_ms: self.limits.producer_expiry_ms,
+            ..self.storage.storage_options()
+        }
     }
 
     /// The log configuration new topics start from: [`LogDefaults::log_config`] of `[log]`.

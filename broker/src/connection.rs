@@ -19,12 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use sluice_protocol::frame::{LENGTH_PREFIX_BYTES, REQUEST_HEADER_BYTES};
-use sluice_protocol::{ErrorCode, FrameDecoder, Response, decode_request, encode_error_response};
+use sluice_protocol::{
+    ApiKey, ErrorCode, FrameDecoder, Response, decode_request, encode_error_response,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::BrokerState;
+use crate::fetch_budget::FetchBudgetPermit;
 use crate::handlers::{self, Outcome};
 
 /// Bytes the reader asks the socket for at a time (the buffer grows for larger frames).
@@ -39,7 +43,11 @@ where
     let limits = &state.config.limits;
     let max_in_flight = limits.max_in_flight_requests.max(1);
     let (responses, outgoing) = mpsc::channel::<Bytes>(max_in_flight);
-    let writer_task = tokio::spawn(write_responses(writer, outgoing));
+    let writer_task = tokio::spawn(write_responses(
+        writer,
+        outgoing,
+        state.metrics.sent_bytes().clone(),
+    ));
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let mut decoder = FrameDecoder::for_requests(limits.max_frame_bytes);
     let frame_read_timeout = Duration::from_millis(limits.frame_read_timeout_ms);
@@ -55,6 +63,9 @@ where
                 Err(error) => {
                     // The stream cannot be resynchronised: answer and close.
                     tracing::warn!(%peer, %error, "closing connection after a bad frame");
+                    state
+                        .metrics
+                        .count_undecoded_request(None, error.error_code());
                     let mut answer = BytesMut::new();
                     encode_error_response(
                         peeked_correlation_id(&buffer),
@@ -68,13 +79,20 @@ where
             let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                 break 'connection;
             };
-            let (correlation_id, outcome) = match decode_request(frame.freeze()) {
+            let (correlation_id, timer, outcome) = match decode_request(frame.freeze()) {
                 Ok((header, request)) => (
                     header.correlation_id,
+                    state.metrics.start_request(request.api_key()),
                     handlers::handle(&state, &header, request),
                 ),
                 Err(error) => {
                     tracing::debug!(%peer, %error, "request did not decode");
+                    let api = error
+                        .header
+                        .and_then(|header| ApiKey::from_code(header.api_key));
+                    state
+                        .metrics
+                        .count_undecoded_request(api, error.error_code());
                     let mut answer = BytesMut::new();
                     error.encode_response(&mut answer);
                     if responses.send(answer.freeze()).await.is_err() {
@@ -84,13 +102,16 @@ where
                 }
             };
             match outcome {
-                Outcome::Silent => drop(permit),
+                Outcome::Silent => {
+                    timer.finish(ErrorCode::None);
+                    drop(permit);
+                }
+                // Each request is counted as its answer is handed over, so a client that has
+                // its answer finds it counted.
                 Outcome::Ready(response) => {
-                    if responses
-                        .send(encode(correlation_id, &response))
-                        .await
-                        .is_err()
-                    {
+                    let answer = encode(correlation_id, &response);
+                    timer.finish(ErrorCode::None);
+                    if responses.send(answer).await.is_err() {
                         break 'connection;
                     }
                     drop(permit);
@@ -98,6 +119,7 @@ where
                 Outcome::Failed(code) => {
                     let mut answer = BytesMut::new();
                     encode_error_response(correlation_id, code, &mut answer);
+                    timer.finish(code);
                     if responses.send(answer.freeze()).await.is_err() {
                         break 'connection;
                     }
@@ -107,7 +129,28 @@ where
                     let responses = responses.clone();
                     tokio::spawn(async move {
                         let response = pending.await;
-                        let _ = responses.send(encode(correlation_id, &response)).await;
+                        let answer = encode(correlation_id, &response);
+                        timer.finish(ErrorCode::None);
+                        let _ = responses.send(answer).await;
+                        drop(permit);
+                    });
+                }
+                Outcome::LaterHolding(pending) => {
+                    let responses = responses.clone();
+                    tokio::spawn(async move {
+                        let (response, budget) = pending.await;
+                        let frame = encode(correlation_id, &response);
+                        drop(response);
+                        // The budget goes back when the writer has written and dropped the frame.
+                        let frame = match budget {
+                            Some(budget) => Bytes::from_owner(HeldFrame {
+                                frame,
+                                _budget: budget,
+                            }),
+                            None => frame,
+                        };
+                        timer.finish(ErrorCode::None);
+                        let _ = responses.send(frame).await;
                         drop(permit);
                     });
                 }
@@ -123,7 +166,7 @@ where
                     tracing::warn!(%peer, timeout_ms = limits.frame_read_timeout_ms, "closing connection stalled mid-frame");
                     let mut answer = BytesMut::new();
                     encode_error_response(
-                        peeked_correlation_id(&buffer),
+                        stalled_correlation_id(&buffer),
                         ErrorCode::RequestTimedOut,
                         &mut answer,
                     );
@@ -139,7 +182,9 @@ where
         };
         match read {
             Ok(0) => break,
-            Ok(_) => {}
+            Ok(read) => {
+                state.metrics.received_bytes().inc_by(read as u64);
+            }
             Err(error) => {
                 tracing::debug!(%peer, %error, "connection read failed");
                 break;
@@ -152,6 +197,18 @@ where
     drop(responses);
     let _ = writer_task.await;
     tracing::debug!(%peer, "connection closed");
+}
+
+/// A response frame that keeps its fetch budget held for as long as it exists.
+struct HeldFrame {
+    frame: Bytes,
+    _budget: FetchBudgetPermit,
+}
+
+impl AsRef<[u8]> for HeldFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
 }
 
 fn encode(correlation_id: u32, response: &Response) -> Bytes {
@@ -172,7 +229,18 @@ fn peeked_correlation_id(buffer: &BytesMut) -> u32 {
     }
 }
 
-async fn write_responses<W>(writer: W, mut outgoing: mpsc::Receiver<Bytes>)
+/// The correlation id of the frame a stalled peer left half-sent. The decoder has taken that
+/// frame's length prefix off the buffer (it only waits inside a prefix of fewer than four
+/// bytes, which holds no id), so the buffer starts with the request header: `api_key u16`,
+/// `api_version u16`, then the id. 0 when not enough of it arrived.
+fn stalled_correlation_id(buffer: &BytesMut) -> u32 {
+    match buffer.get(4..8) {
+        Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]),
+        _ => 0,
+    }
+}
+
+async fn write_responses<W>(writer: W, mut outgoing: mpsc::Receiver<Bytes>, sent_bytes: Counter)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -181,11 +249,13 @@ where
         if writer.write_all(&frame).await.is_err() {
             return;
         }
+        sent_bytes.inc_by(frame.len() as u64);
         // Batch whatever else is ready into the same flush.
         while let Ok(frame) = outgoing.try_recv() {
             if writer.write_all(&frame).await.is_err() {
                 return;
             }
+            sent_bytes.inc_by(frame.len() as u64);
         }
         if writer.flush().await.is_err() {
             return;

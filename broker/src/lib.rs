@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! Broker::start(Config) ─▶ Storage (flusher threads) ─▶ TopicRegistry (recovers every partition)
-//!                       └▶ TCP listener ─▶ connection::serve ─▶ handlers ─▶ PartitionLog
+//!                       ├▶ TCP listener ─▶ connection::serve ─▶ handlers ─▶ PartitionLog
+//!                       └▶ QUIC endpoint ─▶ each stream: connection::serve (same handlers)
 //! ```
 //!
 //! [`Broker::start`] returns a [`BrokerHandle`] with the bound addresses (port 0 works) and
@@ -12,17 +13,23 @@
 
 pub mod config;
 pub mod connection;
+pub mod fetch_budget;
+pub mod groups;
 pub mod handlers;
+pub mod metrics;
+pub mod producers;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod topics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 pub use config::Config;
@@ -36,13 +43,29 @@ pub struct BrokerState {
     pub config: Config,
     pub storage: Arc<Storage>,
     pub topics: TopicRegistry,
+    pub groups: Arc<groups::GroupManager>,
+    /// Idempotent-producer ids, epochs and names.
+    pub producers: producers::ProducerRegistry,
     pub tcp_addr: SocketAddr,
+    /// Open client connections, TCP and QUIC together: `limits.max_connections` permits.
+    pub connection_slots: Arc<Semaphore>,
+    /// The broker's metrics, served at `/metrics`.
+    pub metrics: metrics::Metrics,
+    /// `limits.fetch_response_budget_bytes`, shared by every fetch.
+    pub fetch_budget: fetch_budget::FetchBudget,
+    /// Set once recovery is done and every listener is up (`/readyz`).
+    ready: AtomicBool,
     shutdown: watch::Sender<bool>,
 }
 
 impl BrokerState {
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Recovery is done and the listeners are up (shutdown does not clear it).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     /// Changes once, when shutdown starts.
@@ -64,6 +87,8 @@ pub enum StartError {
     },
     #[error("cannot open the data directory {path}: {message}")]
     Storage { path: String, message: String },
+    #[error("QUIC certificate: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The broker.
@@ -81,6 +106,8 @@ pub struct BrokerHandle {
     pub http_addr: Option<SocketAddr>,
     state: Arc<BrokerState>,
     tasks: Vec<JoinHandle<()>>,
+    /// Stopped last, so `/readyz` answers 503 while connections drain.
+    http: server::http::HttpServer,
 }
 
 fn now_ms() -> u64 {
@@ -114,6 +141,23 @@ impl Broker {
             address: config.listeners.tcp,
             source,
         })?;
+        let (quic_endpoint, quic_addr) = server::quic::bind(&config).await?;
+        let http_listener = TcpListener::bind(config.listeners.http)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "http",
+                address: config.listeners.http,
+                source,
+            })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "http",
+                address: config.listeners.http,
+                source,
+            })?;
+        let metrics = metrics::Metrics::new();
+        let fsync_observer = metrics.fsync_observer();
         let data_dir = config.data_dir.clone();
         let storage_options = config.storage_options();
         let log_config = config.log_config();
@@ -124,6 +168,7 @@ impl Broker {
         // Recovery reads and fsyncs files: off the async runtime.
         let (storage, topics) = tokio::task::spawn_blocking(move || {
             let storage = Arc::new(Storage::new(Arc::new(RealFs), storage_options));
+            storage.observe_fsyncs(fsync_observer);
             let topics = TopicRegistry::open(&data_dir, Arc::clone(&storage), log_config, limits);
             (storage, topics)
         })
@@ -139,13 +184,56 @@ impl Broker {
                 message: error.message,
             }
         })?;
+        let group_settings = groups::coordinator::GroupSettings {
+            min_session_timeout_ms: config.limits.group_min_session_timeout_ms as u32,
+            max_session_timeout_ms: config.limits.group_max_session_timeout_ms as u32,
+            ..groups::coordinator::GroupSettings::default()
+        };
+        let (topics, groups) = tokio::task::spawn_blocking(move || {
+            let groups = open_groups(&topics, group_settings);
+            (topics, groups)
+        })
+        .await
+        .map_err(|error| StartError::Storage {
+            path: config.data_dir.display().to_string(),
+            message: error.to_string(),
+        })?;
+        let groups = groups.map_err(|message| StartError::Storage {
+            path: config.data_dir.display().to_string(),
+            message,
+        })?;
+        let producers = {
+            let (fs, data_dir) = (Arc::clone(storage.fs()), config.data_dir.clone());
+            let max_names = config.limits.max_producers;
+            tokio::task::spawn_blocking(move || {
+                producers::ProducerRegistry::open(&data_dir, fs, max_names)
+            })
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|opened| opened.map_err(|error| error.message))
+            .map_err(|message| StartError::Storage {
+                path: config.data_dir.display().to_string(),
+                message,
+            })?
+        };
         let (shutdown, _) = watch::channel(false);
         let retention_every = Duration::from_millis(config.storage.retention_check_ms.max(1));
+        let connection_slots = Arc::new(Semaphore::new(
+            config.limits.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
+        let fetch_budget =
+            fetch_budget::FetchBudget::new(config.limits.fetch_response_budget_bytes);
         let state = Arc::new(BrokerState {
             config,
             storage,
             topics,
+            groups,
+            producers,
             tcp_addr,
+            connection_slots,
+            metrics,
+            fetch_budget,
+            ready: AtomicBool::new(false),
             shutdown,
         });
         tracing::info!(%tcp_addr, data_dir = %state.config.data_dir.display(), topics = state.topics.len(), "broker started");
@@ -153,6 +241,23 @@ impl Broker {
             listener,
             Arc::clone(&state),
         ))];
+        tasks.push(tokio::spawn(server::quic::accept_loop(
+            quic_endpoint,
+            Arc::clone(&state),
+        )));
+        let expiry_state = Arc::clone(&state);
+        tasks.push(tokio::spawn(async move {
+            // Sessions are checked often enough that a member expires within a fraction of a
+            // second of its deadline.
+            let mut shutdown = expiry_state.shutdown_receiver();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = shutdown.changed() => return,
+                }
+                expiry_state.groups.expire(&expiry_state.topics);
+            }
+        }));
         let retention_state = Arc::clone(&state);
         tasks.push(tokio::spawn(async move {
             let mut shutdown = retention_state.shutdown_receiver();
@@ -167,14 +272,34 @@ impl Broker {
                         .await;
             }
         }));
+        let http = server::http::HttpServer::start(http_listener, http_addr, Arc::clone(&state));
+        state.ready.store(true, Ordering::Release);
         Ok(BrokerHandle {
             tcp_addr,
-            quic_addr: None,
-            http_addr: None,
+            quic_addr: Some(quic_addr),
+            http_addr: Some(http_addr),
             state,
             tasks,
+            http,
         })
     }
+}
+
+/// Opens `__consumer_offsets` (creating it on first start) and the committed offsets in it.
+fn open_groups(
+    topics: &TopicRegistry,
+    settings: groups::coordinator::GroupSettings,
+) -> Result<Arc<groups::GroupManager>, String> {
+    let topic = topics
+        .ensure_internal(groups::offsets::OFFSETS_TOPIC, 1)
+        .map_err(|error| error.message)?;
+    let log = topic
+        .partition(0)
+        .cloned()
+        .ok_or_else(|| format!("{} has no partition 0", groups::offsets::OFFSETS_TOPIC))?;
+    let groups_dir = topics.data_dir().join("groups");
+    let store = groups::offsets::OffsetStore::open(Arc::clone(topics.storage().fs()), groups_dir, log)?;
+    Ok(Arc::new(groups::GroupManager::new(settings, store)))
 }
 
 impl BrokerHandle {
@@ -190,6 +315,7 @@ impl BrokerHandle {
         for task in self.tasks {
             let _ = task.await;
         }
+        self.http.stop().await;
         let state = Arc::clone(&self.state);
         let _ = tokio::task::spawn_blocking(move || {
             state.topics.close_all();

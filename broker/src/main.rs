@@ -44,6 +44,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: sluice_broker::Config) -> ExitCode {
+    // Listen for signals before anything else: a SIGTERM that arrives while the broker starts
+    // must shut it down cleanly, not kill it with the default action.
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for signals");
+            return ExitCode::from(1);
+        }
+    };
     let broker = match Broker::start(config).await {
         Ok(broker) => broker,
         Err(error) => {
@@ -51,30 +60,37 @@ async fn run(config: sluice_broker::Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(error) = wait_for_signal().await {
-        tracing::error!(%error, "cannot listen for signals");
-        broker.shutdown().await;
-        return ExitCode::from(1);
-    }
+    signals.next().await;
     tracing::info!("signal received: shutting down (send another to exit at once)");
-    tokio::spawn(async {
-        if wait_for_signal().await.is_ok() {
-            tracing::warn!("second signal: exiting at once");
-            std::process::exit(130);
-        }
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(130);
     });
     broker.shutdown().await;
     ExitCode::SUCCESS
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+/// SIGINT and SIGTERM.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    Ok(())
+
+    /// Resolves on the next SIGINT or SIGTERM.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }

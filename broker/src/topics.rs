@@ -216,6 +216,15 @@ impl TopicRegistry {
         Ok(registry)
     }
 
+    /// The broker's data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.topics_dir.parent().unwrap_or(&self.topics_dir)
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
         self.topics.get(name).map(|topic| Arc::clone(&topic))
     }

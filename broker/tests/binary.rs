@@ -63,6 +63,8 @@ fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String, mpsc::Re
             "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
+            "--quic",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(data_dir)
@@ -205,4 +207,62 @@ fn json_log_format_writes_json_lines() {
             "not JSON: {line}"
         );
     }
+}
+
+#[test]
+fn committed_offsets_survive_kill_9() {
+    use sluice_protocol::ErrorCode;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (mut child, address, _lines) = spawn(dir.path(), &[]);
+    runtime.block_on(async {
+        let connection = Connection::connect(&format!("tcp://{address}")).await.unwrap();
+        connection
+            .send(CreateTopicsRequest {
+                topics: vec![CreateTopic { name: "k".into(), partitions: 1, configs: vec![] }],
+                validate_only: false,
+            })
+            .await
+            .unwrap();
+        let Response::ConsumerGroupHeartbeat(member) = connection
+            .send(ConsumerGroupHeartbeatRequest {
+                group_id: "g".into(),
+                topics: Some(vec!["k".into()]),
+                ..Default::default()
+            })
+            .await
+            .unwrap() else { panic!() };
+        assert_eq!(member.error_code, ErrorCode::None);
+        let Response::CommitOffsets(committed) = connection
+            .send(CommitOffsetsRequest {
+                group_id: "g".into(),
+                member_id: member.member_id.clone(),
+                member_epoch: member.member_epoch,
+                topics: vec![CommitTopic {
+                    name: "k".into(),
+                    partitions: vec![CommitPartition { partition: 0, offset: 1234, metadata: None }],
+                }],
+            })
+            .await
+            .unwrap() else { panic!() };
+        assert_eq!(committed.topics[0].partitions[0].error_code, ErrorCode::None);
+    });
+    // No shutdown, no checkpoint: the acknowledged commit must already be on disk.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mut child, address, _lines) = spawn(dir.path(), &[]);
+    runtime.block_on(async {
+        let connection = Connection::connect(&format!("tcp://{address}")).await.unwrap();
+        let Response::FetchOffsets(offsets) = connection
+            .send(FetchOffsetsRequest {
+                group_id: "g".into(),
+                topics: Some(vec![TopicPartitions { topic: "k".into(), partitions: vec![0] }]),
+            })
+            .await
+            .unwrap() else { panic!() };
+        assert_eq!(offsets.topics[0].partitions[0].committed_offset, 1234);
+    });
+    terminate(&child);
+    let status = wait_with_deadline(&mut child, Duration::from_secs(30)).expect("exits");
+    assert_eq!(status.code(), Some(0));
 }

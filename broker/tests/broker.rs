@@ -1,11 +1,14 @@
-//! A real broker on an ephemeral port, driven through the client connection.
+//! A real broker on ephemeral ports, driven through the client connection over both
+//! transports: every test body that goes through [`Connection`] runs once over TCP and once over
+//! QUIC (as `<test>::tcp` and `<test>::quic`, see [`over_both_transports!`]). QUIC is real QUIC
+//! with TLS: the client trusts the certificate the broker wrote to its data directory.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sluice_broker::{Broker, BrokerHandle, Config};
-use sluice_client::Connection;
+use sluice_client::{Connection, ConnectionOptions};
 use sluice_protocol::batch::split_batches;
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
@@ -16,16 +19,71 @@ fn config(data_dir: &Path) -> Config {
         ..Config::default()
     };
     config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
+    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
+    config.listeners.http = "127.0.0.1:0".parse().unwrap();
     config
 }
 
-async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
+/// The transports a client reaches the broker by.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Tcp,
+    Quic,
+}
+
+impl Transport {
+    /// The broker's URL over this transport.
+    fn url(self, broker: &BrokerHandle) -> String {
+        match self {
+            Transport::Tcp => format!("tcp://{}", broker.tcp_addr),
+            Transport::Quic => format!("quic://{}", broker.quic_addr.expect("QUIC is served")),
+        }
+    }
+
+    /// Over QUIC, the client trusts the self-signed certificate in the broker's data directory,
+    /// as a user passes `--ca-file <data-dir>/tls/cert.pem`.
+    fn options(self, data_dir: &Path) -> ConnectionOptions {
+        let options = ConnectionOptions::default();
+        match self {
+            Transport::Tcp => options,
+            Transport::Quic => {
+                options.ca_file(sluice_broker::tls::self_signed_certificate_path(data_dir))
+            }
+        }
+    }
+}
+
+/// Runs each named `async fn(Transport)` test body once per transport, as the tests
+/// `<name>::tcp` and `<name>::quic`.
+macro_rules! over_both_transports {
+    ($($body:ident),+ $(,)?) => {
+        $(
+            mod $body {
+                #[tokio::test]
+                async fn tcp() {
+                    super::$body(super::Transport::Tcp).await;
+                }
+
+                #[tokio::test]
+                async fn quic() {
+                    super::$body(super::Transport::Quic).await;
+                }
+            }
+        )+
+    };
+}
+
+async fn connect(broker: &BrokerHandle, data_dir: &Path, transport: Transport) -> Connection {
+    Connection::connect_with(&transport.url(broker), transport.options(data_dir))
+        .await
+        .unwrap_or_else(|error| panic!("connect over {transport:?}: {error}"))
+}
+
+async fn start(data_dir: &Path, transport: Transport) -> (BrokerHandle, Connection) {
     let broker = Broker::start(config(data_dir))
         .await
         .expect("broker starts");
-    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
-        .await
-        .expect("connect");
+    let connection = connect(&broker, data_dir, transport).await;
     (broker, connection)
 }
 
@@ -141,10 +199,19 @@ fn values(records: &[u8]) -> Vec<(u64, String)> {
     out
 }
 
-#[tokio::test]
-async fn api_versions_metadata_and_topic_admin() {
+over_both_transports!(
+    api_versions_metadata_and_topic_admin,
+    produce_with_every_acks_and_per_partition_results,
+    fetch_long_poll_answers_as_soon_as_a_produce_lands,
+    many_concurrent_requests_on_one_connection,
+    list_offsets_earliest_latest_and_by_timestamp,
+    restart_keeps_topics_and_records,
+    hundred_topics_of_eight_partitions,
+);
+
+async fn api_versions_metadata_and_topic_admin(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), transport).await;
     let Response::ApiVersions(versions) = connection.send(ApiVersionsRequest {}).await.unwrap()
     else {
         panic!()
@@ -256,10 +323,9 @@ async fn api_versions_metadata_and_topic_admin() {
     broker.shutdown().await;
 }
 
-#[tokio::test]
-async fn produce_with_every_acks_and_per_partition_results() {
+async fn produce_with_every_acks_and_per_partition_results(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), transport).await;
     create(&connection, "t", 2).await;
     let durable = produce(&connection, "t", 0, &["one", "two"], Acks::Durable).await;
     assert_eq!(
@@ -348,10 +414,9 @@ async fn produce_with_every_acks_and_per_partition_results() {
     broker.shutdown().await;
 }
 
-#[tokio::test]
-async fn fetch_long_poll_answers_as_soon_as_a_produce_lands() {
+async fn fetch_long_poll_answers_as_soon_as_a_produce_lands(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), transport).await;
     create(&connection, "t", 1).await;
     let waiting = {
         let connection = connection.clone();
@@ -387,10 +452,9 @@ async fn fetch_long_poll_answers_as_soon_as_a_produce_lands() {
     broker.shutdown().await;
 }
 
-#[tokio::test]
-async fn many_concurrent_requests_on_one_connection() {
+async fn many_concurrent_requests_on_one_connection(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), transport).await;
     create(&connection, "t", 4).await;
     let mut tasks = Vec::new();
     for index in 0..200u32 {
@@ -430,10 +494,9 @@ async fn many_concurrent_requests_on_one_connection() {
     broker.shutdown().await;
 }
 
-#[tokio::test]
-async fn list_offsets_earliest_latest_and_by_timestamp() {
+async fn list_offsets_earliest_latest_and_by_timestamp(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), transport).await;
     create(&connection, "t", 1).await;
     produce(&connection, "t", 0, &["a", "b", "c"], Acks::Leader).await;
     let specs = [
@@ -469,10 +532,9 @@ async fn list_offsets_earliest_latest_and_by_timestamp() {
     broker.shutdown().await;
 }
 
-#[tokio::test]
-async fn restart_keeps_topics_and_records() {
+async fn restart_keeps_topics_and_records(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), transport).await;
     create(&connection, "kept", 2).await;
     for index in 0..50 {
         let value = format!("r{index}");
@@ -481,7 +543,7 @@ async fn restart_keeps_topics_and_records() {
     drop(connection);
     broker.shutdown().await;
 
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), transport).await;
     let Response::ListTopics(list) = connection.send(ListTopicsRequest {}).await.unwrap() else {
         panic!()
     };
@@ -507,10 +569,9 @@ async fn restart_keeps_topics_and_records() {
     broker.shutdown().await;
 }
 
-#[tokio::test]
-async fn hundred_topics_of_eight_partitions() {
+async fn hundred_topics_of_eight_partitions(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), transport).await;
     let response = connection
         .send(CreateTopicsRequest {
             topics: (0..100)
@@ -546,7 +607,7 @@ async fn hundred_topics_of_eight_partitions() {
 async fn bad_frames_get_an_error_and_do_not_harm_other_clients() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let (broker, connection) = start(dir.path()).await;
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
     // A frame claiming 4 GiB: refused before anything is allocated, answered, closed.
     let mut raw = tokio::net::TcpStream::connect(broker.tcp_addr)
         .await
@@ -606,5 +667,237 @@ async fn bad_frames_get_an_error_and_do_not_harm_other_clients() {
     assert_eq!(&header[4..10], &[0, 0, 0, 6, 0, 0]);
     // The well-behaved client never noticed.
     connection.send(ApiVersionsRequest {}).await.unwrap();
+    broker.shutdown().await;
+}
+
+/// A bare QUIC connection to the broker, trusting its self-signed certificate, for sending
+/// what no client would send.
+struct RawQuic {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+}
+
+impl RawQuic {
+    async fn connect(broker: &BrokerHandle, data_dir: &Path) -> RawQuic {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(sluice_broker::tls::self_signed_certificate_path(data_dir))
+            .expect("the broker wrote its certificate");
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(&pem) {
+            roots.add(certificate.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"sluice/1".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let client_config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connection = endpoint
+            .connect_with(client_config, broker.quic_addr.unwrap(), "127.0.0.1")
+            .unwrap()
+            .await
+            .expect("QUIC handshake");
+        RawQuic {
+            endpoint,
+            connection,
+        }
+    }
+
+    async fn open(&self) -> (quinn::SendStream, quinn::RecvStream) {
+        self.connection.open_bi().await.expect("open a stream")
+    }
+
+    /// Closes like a client does, so the broker's shutdown need not wait for it.
+    async fn close(self) {
+        self.connection.close(0u32.into(), b"done");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Sends an ApiVersions request on a raw stream and checks its answer.
+async fn raw_round_trip(
+    (send, receive): &mut (quinn::SendStream, quinn::RecvStream),
+    correlation_id: u32,
+) {
+    let mut frame = bytes::BytesMut::new();
+    sluice_protocol::Request::from(ApiVersionsRequest {}).encode_frame(correlation_id, &mut frame);
+    send.write_all(&frame).await.expect("write the request");
+    let mut header = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(10), receive.read_exact(&mut header))
+        .await
+        .expect("answered in time")
+        .expect("read the response header");
+    assert_eq!(
+        &header[4..10],
+        [&correlation_id.to_be_bytes()[..], &[0, 0]].concat(),
+        "an ApiVersions answer without error"
+    );
+    let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let mut body = vec![0; length - 6];
+    receive.read_exact(&mut body).await.expect("read the body");
+}
+
+/// Reads a stream to its end, as the broker closes it after a frame it cannot recover from.
+async fn read_until_closed(receive: &mut quinn::RecvStream) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(10), receive.read_to_end(1024))
+        .await
+        .expect("the broker ends the stream in time")
+        .expect("the stream ends cleanly")
+}
+
+#[tokio::test]
+async fn bad_frames_on_a_quic_stream_end_that_stream_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Quic).await;
+    let raw = RawQuic::connect(&broker, dir.path()).await;
+    let mut healthy = raw.open().await;
+    raw_round_trip(&mut healthy, 1).await;
+
+    // A frame claiming 4 GiB: refused before anything is allocated, answered, stream ended.
+    let (mut send, mut receive) = raw.open().await;
+    send.write_all(&[0xff, 0xff, 0xff, 0xff, 0, 6, 0, 0, 0, 0, 0, 9, 0, 0])
+        .await
+        .unwrap();
+    let code = ErrorCode::MessageTooLarge.code().to_be_bytes();
+    assert_eq!(
+        read_until_closed(&mut receive).await,
+        [0, 0, 0, 6, 0, 0, 0, 9, code[0], code[1]]
+    );
+
+    // Garbage: a length too short for any request header. Answered (no correlation id could
+    // be read, so 0), stream ended.
+    let (mut send, mut receive) = raw.open().await;
+    send.write_all(&[0, 0, 0, 2, 0xde, 0xad]).await.unwrap();
+    let code = ErrorCode::InvalidRequest.code().to_be_bytes();
+    assert_eq!(
+        read_until_closed(&mut receive).await,
+        [0, 0, 0, 6, 0, 0, 0, 0, code[0], code[1]]
+    );
+
+    // An unknown api key: an error answer, and that stream stays usable.
+    let mut unknown = raw.open().await;
+    unknown
+        .0
+        .write_all(&[0, 0, 0, 10, 0x03, 0xe7, 0, 0, 0, 0, 0, 5, 0, 0])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 10];
+    unknown.1.read_exact(&mut answer).await.unwrap();
+    let code = ErrorCode::UnknownApiKey.code().to_be_bytes();
+    assert_eq!(answer, [0, 0, 0, 6, 0, 0, 0, 5, code[0], code[1]]);
+    raw_round_trip(&mut unknown, 6).await;
+
+    // The connection's other stream, and the other client, never noticed.
+    raw_round_trip(&mut healthy, 2).await;
+    connection.send(ApiVersionsRequest {}).await.unwrap();
+    raw.close().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn streams_over_max_quic_streams_wait_for_a_free_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.limits.max_quic_streams = 2;
+    let broker = Broker::start(config).await.expect("broker starts");
+    let raw = RawQuic::connect(&broker, dir.path()).await;
+    let mut first = raw.open().await;
+    let mut second = raw.open().await;
+    raw_round_trip(&mut first, 1).await;
+    raw_round_trip(&mut second, 2).await;
+
+    // A third stream is not granted while two are open...
+    let mut opening = Box::pin(raw.connection.open_bi());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut opening)
+            .await
+            .is_err(),
+        "a third stream opened while max_quic_streams = 2 were open"
+    );
+    // ...and the open ones keep working meanwhile.
+    raw_round_trip(&mut second, 3).await;
+
+    // Ending the first stream frees its place, and the waiting stream gets it.
+    first.0.finish().unwrap();
+    assert!(read_until_closed(&mut first.1).await.is_empty());
+    let mut third = tokio::time::timeout(Duration::from_secs(10), opening)
+        .await
+        .expect("the third stream opens once the first is done")
+        .expect("open the third stream");
+    raw_round_trip(&mut third, 4).await;
+    raw_round_trip(&mut second, 5).await;
+    raw.close().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_connections_counts_tcp_and_quic_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.limits.max_connections = 1;
+    let broker = Broker::start(config).await.expect("broker starts");
+    let tcp = connect(&broker, dir.path(), Transport::Tcp).await;
+    tcp.send(ApiVersionsRequest {}).await.unwrap();
+    let refused = Connection::connect_with(
+        &Transport::Quic.url(&broker),
+        Transport::Quic.options(dir.path()),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(sluice_client::Error::Connect { .. })),
+        "QUIC over the limit: {refused:?}"
+    );
+
+    // Once the TCP connection is gone, its slot serves QUIC.
+    tcp.close().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let quic = loop {
+        match Connection::connect_with(
+            &Transport::Quic.url(&broker),
+            Transport::Quic.options(dir.path()),
+        )
+        .await
+        {
+            Ok(quic) => break quic,
+            Err(error) => assert!(Instant::now() < deadline, "still refused: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    quic.send(ApiVersionsRequest {}).await.unwrap();
+    // And now TCP is the one over the limit.
+    let tcp = connect(&broker, dir.path(), Transport::Tcp).await;
+    assert!(tcp.send(ApiVersionsRequest {}).await.is_err());
+    quic.close().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn quic_client_refuses_a_broker_its_ca_file_does_not_vouch_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(config(dir.path()))
+        .await
+        .expect("broker starts");
+    // Another broker's self-signed certificate: a valid CA file, but not this broker's.
+    let other = tempfile::tempdir().unwrap();
+    sluice_broker::tls::server_config(&Default::default(), other.path()).unwrap();
+    let options = Transport::Quic.options(other.path());
+    match Connection::connect_with(&Transport::Quic.url(&broker), options).await {
+        Err(error @ sluice_client::Error::Connect { .. }) => {
+            assert!(error.to_string().contains("handshake"), "{error}");
+        }
+        other => panic!("expected a failed handshake, got {other:?}"),
+    }
+    // The broker's own certificate also names localhost.
+    let url = format!("quic://localhost:{}", broker.quic_addr.unwrap().port());
+    let connection = Connection::connect_with(&url, Transport::Quic.options(dir.path()))
+        .await
+        .expect("localhost is in the certificate");
+    connection.send(ApiVersionsRequest {}).await.unwrap();
+    connection.close().await;
     broker.shutdown().await;
 }

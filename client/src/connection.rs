@@ -36,18 +36,39 @@
 //! (the producer and consumer do it with backoff).
 //!
 //! The tasks are generic over the transport's read and write halves, so TCP is one
-//! instantiation and a QUIC stream pair can be another.
+//! instantiation and a QUIC stream pair is another.
+//!
+//! # QUIC
+//!
+//! `quic://host:port` opens one QUIC connection (TLS 1.3, ALPN `sluice/1`, the URL's host as
+//! the server name) and one bidirectional stream on it, and runs the same two tasks over that
+//! stream. Every request of a [`Connection`] therefore shares one stream, so produces to a
+//! partition arrive in the order they were sent, as over TCP. The broker's certificate is
+//! checked against the CA file of [`ConnectionOptions::ca_file`] and nothing else: this client
+//! carries no platform root certificates, so `quic://` without a CA file fails at once with
+//! [`Error::InvalidUrl`]. A broker without a configured certificate makes its own and writes it
+//! to `<data-dir>/tls/cert.pem`, which is the CA file to pass (`--ca-file` or `SLUICE_CA_FILE`
+//! on the command line).
+//!
+//! Closing waits for the broker to acknowledge everything written on the stream (an
+//! `acks = none` produce queued just before the close, say) before it closes the QUIC
+//! connection, because a QUIC close discards unacknowledged data.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
+use std::future::Future;
 use std::io;
-use std::net::Ipv6Addr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use sluice_protocol::frame::{DEFAULT_MAX_FRAME_BYTES, LENGTH_PREFIX_BYTES};
 use sluice_protocol::{ApiKey, FrameDecoder, Request, Response, decode_response_header};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -64,8 +85,15 @@ const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// Frames the writer takes off the queue before it flushes. Bounds the time a flush can be put
 /// off while callers keep the queue full.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
-/// Why `quic://` URLs are refused for now.
-const QUIC_NOT_SUPPORTED: &str = "quic:// is not supported yet; use tcp://host:port";
+/// The ALPN protocol of Sluice over QUIC; the broker refuses a handshake without it.
+const QUIC_ALPN_PROTOCOL: &[u8] = b"sluice/1";
+/// An idle QUIC connection sends a keep-alive this often, so that waiting on a long-poll fetch
+/// does not run into the idle timeout (30 s on both sides).
+const QUIC_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long closing waits for the QUIC close to reach the broker before releasing the socket.
+const QUIC_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The QUIC application error code of a close on purpose.
+const QUIC_CLOSED_CODE: u32 = 0;
 
 /// How a [`Connection`] behaves. Build it with chained setters:
 ///
@@ -89,6 +117,9 @@ pub struct ConnectionOptions {
     pub connect_timeout: Duration,
     /// Requests awaiting their response at once; further sends wait for a slot.
     pub max_in_flight: usize,
+    /// PEM file of the certificates trusted to sign the broker's QUIC certificate. Required for
+    /// `quic://`; unused for `tcp://`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ConnectionOptions {
@@ -98,6 +129,7 @@ impl Default for ConnectionOptions {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             max_in_flight: 256,
+            ca_file: None,
         }
     }
 }
@@ -139,6 +171,18 @@ impl ConnectionOptions {
         self
     }
 
+    /// PEM file of the certificate authorities trusted for a `quic://` broker: the broker's
+    /// certificate must chain to one of them (its name must match the URL's host too). For a
+    /// broker that made its own certificate, this is `<data-dir>/tls/cert.pem`. Command line
+    /// tools take it from `--ca-file` or `SLUICE_CA_FILE`.
+    ///
+    /// Default = none: `quic://` then fails with [`Error::InvalidUrl`], since no platform root
+    /// certificates are built in.
+    pub fn ca_file(mut self, ca_file: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(ca_file.into());
+        self
+    }
+
     fn in_flight_limit(&self) -> usize {
         self.max_in_flight.clamp(1, Semaphore::MAX_PERMITS)
     }
@@ -160,6 +204,9 @@ struct Inner {
     frame_sender: mpsc::Sender<Bytes>,
     /// Becomes true when the writer task has finished, so `close` can wait for queued frames.
     writer_done: watch::Receiver<bool>,
+    /// Becomes true when the transport is released: at once for TCP (the halves close with
+    /// their tasks), after the QUIC connection is closed and its endpoint idle for QUIC.
+    transport_closed: watch::Receiver<bool>,
 }
 
 impl Drop for Inner {
@@ -205,14 +252,16 @@ impl Connection {
         Connection::connect_with(url, ConnectionOptions::default()).await
     }
 
-    /// Connects to the broker at `url`: `tcp://host:port`, where host is a name, an IPv4
-    /// address or a bracketed IPv6 address (`tcp://[::1]:7171`). Every address the name
-    /// resolves to is tried in turn.
+    /// Connects to the broker at `url`: `tcp://host:port` or `quic://host:port`, where host is
+    /// a name, an IPv4 address or a bracketed IPv6 address (`tcp://[::1]:7171`). Every address
+    /// the name resolves to is tried in turn. `quic://` needs
+    /// [`ca_file`](ConnectionOptions::ca_file) (see the [module docs](self#quic)).
     ///
     /// # Errors
     /// [`Error::InvalidUrl`] for a URL without a scheme, host or port, with an unknown scheme,
-    /// or with `quic://`, which is not supported yet. [`Error::Connect`] when no address
-    /// accepts the connection within `connect_timeout`.
+    /// or with `quic://` and no usable CA file. [`Error::Connect`] when no address accepts the
+    /// connection (a QUIC handshake failing on the certificate included) within
+    /// `connect_timeout`.
     pub async fn connect_with(url: &str, options: ConnectionOptions) -> Result<Connection> {
         let endpoint = Endpoint::parse(url)?;
         match endpoint.transport {
@@ -243,7 +292,42 @@ impl Connection {
                     options,
                 ))
             }
-            Transport::Quic => Err(Error::InvalidUrl(QUIC_NOT_SUPPORTED.to_owned())),
+            Transport::Quic => {
+                let client_config = quic_client_config(url, options.ca_file.as_deref()).await?;
+                let address = endpoint.address();
+                let quic = tokio::time::timeout(
+                    options.connect_timeout,
+                    connect_quic(&endpoint, client_config),
+                )
+                .await
+                .map_err(|_elapsed| Error::Connect {
+                    address: address.clone(),
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "no QUIC connection within {} ms",
+                            duration_ms(options.connect_timeout)
+                        ),
+                    ),
+                })??;
+                // One stream for every request, so requests keep their order as over TCP. The
+                // broker allows at least one stream, so this does not wait.
+                let (send_stream, receive_stream) =
+                    quic.connection
+                        .open_bi()
+                        .await
+                        .map_err(|error| Error::Connect {
+                            address,
+                            source: io::Error::other(format!("cannot open a QUIC stream: {error}")),
+                        })?;
+                Ok(Connection::from_transport(
+                    url.to_owned(),
+                    receive_stream,
+                    AcknowledgedSendStream::new(send_stream),
+                    options,
+                    Some(quic),
+                ))
+            }
         }
     }
 
@@ -256,6 +340,22 @@ impl Connection {
         read_half: R,
         write_half: W,
         options: ConnectionOptions,
+    ) -> Connection
+    where
+        R: AsyncRead + Send + 'static,
+        W: AsyncWrite + Send + 'static,
+    {
+        Connection::from_transport(peer, read_half, write_half, options, None)
+    }
+
+    /// [`from_halves`](Connection::from_halves), plus the QUIC connection the halves belong
+    /// to, which is kept open until the writer is done and then closed.
+    fn from_transport<R, W>(
+        peer: String,
+        read_half: R,
+        write_half: W,
+        options: ConnectionOptions,
+        quic: Option<QuicTransport>,
     ) -> Connection
     where
         R: AsyncRead + Send + 'static,
@@ -285,13 +385,21 @@ impl Connection {
                 Arc::clone(&shared),
                 writer_done_sender,
             )
-            .instrument(span),
+            .instrument(span.clone()),
         );
+        let (transport_closed_sender, transport_closed) = watch::channel(quic.is_none());
+        if let Some(quic) = quic {
+            tokio::spawn(
+                close_quic_after_writer(quic, writer_done.clone(), transport_closed_sender)
+                    .instrument(span),
+            );
+        }
         Connection {
             inner: Arc::new(Inner {
                 shared,
                 frame_sender,
                 writer_done,
+                transport_closed,
             }),
         }
     }
@@ -396,12 +504,15 @@ impl Connection {
     /// Closes the connection for every handle: pending requests fail with
     /// [`Error::ConnectionClosed`], frames already queued (such as `acks = none` produces) are
     /// still written, then the write side is shut down. Waits at most `request_timeout` for
-    /// the queued frames. Closing a closed connection does nothing more.
+    /// the queued frames. Over QUIC it then closes the QUIC connection, once the broker has
+    /// acknowledged them. Closing a closed connection does nothing more.
     pub async fn close(&self) {
         self.inner.shared.close();
         let mut writer_done = self.inner.writer_done.clone();
         // An error means the writer task is gone already, which is just as done.
         let _ = writer_done.wait_for(|done| *done).await;
+        let mut transport_closed = self.inner.transport_closed.clone();
+        let _ = transport_closed.wait_for(|closed| *closed).await;
     }
 }
 
@@ -729,7 +840,9 @@ impl Endpoint {
     /// Parses `scheme://host:port`, naming the first problem found.
     fn parse(url: &str) -> Result<Endpoint> {
         let invalid = |problem: &str| {
-            Error::InvalidUrl(format!("{problem} in \"{url}\" (expected tcp://host:port)"))
+            Error::InvalidUrl(format!(
+                "{problem} in \"{url}\" (expected tcp://host:port or quic://host:port)"
+            ))
         };
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(invalid("missing scheme"));
@@ -837,6 +950,190 @@ async fn connect_tcp(endpoint: &Endpoint) -> Result<TcpStream> {
             io::Error::new(io::ErrorKind::NotFound, "the host resolved to no address")
         }),
     })
+}
+
+/// The QUIC connection under a `quic://` [`Connection`], and the endpoint (UDP socket) it
+/// runs on. Both stay open until [`close_quic_after_writer`] closes them.
+struct QuicTransport {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+}
+
+/// The QUIC client configuration for `url`: TLS 1.3 with the ring provider named explicitly
+/// (no process-wide default to race over), the CA file as the only roots, ALPN `sluice/1`.
+async fn quic_client_config(url: &str, ca_file: Option<&Path>) -> Result<quinn::ClientConfig> {
+    let Some(ca_file) = ca_file else {
+        return Err(Error::InvalidUrl(format!(
+            "{url} needs a CA file to verify the broker's certificate: pass --ca-file PATH or set \
+             SLUICE_CA_FILE (ConnectionOptions::ca_file); a broker without a configured \
+             certificate writes its own to <data-dir>/tls/cert.pem"
+        )));
+    };
+    let invalid_ca_file = |problem: String| {
+        Error::InvalidUrl(format!(
+            "{url}: CA file {} (--ca-file or SLUICE_CA_FILE): {problem}",
+            ca_file.display()
+        ))
+    };
+    let pem = tokio::fs::read(ca_file)
+        .await
+        .map_err(|error| invalid_ca_file(format!("cannot read it: {error}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
+        let certificate =
+            certificate.map_err(|error| invalid_ca_file(format!("not PEM: {error}")))?;
+        roots
+            .add(certificate)
+            .map_err(|error| invalid_ca_file(format!("unusable certificate: {error}")))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid_ca_file("no PEM CERTIFICATE in it".to_owned()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| invalid_ca_file(format!("TLS configuration: {error}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![QUIC_ALPN_PROTOCOL.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|error| invalid_ca_file(format!("TLS configuration: {error}")))?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(QUIC_KEEP_ALIVE_INTERVAL))
+        // The broker never opens streams towards a client.
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Resolves the host and tries each of its addresses in turn, each from a fresh endpoint of
+/// the address's family.
+async fn connect_quic(
+    endpoint: &Endpoint,
+    client_config: quinn::ClientConfig,
+) -> Result<QuicTransport> {
+    let address = endpoint.address();
+    let connect_error = |source: io::Error| Error::Connect {
+        address: address.clone(),
+        source,
+    };
+    let candidates = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+        .await
+        .map_err(connect_error)?;
+    let mut last_error = None;
+    for candidate in candidates {
+        let local: SocketAddr = if candidate.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let quic_endpoint = quinn::Endpoint::client(local).map_err(connect_error)?;
+        // The URL's host is the name the certificate must carry (an IP address works too).
+        let connecting = quic_endpoint
+            .connect_with(client_config.clone(), candidate, &endpoint.host)
+            .map_err(|error| match error {
+                quinn::ConnectError::InvalidServerName(name) => Error::InvalidUrl(format!(
+                    "\"{name}\" cannot be checked against a certificate"
+                )),
+                other => connect_error(io::Error::other(other.to_string())),
+            })?;
+        match connecting.await {
+            Ok(connection) => {
+                return Ok(QuicTransport {
+                    endpoint: quic_endpoint,
+                    connection,
+                });
+            }
+            Err(error) => {
+                debug!(%candidate, %error, "QUIC connect failed; trying the next address");
+                last_error = Some(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    format!("QUIC handshake failed: {error}"),
+                ));
+            }
+        }
+    }
+    Err(connect_error(last_error.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "the host resolved to no address")
+    })))
+}
+
+/// Closes the QUIC connection once the writer is done: by then the connection is closing and
+/// the broker has acknowledged every queued frame (or the writer gave up), so nothing still
+/// owed to the broker is discarded by the close.
+async fn close_quic_after_writer(
+    quic: QuicTransport,
+    mut writer_done: watch::Receiver<bool>,
+    transport_closed: watch::Sender<bool>,
+) {
+    // An error means the writer task is gone, which is just as done.
+    let _ = writer_done.wait_for(|done| *done).await;
+    quic.connection
+        .close(quinn::VarInt::from_u32(QUIC_CLOSED_CODE), b"closed");
+    // Lets the close reach the broker before the socket goes away, so the broker frees the
+    // connection at once instead of after its idle timeout.
+    let _ = tokio::time::timeout(QUIC_CLOSE_TIMEOUT, quic.endpoint.wait_idle()).await;
+    transport_closed.send_replace(true);
+}
+
+/// How a QUIC stream reports that the broker has received everything written to it.
+type Acknowledgement = Pin<
+    Box<
+        dyn Future<Output = std::result::Result<Option<quinn::VarInt>, quinn::StoppedError>>
+            + Send
+            + Sync,
+    >,
+>;
+
+/// The write half of a QUIC stream whose shutdown completes once the broker has acknowledged
+/// every byte. quinn's own shutdown only queues the end of the stream, and the connection
+/// close that follows would discard whatever the broker has not acknowledged yet.
+struct AcknowledgedSendStream {
+    stream: quinn::SendStream,
+    acknowledgement: Option<Acknowledgement>,
+}
+
+impl AcknowledgedSendStream {
+    fn new(stream: quinn::SendStream) -> Self {
+        AcknowledgedSendStream {
+            stream,
+            acknowledgement: None,
+        }
+    }
+}
+
+impl AsyncWrite for AcknowledgedSendStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.stream), context, buffer)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.stream), context)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let acknowledgement = this.acknowledgement.get_or_insert_with(|| {
+            // An error only says the stream was finished or reset already; either way there is
+            // nothing left to send, and `stopped` reports how it ended.
+            let _ = this.stream.finish();
+            Box::pin(this.stream.stopped())
+        });
+        match acknowledgement.as_mut().poll(context) {
+            Poll::Pending => Poll::Pending,
+            // None: everything was acknowledged. Some: the broker stopped reading the stream,
+            // so nothing more would be delivered anyway.
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(io::Error::other(error))),
+        }
+    }
 }
 
 fn duration_ms(duration: Duration) -> u64 {
@@ -950,6 +1247,35 @@ mod tests {
         );
         assert_eq!(connection.in_flight_count(), 0);
         drop(server.await.expect("server task"));
+    }
+
+    #[tokio::test]
+    async fn quic_needs_a_usable_ca_file() {
+        let url = "quic://127.0.0.1:7171";
+        match Connection::connect(url).await {
+            Err(Error::InvalidUrl(message)) => assert!(
+                message.contains("--ca-file") && message.contains("SLUICE_CA_FILE"),
+                "{message}"
+            ),
+            other => panic!("expected InvalidUrl naming --ca-file, got {other:?}"),
+        }
+        let missing = "/nonexistent/sluice-ca.pem";
+        let options = ConnectionOptions::default().ca_file(missing);
+        match Connection::connect_with(url, options).await {
+            Err(Error::InvalidUrl(message)) => {
+                assert!(message.contains(missing), "{message}");
+                assert!(message.contains("cannot read it"), "{message}");
+            }
+            other => panic!("expected InvalidUrl naming the file, got {other:?}"),
+        }
+        let not_pem = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let options = ConnectionOptions::default().ca_file(not_pem);
+        match Connection::connect_with(url, options).await {
+            Err(Error::InvalidUrl(message)) => {
+                assert!(message.contains("no PEM CERTIFICATE"), "{message}");
+            }
+            other => panic!("expected InvalidUrl for a file without certificates, got {other:?}"),
+        }
     }
 
     #[test]

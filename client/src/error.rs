@@ -63,6 +63,19 @@ pub enum Error {
         frame_bytes: u64,
         max_frame_bytes: u32,
     },
+
+    /// The circuit breaker for this broker is open after repeated failures: the call failed at
+    /// once instead of waiting on a broker that is down. A probe is allowed after the cool-down.
+    #[error("circuit open for {broker}: failing fast after repeated failures")]
+    CircuitOpen { broker: String },
+
+    /// A call that retries gave up at its deadline; `last` is the last error seen.
+    #[error("gave up after {attempts} attempts: {last}")]
+    RetriesExhausted { attempts: u32, last: Box<Error> },
+
+    /// The caller used the API wrongly (a closed producer, a bad option, ...).
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl Error {
@@ -76,9 +89,14 @@ impl Error {
             | Error::ConnectionClosed
             | Error::Io(_)
             | Error::Timeout { .. }
-            | Error::TooManyInFlight => true,
+            | Error::TooManyInFlight
+            | Error::CircuitOpen { .. } => true,
             Error::Broker { code, .. } => code.is_retriable(),
-            Error::InvalidUrl(_) | Error::Protocol(_) | Error::RequestTooLarge { .. } => false,
+            Error::InvalidUrl(_)
+            | Error::Protocol(_)
+            | Error::RequestTooLarge { .. }
+            | Error::RetriesExhausted { .. }
+            | Error::Usage(_) => false,
         }
     }
 }

@@ -11,9 +11,14 @@
 
 #![deny(unsafe_code)]
 
+pub mod client;
 pub mod connection;
+pub mod consumer;
 pub mod error;
+pub mod resilience;
 
+pub use client::{Client, ClientOptions};
 pub use connection::{Connection, ConnectionOptions};
+pub use consumer::{CommitMode, Consumer, ConsumerBuilder, ConsumerRecord, ResetPolicy, Seek};
 pub use error::Error;
 pub use sluice_protocol as protocol;

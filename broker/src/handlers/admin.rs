@@ -73,12 +73,14 @@ pub fn delete_topics(state: &Arc<BrokerState>, request: DeleteTopicsRequest) -> 
     }))
 }
 
+/// User topics only: internal ones (`__consumer_offsets`) are described by name on request.
 pub fn list_topics(state: &Arc<BrokerState>, _request: ListTopicsRequest) -> ListTopicsResponse {
     ListTopicsResponse {
         topics: state
             .topics
             .list()
             .iter()
+            .filter(|topic| !topic.internal)
             .map(|topic| TopicListing {
                 name: topic.name.clone(),
                 partitions: topic.partitions.len() as u32,

@@ -5,6 +5,12 @@
 //! (capped by `limits.fetch_max_wait_ms`), then reads again. `max_bytes` bounds the response,
 //! except that the first batch found is always returned whole, so a consumer never gets stuck
 //! behind a batch larger than its limit.
+//!
+//! Each read pass first reserves its share of the broker-wide fetch budget
+//! (`limits.fetch_response_budget_bytes`, see [`crate::fetch_budget`]) and reads no more than
+//! it reserved; what the response holds stays reserved until the connection has written it. A
+//! pass that finds too little data gives its reservation back before it waits. A fetch that
+//! cannot get budget in time is answered without records, its partitions `Throttled`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +24,18 @@ use sluice_protocol::messages::{
 
 use super::Outcome;
 use crate::BrokerState;
+use crate::fetch_budget::FetchBudgetPermit;
 use crate::storage::PartitionLog;
+
+/// Shortest time a fetch waits for budget, even with a shorter `max_wait_ms`: a moment's
+/// contention should not turn a `max_wait_ms = 0` fetch away.
+const BUDGET_MIN_WAIT: Duration = Duration::from_secs(1);
 
 pub fn fetch(state: &Arc<BrokerState>, request: FetchRequest) -> Outcome {
     let state = Arc::clone(state);
-    Outcome::Later(Box::pin(async move {
-        fetch_with_wait(&state, request).await.into()
+    Outcome::LaterHolding(Box::pin(async move {
+        let (response, budget) = fetch_with_wait(&state, request).await;
+        (response.into(), budget)
     }))
 }
 
@@ -38,7 +50,10 @@ struct Target {
     error: Option<ErrorCode>,
 }
 
-async fn fetch_with_wait(state: &Arc<BrokerState>, request: FetchRequest) -> FetchResponse {
+async fn fetch_with_wait(
+    state: &Arc<BrokerState>,
+    request: FetchRequest,
+) -> (FetchResponse, Option<FetchBudgetPermit>) {
     let max_wait = Duration::from_millis(u64::from(
         request
             .max_wait_ms
@@ -68,16 +83,37 @@ async fn fetch_with_wait(state: &Arc<BrokerState>, request: FetchRequest) -> Fet
         }
         names.push(topic_request.name);
     }
+    let reservation_bytes = reservation_bytes(&targets, request.max_bytes);
+    let nothing_to_wait_for = targets.iter().all(|target| target.log.is_none());
     loop {
-        let (response, total_bytes, any_error) = read_once(&names, &targets, request.max_bytes);
+        let budget_deadline = deadline.max(tokio::time::Instant::now() + BUDGET_MIN_WAIT);
+        let Some(mut budget) = state
+            .fetch_budget
+            .acquire(reservation_bytes, budget_deadline)
+            .await
+        else {
+            tracing::debug!(
+                reservation_bytes,
+                "fetch throttled: no fetch response budget free in time"
+            );
+            return (throttled(&names, &targets), None);
+        };
+        let max_bytes = request
+            .max_bytes
+            .min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
+        let (response, total_bytes, any_error) = read_once(&names, &targets, max_bytes);
         let now = tokio::time::Instant::now();
         if total_bytes >= u64::from(request.min_bytes.max(1))
             || any_error
             || now >= deadline
             || state.is_shutting_down()
+            || nothing_to_wait_for
         {
-            return response;
+            budget.shrink_to(usize::try_from(total_bytes).unwrap_or(usize::MAX));
+            return (response, Some(budget));
         }
+        // Nothing is held while waiting for data.
+        drop(budget);
         // Wait for any partition's high watermark to pass its fetch offset.
         let waits: Vec<_> = targets
             .iter()
@@ -88,16 +124,60 @@ async fn fetch_with_wait(state: &Arc<BrokerState>, request: FetchRequest) -> Fet
                 ))
             })
             .collect();
-        if waits.is_empty() {
-            return response;
-        }
         let mut shutdown = state.shutdown_receiver();
         tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => return response,
-            _ = shutdown.changed() => return response,
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.changed() => {}
             _ = select_all(waits) => {}
         }
     }
+}
+
+/// Budget one read pass reserves: what the response may hold (`max_bytes`, or less when the
+/// partitions' own limits add up to less), or the largest batch the partitions accept when
+/// that is more, since the first batch found is returned whole.
+fn reservation_bytes(targets: &[Target], max_bytes: u32) -> u64 {
+    let readable = || targets.iter().filter(|target| target.log.is_some());
+    let partitions_bytes: u64 = readable()
+        .map(|target| u64::from(target.partition_max_bytes))
+        .sum();
+    let largest_batch_bytes = readable()
+        .filter_map(|target| target.log.as_ref())
+        .map(|log| log.config().max_message_bytes)
+        .max()
+        .unwrap_or(0);
+    u64::from(max_bytes)
+        .min(partitions_bytes)
+        .max(largest_batch_bytes)
+        .max(1)
+}
+
+/// The answer when no budget could be had: no records, every readable partition `Throttled`
+/// (retriable), with its offsets so the consumer still learns where the log is.
+fn throttled(names: &[String], targets: &[Target]) -> FetchResponse {
+    let mut topics: Vec<FetchTopicResponse> = names
+        .iter()
+        .map(|name| FetchTopicResponse {
+            name: name.clone(),
+            partitions: Vec::new(),
+        })
+        .collect();
+    for target in targets {
+        let (high_watermark, log_start_offset) = target
+            .log
+            .as_ref()
+            .map_or((0, 0), |log| (log.latest_offset(), log.earliest_offset()));
+        if let Some(topic) = topics.get_mut(target.topic_index) {
+            topic.partitions.push(FetchPartitionResponse {
+                partition: target.partition,
+                error_code: target.error.unwrap_or(ErrorCode::Throttled),
+                high_watermark,
+                log_start_offset,
+                records: Bytes::new(),
+            });
+        }
+    }
+    FetchResponse { topics }
 }
 
 /// One pass over the partitions. Returns the response, the record bytes in it, and whether a

@@ -35,10 +35,12 @@ fn describe(topic: &Topic) -> TopicMetadata {
 
 pub fn metadata(state: &Arc<BrokerState>, request: MetadataRequest) -> MetadataResponse {
     let topics = match request.topics {
+        // "Every topic" means every user topic; internal ones are listed by name.
         None => state
             .topics
             .list()
             .iter()
+            .filter(|topic| !topic.internal)
             .map(|topic| describe(topic))
             .collect(),
         Some(names) => names

@@ -7,9 +7,11 @@
 
 mod admin;
 mod fetch;
+mod groups;
 mod metadata;
 mod offsets;
 mod produce;
+mod producer_id;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,9 +20,15 @@ use std::sync::Arc;
 use sluice_protocol::{ErrorCode, Request, RequestHeader, Response};
 
 use crate::BrokerState;
+use crate::fetch_budget::FetchBudgetPermit;
 
 /// A response still being worked out.
 pub type PendingResponse = Pin<Box<dyn Future<Output = Response> + Send + 'static>>;
+
+/// A response still being worked out, with the fetch budget its bytes hold (none when it was
+/// throttled).
+pub type PendingHeldResponse =
+    Pin<Box<dyn Future<Output = (Response, Option<FetchBudgetPermit>)> + Send + 'static>>;
 
 /// What a request leads to.
 pub enum Outcome {
@@ -28,6 +36,8 @@ pub enum Outcome {
     Ready(Response),
     /// Answer when this completes.
     Later(PendingResponse),
+    /// Answer when this completes, and keep the budget held until the response is written.
+    LaterHolding(PendingHeldResponse),
     /// No answer at all (produce with acks=none).
     Silent,
     /// The whole request fails with this code (an error response frame, no body).
@@ -39,6 +49,7 @@ impl std::fmt::Debug for Outcome {
         match self {
             Outcome::Ready(response) => write!(f, "Ready({:?})", response.api_key()),
             Outcome::Later(_) => f.write_str("Later"),
+            Outcome::LaterHolding(_) => f.write_str("LaterHolding"),
             Outcome::Silent => f.write_str("Silent"),
             Outcome::Failed(code) => write!(f, "Failed({code})"),
         }
@@ -58,6 +69,13 @@ pub fn handle(state: &Arc<BrokerState>, header: &RequestHeader, request: Request
             Outcome::Ready(admin::describe_topic(state, request).into())
         }
         Request::Produce(request) => produce::produce(state, request),
+        Request::InitProducerId(request) => producer_id::init_producer_id(state, request),
+        Request::ConsumerGroupHeartbeat(request) => groups::heartbeat(state, request),
+        Request::LeaveGroup(request) => groups::leave(state, request),
+        Request::CommitOffsets(request) => groups::commit(state, request),
+        Request::FetchOffsets(request) => groups::fetch_offsets(state, request),
+        Request::DescribeGroup(request) => groups::describe(state, request),
+        Request::ListGroups(_) => groups::list(state),
         Request::Fetch(request) => fetch::fetch(state, request),
         Request::ListOffsets(request) => {
             Outcome::Ready(offsets::list_offsets(state, request).into())

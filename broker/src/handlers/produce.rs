@@ -4,6 +4,11 @@
 //! batches a connection sends to one partition land in the order they were sent. The batch
 //! bytes are a slice of the request frame: validated, stamped in place and written as they are.
 //! Only `acks=durable` waits, and it waits in the returned future (group commit in storage).
+//!
+//! A batch with a producer id goes through the idempotent path ([`crate::producers`]): its
+//! sequence is checked in the same critical section as the append, and a retry of a batch
+//! already in the log is answered with the original's offsets (error code `None`), waiting
+//! under `acks=durable` for the original to be fsynced.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +20,7 @@ use sluice_protocol::{ErrorCode, RecordBatch};
 
 use super::Outcome;
 use crate::BrokerState;
-use crate::storage::PartitionLog;
+use crate::storage::{AppendInfo, PartitionLog, StorageError};
 
 fn result(
     partition: u32,
@@ -35,6 +40,24 @@ fn result(
 
 fn failed(partition: u32, error_code: ErrorCode, message: String) -> ProducePartitionResponse {
     result(partition, error_code, 0, 0, Some(message))
+}
+
+/// Appends a batch from an idempotent producer: the broker-wide checks first (an id and epoch
+/// this broker issued), then the partition's sequence check and the append, atomically.
+fn append_idempotent(
+    state: &BrokerState,
+    log: &Arc<PartitionLog>,
+    batch: RecordBatch,
+) -> Result<AppendInfo, StorageError> {
+    let view = batch.view();
+    let producers = &state.producers;
+    producers.check_issued(view.producer_id(), view.producer_epoch())?;
+    let appended =
+        log.append_idempotent(batch, &|producer_id| producers.current_epoch(producer_id))?;
+    if appended.duplicate {
+        tracing::debug!(dir = %log.dir().display(), base_offset = appended.info.base_offset, "duplicate batch answered with its original offsets");
+    }
+    Ok(appended.info)
 }
 
 pub fn produce(state: &Arc<BrokerState>, request: ProduceRequest) -> Outcome {
@@ -89,7 +112,12 @@ pub fn produce(state: &Arc<BrokerState>, request: ProduceRequest) -> Outcome {
                     continue;
                 }
             };
-            match log.append(batch) {
+            let appended = if batch.view().has_producer_id() {
+                append_idempotent(state, log, batch)
+            } else {
+                log.append(batch)
+            };
+            match appended {
                 Ok(info) => {
                     if request.acks == Acks::Durable {
                         waits.push((

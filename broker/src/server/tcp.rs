@@ -7,18 +7,19 @@ use bytes::BytesMut;
 use sluice_protocol::{ErrorCode, encode_error_response};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::BrokerState;
 use crate::connection;
+use crate::metrics::TRANSPORT_TCP;
 
 /// How long shutdown waits for connections to finish their in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts connections until shutdown, then waits for them to drain.
 pub async fn accept_loop(listener: TcpListener, state: Arc<BrokerState>) {
-    let slots = Arc::new(Semaphore::new(state.config.limits.max_connections));
+    // Shared with the QUIC listener: max_connections counts both transports together.
+    let slots = Arc::clone(&state.connection_slots);
     let mut connections = JoinSet::new();
     let mut shutdown = state.shutdown_receiver();
     loop {
@@ -46,9 +47,11 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<BrokerState>) {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, %error, "could not disable Nagle");
         }
+        let open = state.metrics.open_connection(TRANSPORT_TCP);
         let state = Arc::clone(&state);
         connections.spawn(async move {
             connection::serve(stream, state, peer.to_string()).await;
+            drop(open);
             drop(slot);
         });
     }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use sluice_protocol::ErrorCode;
 
+use crate::producers::ProducerError;
+
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -44,6 +46,9 @@ pub enum StorageError {
     /// The log was closed (topic deleted or broker stopping).
     #[error("the log is closed")]
     Closed,
+    /// The idempotent-producer rules refused the batch; nothing of it was written.
+    #[error(transparent)]
+    Producer(#[from] ProducerError),
 }
 
 impl StorageError {
@@ -60,6 +65,7 @@ impl StorageError {
             StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             StorageError::BatchTooLarge { .. } => ErrorCode::MessageTooLarge,
             StorageError::Closed => ErrorCode::UnknownTopic,
+            StorageError::Producer(error) => error.error_code(),
             StorageError::Io { .. }
             | StorageError::Poisoned { .. }
             | StorageError::Corrupt { .. } => ErrorCode::StorageError,

@@ -25,6 +25,8 @@ pub(crate) enum Job {
     Sync(Arc<PartitionLog>),
     /// Write a closed segment's indexes.
     PersistIndex(Arc<PartitionLog>, Arc<Segment>),
+    /// Write a producer-state snapshot taken at a roll: (log, offset, file contents).
+    PersistSnapshot(Arc<PartitionLog>, u64, Vec<u8>),
     Stop,
 }
 
@@ -51,6 +53,9 @@ impl std::fmt::Debug for Job {
             Job::Sync(log) => write!(f, "Sync({})", log.dir().display()),
             Job::PersistIndex(_, segment) => {
                 write!(f, "PersistIndex({})", segment.paths.log.display())
+            }
+            Job::PersistSnapshot(log, offset, _) => {
+                write!(f, "PersistSnapshot({}, {offset})", log.dir().display())
             }
             Job::Stop => f.write_str("Stop"),
         }
@@ -104,6 +109,10 @@ impl Flusher {
         let _ = self.jobs.send(Job::PersistIndex(log, segment));
     }
 
+    pub(crate) fn persist_snapshot(&self, log: Arc<PartitionLog>, offset: u64, contents: Vec<u8>) {
+        let _ = self.jobs.send(Job::PersistSnapshot(log, offset, contents));
+    }
+
     pub(crate) fn mark_dirty(&self, log: Arc<PartitionLog>) {
         let _ = self.ticks.send(Tick::Dirty(log));
     }
@@ -135,6 +144,7 @@ fn run_worker(receiver: &Receiver<Job>, jobs: &Sender<Job>) {
                 }
             }
             Job::PersistIndex(log, segment) => log.persist_index(&segment),
+            Job::PersistSnapshot(log, offset, contents) => log.persist_snapshot(offset, &contents),
             Job::Stop => return,
         }
     }

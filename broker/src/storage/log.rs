@@ -13,24 +13,29 @@
 //! readers take no lock the writer holds while writing, and use positional reads of bytes the
 //! writer has already published.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use sluice_protocol::RecordBatch;
-use sluice_protocol::batch::{HEADER_BYTES, RecordBatchRef, batch_size};
+use sluice_protocol::batch::{
+    HEADER_BYTES, NO_PRODUCER_ID, RecordBatchRef, batch_size, split_batches,
+};
 use tokio::sync::oneshot;
 
 use super::StorageShared;
 use super::config::{FsyncPolicy, LogConfig};
 use super::error::{Result, StorageError};
-use super::fs::{FileHandle, write_file_durably};
+use super::fs::{FileHandle, read_file, write_file_durably};
 use super::index::SegmentIndex;
 use super::recovery::{self, Recovered};
 use super::segment::{Segment, SegmentPaths};
 use super::signal::HighWatermark;
+use crate::producers::state::{Verdict, decode_snapshot};
+use crate::producers::{BatchMetadata, IncomingBatch, ProducerEntry, ProducerStateTable};
 
 /// Where an appended batch went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +43,15 @@ pub struct AppendInfo {
     pub base_offset: u64,
     pub last_offset: u64,
     pub log_start_offset: u64,
+}
+
+/// What an idempotent append did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdempotentAppend {
+    /// Where the batch is: just written, or where its original went.
+    pub info: AppendInfo,
+    /// The batch was a retry of one already in the log and was not written again.
+    pub duplicate: bool,
 }
 
 /// What a read returned: whole batches, back to back, as they were appended.
@@ -54,6 +68,19 @@ pub const RECOVERY_POINT_FILE: &str = "recovery-point";
 /// Bytes read at a time when looking for the batch that holds an offset.
 const HEADER_PROBE_BYTES: usize = 27;
 
+/// Extension of producer-state snapshot files (see `SegmentPaths`).
+pub const SNAPSHOT_EXTENSION: &str = "snapshot";
+/// Producer snapshots kept per partition: the newest, and one to fall back on.
+const SNAPSHOTS_KEPT: usize = 2;
+/// Bytes read at a time when replaying batch headers into the producer state.
+const REPLAY_CHUNK_BYTES: usize = 1 << 20;
+// Where the producer fields sit in a batch header (see `sluice_protocol::batch`).
+const LAST_OFFSET_DELTA_AT: usize = 23;
+const MAX_TIMESTAMP_AT: usize = 35;
+const PRODUCER_ID_AT: usize = 43;
+const PRODUCER_EPOCH_AT: usize = 51;
+const BASE_SEQUENCE_AT: usize = 53;
+
 #[derive(Debug)]
 struct Writer {
     active: Arc<Segment>,
@@ -65,6 +92,11 @@ struct Writer {
     unsynced_files: Vec<FileHandle>,
     /// A segment file was created since the directory was last synced.
     directory_dirty: bool,
+    /// Idempotent-producer state, checked and updated with each append under this lock.
+    producers: ProducerStateTable,
+    /// The crc32c field of the log's last batch: the anchor of a snapshot taken at the end of
+    /// the log. `None` when the log is empty or its last batch could not be read on open.
+    last_batch_crc: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -97,6 +129,8 @@ pub struct PartitionLog {
     dirty: AtomicBool,
     fsyncs: AtomicU64,
     last_checkpoint: Mutex<Option<u64>>,
+    /// Serialises writes of producer snapshots (the flusher's and close's).
+    snapshot_lock: Mutex<()>,
 }
 
 fn now_ms() -> u64 {
@@ -142,6 +176,11 @@ impl PartitionLog {
                 next_offset,
                 unsynced_files: Vec::new(),
                 directory_dirty: false,
+                producers: ProducerStateTable::new(
+                    Arc::clone(&shared.producer_budget),
+                    shared.producer_expiry_ms,
+                ),
+                last_batch_crc: None,
             }),
             segments: RwLock::new(recovered.segments),
             high_watermark: HighWatermark::new(next_offset),
@@ -157,8 +196,16 @@ impl PartitionLog {
             dirty: AtomicBool::new(false),
             fsyncs: AtomicU64::new(recovered.fsyncs),
             last_checkpoint: Mutex::new(None),
+            snapshot_lock: Mutex::new(()),
             shared,
         });
+        if log.poison_reason().is_none() {
+            match log.rebuild_producer_state() {
+                // `corrupt` has poisoned the partition: its producer state cannot be known.
+                Ok(()) | Err(StorageError::Corrupt { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
         if let Some(reason) = log.poison_reason() {
             tracing::error!(dir = %log.dir.display(), %reason, "partition refuses writes");
         } else {
@@ -256,6 +303,97 @@ impl PartitionLog {
 
     /// [`PartitionLog::append`] with the wall-clock time given, for tests of time-based rolls.
     pub fn append_at(self: &Arc<Self>, batch: RecordBatch, now_ms: u64) -> Result<AppendInfo> {
+        self.check_batch(&batch)?;
+        let info = {
+            let mut writer = self.writer.lock().expect("writer lock poisoned");
+            self.check_writable()?;
+            self.write_batch(&mut writer, batch, now_ms)?
+        };
+        self.after_append();
+        Ok(info)
+    }
+
+    /// Appends a validated batch from an idempotent producer (`producer_id` set), checking its
+    /// epoch and sequence against the partition's producer state in the same critical section
+    /// as the write (rules in [`crate::producers`]). A retry of one of the producer's last
+    /// batches is not written again: it is answered with the original's offsets and
+    /// `duplicate` set; wait for durability on `info.last_offset + 1` as for any append.
+    ///
+    /// `fence_epoch(producer_id)` is the lowest epoch the broker still allows for the id. It is
+    /// called under the writer lock, so a fence raised before the call is never missed.
+    ///
+    /// # Errors
+    /// [`StorageError::Producer`] when the producer rules refuse the batch (nothing written),
+    /// and everything [`PartitionLog::append`] returns.
+    pub fn append_idempotent(
+        self: &Arc<Self>,
+        batch: RecordBatch,
+        fence_epoch: &dyn Fn(u64) -> u16,
+    ) -> Result<IdempotentAppend> {
+        self.append_idempotent_at(batch, now_ms(), fence_epoch)
+    }
+
+    /// [`PartitionLog::append_idempotent`] with the wall-clock time given.
+    pub fn append_idempotent_at(
+        self: &Arc<Self>,
+        batch: RecordBatch,
+        now_ms: u64,
+        fence_epoch: &dyn Fn(u64) -> u16,
+    ) -> Result<IdempotentAppend> {
+        self.check_batch(&batch)?;
+        let view = batch.view();
+        assert!(
+            view.has_producer_id(),
+            "idempotent append of a batch without a producer id"
+        );
+        let incoming = IncomingBatch::of(&view);
+        let max_timestamp_ms = view.max_timestamp();
+        let appended = {
+            let mut writer = self.writer.lock().expect("writer lock poisoned");
+            self.check_writable()?;
+            let floor = fence_epoch(incoming.producer_id);
+            match writer.producers.check(&incoming, floor, now_ms)? {
+                Verdict::Duplicate(original) => {
+                    return Ok(IdempotentAppend {
+                        info: AppendInfo {
+                            base_offset: original.base_offset,
+                            last_offset: original.last_offset,
+                            log_start_offset: self.earliest_offset(),
+                        },
+                        duplicate: true,
+                    });
+                }
+                // A failed write drops the reservation, which gives it back.
+                Verdict::Append(reservation) => {
+                    let info = self.write_batch(&mut writer, batch, now_ms)?;
+                    let last_sequence = incoming
+                        .last_sequence()
+                        .expect("check refuses sequences that overflow");
+                    writer.producers.record(
+                        incoming.producer_id,
+                        BatchMetadata {
+                            producer_epoch: incoming.producer_epoch,
+                            first_sequence: incoming.first_sequence,
+                            last_sequence,
+                            base_offset: info.base_offset,
+                            last_offset: info.last_offset,
+                            max_timestamp_ms,
+                        },
+                        reservation,
+                        now_ms,
+                    );
+                    info
+                }
+            }
+        };
+        self.after_append();
+        Ok(IdempotentAppend {
+            info: appended,
+            duplicate: false,
+        })
+    }
+
+    fn check_batch(&self, batch: &RecordBatch) -> Result<()> {
         let size_bytes = batch.size_bytes() as u64;
         if size_bytes > self.config.max_message_bytes {
             return Err(StorageError::BatchTooLarge {
@@ -267,57 +405,70 @@ impl PartitionLog {
             batch.record_count() > 0,
             "append of a batch that was not validated"
         );
-        let info = {
-            let mut writer = self.writer.lock().expect("writer lock poisoned");
-            self.check_writable()?;
-            let active_size = writer.active.size_bytes();
-            let too_big = active_size + size_bytes > self.config.segment_bytes;
-            let too_old = writer
-                .active_since_ms
-                .is_some_and(|since| now_ms.saturating_sub(since) >= self.config.segment_ms);
-            if active_size > 0 && (too_big || too_old) {
-                self.roll(&mut writer)?;
-            }
-            let base_offset = writer.next_offset;
-            let batch = batch.stamped(base_offset, 0);
-            let view = batch.view();
-            let last_offset = view.last_offset();
-            let position = writer.active.size_bytes();
-            if let Err(error) = writer.active_file.write_all_at(batch.as_bytes(), position) {
-                // Part of the batch may be in the file: cut it off so the log stays whole.
-                if let Err(truncate_error) = writer.active_file.set_len(position) {
-                    self.poison(format!(
-                        "write to {} failed ({error}) and could not be undone ({truncate_error})",
-                        writer.active.paths.log.display()
-                    ));
-                }
-                return Err(StorageError::io(
-                    format!("append to {}", writer.active.paths.log.display()),
-                    error,
+        Ok(())
+    }
+
+    /// Writes a checked batch at the end of the log (rolling first when the active segment is
+    /// full or old) and publishes it. Writer lock held.
+    fn write_batch(
+        self: &Arc<Self>,
+        writer: &mut Writer,
+        batch: RecordBatch,
+        now_ms: u64,
+    ) -> Result<AppendInfo> {
+        let size_bytes = batch.size_bytes() as u64;
+        let active_size = writer.active.size_bytes();
+        let too_big = active_size + size_bytes > self.config.segment_bytes;
+        let too_old = writer
+            .active_since_ms
+            .is_some_and(|since| now_ms.saturating_sub(since) >= self.config.segment_ms);
+        if active_size > 0 && (too_big || too_old) {
+            self.roll(writer, now_ms)?;
+        }
+        let base_offset = writer.next_offset;
+        let batch = batch.stamped(base_offset, 0);
+        let view = batch.view();
+        let last_offset = view.last_offset();
+        let position = writer.active.size_bytes();
+        if let Err(error) = writer.active_file.write_all_at(batch.as_bytes(), position) {
+            // Part of the batch may be in the file: cut it off so the log stays whole.
+            if let Err(truncate_error) = writer.active_file.set_len(position) {
+                self.poison(format!(
+                    "write to {} failed ({error}) and could not be undone ({truncate_error})",
+                    writer.active.paths.log.display()
                 ));
             }
-            let relative_offset = u32::try_from(base_offset - writer.active.base_offset)
-                .expect("segment offset span over u32 (segments roll long before)");
-            let position_u32 = u32::try_from(position)
-                .expect("segment position over u32 (segment_bytes bounds it)");
-            writer.active.on_appended(
-                relative_offset,
-                position_u32,
-                size_bytes,
-                last_offset + 1,
-                view.max_timestamp(),
-                self.config.index_interval_bytes,
-            );
-            writer.next_offset = last_offset + 1;
-            writer.active_since_ms.get_or_insert(now_ms);
-            // Published after the bytes are in the file and the segment size is updated.
-            self.high_watermark.publish(writer.next_offset);
-            AppendInfo {
-                base_offset,
-                last_offset,
-                log_start_offset: self.earliest_offset(),
-            }
-        };
+            return Err(StorageError::io(
+                format!("append to {}", writer.active.paths.log.display()),
+                error,
+            ));
+        }
+        let relative_offset = u32::try_from(base_offset - writer.active.base_offset)
+            .expect("segment offset span over u32 (segments roll long before)");
+        let position_u32 =
+            u32::try_from(position).expect("segment position over u32 (segment_bytes bounds it)");
+        writer.active.on_appended(
+            relative_offset,
+            position_u32,
+            size_bytes,
+            last_offset + 1,
+            view.max_timestamp(),
+            self.config.index_interval_bytes,
+        );
+        writer.next_offset = last_offset + 1;
+        writer.last_batch_crc = Some(view.crc());
+        writer.active_since_ms.get_or_insert(now_ms);
+        // Published after the bytes are in the file and the segment size is updated.
+        self.high_watermark.publish(writer.next_offset);
+        Ok(AppendInfo {
+            base_offset,
+            last_offset,
+            log_start_offset: self.earliest_offset(),
+        })
+    }
+
+    /// After the writer lock is released: the fsync policy for weak-ack data.
+    fn after_append(self: &Arc<Self>) {
         match self.shared.fsync {
             FsyncPolicy::Always => self.request_sync(None),
             FsyncPolicy::Interval(_) => {
@@ -327,14 +478,20 @@ impl PartitionLog {
             }
             FsyncPolicy::Never => {}
         }
-        Ok(info)
     }
 
     /// Closes the active segment and starts a new one. Runs under the writer lock, so it does
     /// no fsync: the flusher syncs the new file's directory entry before any offset in it
     /// counts as durable, and writes the closed segment's indexes (readers use the in-memory
     /// copy until then).
-    fn roll(self: &Arc<Self>, writer: &mut Writer) -> Result<()> {
+    ///
+    /// The producer state is snapshotted here too. It must describe exactly the batches below
+    /// the new segment, so it is encoded now, under the lock, and handed to the flusher to
+    /// write durably. Nothing relies on the file before it is whole: recovery ignores `.tmp`
+    /// leftovers, damaged files and snapshots whose anchor batch the log does not hold (a
+    /// crash can leave the snapshot on disk and lose the tail of the log it describes), and
+    /// falls back to an older snapshot or to the log alone.
+    fn roll(self: &Arc<Self>, writer: &mut Writer, now_ms: u64) -> Result<()> {
         let fs = self.shared.fs.as_ref();
         let old = Arc::clone(&writer.active);
         let base_offset = writer.next_offset;
@@ -368,7 +525,222 @@ impl PartitionLog {
         writer.active_file = file;
         writer.active_since_ms = None;
         tracing::debug!(dir = %self.dir.display(), base_offset, "rolled segment");
+        writer.producers.expire(now_ms);
+        // Without an anchor (the last batch was unreadable on open) recovery could not tell
+        // the snapshot from a stale one: skip it and let recovery read the log instead.
+        if let Some(anchor_crc) = writer.last_batch_crc {
+            let snapshot = writer.producers.encode_snapshot(base_offset, anchor_crc);
+            self.shared
+                .flusher
+                .persist_snapshot(Arc::clone(self), base_offset, snapshot);
+        }
         Ok(())
+    }
+
+    /// Flusher (and close) only: writes a producer-state snapshot durably, then deletes all
+    /// but the newest [`SNAPSHOTS_KEPT`]. A failure costs only a longer scan on recovery.
+    pub(crate) fn persist_snapshot(&self, offset: u64, contents: &[u8]) {
+        let _serialised = self.snapshot_lock.lock().expect("snapshot lock poisoned");
+        let fs = self.shared.fs.as_ref();
+        let path = SegmentPaths::new(&self.dir, offset).snapshot;
+        if let Err(error) = write_file_durably(fs, &path, contents) {
+            tracing::warn!(snapshot = %path.display(), %error, "writing producer snapshot failed; recovery will read more of the log");
+            return;
+        }
+        let Ok(snapshots) = self.snapshot_files() else {
+            return;
+        };
+        let keep_from = snapshots.len().saturating_sub(SNAPSHOTS_KEPT);
+        // Older snapshots are only fallbacks; removing them needs no directory sync, since
+        // one that comes back after a crash is still checked against the log before use.
+        for (_, old) in &snapshots[..keep_from] {
+            let _ = fs.remove_file(old);
+        }
+    }
+
+    /// The producer snapshots in the partition directory, oldest first.
+    fn snapshot_files(&self) -> Result<Vec<(u64, PathBuf)>> {
+        let entries = self
+            .shared
+            .fs
+            .read_dir(&self.dir)
+            .map_err(|error| StorageError::io(format!("list {}", self.dir.display()), error))?;
+        let mut snapshots: Vec<(u64, PathBuf)> = entries
+            .into_iter()
+            .filter_map(|path| match SegmentPaths::parse(&path) {
+                Some((offset, SNAPSHOT_EXTENSION)) => Some((offset, path)),
+                _ => None,
+            })
+            .collect();
+        snapshots.sort_unstable();
+        Ok(snapshots)
+    }
+
+    /// Writes a snapshot of the producer state at the end of the log, synchronously. Blocking.
+    fn snapshot_producers_now(&self) {
+        let (offset, contents) = {
+            let writer = self.writer.lock().expect("writer lock poisoned");
+            let (offset, Some(anchor_crc)) = (writer.next_offset, writer.last_batch_crc) else {
+                return;
+            };
+            (offset, writer.producers.encode_snapshot(offset, anchor_crc))
+        };
+        self.persist_snapshot(offset, &contents);
+    }
+
+    /// The crc32c field of the batch that ends at `offset - 1`, if the log holds it.
+    fn anchor_crc(&self, offset: u64) -> Option<u32> {
+        let last = offset.checked_sub(1)?;
+        let read = self.read(last, 1).ok()?;
+        let batch = split_batches(&read.records).next()?.ok()?;
+        (batch.last_offset() == last).then(|| batch.crc())
+    }
+
+    /// Rebuilds the producer state on open: from the newest snapshot that the log still
+    /// matches, then every batch header after it. Without a usable snapshot, from the start
+    /// of the log. Runs before anyone else holds the log.
+    fn rebuild_producer_state(&self) -> Result<()> {
+        let log_start = self.earliest_offset();
+        let log_end = self.high_watermark.get();
+        let fs = self.shared.fs.as_ref();
+        let mut loaded = None;
+        for (offset, path) in self.snapshot_files()?.into_iter().rev() {
+            // A snapshot at or below the log start describes only deleted batches; one above
+            // the end describes batches a crash took away.
+            let in_range = log_start < offset && offset <= log_end;
+            if in_range && loaded.is_some() {
+                continue; // an older fallback, kept
+            }
+            if in_range {
+                let snapshot = read_file(fs, &path)
+                    .ok()
+                    .and_then(|bytes| decode_snapshot(&bytes))
+                    .filter(|snapshot| {
+                        snapshot.offset == offset
+                            && self.anchor_crc(offset) == Some(snapshot.anchor_crc)
+                    });
+                if let Some(snapshot) = snapshot {
+                    loaded = Some(snapshot);
+                    continue;
+                }
+                tracing::warn!(snapshot = %path.display(), "ignoring a producer snapshot that is damaged or does not match the log");
+            }
+            let _ = fs.remove_file(&path);
+        }
+        let now_ms = now_ms();
+        let last_batch_crc = self.anchor_crc(log_end);
+        let mut writer = self.writer.lock().expect("writer lock poisoned");
+        writer.last_batch_crc = last_batch_crc;
+        let from = match loaded {
+            Some(snapshot) => {
+                writer.producers.load(snapshot.entries);
+                snapshot.offset
+            }
+            None => log_start,
+        };
+        writer.producers.remove_below(log_start);
+        self.replay_producers(&mut writer.producers, from, now_ms)?;
+        tracing::debug!(dir = %self.dir.display(), from, producers = writer.producers.len(), "rebuilt producer state");
+        Ok(())
+    }
+
+    /// Feeds the producer fields of every batch from `from` to the end of the log to `table`.
+    /// Reads headers only, in chunks, so small batches cost one read per chunk and large ones
+    /// are skipped over.
+    fn replay_producers(
+        &self,
+        table: &mut ProducerStateTable,
+        from: u64,
+        now_ms: u64,
+    ) -> Result<()> {
+        let segments: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .expect("segments lock poisoned")
+            .clone();
+        let fs = self.shared.fs.as_ref();
+        let mut buffer: Vec<u8> = Vec::new();
+        for segment in segments {
+            let end = segment.size_bytes();
+            if segment.next_offset() <= from || end == 0 {
+                continue;
+            }
+            let (file, mut position) = segment.lookup(fs, &self.shared.cache, from)?;
+            let mut buffer_start = 0u64;
+            buffer.clear();
+            while position < end {
+                if end - position < HEADER_BYTES as u64 {
+                    return Err(self.corrupt(&segment, position, "partial batch header".into()));
+                }
+                let buffered = position >= buffer_start
+                    && position + HEADER_BYTES as u64 <= buffer_start + buffer.len() as u64;
+                if !buffered {
+                    let length = (end - position).min(REPLAY_CHUNK_BYTES as u64) as usize;
+                    buffer.resize(length, 0);
+                    self.read_exact(&file, &segment, &mut buffer, position)?;
+                    buffer_start = position;
+                }
+                let at = (position - buffer_start) as usize;
+                let header = &buffer[at..at + HEADER_BYTES];
+                let size = batch_size(header).unwrap_or(0);
+                if size < HEADER_BYTES as u64 || size > end - position {
+                    return Err(self.corrupt(
+                        &segment,
+                        position,
+                        format!("batch size {size} out of bounds"),
+                    ));
+                }
+                let field = |at: usize, bytes: usize| -> u64 {
+                    header[at..at + bytes]
+                        .iter()
+                        .fold(0, |value, byte| (value << 8) | u64::from(*byte))
+                };
+                let base_offset = field(0, 8);
+                let last_offset_delta = field(LAST_OFFSET_DELTA_AT, 4);
+                let producer_id = field(PRODUCER_ID_AT, 8);
+                let first_sequence = field(BASE_SEQUENCE_AT, 8);
+                // A batch whose sequences overflow was never accepted as idempotent (only the
+                // plain append path could have stored it): it says nothing about a producer.
+                let last_sequence = first_sequence.checked_add(last_offset_delta);
+                if let Some(last_sequence) = last_sequence
+                    && base_offset >= from
+                    && producer_id != NO_PRODUCER_ID
+                {
+                    table.replay(
+                        producer_id,
+                        BatchMetadata {
+                            producer_epoch: field(PRODUCER_EPOCH_AT, 2) as u16,
+                            first_sequence,
+                            last_sequence,
+                            base_offset,
+                            last_offset: base_offset.saturating_add(last_offset_delta),
+                            max_timestamp_ms: field(MAX_TIMESTAMP_AT, 8) as i64,
+                        },
+                        now_ms,
+                    );
+                }
+                position += size;
+            }
+        }
+        Ok(())
+    }
+
+    /// Raises a producer's epoch here (InitProducerId with its name) and returns the sequence
+    /// its next batch must start with, or `None` when the partition holds no state for it.
+    pub fn fence_producer(&self, producer_id: u64, producer_epoch: u16) -> Option<u64> {
+        let mut writer = self.writer.lock().expect("writer lock poisoned");
+        writer
+            .producers
+            .fence(producer_id, producer_epoch, now_ms())
+    }
+
+    /// A copy of the partition's producer state, by producer id.
+    pub fn producer_state(&self) -> BTreeMap<u64, ProducerEntry> {
+        self.writer
+            .lock()
+            .expect("writer lock poisoned")
+            .producers
+            .entries()
     }
 
     /// Flusher only: writes a closed segment's indexes durably, then drops the in-memory copy.
@@ -483,7 +855,10 @@ impl PartitionLog {
         };
         for file in files.drain(..) {
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
-            file.sync_data().map_err(|error| {
+            let started = Instant::now();
+            let synced = file.sync_data();
+            self.shared.observe_fsync(started.elapsed());
+            synced.map_err(|error| {
                 format!(
                     "fsync of {} (or a segment before it) failed: {error}",
                     active_path.display()
@@ -537,6 +912,8 @@ impl PartitionLog {
                     drop(durability);
                     self.checkpoint_recovery_point()
                 })
+                // With a snapshot at the end of the log, the next open replays nothing.
+                .map(|()| self.snapshot_producers_now())
         };
         self.poison("the log is closed".to_owned());
         self.high_watermark.close();
@@ -759,10 +1136,13 @@ impl PartitionLog {
         let fs = self.shared.fs.as_ref();
         for segment in &doomed {
             self.shared.cache.evict(&segment.paths.log);
+            // The snapshot taken when this segment started describes only batches that are
+            // now gone.
             for path in [
                 &segment.paths.log,
                 &segment.paths.index,
                 &segment.paths.time_index,
+                &segment.paths.snapshot,
             ] {
                 if let Err(error) = fs.remove_file(path)
                     && error.kind() != std::io::ErrorKind::NotFound
@@ -778,6 +1158,15 @@ impl PartitionLog {
         if !doomed.is_empty() {
             fs.sync_dir(&self.dir)
                 .map_err(|error| StorageError::io(format!("sync {}", self.dir.display()), error))?;
+        }
+        // This periodic pass is also when idle producers expire, and producers whose batches
+        // retention deleted are forgotten, so the state keeps describing the log as it is.
+        let log_start_offset = self.earliest_offset();
+        let mut writer = self.writer.lock().expect("writer lock poisoned");
+        let forgotten =
+            writer.producers.remove_below(log_start_offset) + writer.producers.expire(now_ms);
+        if forgotten > 0 {
+            tracing::debug!(dir = %self.dir.display(), forgotten, "dropped producer state");
         }
         Ok(doomed.len())
     }

@@ -29,16 +29,18 @@ pub mod signal;
 pub(crate) mod sync;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::StorageError;
 pub use fs::{Fs, RealFs};
-pub use log::{AppendInfo, PartitionLog, ReadResult};
+pub use log::{AppendInfo, IdempotentAppend, PartitionLog, ReadResult};
 
 use flusher::Flusher;
 use segment::SegmentCache;
+
+use crate::producers::ProducerBudget;
 
 /// Broker-wide storage settings.
 #[derive(Clone, Debug)]
@@ -51,6 +53,11 @@ pub struct StorageOptions {
     pub open_segments_max: usize,
     /// How often each partition's recovery point is checkpointed. Default 60 s.
     pub recovery_checkpoint_ms: u64,
+    /// Idempotent-producer states (one per producer and partition) held across every log.
+    /// Default 100000.
+    pub max_producers: usize,
+    /// Idle time after which a producer's state in a partition may be dropped. Default 7 days.
+    pub producer_expiry_ms: u64,
 }
 
 impl Default for StorageOptions {
@@ -60,7 +67,30 @@ impl Default for StorageOptions {
             flusher_threads: 2,
             open_segments_max: 256,
             recovery_checkpoint_ms: 60_000,
+            max_producers: 100_000,
+            producer_expiry_ms: 7 * 24 * 60 * 60 * 1000,
         }
+    }
+}
+
+/// Called after each fsync of a segment file with how long it took, whether it succeeded or
+/// not (the broker's metrics). It runs on a flusher thread, so it must be quick and must not
+/// block; it is set once, before any log is opened.
+pub struct FsyncObserver(Box<dyn Fn(Duration) + Send + Sync>);
+
+impl FsyncObserver {
+    pub fn new(observe: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        FsyncObserver(Box::new(observe))
+    }
+
+    pub fn observe(&self, elapsed: Duration) {
+        (self.0)(elapsed);
+    }
+}
+
+impl std::fmt::Debug for FsyncObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FsyncObserver")
     }
 }
 
@@ -71,6 +101,18 @@ pub(crate) struct StorageShared {
     pub(crate) fsync: FsyncPolicy,
     pub(crate) cache: SegmentCache,
     pub(crate) flusher: Flusher,
+    pub(crate) fsync_observer: OnceLock<FsyncObserver>,
+    pub(crate) producer_budget: Arc<ProducerBudget>,
+    pub(crate) producer_expiry_ms: u64,
+}
+
+impl StorageShared {
+    /// Reports one fsync to the observer, if there is one.
+    pub(crate) fn observe_fsync(&self, elapsed: Duration) {
+        if let Some(observer) = self.fsync_observer.get() {
+            observer.observe(elapsed);
+        }
+    }
 }
 
 /// The storage engine of one broker.
@@ -93,7 +135,18 @@ impl Storage {
                 fsync: options.fsync,
                 cache: SegmentCache::new(options.open_segments_max),
                 flusher,
+                fsync_observer: OnceLock::new(),
+                producer_budget: ProducerBudget::new(options.max_producers),
+                producer_expiry_ms: options.producer_expiry_ms,
             }),
+        }
+    }
+
+    /// Sets what is told about every fsync of a segment file. Only the first call counts: set
+    /// it before opening logs.
+    pub fn observe_fsyncs(&self, observer: FsyncObserver) {
+        if self.shared.fsync_observer.set(observer).is_err() {
+            tracing::warn!("an fsync observer was set already; keeping the first");
         }
     }
 
@@ -108,6 +161,11 @@ impl Storage {
 
     pub fn fs(&self) -> &Fs {
         &self.shared.fs
+    }
+
+    /// Idempotent-producer states held right now, across every log.
+    pub fn producer_count(&self) -> usize {
+        self.shared.producer_budget.used()
     }
 
     /// Closed segments open right now, across every log.

@@ -10,22 +10,26 @@ use super::error::{Result, StorageError};
 use super::fs::{FileHandle, FileSystem, read_file};
 use super::index::SegmentIndex;
 
-/// The three files of a segment. Every segment path in the broker is built here.
+/// The three files of a segment, and the producer-state snapshot taken when it started.
+/// Every segment path in the broker is built here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentPaths {
     pub log: PathBuf,
     pub index: PathBuf,
     pub time_index: PathBuf,
+    /// The producer state of every batch below `base_offset` (see `crate::producers`).
+    pub snapshot: PathBuf,
 }
 
 impl SegmentPaths {
-    /// `<dir>/<base_offset:020>.log`, `.index`, `.timeindex`.
+    /// `<dir>/<base_offset:020>.log`, `.index`, `.timeindex`, `.snapshot`.
     pub fn new(dir: &Path, base_offset: u64) -> Self {
         let stem = format!("{base_offset:020}");
         SegmentPaths {
             log: dir.join(format!("{stem}.log")),
             index: dir.join(format!("{stem}.index")),
             time_index: dir.join(format!("{stem}.timeindex")),
+            snapshot: dir.join(format!("{stem}.snapshot")),
         }
     }
 

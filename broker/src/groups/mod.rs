@@ -1,0 +1,425 @@
+//! Consumer groups: broker-side assignment with at-least-once delivery (see DESIGN.md).
+//!
+//! [`coordinator`] is the state machine (no IO), [`assignor`] the strategies, [`offsets`] the
+//! committed offsets in `__consumer_offsets`. [`GroupManager`] drives them: it supplies the
+//! time and the topics' partition counts, expires sessions from a background task, and turns
+//! protocol requests into coordinator inputs and back.
+
+pub mod assignor;
+pub mod coordinator;
+pub mod offsets;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sluice_protocol::ErrorCode;
+use sluice_protocol::messages::{
+    CommitOffsetsRequest, CommitOffsetsResponse, CommittedPartition, CommittedTopic,
+    ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, DescribeGroupRequest,
+    DescribeGroupResponse, FetchOffsetsRequest, FetchOffsetsResponse, GroupListing,
+    GroupMemberDescription, GroupOffsetDescription, LeaveGroupRequest, LeaveGroupResponse,
+    ListGroupsResponse, PartitionResult, TopicPartitions, TopicResults,
+};
+
+use crate::topics::TopicRegistry;
+use assignor::TopicPartition;
+use coordinator::{Group, GroupSettings, Heartbeat};
+use offsets::{CommitEntry, OffsetStore};
+
+/// Every group of a broker.
+#[derive(Debug)]
+pub struct GroupManager {
+    groups: Mutex<HashMap<String, Group>>,
+    settings: GroupSettings,
+    offsets: OffsetStore,
+    /// Distinguishes member ids of this broker run from earlier ones.
+    incarnation: String,
+    started: Instant,
+}
+
+/// Commits a request carries that passed the coordinator's checks, waiting to be made durable.
+#[derive(Debug)]
+pub struct PendingCommit {
+    pub group: String,
+    pub entries: Vec<CommitEntry>,
+    pub next_offset: u64,
+    pub first_position: u64,
+}
+
+fn to_wire(set: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
+    let mut by_topic: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for (topic, partition) in set {
+        by_topic.entry(topic).or_default().push(*partition);
+    }
+    by_topic
+        .into_iter()
+        .map(|(topic, partitions)| TopicPartitions {
+            topic: topic.to_owned(),
+            partitions,
+        })
+        .collect()
+}
+
+fn from_wire(list: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
+    list.iter()
+        .flat_map(|entry| entry.partitions.iter().map(|partition| (entry.topic.clone(), *partition)))
+        .collect()
+}
+
+impl GroupManager {
+    pub fn new(settings: GroupSettings, offsets: OffsetStore) -> GroupManager {
+        let incarnation = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_micros())
+        );
+        GroupManager {
+            groups: Mutex::new(HashMap::new()),
+            settings,
+            offsets,
+            incarnation,
+            started: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn offsets(&self) -> &OffsetStore {
+        &self.offsets
+    }
+
+    fn partition_count(topics: &TopicRegistry) -> impl Fn(&str) -> Option<u32> + '_ {
+        move |name: &str| {
+            topics
+                .get(name)
+                .filter(|topic| !topic.internal)
+                .map(|topic| topic.partitions.len() as u32)
+        }
+    }
+
+    pub fn heartbeat(&self, request: ConsumerGroupHeartbeatRequest, topics: &TopicRegistry) -> ConsumerGroupHeartbeatResponse {
+        if request.group_id.is_empty() {
+            return ConsumerGroupHeartbeatResponse {
+                error_code: ErrorCode::InvalidRequest,
+                error_message: Some("group id must not be empty".into()),
+                ..Default::default()
+            };
+        }
+        let now_ms = self.now_ms();
+        let mut groups = self.groups.lock().expect("groups lock poisoned");
+        let group = groups
+            .entry(request.group_id.clone())
+            .or_insert_with(|| Group::new(&request.group_id, &self.incarnation));
+        let heartbeat = Heartbeat {
+            member_id: request.member_id,
+            member_epoch: request.member_epoch,
+            session_timeout_ms: request.session_timeout_ms,
+            assignor: request.assignor,
+            topics: request.topics,
+            owned: request.owned.as_deref().map(from_wire),
+        };
+        let count = Self::partition_count(topics);
+        match group.heartbeat(heartbeat, now_ms, &self.settings, &count) {
+            Ok(answer) => ConsumerGroupHeartbeatResponse {
+                error_code: ErrorCode::None,
+                error_message: None,
+                member_id: answer.member_id,
+                member_epoch: answer.member_epoch,
+                group_epoch: answer.group_epoch,
+                heartbeat_interval_ms: answer.heartbeat_interval_ms,
+                assignment: to_wire(&answer.assignment),
+                release: to_wire(&answer.release),
+            },
+            Err(error) => {
+                if group.members.is_empty() && self.offsets.group_offsets(&group.id).is_empty() {
+                    groups.remove(&request.group_id);
+                }
+                ConsumerGroupHeartbeatResponse {
+                    error_code: error.code,
+                    error_message: Some(error.message),
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    pub fn leave(&self, request: LeaveGroupRequest, topics: &TopicRegistry) -> LeaveGroupResponse {
+        let mut groups = self.groups.lock().expect("groups lock poisoned");
+        let count = Self::partition_count(topics);
+        let error_code = match groups.get_mut(&request.group_id) {
+            None => ErrorCode::UnknownMember,
+            Some(group) => match group.leave(&request.member_id, &count) {
+                Ok(()) => {
+                    tracing::info!(group = %request.group_id, member = %request.member_id, "member left");
+                    ErrorCode::None
+                }
+                Err(error) => error.code,
+            },
+        };
+        LeaveGroupResponse { error_code }
+    }
+
+    /// Expires members whose session ran out, in every group.
+    pub fn expire(&self, topics: &TopicRegistry) {
+        let now_ms = self.now_ms();
+        let count = Self::partition_count(topics);
+        let mut groups = self.groups.lock().expect("groups lock poisoned");
+        for group in groups.values_mut() {
+            for member in group.expire(now_ms, &count) {
+                tracing::info!(group = %group.id, %member, "member session expired");
+            }
+        }
+    }
+
+    /// Checks each partition's commit against the group's membership and appends the accepted
+    /// ones. The response carries a code per partition; the accepted commits are acknowledged
+    /// once [`GroupManager::finish_commit`] has made them durable and visible.
+    pub fn start_commit(&self, request: CommitOffsetsRequest) -> (CommitOffsetsResponse, Option<PendingCommit>) {
+        let mut entries = Vec::new();
+        let mut response = CommitOffsetsResponse {
+            error_code: ErrorCode::None,
+            topics: Vec::with_capacity(request.topics.len()),
+        };
+        {
+            let groups = self.groups.lock().expect("groups lock poisoned");
+            let group = groups.get(&request.group_id);
+            for topic in request.topics {
+                let mut results = Vec::with_capacity(topic.partitions.len());
+                for partition in topic.partitions {
+                    let verdict = match group {
+                        None => Err(ErrorCode::UnknownMember),
+                        Some(group) => group.check_commit(
+                            &request.member_id,
+                            request.member_epoch,
+                            &(topic.name.clone(), partition.partition),
+                        ),
+                    };
+                    let error_code = match verdict {
+                        Ok(()) => {
+                            entries.push(CommitEntry {
+                                topic: topic.name.clone(),
+                                partition: partition.partition,
+                                offset: partition.offset,
+                                metadata: partition.metadata,
+                            });
+                            ErrorCode::None
+                        }
+                        Err(code) => code,
+                    };
+                    results.push(PartitionResult {
+                        partition: partition.partition,
+                        error_code,
+                    });
+                }
+                response.topics.push(TopicResults {
+                    name: topic.name,
+                    partitions: results,
+                });
+            }
+        }
+        if entries.is_empty() {
+            return (response, None);
+        }
+        match self.offsets.append(&request.group_id, &entries) {
+            Ok((next_offset, first_position)) => (
+                response,
+                Some(PendingCommit {
+                    group: request.group_id,
+                    entries,
+                    next_offset,
+                    first_position,
+                }),
+            ),
+            Err(error) => {
+                tracing::error!(%error, "appending commits failed");
+                mark_accepted(&mut response, error.error_code());
+                (response, None)
+            }
+        }
+    }
+
+    /// Waits for a commit's durability, then makes it visible; on failure the accepted
+    /// partitions get the storage error and nothing is applied.
+    pub async fn finish_commit(self: &Arc<Self>, mut response: CommitOffsetsResponse, pending: PendingCommit) -> CommitOffsetsResponse {
+        match self.offsets.wait_durable(pending.next_offset).await {
+            Ok(()) => {
+                let manager = Arc::clone(self);
+                let applied = tokio::task::spawn_blocking(move || {
+                    manager.offsets.apply(&pending.group, &pending.entries, pending.first_position);
+                })
+                .await;
+                if applied.is_err() {
+                    mark_accepted(&mut response, ErrorCode::UnknownServerError);
+                }
+            }
+            Err(error) => {
+                self.offsets.abandon(pending.first_position);
+                mark_accepted(&mut response, error.error_code());
+            }
+        }
+        response
+    }
+
+    pub fn fetch_offsets(&self, request: FetchOffsetsRequest) -> FetchOffsetsResponse {
+        let topics = match request.topics {
+            Some(topics) => topics
+                .into_iter()
+                .map(|topic| CommittedTopic {
+                    partitions: topic
+                        .partitions
+                        .iter()
+                        .map(|partition| {
+                            let committed = self.offsets.get(&request.group_id, &topic.topic, *partition);
+                            CommittedPartition {
+                                partition: *partition,
+                                committed_offset: committed.as_ref().map_or(-1, |entry| entry.offset as i64),
+                                metadata: committed.and_then(|entry| entry.metadata),
+                            }
+                        })
+                        .collect(),
+                    name: topic.topic,
+                })
+                .collect(),
+            None => {
+                let mut by_topic: BTreeMap<String, Vec<CommittedPartition>> = BTreeMap::new();
+                for (topic, partition, committed) in self.offsets.group_offsets(&request.group_id) {
+                    by_topic.entry(topic).or_default().push(CommittedPartition {
+                        partition,
+                        committed_offset: committed.offset as i64,
+                        metadata: committed.metadata,
+                    });
+                }
+                by_topic
+                    .into_iter()
+                    .map(|(name, partitions)| CommittedTopic { name, partitions })
+                    .collect()
+            }
+        };
+        FetchOffsetsResponse {
+            error_code: ErrorCode::None,
+            topics,
+        }
+    }
+
+    pub fn describe(&self, request: DescribeGroupRequest, topics: &TopicRegistry) -> DescribeGroupResponse {
+        let groups = self.groups.lock().expect("groups lock poisoned");
+        let group = groups.get(&request.group_id);
+        let committed = self.offsets.group_offsets(&request.group_id);
+        if group.is_none() && committed.is_empty() {
+            return DescribeGroupResponse {
+                error_code: ErrorCode::UnknownGroup,
+                group_id: request.group_id,
+                ..Default::default()
+            };
+        }
+        let mut partitions: BTreeMap<TopicPartition, i64> = committed
+            .into_iter()
+            .map(|(topic, partition, entry)| ((topic, partition), entry.offset as i64))
+            .collect();
+        let mut members = Vec::new();
+        if let Some(group) = group {
+            for member in group.members.values() {
+                let assigned = group.target.get(&member.id).cloned().unwrap_or_default();
+                for partition in &assigned {
+                    partitions.entry(partition.clone()).or_insert(-1);
+                }
+                members.push(GroupMemberDescription {
+                    member_id: member.id.clone(),
+                    member_epoch: member.epoch,
+                    topics: member.topics.iter().cloned().collect(),
+                    assigned: to_wire(&assigned),
+                    owned: to_wire(&member.given),
+                });
+            }
+        }
+        let offsets = partitions
+            .into_iter()
+            .map(|((topic, partition), committed_offset)| {
+                let log_end_offset = topics
+                    .get(&topic)
+                    .and_then(|entry| entry.partition(partition).map(|log| log.latest_offset()))
+                    .unwrap_or(0);
+                let lag = if committed_offset < 0 {
+                    -1
+                } else {
+                    (log_end_offset as i64 - committed_offset).max(0)
+                };
+                GroupOffsetDescription {
+                    topic,
+                    partition,
+                    committed_offset,
+                    log_end_offset,
+                    lag,
+                }
+            })
+            .collect();
+        DescribeGroupResponse {
+            error_code: ErrorCode::None,
+            group_id: request.group_id,
+            state: group.map_or("empty", Group::state).to_owned(),
+            group_epoch: group.map_or(0, |group| group.epoch),
+            assignor: group.map_or_else(|| assignor::Assignor::default().to_string(), |group| group.assignor.to_string()),
+            members,
+            offsets,
+        }
+    }
+
+    pub fn list(&self) -> ListGroupsResponse {
+        let groups = self.groups.lock().expect("groups lock poisoned");
+        let mut listed: BTreeMap<String, GroupListing> = self
+            .offsets
+            .groups()
+            .into_iter()
+            .map(|group_id| {
+                (
+                    group_id.clone(),
+                    GroupListing {
+                        group_id,
+                        state: "empty".into(),
+                        members: 0,
+                    },
+                )
+            })
+            .collect();
+        for group in groups.values() {
+            listed.insert(
+                group.id.clone(),
+                GroupListing {
+                    group_id: group.id.clone(),
+                    state: group.state().into(),
+                    members: group.members.len() as u32,
+                },
+            );
+        }
+        ListGroupsResponse {
+            groups: listed.into_values().collect(),
+        }
+    }
+
+    /// Lag per (group, topic, partition) for every committed offset, for metrics.
+    pub fn lags(&self, topics: &TopicRegistry) -> Vec<(String, String, u32, u64)> {
+        let mut out = Vec::new();
+        for group in self.offsets.groups() {
+            for (topic, partition, committed) in self.offsets.group_offsets(&group) {
+                if let Some(log) = topics.get(&topic).and_then(|entry| entry.partition(partition).cloned()) {
+                    out.push((group.clone(), topic, partition, log.latest_offset().saturating_sub(committed.offset)));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn mark_accepted(response: &mut CommitOffsetsResponse, code: ErrorCode) {
+    for topic in &mut response.topics {
+        for partition in &mut topic.partitions {
+            if partition.error_code == ErrorCode::None {
+                partition.error_code = code;
+            }
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Committed offsets: stored in the internal `__consumer_offsets` log (the same storage engine
+//! as every topic), kept in memory for lookups, replayed on start.
+//!
+//! ```text
+//! record key:    version u8 (1), group u16-string, topic u16-string, partition u32
+//! record value:  version u8 (1), offset u64, metadata i16-nullable-string
+//! snapshot file: <data-dir>/groups/offsets.snapshot
+//!                "SLOS", version u8, covered_offset u64, count u32,
+//!                entries { group, topic, partition u32, offset u64, metadata }, crc32c u32
+//! ```
+//!
+//! A commit is appended, and only once it is fsynced is it applied to the in-memory table and
+//! acknowledged, so an acknowledged commit survives a crash and a lost one was never visible.
+//! Whenever the log rolls a segment, a snapshot of the whole table is written durably; start-up
+//! then replays only what follows the snapshot.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, BufMut, BytesMut};
+use sluice_protocol::RecordBatchBuilder;
+use sluice_protocol::batch::split_batches;
+
+use crate::storage::fs::{Fs, read_file, write_file_durably};
+use crate::storage::{PartitionLog, StorageError};
+
+/// The internal topic holding commits.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+const RECORD_VERSION: u8 = 1;
+const SNAPSHOT_MAGIC: &[u8; 4] = b"SLOS";
+const SNAPSHOT_VERSION: u8 = 1;
+
+/// (group, topic, partition).
+pub type OffsetKey = (String, String, u32);
+
+/// A committed offset: the next offset to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub offset: u64,
+    pub metadata: Option<String>,
+    /// Where the commit sits in the offsets log; a later commit always wins, whatever order
+    /// durability completes in.
+    log_position: u64,
+}
+
+/// One commit of a request.
+#[derive(Clone, Debug)]
+pub struct CommitEntry {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub metadata: Option<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    committed: HashMap<OffsetKey, Committed>,
+    /// First log positions of commits appended but not yet applied: a snapshot must not claim
+    /// to cover them.
+    pending: BTreeSet<u64>,
+    segments_at_snapshot: usize,
+}
+
+/// The committed offsets of every group.
+#[derive(Debug)]
+pub struct OffsetStore {
+    log: Arc<PartitionLog>,
+    fs: Fs,
+    snapshot_path: PathBuf,
+    state: Mutex<State>,
+}
+
+fn put_short_string(out: &mut BytesMut, value: &str) {
+    let bytes = value.as_bytes();
+    let length = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+    out.put_u16(length);
+    out.put_slice(&bytes[..usize::from(length)]);
+}
+
+fn put_metadata(out: &mut BytesMut, value: Option<&str>) {
+    match value {
+        None => out.put_i16(-1),
+        Some(value) => {
+            let length = value.len().min(i16::MAX as usize);
+            out.put_i16(length as i16);
+            out.put_slice(&value.as_bytes()[..length]);
+        }
+    }
+}
+
+fn get_short_string(src: &mut &[u8]) -> Option<String> {
+    if src.remaining() < 2 {
+        return None;
+    }
+    let length = usize::from(src.get_u16());
+    let bytes = src.get(..length)?;
+    let value = std::str::from_utf8(bytes).ok()?.to_owned();
+    src.advance(length);
+    Some(value)
+}
+
+fn get_metadata(src: &mut &[u8]) -> Option<Option<String>> {
+    if src.remaining() < 2 {
+        return None;
+    }
+    let length = src.get_i16();
+    if length == -1 {
+        return Some(None);
+    }
+    let length = usize::try_from(length).ok()?;
+    let bytes = src.get(..length)?;
+    let value = std::str::from_utf8(bytes).ok()?.to_owned();
+    src.advance(length);
+    Some(Some(value))
+}
+
+fn encode_key(group: &str, topic: &str, partition: u32) -> BytesMut {
+    let mut key = BytesMut::new();
+    key.put_u8(RECORD_VERSION);
+    put_short_string(&mut key, group);
+    put_short_string(&mut key, topic);
+    key.put_u32(partition);
+    key
+}
+
+fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64, Option<String>)> {
+    let mut key = key;
+    if key.first() != Some(&RECORD_VERSION) {
+        return None;
+    }
+    key.advance(1);
+    let group = get_short_string(&mut key)?;
+    let topic = get_short_string(&mut key)?;
+    if key.remaining() != 4 {
+        return None;
+    }
+    let partition = key.get_u32();
+    let mut value = value;
+    if value.first() != Some(&RECORD_VERSION) || value.len() < 9 {
+        return None;
+    }
+    value.advance(1);
+    let offset = value.get_u64();
+    let metadata = get_metadata(&mut value)?;
+    Some(((group, topic, partition), offset, metadata))
+}
+
+impl OffsetStore {
+    /// Loads the snapshot, then replays the log after it. Blocking.
+    pub fn open(fs: Fs, groups_dir: PathBuf, log: Arc<PartitionLog>) -> Result<OffsetStore, String> {
+        fs.create_dir_all(&groups_dir)
+            .map_err(|error| format!("create {}: {error}", groups_dir.display()))?;
+        let snapshot_path = groups_dir.join("offsets.snapshot");
+        let (mut committed, covered) = match read_file(fs.as_ref(), &snapshot_path) {
+            Ok(bytes) => decode_snapshot(&bytes).unwrap_or_else(|| {
+                tracing::warn!(path = %snapshot_path.display(), "ignoring an unreadable offsets snapshot; replaying the whole log");
+                (HashMap::new(), 0)
+            }),
+            Err(_) => (HashMap::new(), 0),
+        };
+        let mut position = covered.max(log.earliest_offset());
+        let end = log.latest_offset();
+        let mut replayed = 0usize;
+        while position < end {
+            let read = log.read(position, 1 << 20).map_err(|error| format!("replay {OFFSETS_TOPIC}: {error}"))?;
+            if read.records.is_empty() {
+                break;
+            }
+            for batch in split_batches(&read.records) {
+                let batch = batch.map_err(|error| format!("replay {OFFSETS_TOPIC}: {error}"))?;
+                for record in batch.records() {
+                    let record = record.map_err(|error| format!("replay {OFFSETS_TOPIC}: {error}"))?;
+                    let record_position = record.offset(batch.base_offset());
+                    if record_position < position {
+                        continue;
+                    }
+                    if let Some((key, offset, metadata)) = decode_record(record.key.unwrap_or_default(), record.value) {
+                        // The snapshot may hold a later commit applied before an earlier one.
+                        let newer = committed.get(&key).is_none_or(|existing: &Committed| existing.log_position < record_position);
+                        if newer {
+                            committed.insert(key, Committed { offset, metadata, log_position: record_position });
+                        }
+                        replayed += 1;
+                    }
+                }
+                position = batch.last_offset() + 1;
+            }
+        }
+        tracing::info!(entries = committed.len(), replayed, from = covered, "loaded committed offsets");
+        let segments = log.segment_count();
+        Ok(OffsetStore {
+            log,
+            fs,
+            snapshot_path,
+            state: Mutex::new(State {
+                committed,
+                pending: BTreeSet::new(),
+                segments_at_snapshot: segments,
+            }),
+        })
+    }
+
+    /// Appends a group's commits to the log (page cache). Returns the offset to wait for
+    /// durability of, and the log position of the first entry.
+    pub fn append(&self, group: &str, entries: &[CommitEntry]) -> Result<(u64, u64), StorageError> {
+        let mut builder = RecordBatchBuilder::new();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        for entry in entries {
+            let key = encode_key(group, &entry.topic, entry.partition);
+            let mut value = BytesMut::new();
+            value.put_u8(RECORD_VERSION);
+            value.put_u64(entry.offset);
+            put_metadata(&mut value, entry.metadata.as_deref());
+            builder.append(now_ms, Some(&key), &value, &[]);
+        }
+        // Under the lock, so a snapshot never sees the log position without the pending mark.
+        let mut state = self.state.lock().expect("offsets lock poisoned");
+        let info = self.log.append(builder.build())?;
+        state.pending.insert(info.base_offset);
+        Ok((info.last_offset + 1, info.base_offset))
+    }
+
+    /// Forgets a commit whose durability failed: it is never applied.
+    pub fn abandon(&self, first_position: u64) {
+        self.state.lock().expect("offsets lock poisoned").pending.remove(&first_position);
+    }
+
+    /// Waits until the commits appended up to `next_offset` are fsynced.
+    pub async fn wait_durable(&self, next_offset: u64) -> Result<(), StorageError> {
+        self.log.wait_durable(next_offset).await
+    }
+
+    /// Makes durable commits visible. `first_position` is what [`OffsetStore::append`] returned.
+    pub fn apply(&self, group: &str, entries: &[CommitEntry], first_position: u64) {
+        let mut state = self.state.lock().expect("offsets lock poisoned");
+        state.pending.remove(&first_position);
+        for (index, entry) in entries.iter().enumerate() {
+            let log_position = first_position + index as u64;
+            let key = (group.to_owned(), entry.topic.clone(), entry.partition);
+            let newer = state
+                .committed
+                .get(&key)
+                .is_none_or(|existing| existing.log_position < log_position);
+            if newer {
+                state.committed.insert(
+                    key,
+                    Committed {
+                        offset: entry.offset,
+                        metadata: entry.metadata.clone(),
+                        log_position,
+                    },
+                );
+            }
+        }
+        let segments = self.log.segment_count();
+        if segments != state.segments_at_snapshot {
+            state.segments_at_snapshot = segments;
+            let covered = state.pending.first().copied().unwrap_or_else(|| self.log.latest_offset());
+            let bytes = encode_snapshot(&state.committed, covered);
+            drop(state);
+            // Off the runtime's hot path in practice: a roll happens once per segment.
+            if let Err(error) = write_file_durably(self.fs.as_ref(), &self.snapshot_path, &bytes) {
+                tracing::warn!(path = %self.snapshot_path.display(), %error, "offsets snapshot failed; start-up will replay more");
+            }
+        }
+    }
+
+    /// The committed offset of one partition.
+    pub fn get(&self, group: &str, topic: &str, partition: u32) -> Option<Committed> {
+        let state = self.state.lock().expect("offsets lock poisoned");
+        state.committed.get(&(group.to_owned(), topic.to_owned(), partition)).cloned()
+    }
+
+    /// Every committed offset of a group, sorted.
+    pub fn group_offsets(&self, group: &str) -> Vec<(String, u32, Committed)> {
+        let state = self.state.lock().expect("offsets lock poisoned");
+        let mut out: Vec<(String, u32, Committed)> = state
+            .committed
+            .iter()
+            .filter(|((owner, _, _), _)| owner == group)
+            .map(|((_, topic, partition), committed)| (topic.clone(), *partition, committed.clone()))
+            .collect();
+        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        out
+    }
+
+    /// Groups that have committed offsets.
+    pub fn groups(&self) -> BTreeSet<String> {
+        let state = self.state.lock().expect("offsets lock poisoned");
+        state.committed.keys().map(|(group, _, _)| group.clone()).collect()
+    }
+}
+
+fn encode_snapshot(committed: &HashMap<OffsetKey, Committed>, covered: u64) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    out.put_slice(SNAPSHOT_MAGIC);
+    out.put_u8(SNAPSHOT_VERSION);
+    out.put_u64(covered);
+    out.put_u32(committed.len() as u32);
+    for ((group, topic, partition), entry) in committed {
+        put_short_string(&mut out, group);
+        put_short_string(&mut out, topic);
+        out.put_u32(*partition);
+        out.put_u64(entry.offset);
+        out.put_u64(entry.log_position);
+        put_metadata(&mut out, entry.metadata.as_deref());
+    }
+    let crc = crc32c::crc32c(&out);
+    out.put_u32(crc);
+    out.to_vec()
+}
+
+fn decode_snapshot(bytes: &[u8]) -> Option<(HashMap<OffsetKey, Committed>, u64)> {
+    let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+    if crc32c::crc32c(body).to_be_bytes() != crc {
+        return None;
+    }
+    let mut src = body;
+    if src.get(..4)? != SNAPSHOT_MAGIC {
+        return None;
+    }
+    src.advance(4);
+    if src.remaining() < 13 || src.get_u8() != SNAPSHOT_VERSION {
+        return None;
+    }
+    let covered = src.get_u64();
+    let count = src.get_u32();
+    let mut committed = HashMap::new();
+    for _ in 0..count {
+        let group = get_short_string(&mut src)?;
+        let topic = get_short_string(&mut src)?;
+        if src.remaining() < 20 {
+            return None;
+        }
+        let partition = src.get_u32();
+        let offset = src.get_u64();
+        let log_position = src.get_u64();
+        let metadata = get_metadata(&mut src)?;
+        committed.insert((group, topic, partition), Committed { offset, metadata, log_position });
+    }
+    src.is_empty().then_some((committed, covered))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let key = encode_key("g", "orders", 7);
+        let mut value = BytesMut::new();
+        value.put_u8(RECORD_VERSION);
+        value.put_u64(42);
+        put_metadata(&mut value, Some("m"));
+        let decoded = decode_record(&key, &value).unwrap();
+        assert_eq!(decoded, (("g".into(), "orders".into(), 7), 42, Some("m".into())));
+        assert!(decode_record(&key[..key.len() - 1], &value).is_none());
+        assert!(decode_record(&key, &value[..5]).is_none());
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_reject_damage() {
+        let mut committed = HashMap::new();
+        committed.insert(("g".into(), "t".into(), 1), Committed { offset: 5, metadata: None, log_position: 3 });
+        committed.insert(("h".into(), "t".into(), 0), Committed { offset: 9, metadata: Some("x".into()), log_position: 8 });
+        let bytes = encode_snapshot(&committed, 77);
+        let (decoded, covered) = decode_snapshot(&bytes).unwrap();
+        assert_eq!(covered, 77);
+        assert_eq!(decoded, committed);
+        for position in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[position] ^= 0x20;
+            assert!(decode_snapshot(&damaged).is_none(), "flip at {position}");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The QUIC listener: one quinn endpoint on UDP, TLS 1.3 with ALPN `sluice/1`.
+//!
+//! ```text
+//! endpoint.accept() ─▶ connection slot? ─no──▶ refused (max_connections, shared with TCP)
+//!                            │yes
+//!                            ▼
+//!                        handshake ─▶ accept_bi() ─┬─▶ stream ─▶ connection::serve
+//!                                     (at most      ├─▶ stream ─▶ connection::serve
+//!                                   max_quic_streams└─▶ ...
+//!                                    open at once)
+//! ```
+//!
+//! Each bidirectional stream is an independent request/response channel carrying the same
+//! frames as a TCP connection, so [`connection::serve`] serves it unchanged: frame limits,
+//! in-flight limits and the mid-frame deadline apply per stream. A bad frame ends only its
+//! stream; the connection's other streams, and other clients, carry on.
+//!
+//! QUIC itself bounds what a client can open: at most `limits.max_quic_streams` bidirectional
+//! streams at once (a client asking for more waits until one closes), no unidirectional
+//! streams, and a connection-wide receive window.
+//!
+//! Shutdown: the endpoint stops taking connections, each connection stops taking streams, the
+//! streams drain through `serve` (which watches the same signal), then each connection is held
+//! until the peer closes it or [`PEER_CLOSE_GRACE`] passes. Closing at once would be abrupt: a
+//! QUIC close discards stream data the peer has not acknowledged yet, so the last answers
+//! could be lost (DEPENDENCIES.md, pitfall 3). Last, the endpoint closes and waits until idle.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::VarInt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::connection;
+use crate::tls::{self, TlsError};
+use crate::{BrokerState, StartError};
+
+/// How long shutdown waits for connections to finish their in-flight requests (as TCP).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection whose streams have all finished is held open at shutdown for the peer
+/// to read the last answers and close it.
+const PEER_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long closing the endpoint may wait for its connections' close to reach their peers.
+const ENDPOINT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// An idle connection sends a keep-alive this often, so a long-poll fetch waiting for data is
+/// not mistaken for a dead peer (quinn's idle timeout is 30 s, as `fetch_max_wait_ms`).
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Bytes a client may have in flight towards the broker across all its streams, so that many
+/// streams times the per-stream window cannot make the broker buffer without bound.
+const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// Application error code of a connection the broker closes because it is shutting down.
+const SHUTTING_DOWN_CODE: u32 = 0;
+
+/// Loads or creates the certificate and binds the endpoint on `listeners.quic`. Returns the
+/// endpoint and the address it is bound to (port 0 picks a free port).
+///
+/// # Errors
+/// [`StartError::Tls`] without a usable certificate, [`StartError::Bind`] when the UDP address
+/// cannot be bound.
+pub async fn bind(config: &Config) -> Result<(quinn::Endpoint, SocketAddr), StartError> {
+    let listeners = config.listeners.clone();
+    let data_dir = config.data_dir.clone();
+    // Reading, generating and fsyncing certificate files blocks.
+    let tls_config = tokio::task::spawn_blocking(move || tls::server_config(&listeners, &data_dir))
+        .await
+        .map_err(|error| TlsError::Generate(format!("the certificate task failed: {error}")))??;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls_config)
+        .map_err(|error| TlsError::Config(format!("not usable for QUIC: {error}")))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server_config.transport_config(Arc::new(transport_config(config)));
+
+    let address = config.listeners.quic;
+    let bind_error = |source| StartError::Bind {
+        what: "quic",
+        address,
+        source,
+    };
+    let endpoint = quinn::Endpoint::server(server_config, address).map_err(bind_error)?;
+    let quic_addr = endpoint.local_addr().map_err(bind_error)?;
+    tracing::info!(%quic_addr, "QUIC listening (UDP, ALPN sluice/1)");
+    Ok((endpoint, quic_addr))
+}
+
+fn transport_config(config: &Config) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(config.limits.max_quic_streams))
+        // Sluice uses request/response streams only.
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    transport
+}
+
+/// Accepts connections until shutdown, then lets them drain and closes the endpoint.
+pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<BrokerState>) {
+    let mut connections = JoinSet::new();
+    let mut shutdown = state.shutdown_receiver();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        // None: the endpoint was closed, which only this function does.
+        let Some(incoming) = incoming else { break };
+        let Ok(slot) = Arc::clone(&state.connection_slots).try_acquire_owned() else {
+            // Refused before the handshake: an over-limit client costs no TLS work or state.
+            tracing::warn!(
+                peer = %incoming.remote_address(),
+                max_connections = state.config.limits.max_connections,
+                "refusing QUIC connection over max_connections"
+            );
+            incoming.refuse();
+            continue;
+        };
+        connections.spawn(serve_connection(incoming, Arc::clone(&state), slot));
+    }
+    // Newcomers are refused from here on; the connections below wind down.
+    endpoint.set_server_config(None);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("QUIC connections did not drain in time; closing them");
+        connections.shutdown().await;
+    }
+    endpoint.close(
+        VarInt::from_u32(SHUTTING_DOWN_CODE),
+        b"broker shutting down",
+    );
+    let _ = tokio::time::timeout(ENDPOINT_IDLE_TIMEOUT, endpoint.wait_idle()).await;
+}
+
+/// Completes the handshake, then serves every bidirectional stream the peer opens until the
+/// peer closes the connection or the broker shuts down. Holds one connection slot throughout.
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    state: Arc<BrokerState>,
+    slot: OwnedSemaphorePermit,
+) {
+    let remote = incoming.remote_address();
+    // The handshake is bounded by quinn's idle timeout.
+    let quic_connection = match incoming.await {
+        Ok(quic_connection) => quic_connection,
+        Err(error) => {
+            tracing::debug!(%remote, %error, "QUIC handshake failed");
+            return;
+        }
+    };
+    tracing::debug!(%remote, "QUIC connection opened");
+    let mut streams = JoinSet::new();
+    let mut shutdown = state.shutdown_receiver();
+    let shutting_down = loop {
+        tokio::select! {
+            accepted = quic_connection.accept_bi() => match accepted {
+                Ok((send_stream, receive_stream)) => {
+                    let peer = format!("quic://{remote} stream {}", send_stream.id().index());
+                    // One duplex stream out of the two halves, as `serve` takes a TCP socket.
+                    let stream = tokio::io::join(receive_stream, send_stream);
+                    streams.spawn(connection::serve(stream, Arc::clone(&state), peer));
+                }
+                Err(error) => {
+                    tracing::debug!(%remote, %error, "QUIC connection ended");
+                    break false;
+                }
+            },
+            // `wait_for`, not `changed`: shutdown may have started before this task subscribed.
+            _ = shutdown.wait_for(|stopping| *stopping) => break true,
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    };
+    // Each stream's `serve` sees the same signal (or the lost connection) and finishes its
+    // in-flight requests first.
+    while streams.join_next().await.is_some() {}
+    if shutting_down {
+        // Every answer has been handed to quinn, but a close now would drop what the peer has
+        // not acknowledged. The peer closes once it has read its streams to the end.
+        let _ = tokio::time::timeout(PEER_CLOSE_GRACE, quic_connection.closed()).await;
+        quic_connection.close(
+            VarInt::from_u32(SHUTTING_DOWN_CODE),
+            b"broker shutting down",
+        );
+    }
+    tracing::debug!(%remote, "QUIC connection closed");
+    drop(slot);
+}

@@ -1,0 +1,252 @@
+//! Consumer groups against a real broker: membership, assignment, commits, fencing, lag,
+//! and committed offsets surviving a restart and a kill -9.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use sluice_broker::{Broker, BrokerHandle, Config};
+use sluice_client::Connection;
+use sluice_protocol::messages::*;
+use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
+
+fn config(data_dir: &Path) -> Config {
+    let mut config = Config {
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
+    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
+    config.listeners.http = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
+    let broker = Broker::start(config(data_dir)).await.expect("broker starts");
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr)).await.expect("connect");
+    (broker, connection)
+}
+
+async fn create_topic(connection: &Connection, name: &str, partitions: u32) {
+    let Response::CreateTopics(response) = connection
+        .send(CreateTopicsRequest {
+            topics: vec![CreateTopic { name: name.into(), partitions, configs: vec![] }],
+            validate_only: false,
+        })
+        .await
+        .unwrap() else { panic!() };
+    assert_eq!(response.results[0].error_code, ErrorCode::None);
+}
+
+async fn produce(connection: &Connection, topic: &str, partition: u32, count: usize) {
+    let mut builder = RecordBatchBuilder::new();
+    for index in 0..count {
+        builder.append(index as i64, None, b"v", &[]);
+    }
+    let Response::Produce(response) = connection
+        .send(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: topic.into(),
+                partitions: vec![ProducePartition { partition, records: builder.build().into_bytes() }],
+            }],
+        })
+        .await
+        .unwrap() else { panic!() };
+    assert_eq!(response.topics[0].partitions[0].error_code, ErrorCode::None);
+}
+
+async fn heartbeat(connection: &Connection, request: ConsumerGroupHeartbeatRequest) -> ConsumerGroupHeartbeatResponse {
+    let Response::ConsumerGroupHeartbeat(response) = connection.send(request).await.unwrap() else { panic!() };
+    response
+}
+
+fn join(group: &str, topic: &str) -> ConsumerGroupHeartbeatRequest {
+    ConsumerGroupHeartbeatRequest {
+        group_id: group.into(),
+        topics: Some(vec![topic.into()]),
+        ..Default::default()
+    }
+}
+
+fn partitions(list: &[TopicPartitions]) -> BTreeSet<(String, u32)> {
+    list.iter()
+        .flat_map(|entry| entry.partitions.iter().map(|p| (entry.topic.clone(), *p)))
+        .collect()
+}
+
+async fn commit(connection: &Connection, group: &str, member: &ConsumerGroupHeartbeatResponse, topic: &str, partition: u32, offset: u64) -> ErrorCode {
+    let Response::CommitOffsets(response) = connection
+        .send(CommitOffsetsRequest {
+            group_id: group.into(),
+            member_id: member.member_id.clone(),
+            member_epoch: member.member_epoch,
+            topics: vec![CommitTopic {
+                name: topic.into(),
+                partitions: vec![CommitPartition { partition, offset, metadata: None }],
+            }],
+        })
+        .await
+        .unwrap() else { panic!() };
+    response.topics[0].partitions[0].error_code
+}
+
+async fn committed(connection: &Connection, group: &str, topic: &str, partition: u32) -> i64 {
+    let Response::FetchOffsets(response) = connection
+        .send(FetchOffsetsRequest {
+            group_id: group.into(),
+            topics: Some(vec![TopicPartitions { topic: topic.into(), partitions: vec![partition] }]),
+        })
+        .await
+        .unwrap() else { panic!() };
+    response.topics[0].partitions[0].committed_offset
+}
+
+#[tokio::test]
+async fn two_members_split_partitions_commit_and_describe_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create_topic(&connection, "orders", 4).await;
+    produce(&connection, "orders", 0, 10).await;
+
+    let first = heartbeat(&connection, join("billing", "orders")).await;
+    assert_eq!(first.error_code, ErrorCode::None);
+    assert_eq!(partitions(&first.assignment).len(), 4);
+    let second = heartbeat(&connection, join("billing", "orders")).await;
+    assert_eq!(second.error_code, ErrorCode::None);
+    assert!(second.assignment.is_empty(), "nothing is free until the first member releases");
+
+    // The first member is told to release half; it reports the release.
+    let told = heartbeat(
+        &connection,
+        ConsumerGroupHeartbeatRequest {
+            group_id: "billing".into(),
+            member_id: first.member_id.clone(),
+            member_epoch: first.member_epoch,
+            owned: Some(first.assignment.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let release = partitions(&told.release);
+    assert_eq!(release.len(), 2);
+    let keep = partitions(&told.assignment);
+    let kept: Vec<TopicPartitions> = keep
+        .iter()
+        .map(|(topic, partition)| TopicPartitions { topic: topic.clone(), partitions: vec![*partition] })
+        .collect();
+    // Commit on a partition it still holds before releasing it: accepted.
+    let (_, released_partition) = release.iter().next().unwrap().clone();
+    assert_eq!(commit(&connection, "billing", &told, "orders", released_partition, 3).await, ErrorCode::None);
+    let after = heartbeat(
+        &connection,
+        ConsumerGroupHeartbeatRequest {
+            group_id: "billing".into(),
+            member_id: first.member_id.clone(),
+            member_epoch: told.member_epoch,
+            owned: Some(kept),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(after.release.is_empty());
+    let second_now = heartbeat(
+        &connection,
+        ConsumerGroupHeartbeatRequest {
+            group_id: "billing".into(),
+            member_id: second.member_id.clone(),
+            member_epoch: second.member_epoch,
+            owned: Some(vec![]),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(partitions(&second_now.assignment), release);
+
+    // The first member no longer holds the released partition: its commit there is fenced,
+    // and nothing is stored.
+    assert_eq!(
+        commit(&connection, "billing", &after, "orders", released_partition, 9).await,
+        ErrorCode::FencedMemberEpoch
+    );
+    assert_eq!(committed(&connection, "billing", "orders", released_partition).await, 3);
+    // A stranger's commit is refused.
+    let stranger = ConsumerGroupHeartbeatResponse { member_id: "nobody".into(), ..Default::default() };
+    assert_eq!(commit(&connection, "billing", &stranger, "orders", 0, 1).await, ErrorCode::UnknownMember);
+
+    // The new owner commits partition 0's progress; describe shows lag = end - committed.
+    if partitions(&second_now.assignment).contains(&("orders".to_owned(), 0)) {
+        assert_eq!(commit(&connection, "billing", &second_now, "orders", 0, 4).await, ErrorCode::None);
+    } else {
+        assert_eq!(commit(&connection, "billing", &after, "orders", 0, 4).await, ErrorCode::None);
+    }
+    let Response::DescribeGroup(described) = connection
+        .send(DescribeGroupRequest { group_id: "billing".into() })
+        .await
+        .unwrap() else { panic!() };
+    assert_eq!(described.error_code, ErrorCode::None);
+    assert_eq!(described.members.len(), 2);
+    let zero = described.offsets.iter().find(|o| o.topic == "orders" && o.partition == 0).unwrap();
+    assert_eq!((zero.committed_offset, zero.log_end_offset, zero.lag), (4, 10, 6));
+
+    let Response::ListGroups(list) = connection.send(ListGroupsRequest {}).await.unwrap() else { panic!() };
+    assert_eq!(list.groups.len(), 1);
+    assert_eq!(list.groups[0].members, 2);
+
+    let Response::LeaveGroup(left) = connection
+        .send(LeaveGroupRequest { group_id: "billing".into(), member_id: second.member_id.clone() })
+        .await
+        .unwrap() else { panic!() };
+    assert_eq!(left.error_code, ErrorCode::None);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn committed_offsets_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create_topic(&connection, "t", 2).await;
+    let member = heartbeat(&connection, join("g", "t")).await;
+    for round in 0..50u64 {
+        assert_eq!(commit(&connection, "g", &member, "t", (round % 2) as u32, round).await, ErrorCode::None);
+    }
+    drop(connection);
+    broker.shutdown().await;
+    let (broker, connection) = start(dir.path()).await;
+    assert_eq!(committed(&connection, "g", "t", 0).await, 48);
+    assert_eq!(committed(&connection, "g", "t", 1).await, 49);
+    assert_eq!(committed(&connection, "g", "t", 5).await, -1);
+    // The member's session did not survive the restart: it must join again.
+    let stale = heartbeat(
+        &connection,
+        ConsumerGroupHeartbeatRequest {
+            group_id: "g".into(),
+            member_id: member.member_id.clone(),
+            member_epoch: member.member_epoch,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(stale.error_code, ErrorCode::UnknownMember);
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_group_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    let no_topics = heartbeat(&connection, ConsumerGroupHeartbeatRequest { group_id: "g".into(), ..Default::default() }).await;
+    assert_eq!(no_topics.error_code, ErrorCode::InvalidRequest);
+    let bad_timeout = heartbeat(
+        &connection,
+        ConsumerGroupHeartbeatRequest { session_timeout_ms: 5, ..join("g", "t") },
+    )
+    .await;
+    assert_eq!(bad_timeout.error_code, ErrorCode::InvalidSessionTimeout);
+    let Response::DescribeGroup(described) = connection
+        .send(DescribeGroupRequest { group_id: "ghost".into() })
+        .await
+        .unwrap() else { panic!() };
+    assert_eq!(described.error_code, ErrorCode::UnknownGroup);
+    broker.shutdown().await;
+}

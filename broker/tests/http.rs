@@ -1,0 +1,596 @@
+//! The HTTP admin port of a real broker: `/livez`, `/readyz`, `/metrics`, fetched with
+//! hand-written HTTP/1.1 over a `TcpStream`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use sluice_broker::{Broker, BrokerHandle, Config};
+use sluice_client::Connection;
+use sluice_protocol::messages::*;
+use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Every wait in these tests is for a condition, bounded by this.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn config(data_dir: &Path) -> Config {
+    let mut config = Config {
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
+    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
+    config.listeners.http = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+async fn start(data_dir: &Path) -> (BrokerHandle, SocketAddr) {
+    let broker = Broker::start(config(data_dir))
+        .await
+        .expect("broker starts");
+    let http_addr = broker.http_addr.expect("the admin port is served");
+    assert_ne!(http_addr.port(), 0);
+    (broker, http_addr)
+}
+
+/// An HTTP answer: status, headers (lower-case names), body.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+/// `GET path` over a fresh connection, HTTP/1.1 by hand, read to the end.
+async fn get(address: SocketAddr, path: &str) -> Answer {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut raw))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let text = String::from_utf8(raw).expect("UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let mut parts = status_line.splitn(3, ' ');
+    assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
+    let status = parts.next().unwrap().parse().expect("a status code");
+    let headers: BTreeMap<String, String> = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').expect("name: value");
+            (name.trim().to_ascii_lowercase(), value.trim().to_owned())
+        })
+        .collect();
+    let body = if headers.get("transfer-encoding").map(String::as_str) == Some("chunked") {
+        dechunk(body)
+    } else {
+        if let Some(length) = headers.get("content-length") {
+            assert_eq!(body.len(), length.parse::<usize>().unwrap());
+        }
+        body.to_owned()
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..]
+            .strip_prefix("\r\n")
+            .expect("CRLF after a chunk");
+    }
+}
+
+/// One sample of an exposition: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Suffixes a sample name may add to its family's name.
+const SAMPLE_SUFFIXES: [&str; 5] = ["_total", "_bucket", "_count", "_sum", "_created"];
+
+/// Checks the text exposition format line by line and returns its samples: every line is a
+/// comment (`# HELP`, `# TYPE`, `# UNIT`, the final `# EOF`) or `name{labels} value` with a
+/// float value, and every sample belongs to a family declared by an earlier `# TYPE`.
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut families: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (index, line) in lines.iter().enumerate() {
+        if let Some(comment) = line.strip_prefix('#') {
+            let words: Vec<&str> = comment.split_whitespace().collect();
+            match words.first().copied() {
+                Some("TYPE") => {
+                    assert_eq!(words.len(), 3, "{line}");
+                    assert!(
+                        [
+                            "counter",
+                            "gauge",
+                            "histogram",
+                            "summary",
+                            "info",
+                            "unknown"
+                        ]
+                        .contains(&words[2]),
+                        "{line}"
+                    );
+                    let fresh = families.insert(words[1].to_owned(), words[2].to_owned());
+                    assert!(fresh.is_none(), "family declared twice: {line}");
+                }
+                Some("HELP" | "UNIT") => assert!(words.len() >= 2, "{line}"),
+                Some("EOF") => assert_eq!(index, lines.len() - 1, "# EOF is the last line"),
+                _ => panic!("unexpected comment: {line}"),
+            }
+            continue;
+        }
+        let sample = parse_sample(line);
+        let family = std::iter::once(sample.name.as_str())
+            .chain(
+                SAMPLE_SUFFIXES
+                    .iter()
+                    .filter_map(|suffix| sample.name.strip_suffix(suffix)),
+            )
+            .find(|name| families.contains_key(*name));
+        assert!(family.is_some(), "sample without a # TYPE: {line}");
+        samples.push(sample);
+    }
+    assert!(!samples.is_empty());
+    samples
+}
+
+fn is_name_character(character: char, first: bool) -> bool {
+    character.is_ascii_alphabetic()
+        || character == '_'
+        || character == ':'
+        || (!first && character.is_ascii_digit())
+}
+
+fn parse_sample(line: &str) -> Sample {
+    let bytes = line.as_bytes();
+    let name_end = line
+        .char_indices()
+        .find(|(index, character)| !is_name_character(*character, *index == 0))
+        .map_or(line.len(), |(index, _)| index);
+    assert!(name_end > 0, "no metric name: {line}");
+    let mut at = name_end;
+    let mut labels = BTreeMap::new();
+    if bytes.get(at) == Some(&b'{') {
+        at += 1;
+        while bytes.get(at) != Some(&b'}') {
+            let equals = at + line[at..].find('=').expect("label=");
+            let label = &line[at..equals];
+            assert!(
+                !label.is_empty()
+                    && label
+                        .char_indices()
+                        .all(|(index, character)| is_name_character(character, index == 0)),
+                "bad label name {label:?}: {line}"
+            );
+            assert_eq!(bytes.get(equals + 1), Some(&b'"'), "quoted value: {line}");
+            at = equals + 2;
+            // The value, with \\, \" and \n escapes.
+            let mut value = String::new();
+            loop {
+                let character = line[at..].chars().next().expect("unterminated value");
+                at += character.len_utf8();
+                match character {
+                    '"' => break,
+                    '\\' => {
+                        let escaped = line[at..].chars().next().expect("an escape");
+                        at += escaped.len_utf8();
+                        value.push(match escaped {
+                            'n' => '\n',
+                            '\\' | '"' => escaped,
+                            other => panic!("bad escape \\{other}: {line}"),
+                        });
+                    }
+                    other => value.push(other),
+                }
+            }
+            labels.insert(label.to_owned(), value);
+            match bytes.get(at) {
+                Some(b',') => at += 1,
+                Some(b'}') => {}
+                other => panic!("expected , or }} after a label, got {other:?}: {line}"),
+            }
+        }
+        at += 1;
+    }
+    let value = line[at..]
+        .strip_prefix(' ')
+        .unwrap_or_else(|| panic!("a space before the value: {line}"));
+    let float = |text: &str| match text {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        number => number
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("{number:?} is not a float: {line}")),
+    };
+    // The value, and optionally a timestamp; nothing else.
+    let words: Vec<&str> = value.split(' ').collect();
+    assert!(words.len() <= 2, "trailing text after the value: {line}");
+    if let Some(timestamp) = words.get(1) {
+        float(timestamp);
+    }
+    let value = float(words[0]);
+    Sample {
+        name: line[..name_end].to_owned(),
+        labels,
+        value,
+    }
+}
+
+#[test]
+fn the_exposition_checker_refuses_what_is_not_the_text_format() {
+    let good = "# HELP a_total A.\n# TYPE a counter\na_total{x=\"1\",y=\"q\\\"uote\"} 3\n# EOF\n";
+    let samples = parse_exposition(good);
+    assert_eq!(samples[0].labels["y"], "q\"uote");
+    assert_eq!(samples[0].value, 3.0);
+    for bad in [
+        "# TYPE a counter\na_total 1 2 3x\n",
+        "# TYPE a counter\na_total{x=\"1\" 1\n",
+        "b 1\n",
+        "# TYPE a counter\na_total one\n",
+        "# EOF\n# TYPE a counter\na_total 1\n",
+    ] {
+        let result = std::panic::catch_unwind(|| parse_exposition(bad));
+        assert!(result.is_err(), "accepted {bad:?}");
+    }
+}
+
+/// The value of the sample with this name and these labels (a subset match).
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|sample| {
+            sample.name == name
+                && labels
+                    .iter()
+                    .all(|(key, value)| sample.labels.get(*key).map(String::as_str) == Some(value))
+        })
+        .map(|sample| sample.value)
+}
+
+fn batch(values: &[&str]) -> bytes::Bytes {
+    let mut builder = RecordBatchBuilder::new();
+    for (index, value) in values.iter().enumerate() {
+        builder.append(
+            1_700_000_000_000 + index as i64,
+            None,
+            value.as_bytes(),
+            &[],
+        );
+    }
+    builder.build().into_bytes()
+}
+
+#[tokio::test]
+async fn livez_and_readyz_answer_200_and_unknown_paths_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, http) = start(dir.path()).await;
+    let livez = get(http, "/livez").await;
+    assert_eq!(livez.status, 200, "{livez:?}");
+    let readyz = get(http, "/readyz").await;
+    assert_eq!(readyz.status, 200, "{readyz:?}");
+    assert_eq!(get(http, "/nope").await.status, 404);
+    broker.shutdown().await;
+    // Stopped with the broker.
+    assert!(TcpStream::connect(http).await.is_err());
+}
+
+#[tokio::test]
+async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, http) = start(dir.path()).await;
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    let Response::CreateTopics(created) = connection
+        .send(CreateTopicsRequest {
+            topics: vec![CreateTopic {
+                name: "orders".into(),
+                partitions: 2,
+                configs: vec![],
+            }],
+            validate_only: false,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not a CreateTopics answer")
+    };
+    assert_eq!(created.results[0].error_code, ErrorCode::None);
+    // A durable produce is answered only after its fsync.
+    let Response::Produce(produced) = connection
+        .send(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: "orders".into(),
+                partitions: vec![ProducePartition {
+                    partition: 1,
+                    records: batch(&["a", "b", "c"]),
+                }],
+            }],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not a Produce answer")
+    };
+    assert_eq!(produced.topics[0].partitions[0].error_code, ErrorCode::None);
+    // An unknown topic: still a successful response frame, counted under code none.
+    connection
+        .send(MetadataRequest {
+            topics: Some(vec!["missing".into()]),
+        })
+        .await
+        .unwrap();
+
+    let answer = get(http, "/metrics").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(
+        answer.headers["content-type"].starts_with("application/openmetrics-text"),
+        "{:?}",
+        answer.headers
+    );
+    let samples = parse_exposition(&answer.body);
+
+    let produce_requests = value(
+        &samples,
+        "sluice_requests_total",
+        &[("api", "produce"), ("code", "none")],
+    );
+    assert_eq!(produce_requests, Some(1.0), "{}", answer.body);
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_requests_total",
+            &[("api", "create_topics"), ("code", "none")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_request_duration_seconds_count",
+            &[("api", "produce")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_request_duration_seconds_bucket",
+            &[("api", "produce"), ("le", "+Inf")]
+        ),
+        Some(1.0)
+    );
+    let fsyncs = value(&samples, "sluice_fsyncs_total", &[]).unwrap();
+    assert!(fsyncs >= 1.0, "{}", answer.body);
+    assert_eq!(
+        value(&samples, "sluice_fsync_duration_seconds_count", &[]),
+        Some(fsyncs)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_partition_log_end_offset",
+            &[("topic", "orders"), ("partition", "1")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_partition_log_end_offset",
+            &[("topic", "orders"), ("partition", "0")]
+        ),
+        Some(0.0)
+    );
+    assert!(
+        value(
+            &samples,
+            "sluice_partition_log_size_bytes",
+            &[("topic", "orders"), ("partition", "1")]
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        value(&samples, "sluice_open_connections", &[("transport", "tcp")]),
+        Some(1.0)
+    );
+    assert!(value(&samples, "sluice_network_received_bytes_total", &[]).unwrap() > 0.0);
+    assert!(value(&samples, "sluice_network_sent_bytes_total", &[]).unwrap() > 0.0);
+    assert_eq!(
+        value(&samples, "sluice_fetch_response_budget_in_use_bytes", &[]),
+        Some(0.0)
+    );
+    // Every family the broker documents is declared.
+    let declared: BTreeSet<&str> = answer
+        .body
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split(' ').next())
+        .collect();
+    for family in [
+        "sluice_requests",
+        "sluice_request_duration_seconds",
+        "sluice_network_received_bytes",
+        "sluice_network_sent_bytes",
+        "sluice_open_connections",
+        "sluice_fsyncs",
+        "sluice_fsync_duration_seconds",
+        "sluice_partition_log_end_offset",
+        "sluice_partition_log_size_bytes",
+        "sluice_fetch_response_budget_in_use_bytes",
+    ] {
+        assert!(declared.contains(family), "{family} missing: {declared:?}");
+    }
+
+    // Consumer-group lag is set by the group coordinator through the metrics handle.
+    let lag = sluice_broker::metrics::GroupLagLabels {
+        group: "billing".into(),
+        topic: "orders".into(),
+        partition: 1,
+    };
+    broker
+        .state()
+        .metrics
+        .group_lag()
+        .get_or_create(&lag)
+        .set(2);
+    let samples = parse_exposition(&get(http, "/metrics").await.body);
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_group_lag",
+            &[
+                ("group", "billing"),
+                ("topic", "orders"),
+                ("partition", "1")
+            ]
+        ),
+        Some(2.0)
+    );
+
+    // A deleted topic's partitions are no longer reported.
+    connection
+        .send(DeleteTopicsRequest {
+            names: vec!["orders".into()],
+        })
+        .await
+        .unwrap();
+    let samples = parse_exposition(&get(http, "/metrics").await.body);
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_partition_log_end_offset",
+            &[("topic", "orders")]
+        ),
+        None
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn readyz_answers_503_while_connections_drain_and_the_port_closes_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, http) = start(dir.path()).await;
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    let Response::CreateTopics(created) = connection
+        .send(CreateTopicsRequest {
+            topics: vec![CreateTopic {
+                name: "big".into(),
+                partitions: 1,
+                configs: vec![],
+            }],
+            validate_only: false,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not a CreateTopics answer")
+    };
+    assert_eq!(created.results[0].error_code, ErrorCode::None);
+    let value = "v".repeat(900 * 1024);
+    let Response::Produce(produced) = connection
+        .send(ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: "big".into(),
+                partitions: vec![ProducePartition {
+                    partition: 0,
+                    records: batch(&[&value]),
+                }],
+            }],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not a Produce answer")
+    };
+    assert_eq!(produced.topics[0].partitions[0].error_code, ErrorCode::None);
+
+    // A consumer that asks for far more than the socket buffers hold and reads nothing keeps
+    // its connection draining: shutdown waits for its answers to be written.
+    let mut reader = TcpStream::connect(broker.tcp_addr).await.unwrap();
+    let mut requests = bytes::BytesMut::new();
+    for correlation_id in 0..64 {
+        sluice_protocol::Request::from(FetchRequest {
+            max_wait_ms: 0,
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            topics: vec![FetchTopic {
+                name: "big".into(),
+                partitions: vec![FetchPartition {
+                    partition: 0,
+                    fetch_offset: 0,
+                    partition_max_bytes: 1 << 20,
+                }],
+            }],
+        })
+        .encode_frame(correlation_id, &mut requests);
+    }
+    reader.write_all(&requests).await.unwrap();
+    // Its first answer has started arriving, so the fetches are in.
+    let mut first = [0u8; 4];
+    reader.read_exact(&mut first).await.unwrap();
+
+    let shutdown = tokio::spawn(broker.shutdown());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let readyz = get(http, "/readyz").await;
+        if readyz.status == 503 {
+            assert!(readyz.body.contains("shutting down"), "{readyz:?}");
+            break;
+        }
+        assert_eq!(readyz.status, 200, "{readyz:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never became unready"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Alive all along.
+    assert_eq!(get(http, "/livez").await.status, 200);
+
+    // Reading the answers lets the connection drain; then the broker, and its admin port, stop.
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, reader.read_to_end(&mut rest))
+        .await
+        .expect("the connection drains")
+        .unwrap();
+    assert!(rest.len() > 63 * 900 * 1024, "every answer was written");
+    tokio::time::timeout(DEADLINE, shutdown)
+        .await
+        .expect("shutdown completes")
+        .unwrap();
+    assert!(TcpStream::connect(http).await.is_err());
+}

@@ -1,0 +1,225 @@
+//! [`Client`]: the entry point. It bootstraps from one or more broker URLs, keeps one
+//! multiplexed [`Connection`] per broker, reconnects with exponential backoff and jitter, and
+//! guards each broker with a circuit breaker so calls fail fast while it is down.
+//!
+//! ```no_run
+//! # async fn example() -> sluice_client::error::Result<()> {
+//! let client = sluice_client::Client::connect("tcp://127.0.0.1:7171").await?;
+//! let response = client.send(sluice_client::protocol::messages::ListTopicsRequest {}).await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_protocol::{Request, Response};
+
+use crate::connection::{Connection, ConnectionOptions};
+use crate::error::{Error, Result};
+use crate::resilience::{Backoff, BreakerOptions, BreakerState, CircuitBreaker};
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Settings of each connection (timeouts, frame size, CA file for quic://).
+    pub connection: ConnectionOptions,
+    /// First retry delay. Default = 50 ms.
+    pub retry_initial_backoff: Duration,
+    /// Largest retry delay. Default = 2 s.
+    pub retry_max_backoff: Duration,
+    /// How long [`Client::send_with_retry`] keeps retrying retriable errors. Default = 30 s.
+    pub retry_deadline: Duration,
+    /// Circuit breaker per broker connection.
+    pub breaker: BreakerOptions,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connection: ConnectionOptions::default(),
+            retry_initial_backoff: Duration::from_millis(50),
+            retry_max_backoff: Duration::from_secs(2),
+            retry_deadline: Duration::from_secs(30),
+            breaker: BreakerOptions::default(),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Default = [`ConnectionOptions::default`].
+    pub fn connection(mut self, connection: ConnectionOptions) -> Self {
+        self.connection = connection;
+        self
+    }
+
+    /// Default = 30 s.
+    pub fn retry_deadline(mut self, deadline: Duration) -> Self {
+        self.retry_deadline = deadline;
+        self
+    }
+
+    /// Default = 5 consecutive failures, open for 5 s.
+    pub fn breaker(mut self, breaker: BreakerOptions) -> Self {
+        self.breaker = breaker;
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    urls: Vec<String>,
+    options: ClientOptions,
+    /// The live connection, if any, and which URL it went to.
+    current: tokio::sync::Mutex<Option<Connection>>,
+    breaker: Mutex<CircuitBreaker>,
+    next_url: Mutex<usize>,
+}
+
+/// A handle to a Sluice cluster (today: one broker). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects to the first reachable of `urls` (comma-separated `tcp://` / `quic://`).
+    pub async fn connect(urls: &str) -> Result<Client> {
+        Self::connect_with(urls, ClientOptions::default()).await
+    }
+
+    /// Like [`Client::connect`] with options.
+    ///
+    /// # Errors
+    /// `InvalidUrl` for an empty list; otherwise the last connection error.
+    pub async fn connect_with(urls: &str, options: ClientOptions) -> Result<Client> {
+        let urls: Vec<String> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if urls.is_empty() {
+            return Err(Error::InvalidUrl("no broker URL given".into()));
+        }
+        let client = Client {
+            inner: Arc::new(Inner {
+                breaker: Mutex::new(CircuitBreaker::new(options.breaker)),
+                urls,
+                options,
+                current: tokio::sync::Mutex::new(None),
+                next_url: Mutex::new(0),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// The broker URLs this client bootstraps from.
+    pub fn urls(&self) -> &[String] {
+        &self.inner.urls
+    }
+
+    /// The circuit breaker's state, for monitoring and tests.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.lock().expect("breaker lock poisoned").state()
+    }
+
+    /// The live connection, connecting (once, through the breaker) when there is none.
+    ///
+    /// # Errors
+    /// `CircuitOpen` while the breaker is open; the connection error otherwise.
+    pub async fn connection(&self) -> Result<Connection> {
+        let mut current = self.inner.current.lock().await;
+        if let Some(connection) = current.as_ref().filter(|connection| !connection.is_closed()) {
+            return Ok(connection.clone());
+        }
+        let url = {
+            let mut next = self.inner.next_url.lock().expect("url lock poisoned");
+            let url = self.inner.urls[*next % self.inner.urls.len()].clone();
+            *next = next.wrapping_add(1);
+            url
+        };
+        if !self.inner.breaker.lock().expect("breaker lock poisoned").allow(Instant::now()) {
+            return Err(Error::CircuitOpen { broker: url });
+        }
+        match Connection::connect_with(&url, self.inner.options.connection.clone()).await {
+            Ok(connection) => {
+                self.inner.breaker.lock().expect("breaker lock poisoned").on_success();
+                *current = Some(connection.clone());
+                Ok(connection)
+            }
+            Err(error) => {
+                self.record_failure(&error);
+                Err(error)
+            }
+        }
+    }
+
+    fn record_failure(&self, error: &Error) {
+        if matches!(error, Error::Connect { .. } | Error::ConnectionClosed | Error::Io(_) | Error::Timeout { .. }) {
+            self.inner.breaker.lock().expect("breaker lock poisoned").on_failure(Instant::now());
+        }
+    }
+
+    /// Sends one request once. A broken connection is dropped so the next call reconnects.
+    pub async fn send(&self, request: impl Into<Request>) -> Result<Response> {
+        let connection = self.connection().await?;
+        let result = connection.send(request).await;
+        match &result {
+            Ok(_) => self.inner.breaker.lock().expect("breaker lock poisoned").on_success(),
+            Err(error) => self.record_failure(error),
+        }
+        result
+    }
+
+    /// Sends a request that expects no response (produce with acks=none).
+    pub async fn send_without_response(&self, request: impl Into<Request>) -> Result<()> {
+        let connection = self.connection().await?;
+        let result = connection.send_without_response(request).await;
+        if let Err(error) = &result {
+            self.record_failure(error);
+        }
+        result
+    }
+
+    /// Sends a request, retrying retriable errors (lost connections, timeouts, broker codes
+    /// that say "later") with exponential backoff and jitter until the retry deadline.
+    ///
+    /// Only use it for requests that are safe to repeat (reads, admin calls, idempotent
+    /// produces, commits): a request whose answer was lost may have taken effect.
+    pub async fn send_with_retry(&self, request: impl Into<Request>) -> Result<Response> {
+        let request = request.into();
+        let deadline = Instant::now() + self.inner.options.retry_deadline;
+        let mut backoff = Backoff::new(self.inner.options.retry_initial_backoff, self.inner.options.retry_max_backoff);
+        loop {
+            let error = match self.send(request.clone()).await {
+                Ok(response) => return Ok(response),
+                Err(error) => error,
+            };
+            let delay = backoff.next_delay();
+            if !error.is_retriable() || Instant::now() + delay >= deadline {
+                return Err(if backoff.attempts() > 1 {
+                    Error::RetriesExhausted {
+                        attempts: backoff.attempts(),
+                        last: Box::new(error),
+                    }
+                } else {
+                    error
+                });
+            }
+            tracing::debug!(%error, delay_ms = delay.as_millis() as u64, "retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        if let Some(connection) = self.inner.current.lock().await.take() {
+            connection.close().await;
+        }
+    }
+}
