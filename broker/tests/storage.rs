@@ -551,3 +551,39 @@ fn missing_or_damaged_indexes_are_rebuilt() {
     assert_eq!(records.len(), 100);
     storage.shutdown();
 }
+
+#[tokio::test]
+async fn power_loss_just_after_a_roll_cuts_back_to_the_durable_prefix() {
+    let fs = FaultFs::new();
+    let storage = storage(Arc::new(fs.clone()), FsyncPolicy::Never);
+    let dir = PathBuf::from("/data/topics/t/0");
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    let mut durable = 0;
+    for round in 0..5u64 {
+        let info = log.append(batch(round, 1, 200, round as i64)).unwrap();
+        durable = info.last_offset + 1;
+    }
+    log.wait_durable(durable).await.unwrap();
+    log.checkpoint_recovery_point().unwrap();
+    // Unsynced appends that roll into new segments; then the directory (not the data) reaches
+    // the disk, as a background index write would make it.
+    for round in 5..40u64 {
+        log.append(batch(round, 1, 200, round as i64)).unwrap();
+    }
+    assert!(log.segment_count() > 2);
+    use sluice_broker::storage::fs::FileSystem;
+    fs.sync_dir(&dir).unwrap();
+    fs.crash();
+    drop(log);
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    assert!(log.poison_reason().is_none(), "{:?}", log.poison_reason());
+    assert!(log.latest_offset() >= durable);
+    let records = read_all(&log, 0, 1 << 20);
+    for (offset, tag) in &records {
+        assert_eq!(offset, tag);
+    }
+    // Writable again, continuing right after what survived.
+    let next = log.latest_offset();
+    assert_eq!(log.append(batch(next, 1, 10, 99)).unwrap().base_offset, next);
+    storage.shutdown();
+}

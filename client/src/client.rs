@@ -216,6 +216,11 @@ impl Client {
         }
     }
 
+    /// A builder for a [`Producer`](crate::producer::Producer) on this client.
+    pub fn producer(&self) -> crate::producer::ProducerBuilder {
+        crate::producer::Producer::builder(self)
+    }
+
     /// Closes the connection.
     pub async fn close(&self) {
         if let Some(connection) = self.inner.current.lock().await.take() {

@@ -7,6 +7,7 @@
 //! - [`connection`]: [`Connection`] and its [`ConnectionOptions`]: URLs, the reader and writer
 //!   tasks, correlation of responses to requests.
 //! - [`error`]: the one [`Error`] enum every call returns, with `is_retriable()`.
+//! - [`producer`]: [`Producer`], batching, partitioning, retries and idempotence.
 //! - [`protocol`]: the wire types, re-exported from `sluice-protocol`.
 
 #![deny(unsafe_code)]
@@ -15,10 +16,12 @@ pub mod client;
 pub mod connection;
 pub mod consumer;
 pub mod error;
+pub mod producer;
 pub mod resilience;
 
 pub use client::{Client, ClientOptions};
 pub use connection::{Connection, ConnectionOptions};
 pub use consumer::{CommitMode, Consumer, ConsumerBuilder, ConsumerRecord, ResetPolicy, Seek};
 pub use error::Error;
+pub use producer::{Delivery, DeliveryFuture, Producer, ProducerBuilder, Record};
 pub use sluice_protocol as protocol;

@@ -10,9 +10,15 @@
 //! The admin port outlives the protocol listeners on shutdown: it keeps answering (`/readyz`
 //! with 503) while client connections drain, so a load balancer sees the broker leave, and
 //! [`HttpServer::stop`] ends it last, with axum's graceful shutdown.
+//!
+//! At most [`MAX_ADMIN_CONNECTIONS`] admin connections are served at once; more wait in the
+//! listen backlog until one closes.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,8 +26,9 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::BrokerState;
@@ -29,6 +36,10 @@ use crate::BrokerState;
 /// The content type of `/metrics`: what prometheus-client encodes, and what Prometheus asks
 /// for first.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Admin connections open at once; more wait in the listen backlog. Scrapers and probes need
+/// a handful, and each connection costs a task and its buffers.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// How long [`HttpServer::stop`] waits for admin requests in progress before cutting them off.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,6 +67,10 @@ impl HttpServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let app = router(state);
         let task = tokio::spawn(async move {
+            let listener = LimitedListener {
+                listener,
+                slots: Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS)),
+            };
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
                     // A dropped sender stops the server too.
@@ -102,5 +117,91 @@ async fn metrics(State(state): State<Arc<BrokerState>>) -> Response {
             tracing::warn!(%error, "cannot encode metrics");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
+    }
+}
+
+/// A TCP listener that accepts at most [`MAX_ADMIN_CONNECTIONS`] connections at once.
+struct LimitedListener {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+/// An admin connection, holding its slot until it closes.
+struct LimitedStream {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .expect("admin connection slots are never closed");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    return (
+                        LimitedStream {
+                            stream,
+                            _slot: slot,
+                        },
+                        peer,
+                    );
+                }
+                Err(error) => {
+                    // Out of file descriptors, say: back off briefly instead of spinning.
+                    tracing::warn!(%error, "HTTP admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }

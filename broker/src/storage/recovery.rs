@@ -196,13 +196,19 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                 .open(&paths.log, false)
                 .map_err(io(format!("open {}", paths.log.display())))?;
             if base != expected_next {
-                corruption = Some(describe(
-                    &paths.log,
-                    0,
-                    &format!(
-                        "segment starts at offset {base} but the previous one ends at {expected_next}"
-                    ),
-                ));
+                if expected_next >= recovery_point {
+                    // The previous segment lost an unsynced tail in a crash after a roll: this
+                    // and later segments hold only offsets that were never fsynced.
+                    drop_unsynced_segments(fs, dir, &bases[position..])?;
+                } else {
+                    corruption = Some(describe(
+                        &paths.log,
+                        0,
+                        &format!(
+                            "segment starts at offset {base} but the previous one ends at {expected_next}"
+                        ),
+                    ));
+                }
                 break;
             }
             let scan = scan_segment(&file, &paths.log, base, expected_next, config)?;
@@ -212,9 +218,13 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                 let file_len = file
                     .len()
                     .map_err(io(format!("stat {}", paths.log.display())))?;
-                let torn = is_last
-                    && scan.next_offset >= recovery_point
+                // A torn tail may sit in a segment that rolled just before the crash: the
+                // later segments then hold nothing that was ever fsynced either.
+                let torn = scan.next_offset >= recovery_point
                     && !valid_batch_after(&file, *at, file_len)?;
+                if torn && !is_last {
+                    drop_unsynced_segments(fs, dir, &bases[position + 1..])?;
+                }
                 if torn {
                     file.set_len(*at)
                         .map_err(io(format!("truncate {}", paths.log.display())))?;
@@ -233,9 +243,10 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                     corruption = Some(describe(&paths.log, *at, detail));
                 }
             }
+            let ends_here = scan.error.is_some();
             expected_next = scan.next_offset;
             scanned_files.push(file.clone());
-            if is_last || corruption.is_some() {
+            if is_last || ends_here || corruption.is_some() {
                 last = Some((base, file, scan.index, size));
                 break;
             }
@@ -299,6 +310,23 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
         corruption,
         fsyncs,
     })
+}
+
+/// Removes segments that begin above the recovery point after a crash cut the log short
+/// before them: none of their offsets was ever fsynced, so none was acknowledged as durable.
+fn drop_unsynced_segments(fs: &dyn FileSystem, dir: &Path, bases: &[u64]) -> Result<()> {
+    for base in bases {
+        let paths = SegmentPaths::new(dir, *base);
+        for path in [&paths.log, &paths.index, &paths.time_index, &paths.snapshot] {
+            match fs.remove_file(path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(StorageError::io(format!("remove {}", path.display()), error)),
+            }
+        }
+        tracing::warn!(segment = %paths.log.display(), "removed a segment past a torn tail (never fsynced)");
+    }
+    fs.sync_dir(dir).map_err(io(format!("sync {}", dir.display())))
 }
 
 fn describe(file: &Path, position: u64, detail: &str) -> String {

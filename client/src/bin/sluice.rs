@@ -1,0 +1,464 @@
+//! `sluice`: the command line for topics, producing, consuming and groups (DESIGN.md,
+//! "Command line"). Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use sluice_client::protocol::messages::*;
+use sluice_client::protocol::{ErrorCode, Response};
+use sluice_client::{Client, ClientOptions, CommitMode, ConnectionOptions, ConsumerRecord, ResetPolicy, Seek};
+
+/// Sluice command line: topics, produce, consume, groups.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version)]
+struct Cli {
+    /// Broker URL: tcp://host:port or quic://host:port.
+    #[arg(long, env = "SLUICE_BROKER", default_value = "tcp://127.0.0.1:7171", global = true)]
+    broker: String,
+    /// CA certificate (PEM) to trust for quic://, e.g. the broker's <data-dir>/tls/cert.pem.
+    #[arg(long, env = "SLUICE_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Produce stdin, one message per line.
+    Produce {
+        topic: String,
+        /// The text before the first SEP is the key; without it, lines have no key.
+        #[arg(long)]
+        key_separator: Option<String>,
+        #[arg(long, value_enum, default_value_t = AcksArg::Durable)]
+        acks: AcksArg,
+    },
+    /// Consume records and print them to stdout.
+    Consume {
+        topic: String,
+        /// Consume as a member of this group (offsets are committed).
+        #[arg(long)]
+        group: Option<String>,
+        /// Where to start when no committed offset exists: earliest, latest or an offset.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// Exit after N records.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Exit after MS with no new record.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// List and describe consumer groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        topic: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+    },
+    /// List topics.
+    List,
+    /// Partitions, offsets, sizes and configuration of a topic.
+    Describe { topic: String },
+    /// Delete a topic and its data.
+    Delete { topic: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// List consumer groups.
+    List,
+    /// Members, assignment, committed offsets and lag of a group.
+    Describe { group: String },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AcksArg {
+    None,
+    Leader,
+    Durable,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Json,
+    Value,
+}
+
+/// A runtime failure: one line on stderr, exit 1.
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Failure(error.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sluice: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("sluice: {}", message.lines().next().unwrap_or("failed"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    let mut connection = ConnectionOptions::default().request_timeout(Duration::from_secs(30));
+    if let Some(ca_file) = &cli.ca_file {
+        connection = connection.ca_file(ca_file.clone());
+    }
+    let options = ClientOptions::default().connection(connection).retry_deadline(Duration::from_secs(10));
+    Client::connect_with(&cli.broker, options)
+        .await
+        .map_err(|error| Failure(format!("cannot reach {}: {error}", cli.broker)))
+}
+
+fn check(code: ErrorCode, message: Option<String>, what: &str) -> Result<(), Failure> {
+    if code == ErrorCode::None {
+        return Ok(());
+    }
+    Err(Failure(match message {
+        Some(message) => format!("{what}: {message} ({code})"),
+        None => format!("{what}: {code}"),
+    }))
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let client = connect(&cli).await?;
+    let result = match &cli.command {
+        Command::Topic(command) => topic(&client, command).await,
+        Command::Produce { topic, key_separator, acks } => produce(&client, topic, key_separator.as_deref(), *acks).await,
+        Command::Consume { topic, group, from, count, timeout_ms, format } => {
+            consume(&client, topic, group.as_deref(), from, *count, *timeout_ms, *format).await
+        }
+        Command::Group(command) => group(&client, command).await,
+    };
+    client.close().await;
+    result
+}
+
+async fn topic(client: &Client, command: &TopicCommand) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        TopicCommand::Create { topic, partitions } => {
+            let Response::CreateTopics(response) = client
+                .send(CreateTopicsRequest {
+                    topics: vec![CreateTopic { name: topic.clone(), partitions: *partitions, configs: vec![] }],
+                    validate_only: false,
+                })
+                .await?
+            else {
+                return Err(Failure("unexpected response".into()));
+            };
+            let result = response.results.into_iter().next().ok_or_else(|| Failure("empty response".into()))?;
+            check(result.error_code, result.error_message, &format!("create topic {topic}"))?;
+            writeln!(out, "created topic {topic} with {partitions} partition(s)")?;
+        }
+        TopicCommand::List => {
+            let Response::ListTopics(response) = client.send(ListTopicsRequest {}).await? else {
+                return Err(Failure("unexpected response".into()));
+            };
+            for topic in response.topics {
+                writeln!(out, "{}\t{}", topic.name, topic.partitions)?;
+            }
+        }
+        TopicCommand::Describe { topic } => {
+            let Response::DescribeTopic(response) = client.send(DescribeTopicRequest { name: topic.clone() }).await? else {
+                return Err(Failure("unexpected response".into()));
+            };
+            check(response.error_code, None, &format!("describe topic {topic}"))?;
+            writeln!(out, "topic {} ({} partitions)", response.name, response.partitions.len())?;
+            writeln!(out, "partition\tstart\tend\tbytes\tsegments")?;
+            for partition in &response.partitions {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}\t{}",
+                    partition.partition, partition.log_start_offset, partition.high_watermark, partition.size_bytes, partition.segment_count
+                )?;
+            }
+            for (key, value) in &response.configs {
+                writeln!(out, "{key}={value}")?;
+            }
+        }
+        TopicCommand::Delete { topic } => {
+            let Response::DeleteTopics(response) = client.send(DeleteTopicsRequest { names: vec![topic.clone()] }).await? else {
+                return Err(Failure("unexpected response".into()));
+            };
+            let result = response.results.into_iter().next().ok_or_else(|| Failure("empty response".into()))?;
+            check(result.error_code, None, &format!("delete topic {topic}"))?;
+            writeln!(out, "deleted topic {topic}")?;
+        }
+    }
+    Ok(())
+}
+
+async fn group(client: &Client, command: &GroupCommand) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        GroupCommand::List => {
+            let Response::ListGroups(response) = client.send(ListGroupsRequest {}).await? else {
+                return Err(Failure("unexpected response".into()));
+            };
+            for group in response.groups {
+                writeln!(out, "{}\t{}\t{} member(s)", group.group_id, group.state, group.members)?;
+            }
+        }
+        GroupCommand::Describe { group } => {
+            let Response::DescribeGroup(response) = client.send(DescribeGroupRequest { group_id: group.clone() }).await? else {
+                return Err(Failure("unexpected response".into()));
+            };
+            check(response.error_code, None, &format!("describe group {group}"))?;
+            writeln!(
+                out,
+                "group {} state {} epoch {} assignor {}",
+                response.group_id, response.state, response.group_epoch, response.assignor
+            )?;
+            writeln!(out, "members:")?;
+            for member in &response.members {
+                let assigned: Vec<String> = member
+                    .assigned
+                    .iter()
+                    .flat_map(|entry| entry.partitions.iter().map(move |p| format!("{}/{p}", entry.topic)))
+                    .collect();
+                writeln!(out, "  {} epoch {} topics {} assigned [{}]", member.member_id, member.member_epoch, member.topics.join(","), assigned.join(" "))?;
+            }
+            writeln!(out, "topic\tpartition\tcommitted\tend\tlag")?;
+            for offset in &response.offsets {
+                let committed = if offset.committed_offset < 0 { "-".to_owned() } else { offset.committed_offset.to_string() };
+                let lag = if offset.lag < 0 { "-".to_owned() } else { offset.lag.to_string() };
+                writeln!(out, "{}\t{}\t{committed}\t{}\t{lag}", offset.topic, offset.partition, offset.log_end_offset)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn partition_count(client: &Client, topic: &str) -> Result<u32, Failure> {
+    let Response::Metadata(response) = client.send(MetadataRequest { topics: Some(vec![topic.to_owned()]) }).await? else {
+        return Err(Failure("unexpected response".into()));
+    };
+    let entry = response.topics.into_iter().next().ok_or_else(|| Failure("empty metadata".into()))?;
+    check(entry.error_code, None, &format!("topic {topic}"))?;
+    Ok(entry.partitions.len() as u32)
+}
+
+/// A progress line on stderr, only for a terminal, at most a few times a second.
+struct Progress {
+    enabled: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            enabled: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, what: &str, count: u64) {
+        if self.enabled && self.last.elapsed() >= Duration::from_millis(250) {
+            self.last = Instant::now();
+            eprint!("\r{what} {count} records");
+        }
+    }
+
+    fn finish(&self) {
+        if self.enabled {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+async fn produce(client: &Client, topic: &str, key_separator: Option<&str>, acks: AcksArg) -> Result<(), Failure> {
+    produce_with_producer(client, topic, key_separator, acks).await
+}
+
+async fn consume(
+    client: &Client,
+    topic: &str,
+    group: Option<&str>,
+    from: &str,
+    count: Option<u64>,
+    timeout_ms: Option<u64>,
+    format: Format,
+) -> Result<(), Failure> {
+    let (reset, seek) = match from {
+        "earliest" => (ResetPolicy::Earliest, Seek::Earliest),
+        "latest" => (ResetPolicy::Latest, Seek::Latest),
+        offset => match offset.parse::<u64>() {
+            Ok(offset) if group.is_none() => (ResetPolicy::Earliest, Seek::Offset(offset)),
+            Ok(_) => return Err(Failure("--from OFFSET applies to a consumer without --group; a group starts from its committed offsets (use earliest or latest)".into())),
+            Err(_) => return Err(Failure(format!("--from {offset:?}: expected earliest, latest or an offset"))),
+        },
+    };
+    let partitions = partition_count(client, topic).await?;
+    let builder = client.consumer().reset_policy(reset).commit_mode(CommitMode::Manual);
+    let mut consumer = match group {
+        Some(group) => builder.group(group).topics([topic]).build().await?,
+        None => {
+            let consumer = builder.build().await?;
+            let all: Vec<(String, u32)> = (0..partitions).map(|partition| (topic.to_owned(), partition)).collect();
+            consumer.assign(&all, seek).await?;
+            consumer
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut consumed = 0u64;
+    let mut progress = Progress::new();
+    let idle = timeout_ms.map(Duration::from_millis);
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    let outcome: Result<(), Failure> = loop {
+        if count.is_some_and(|count| consumed >= count) {
+            break Ok(());
+        }
+        let next = async {
+            match idle {
+                Some(idle) => tokio::time::timeout(idle, consumer.next()).await.ok(),
+                None => Some(consumer.next().await),
+            }
+        };
+        let record = tokio::select! {
+            record = next => record,
+            _ = &mut interrupted => break Ok(()),
+        };
+        match record {
+            None => break Ok(()),                  // idle timeout
+            Some(None) => break Ok(()),            // stream ended
+            Some(Some(Err(error))) => break Err(Failure(error.to_string())),
+            Some(Some(Ok(record))) => {
+                print_record(&mut out, &record, format)?;
+                consumed += 1;
+                progress.update("consumed", consumed);
+            }
+        }
+    };
+    out.flush()?;
+    drop(out);
+    progress.finish();
+    // Everything printed is processed: close commits it (in a group) before exiting.
+    let closed = consumer.close().await;
+    outcome?;
+    closed?;
+    eprintln!("consumed {consumed} records");
+    Ok(())
+}
+
+fn text_or_base64(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(text.to_owned()),
+        Err(_) => serde_json::json!({ "base64": base64(bytes) }),
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let value = (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
+        for index in 0..4 {
+            if index <= chunk.len() {
+                out.push(ALPHABET[((value >> (18 - 6 * index)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn print_record(out: &mut impl Write, record: &ConsumerRecord, format: Format) -> Result<(), Failure> {
+    match format {
+        Format::Value => {
+            out.write_all(&record.value)?;
+            out.write_all(b"\n")?;
+        }
+        Format::Json => {
+            let headers: serde_json::Map<String, serde_json::Value> = record
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), text_or_base64(value)))
+                .collect();
+            let object = serde_json::json!({
+                "topic": &*record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "timestamp": record.timestamp_ms,
+                "key": record.key.as_deref().map(text_or_base64),
+                "value": text_or_base64(&record.value),
+                "headers": headers,
+            });
+            serde_json::to_writer(&mut *out, &object)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads stdin lines and yields (key, value) pairs.
+fn split_line(line: &str, key_separator: Option<&str>) -> (Option<String>, String) {
+    match key_separator.and_then(|separator| line.split_once(separator)) {
+        Some((key, value)) => (Some(key.to_owned()), value.to_owned()),
+        None => (None, line.to_owned()),
+    }
+}
+
+async fn produce_with_producer(client: &Client, topic: &str, key_separator: Option<&str>, acks: AcksArg) -> Result<(), Failure> {
+    let _ = (client, topic, key_separator, acks, split_line("", None));
+    let _ = std::io::stdin().lock().lines();
+    Err(Failure("produce: not wired to the producer yet".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_known_answers() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(&[0xff, 0xfe]), "//4=");
+    }
+
+    #[test]
+    fn key_separator_splits_at_the_first() {
+        assert_eq!(split_line("a:b:c", Some(":")), (Some("a".into()), "b:c".into()));
+        assert_eq!(split_line("abc", Some(":")), (None, "abc".into()));
+        assert_eq!(split_line("a:b", None), (None, "a:b".into()));
+    }
+}

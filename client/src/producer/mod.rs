@@ -1,0 +1,770 @@
+//! The producer: batching by size and linger, a bounded buffer with backpressure, at most a few
+//! batches in flight per partition, retries with backoff, and idempotence on by default.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use sluice_client::Client;
+//! use sluice_client::producer::{Acks, Record};
+//!
+//! # async fn example() -> sluice_client::error::Result<()> {
+//! let client = Client::connect("tcp://127.0.0.1:7171").await?;
+//! let producer = client
+//!     .producer()
+//!     .acks(Acks::Durable)
+//!     .linger(Duration::from_millis(5))
+//!     .producer_name("orders-relay")
+//!     .build()
+//!     .await?;
+//!
+//! // Wait for the acknowledgement:
+//! let delivery = producer.send(Record::new("orders", "created").key("order-7")).await?;
+//! println!("partition {} offset {:?}", delivery.partition, delivery.offset);
+//!
+//! // Or only for buffer space, and collect the acknowledgements later (or never):
+//! let mut pending = Vec::new();
+//! for index in 0..1_000 {
+//!     pending.push(producer.enqueue(Record::new("orders", format!("event {index}"))).await?);
+//! }
+//! producer.flush().await?;
+//! for delivery in pending {
+//!     delivery.await?;
+//! }
+//! producer.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # How it works
+//!
+//! ```text
+//!  send / enqueue ──▶ partitioner ──▶ accumulator: one open batch per partition ──┐
+//!        │             (explicit,         records encoded straight into it        │ closed at
+//!        │              key hash,                                                 │ batch_bytes,
+//!        ▼              sticky)                                                   │ linger, flush
+//!  buffer_bytes: a new batch reserves its size first; when the buffer is full,   ▼
+//!  enqueue waits (backpressure) until acknowledged batches give theirs back.   sender task
+//!                                                                               │ one produce
+//!  DeliveryFuture ◀── (partition, base_offset + index) ◀── answer ◀─────────────┘ request, many
+//!                                                                                 partitions
+//! ```
+//!
+//! Modules: [`partitioner`] (which partition a record goes to, public: the key hash is part of
+//! the contract), `accumulator` (batching), `sender` (requests, retries, idempotence),
+//! `delivery` ([`Delivery`], [`DeliveryFuture`]).
+//!
+//! # Delivery guarantees
+//!
+//! - **Idempotent (the default; `acks` = `Durable` or `Leader`)**: exactly once per partition,
+//!   in order, across retries, lost connections and broker restarts. The producer gets an id
+//!   and epoch from the broker (InitProducerId) and numbers each partition's records; a retry
+//!   resends the same batch with the same numbers, and the broker answers a batch it already
+//!   wrote with its original offsets instead of writing it again, and refuses one that would
+//!   leave a gap. At most 5 batches per partition are in flight (the broker remembers the last
+//!   5). A record's future fails only when the record is known not to be written, or its
+//!   `delivery_timeout` ran out while retrying (then it may or may not have been written, and
+//!   the producer takes a new epoch before sending more to keep later records in order and
+//!   free of duplicates). With a [`producer_name`](ProducerBuilder::producer_name) a restarted
+//!   producer continues each partition's numbering, so an outbox relay that resends after a
+//!   crash does not duplicate what the broker already has; the older instance is fenced
+//!   (`ProducerFenced`).
+//! - **Not idempotent, `acks` = `Durable` or `Leader`**: at least once. A retry after a lost
+//!   answer may write a batch twice, and with more than one batch in flight a retry may reorder
+//!   a partition's batches; set `max_in_flight_per_partition(1)` to keep the order.
+//! - **`acks` = `None`** (needs `idempotence(false)`): at most once. A future resolves when its
+//!   request is written to the connection, with `offset: None`; nothing says whether the
+//!   broker stored it.
+//!
+//! Failures: [`Error::Broker`] with the broker's code for a batch it refused
+//! (`UnknownTopic`, `MessageTooLarge`, ...), [`Error::RetriesExhausted`] when retries ran past
+//! `delivery_timeout`, [`Error::Timeout`] when a batch never got to be sent within it, and a
+//! fatal `ProducerFenced`, `OutOfOrderSequence` or `UnknownProducerId` that stops the producer:
+//! every pending record fails with it and later calls return it.
+
+mod accumulator;
+mod delivery;
+pub mod partitioner;
+mod sender;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use sluice_protocol::messages::MetadataRequest;
+use sluice_protocol::{ErrorCode, Response, WireError};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinHandle;
+
+pub use delivery::{Delivery, DeliveryFuture};
+pub use sluice_protocol::messages::Acks;
+
+use self::accumulator::{Accumulator, Append, RecordParts, Target, closed_error};
+use self::sender::{SenderOptions, SenderState};
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+/// The most batches a partition may have in flight with idempotence: the broker remembers the
+/// last 5 batches of each producer and partition to recognise a retry.
+pub const MAX_IN_FLIGHT_IDEMPOTENT: usize = 5;
+/// Headers a record may have before enqueueing it allocates a small list.
+const INLINE_HEADERS: usize = 8;
+
+/// One record to send. Build it with chained setters:
+///
+/// ```
+/// use sluice_client::producer::Record;
+///
+/// let record = Record::new("orders", "created")
+///     .key("order-7")
+///     .header("trace-id", "4bf92f35")
+///     .timestamp_ms(1_700_000_000_000);
+/// ```
+///
+/// Key and value are [`Bytes`]: converting a `Vec<u8>`, `String` or `&'static` data into them
+/// copies nothing, and enqueueing copies them once, into the batch.
+#[derive(Clone, Debug)]
+pub struct Record<'a> {
+    topic: &'a str,
+    key: Option<Bytes>,
+    value: Bytes,
+    headers: Vec<(String, Bytes)>,
+    partition: Option<u32>,
+    timestamp_ms: Option<i64>,
+}
+
+impl<'a> Record<'a> {
+    /// A record for `topic` with `value`, no key and no headers.
+    pub fn new(topic: &'a str, value: impl Into<Bytes>) -> Record<'a> {
+        Record {
+            topic,
+            key: None,
+            value: value.into(),
+            headers: Vec::new(),
+            partition: None,
+            timestamp_ms: None,
+        }
+    }
+
+    /// The key: records with the same key go to the same partition (see [`partitioner`]).
+    ///
+    /// Default = no key (keyless records are spread sticky round-robin).
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header. Names are UTF-8; a name may repeat.
+    ///
+    /// Default = no headers.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sends the record to this partition, whatever its key. A partition the topic does not
+    /// have fails the send with `UnknownPartition`.
+    ///
+    /// Default = chosen by the [`partitioner`].
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// The record's timestamp, in milliseconds since the Unix epoch.
+    ///
+    /// Default = the time it is enqueued.
+    pub fn timestamp_ms(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
+    }
+}
+
+/// Settings of a [`Producer`], as chained setters; [`build`](ProducerBuilder::build) checks
+/// them together and starts the producer.
+#[derive(Clone, Debug)]
+pub struct ProducerBuilder {
+    client: Client,
+    acks: Acks,
+    idempotence: bool,
+    producer_name: Option<String>,
+    batch_bytes: usize,
+    linger: Duration,
+    buffer_bytes: usize,
+    max_in_flight_per_partition: usize,
+    request_timeout: Duration,
+    delivery_timeout: Duration,
+}
+
+impl ProducerBuilder {
+    fn new(client: &Client) -> ProducerBuilder {
+        ProducerBuilder {
+            client: client.clone(),
+            acks: Acks::Durable,
+            idempotence: true,
+            producer_name: None,
+            batch_bytes: 256 * 1024,
+            linger: Duration::from_millis(5),
+            buffer_bytes: 32 * 1024 * 1024,
+            max_in_flight_per_partition: MAX_IN_FLIGHT_IDEMPOTENT,
+            request_timeout: Duration::from_secs(30),
+            delivery_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// When the broker acknowledges a batch: `Durable` once fsynced, `Leader` once in its log
+    /// (page cache), `None` never (no answer at all; needs `idempotence(false)`).
+    ///
+    /// Default = [`Acks::Durable`].
+    pub fn acks(mut self, acks: Acks) -> Self {
+        self.acks = acks;
+        self
+    }
+
+    /// Exactly-once, in-order writes per partition across retries (see the
+    /// [module docs](self#delivery-guarantees)). Needs `acks` = `Durable` or `Leader` (the
+    /// broker's answer is what tells a retry from a first attempt) and at most
+    /// [`MAX_IN_FLIGHT_IDEMPOTENT`] batches in flight per partition.
+    ///
+    /// Default = true.
+    pub fn idempotence(mut self, idempotence: bool) -> Self {
+        self.idempotence = idempotence;
+        self
+    }
+
+    /// A stable name for InitProducerId: every producer built with this name gets the same
+    /// producer id with a higher epoch, continues each partition's sequence where the previous
+    /// instance stopped, and fences that instance (its next batch fails with
+    /// `ProducerFenced`). Needs idempotence.
+    ///
+    /// Default = none: a fresh producer id each time.
+    pub fn producer_name(mut self, producer_name: impl Into<String>) -> Self {
+        self.producer_name = Some(producer_name.into());
+        self
+    }
+
+    /// The size a partition's batch closes at, header included. A record bigger than this on
+    /// its own gets a batch of its own. Must be at most the broker's `max_batch_bytes`.
+    ///
+    /// Default = 256 KiB.
+    pub fn batch_bytes(mut self, batch_bytes: usize) -> Self {
+        self.batch_bytes = batch_bytes;
+        self
+    }
+
+    /// How long a batch waits for more records before it is sent anyway. 0 sends as soon as
+    /// the partition can take another batch in flight (records still gather meanwhile).
+    ///
+    /// Default = 5 ms.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// The memory batches may take, from enqueue to acknowledgement. Each batch reserves its
+    /// capacity (`batch_bytes`, or one larger record) from it; when it is used up,
+    /// [`Producer::enqueue`] and [`Producer::send`] wait for acknowledged batches to free some
+    /// instead of growing memory. At least `batch_bytes`, at most 4 GiB.
+    ///
+    /// Default = 32 MiB.
+    pub fn buffer_bytes(mut self, buffer_bytes: usize) -> Self {
+        self.buffer_bytes = buffer_bytes;
+        self
+    }
+
+    /// Batches of one partition in flight at once. At most [`MAX_IN_FLIGHT_IDEMPOTENT`] with
+    /// idempotence; without it, more than 1 lets a retry reorder a partition's batches.
+    ///
+    /// Default = 5.
+    pub fn max_in_flight_per_partition(mut self, max_in_flight_per_partition: usize) -> Self {
+        self.max_in_flight_per_partition = max_in_flight_per_partition;
+        self
+    }
+
+    /// How long one produce request may take before it counts as failed (and is retried). The
+    /// broker gets it too, as its limit for waiting on durability.
+    ///
+    /// Default = 30 s.
+    pub fn request_timeout(mut self, request_timeout: Duration) -> Self {
+        self.request_timeout = request_timeout;
+        self
+    }
+
+    /// How long a record may take from enqueue to acknowledgement, retries included, before
+    /// its future fails. At least `linger + request_timeout`.
+    ///
+    /// Default = 2 min.
+    pub fn delivery_timeout(mut self, delivery_timeout: Duration) -> Self {
+        self.delivery_timeout = delivery_timeout;
+        self
+    }
+
+    /// Checks the settings together.
+    fn validate(&self) -> Result<()> {
+        let invalid = |message: String| Err(Error::Usage(message));
+        if self.idempotence && self.acks == Acks::None {
+            return invalid(
+                "idempotence needs acks = Durable or Leader: with acks = None the broker sends no \
+                 answer to tell a retry from a first attempt; use .idempotence(false) for \
+                 fire-and-forget"
+                    .into(),
+            );
+        }
+        if self.producer_name.is_some() && !self.idempotence {
+            return invalid("producer_name needs idempotence".into());
+        }
+        if self.max_in_flight_per_partition == 0 {
+            return invalid("max_in_flight_per_partition must be at least 1".into());
+        }
+        if self.idempotence && self.max_in_flight_per_partition > MAX_IN_FLIGHT_IDEMPOTENT {
+            return invalid(format!(
+                "max_in_flight_per_partition is {}, at most {MAX_IN_FLIGHT_IDEMPOTENT} with \
+                 idempotence (the broker recognises retries among a partition's last \
+                 {MAX_IN_FLIGHT_IDEMPOTENT} batches)",
+                self.max_in_flight_per_partition
+            ));
+        }
+        let min_batch_bytes = sluice_protocol::batch::HEADER_BYTES + 8;
+        if self.batch_bytes < min_batch_bytes || u32::try_from(self.batch_bytes).is_err() {
+            return invalid(format!(
+                "batch_bytes is {}, must be from {min_batch_bytes} to 4 GiB",
+                self.batch_bytes
+            ));
+        }
+        if self.buffer_bytes < self.batch_bytes || u32::try_from(self.buffer_bytes).is_err() {
+            return invalid(format!(
+                "buffer_bytes is {}, must be from batch_bytes ({}) to 4 GiB",
+                self.buffer_bytes, self.batch_bytes
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return invalid("request_timeout must be above 0".into());
+        }
+        if self.delivery_timeout < self.linger + self.request_timeout {
+            return invalid(format!(
+                "delivery_timeout ({} ms) must be at least linger + request_timeout ({} ms)",
+                self.delivery_timeout.as_millis(),
+                (self.linger + self.request_timeout).as_millis()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the settings, gets a producer id from the broker (with idempotence) and starts
+    /// the sender task. Must be called inside a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for settings that do not go together (see each setter); the
+    /// InitProducerId error, after retrying retriable ones, with idempotence.
+    pub async fn build(self) -> Result<Producer> {
+        self.validate()?;
+        let identity = if self.idempotence {
+            Some(sender::init_producer_id(&self.client, self.producer_name.as_deref()).await?)
+        } else {
+            None
+        };
+        let client_options = self.client.options();
+        let sender_options = SenderOptions {
+            acks: self.acks,
+            producer_name: self.producer_name.clone(),
+            max_in_flight_per_partition: self.max_in_flight_per_partition,
+            request_timeout: self.request_timeout,
+            delivery_timeout: self.delivery_timeout,
+            max_request_bytes: client_options.connection.max_frame_bytes as usize,
+            retry_initial_backoff: client_options.retry_initial_backoff,
+            retry_max_backoff: client_options.retry_max_backoff,
+        };
+        let (lowest_incomplete, _) = watch::channel(u64::MAX);
+        let shared = Arc::new(Shared {
+            client: self.client.clone(),
+            accumulator: Mutex::new(Accumulator::new(
+                self.batch_bytes,
+                self.linger,
+                self.delivery_timeout,
+            )),
+            buffer: Semaphore::new(self.buffer_bytes),
+            buffer_bytes: self.buffer_bytes,
+            wake: Notify::new(),
+            progress: Progress {
+                incomplete: Mutex::new(BTreeSet::new()),
+                lowest_incomplete,
+            },
+        });
+        let task = tokio::spawn(sender::run(
+            Arc::clone(&shared),
+            SenderState::new(sender_options, identity),
+        ));
+        Ok(Producer {
+            inner: Arc::new(Handle {
+                shared,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+}
+
+/// Sends records to a Sluice broker in batches (see the [module docs](self)). Cheap to clone:
+/// clones share one buffer, one sender task and one producer id; closing one closes them all.
+///
+/// Dropping the last clone without [`close`](Producer::close) lets the sender task deliver
+/// what is buffered in the background and end.
+#[derive(Clone, Debug)]
+pub struct Producer {
+    inner: Arc<Handle>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.begin_close();
+    }
+}
+
+impl Producer {
+    /// A builder with every setting at its default.
+    pub fn builder(client: &Client) -> ProducerBuilder {
+        ProducerBuilder::new(client)
+    }
+
+    /// Sends `record` and waits for the broker's acknowledgement.
+    ///
+    /// # Errors
+    /// Those of [`enqueue`](Producer::enqueue), then those of the [`DeliveryFuture`].
+    pub async fn send(&self, record: Record<'_>) -> Result<Delivery> {
+        self.enqueue(record).await?.await
+    }
+
+    /// Puts `record` into its partition's batch, waiting only for buffer space, and returns a
+    /// future of its acknowledgement. Await the future for the offset, or drop it to fire and
+    /// forget: the record is delivered either way. Records enqueued one after the other (by
+    /// one task) to one partition are written in that order.
+    ///
+    /// The first record for a topic looks up its partition count (Metadata).
+    ///
+    /// # Errors
+    /// `UnknownTopic` or `UnknownPartition` ([`Error::Broker`]) for a topic or explicit
+    /// partition that does not exist; [`Error::Usage`] for a record larger than
+    /// `buffer_bytes`, or once the producer is closed; the producer's fatal error once it has
+    /// failed.
+    pub async fn enqueue(&self, record: Record<'_>) -> Result<DeliveryFuture> {
+        let shared = &self.inner.shared;
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let mut inline_headers: [(&str, &[u8]); INLINE_HEADERS] = [("", &[]); INLINE_HEADERS];
+        let heap_headers: Vec<(&str, &[u8])>;
+        let headers: &[(&str, &[u8])] = if record.headers.len() <= INLINE_HEADERS {
+            for (slot, (name, value)) in inline_headers.iter_mut().zip(&record.headers) {
+                *slot = (name.as_str(), value.as_ref());
+            }
+            &inline_headers[..record.headers.len()]
+        } else {
+            heap_headers = record
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_ref()))
+                .collect();
+            &heap_headers
+        };
+        let parts = RecordParts {
+            timestamp_ms,
+            key: record.key.as_deref(),
+            value: &record.value,
+            headers,
+        };
+        let target = match (record.partition, &record.key) {
+            (Some(partition), _) => Target::Partition(partition),
+            (None, Some(key)) => Target::Key(key),
+            (None, None) => Target::Sticky,
+        };
+        // Buffer this call holds for a new batch; whatever is left is given back.
+        let mut reserved_bytes = 0;
+        let result = loop {
+            let appended = {
+                let mut accumulator = shared.lock_accumulator();
+                let appended = accumulator.append(
+                    record.topic,
+                    target,
+                    &parts,
+                    &mut reserved_bytes,
+                    Instant::now(),
+                );
+                // Under the accumulator's lock, so a flush that sees the batch also waits for it.
+                if let Ok(Append::Appended {
+                    new_batch: Some(id),
+                    ..
+                }) = &appended
+                {
+                    shared.progress.started(*id);
+                }
+                appended
+            };
+            match appended {
+                Err(error) => break Err(error),
+                Ok(Append::Appended {
+                    future,
+                    wake_sender,
+                    ..
+                }) => {
+                    if wake_sender {
+                        shared.wake.notify_one();
+                    }
+                    break Ok(future);
+                }
+                Ok(Append::NeedsBuffer { bytes, wake_sender }) => {
+                    if wake_sender {
+                        shared.wake.notify_one();
+                    }
+                    if bytes > shared.buffer_bytes {
+                        break Err(Error::Usage(format!(
+                            "a record of {bytes} bytes (as a batch) is larger than buffer_bytes ({})",
+                            shared.buffer_bytes
+                        )));
+                    }
+                    let missing = u32::try_from(bytes - reserved_bytes)
+                        .expect("buffer_bytes fits in u32 (checked by build)");
+                    match shared.buffer.acquire_many(missing).await {
+                        Ok(permit) => {
+                            permit.forget();
+                            reserved_bytes = bytes;
+                        }
+                        Err(_closed) => break Err(shared.refusal()),
+                    }
+                }
+                Ok(Append::UnknownTopic) => match partition_count(&shared.client, record.topic).await {
+                    Ok(count) => shared
+                        .lock_accumulator()
+                        .set_partition_count(record.topic, count),
+                    Err(error) => break Err(error),
+                },
+            }
+        };
+        shared.release_buffer(reserved_bytes);
+        result
+    }
+
+    /// Sends every record enqueued so far without waiting for linger, and waits until each has
+    /// been acknowledged or has failed. Records enqueued meanwhile are not waited for.
+    ///
+    /// # Errors
+    /// The producer's fatal error, if it has failed. A record that failed on its own is
+    /// reported by its [`DeliveryFuture`], not here.
+    pub async fn flush(&self) -> Result<()> {
+        let shared = &self.inner.shared;
+        let newest = shared.lock_accumulator().seal_all();
+        shared.wake.notify_one();
+        if let Some(newest) = newest {
+            shared.progress.wait_through(newest).await;
+        }
+        shared.lock_accumulator().failure().map_or(Ok(()), Err)
+    }
+
+    /// Refuses further records, delivers every buffered one (as [`flush`](Producer::flush)
+    /// does) and stops the sender task. Enqueues waiting for buffer space fail. Closing again
+    /// does nothing more.
+    ///
+    /// # Errors
+    /// The producer's fatal error, if it has failed.
+    pub async fn close(&self) -> Result<()> {
+        let shared = &self.inner.shared;
+        if let Some(newest) = shared.begin_close() {
+            shared.progress.wait_through(newest).await;
+        }
+        let task = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            // A panic in the sender is a bug; its records' futures are gone with it.
+            let _ = task.await;
+        }
+        shared.lock_accumulator().failure().map_or(Ok(()), Err)
+    }
+
+    /// Bytes of the buffer in use now: batches being filled, waiting, or in flight. Never more
+    /// than `buffer_bytes`.
+    pub fn buffered_bytes(&self) -> usize {
+        let shared = &self.inner.shared;
+        shared.buffer_bytes - shared.buffer.available_permits().min(shared.buffer_bytes)
+    }
+
+    /// The configured `buffer_bytes`.
+    pub fn buffer_bytes(&self) -> usize {
+        self.inner.shared.buffer_bytes
+    }
+}
+
+/// What the producer handles and the sender task share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    client: Client,
+    accumulator: Mutex<Accumulator>,
+    /// One permit per byte of `buffer_bytes`; closed when the producer closes or fails.
+    buffer: Semaphore,
+    buffer_bytes: usize,
+    /// Wakes the sender: a batch opened or closed, a flush, a close.
+    wake: Notify,
+    progress: Progress,
+}
+
+impl Shared {
+    fn lock_accumulator(&self) -> MutexGuard<'_, Accumulator> {
+        // No code that can panic halfway through an update runs under this lock, except
+        // assertions of our own invariants, after which nothing is consistent anyway.
+        self.accumulator
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn release_buffer(&self, bytes: usize) {
+        if bytes > 0 {
+            self.buffer.add_permits(bytes);
+        }
+    }
+
+    /// Why enqueue is refused now.
+    fn refusal(&self) -> Error {
+        self.lock_accumulator().failure().unwrap_or_else(closed_error)
+    }
+
+    /// Refuses further records, closes every open batch and wakes the sender so it finishes.
+    /// Returns the newest batch's id, if any.
+    fn begin_close(&self) -> Option<u64> {
+        let newest = self.lock_accumulator().close();
+        self.buffer.close();
+        self.wake.notify_one();
+        newest
+    }
+}
+
+/// Which batches are not finished yet, so flush can wait for those it saw.
+#[derive(Debug)]
+struct Progress {
+    incomplete: Mutex<BTreeSet<u64>>,
+    /// The lowest unfinished batch id, or `u64::MAX` when every batch is finished.
+    lowest_incomplete: watch::Sender<u64>,
+}
+
+impl Progress {
+    fn lock(&self) -> MutexGuard<'_, BTreeSet<u64>> {
+        self.incomplete.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn started(&self, id: u64) {
+        let mut incomplete = self.lock();
+        incomplete.insert(id);
+        let lowest = incomplete.first().copied().unwrap_or(u64::MAX);
+        self.lowest_incomplete.send_if_modified(|current| {
+            let changed = *current != lowest;
+            *current = lowest;
+            changed
+        });
+    }
+
+    pub(crate) fn finished(&self, id: u64) {
+        let mut incomplete = self.lock();
+        if !incomplete.remove(&id) {
+            return;
+        }
+        let lowest = incomplete.first().copied().unwrap_or(u64::MAX);
+        self.lowest_incomplete.send_if_modified(|current| {
+            let changed = *current != lowest;
+            *current = lowest;
+            changed
+        });
+    }
+
+    /// Waits until every batch up to `id` is finished.
+    async fn wait_through(&self, id: u64) {
+        let mut lowest = self.lowest_incomplete.subscribe();
+        // The sender is kept alive by `self`, so the channel cannot close while we wait.
+        let _ = lowest.wait_for(|lowest| *lowest > id).await;
+    }
+}
+
+/// Looks up the partition count of `topic`.
+async fn partition_count(client: &Client, topic: &str) -> Result<u32> {
+    let response = client
+        .send_with_retry(MetadataRequest {
+            topics: Some(vec![topic.to_owned()]),
+        })
+        .await?;
+    let Response::Metadata(metadata) = response else {
+        return Err(Error::Protocol(WireError::Invalid {
+            what: "response",
+            detail: format!("{:?} in answer to Metadata", response.api_key()),
+        }));
+    };
+    let unknown = || Error::Broker {
+        code: ErrorCode::UnknownTopic,
+        message: Some(format!("no topic {topic}")),
+    };
+    let found = metadata
+        .topics
+        .into_iter()
+        .find(|entry| entry.name == topic)
+        .ok_or_else(unknown)?;
+    if !found.error_code.is_ok() {
+        return Err(Error::Broker {
+            code: found.error_code,
+            message: Some(format!("topic {topic}")),
+        });
+    }
+    match u32::try_from(found.partitions.len()) {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err(unknown()),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn builder() -> ProducerBuilder {
+        // Validation needs no broker; the client only has to exist. A listener that accepts
+        // is enough for Client::connect.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("tcp://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let client = Client::connect(&url).await.unwrap();
+        Producer::builder(&client)
+    }
+
+    #[tokio::test]
+    async fn settings_that_do_not_go_together_are_refused() {
+        let refused = |builder: ProducerBuilder| match builder.validate() {
+            Err(Error::Usage(message)) => message,
+            other => panic!("expected a usage error, got {other:?}"),
+        };
+        let base = builder().await;
+        base.validate().expect("the defaults go together");
+        let message = refused(base.clone().acks(Acks::None));
+        assert!(message.contains("idempotence(false)"), "{message}");
+        base.clone().acks(Acks::None).idempotence(false).validate().unwrap();
+        refused(base.clone().max_in_flight_per_partition(6));
+        base.clone()
+            .idempotence(false)
+            .max_in_flight_per_partition(6)
+            .validate()
+            .unwrap();
+        refused(base.clone().max_in_flight_per_partition(0));
+        refused(base.clone().batch_bytes(10));
+        refused(base.clone().buffer_bytes(1024).batch_bytes(4096));
+        refused(base.clone().delivery_timeout(Duration::from_secs(1)));
+        refused(base.clone().idempotence(false).producer_name("relay"));
+    }
+}

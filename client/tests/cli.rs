@@ -1,0 +1,138 @@
+//! The `sluice` command line against a real broker.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use sluice_broker::{Broker, BrokerHandle, Config};
+use sluice_client::Client;
+use sluice_client::protocol::messages::*;
+use sluice_client::protocol::{RecordBatchBuilder, Response};
+
+fn config(data_dir: &Path) -> Config {
+    let mut config = Config {
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
+    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
+    config.listeners.http = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+/// Runs `sluice` with the given arguments and stdin, on a blocking thread so the in-process
+/// broker keeps running.
+async fn sluice(broker: &BrokerHandle, args: &[&str], stdin: &[u8]) -> Output {
+    let url = format!("tcp://{}", broker.tcp_addr);
+    let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    let stdin = stdin.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env_remove("SLUICE_CA_FILE")
+            .env("SLUICE_BROKER", url)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&stdin).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_consume_and_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(config(dir.path())).await.unwrap();
+
+    let created = sluice(&broker, &["topic", "create", "events", "--partitions", "2"], b"").await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let again = sluice(&broker, &["topic", "create", "events"], b"").await;
+    assert_eq!(again.status.code(), Some(1));
+    let stderr = text(&again.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("TopicAlreadyExists"), "{stderr}");
+
+    let listed = sluice(&broker, &["topic", "list"], b"").await;
+    assert_eq!(text(&listed.stdout), "events\t2\n");
+
+    // Records produced directly, consumed by the CLI.
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr)).await.unwrap();
+    let mut builder = RecordBatchBuilder::new();
+    builder.append(1_700_000_000_000, Some(b"k1"), b"hello", &[("trace", b"t1")]);
+    builder.append(1_700_000_000_001, None, b"world", &[]);
+    let Response::Produce(_) = client
+        .send(ProduceRequest {
+            acks: Acks::Durable,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: "events".into(),
+                partitions: vec![ProducePartition { partition: 1, records: builder.build().into_bytes() }],
+            }],
+        })
+        .await
+        .unwrap() else { panic!() };
+
+    let consumed = sluice(&broker, &["consume", "events", "--group", "cli", "--count", "2"], b"").await;
+    assert!(consumed.status.success(), "{}", text(&consumed.stderr));
+    assert!(text(&consumed.stderr).contains("consumed 2 records"));
+    let lines: Vec<serde_json::Value> = text(&consumed.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["topic"], "events");
+    assert_eq!(lines[0]["partition"], 1);
+    assert_eq!(lines[0]["offset"], 0);
+    assert_eq!(lines[0]["timestamp"], 1_700_000_000_000i64);
+    assert_eq!(lines[0]["key"], "k1");
+    assert_eq!(lines[0]["value"], "hello");
+    assert_eq!(lines[0]["headers"]["trace"], "t1");
+    assert_eq!(lines[1]["key"], serde_json::Value::Null);
+
+    // The group committed what it printed: a second run has nothing left and times out.
+    let rest = sluice(&broker, &["consume", "events", "--group", "cli", "--timeout-ms", "300"], b"").await;
+    assert!(rest.status.success(), "{}", text(&rest.stderr));
+    assert!(text(&rest.stderr).contains("consumed 0 records"));
+    assert!(rest.stdout.is_empty());
+
+    // Standalone from an offset, value format.
+    let values = sluice(&broker, &["consume", "events", "--from", "1", "--format", "value", "--timeout-ms", "300"], b"").await;
+    assert_eq!(text(&values.stdout), "world\n");
+
+    let groups = sluice(&broker, &["group", "list"], b"").await;
+    assert!(text(&groups.stdout).starts_with("cli\t"), "{}", text(&groups.stdout));
+    let described = sluice(&broker, &["group", "describe", "cli"], b"").await;
+    let described = text(&described.stdout);
+    assert!(described.contains("events\t1\t2\t2\t0"), "{described}");
+
+    let deleted = sluice(&broker, &["topic", "delete", "events"], b"").await;
+    assert!(deleted.status.success());
+    let gone = sluice(&broker, &["topic", "describe", "events"], b"").await;
+    assert_eq!(gone.status.code(), Some(1));
+    broker.shutdown().await;
+}
+
+#[test]
+fn usage_errors_exit_2_and_an_unreachable_broker_exits_1() {
+    let usage = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["topic", "explode"]).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    let bad_acks = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["produce", "t", "--acks", "maybe"]).output().unwrap();
+    assert_eq!(bad_acks.status.code(), Some(2));
+    // Nothing listens on port 1.
+    let unreachable = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--broker", "tcp://127.0.0.1:1", "topic", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(1));
+    let stderr = text(&unreachable.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("sluice: "), "{stderr}");
+}
