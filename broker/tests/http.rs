@@ -451,30 +451,49 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
         assert!(declared.contains(family), "{family} missing: {declared:?}");
     }
 
-    // Consumer-group lag is set by the group coordinator through the metrics handle.
-    let lag = sluice_broker::metrics::GroupLagLabels {
-        group: "billing".into(),
-        topic: "orders".into(),
-        partition: 1,
+    // Consumer-group lag: log end minus committed offset, computed at scrape time.
+    let Response::ConsumerGroupHeartbeat(member) = connection
+        .send(ConsumerGroupHeartbeatRequest {
+            group_id: "billing".into(),
+            topics: Some(vec!["orders".into()]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("wrong response")
     };
-    broker
-        .state()
-        .metrics
-        .group_lag()
-        .get_or_create(&lag)
-        .set(2);
+    let Response::CommitOffsets(committed) = connection
+        .send(CommitOffsetsRequest {
+            group_id: "billing".into(),
+            member_id: member.member_id.clone(),
+            member_epoch: member.member_epoch,
+            topics: vec![CommitTopic {
+                name: "orders".into(),
+                partitions: vec![CommitPartition { partition: 1, offset: 0, metadata: None }],
+            }],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("wrong response")
+    };
+    assert_eq!(committed.topics[0].partitions[0].error_code, ErrorCode::None);
     let samples = parse_exposition(&get(http, "/metrics").await.body);
+    let end = value(
+        &samples,
+        "sluice_partition_log_end_offset",
+        &[("topic", "orders"), ("partition", "1")],
+    )
+    .expect("log end offset of orders/1");
+    assert!(end > 0.0);
     assert_eq!(
         value(
             &samples,
             "sluice_group_lag",
-            &[
-                ("group", "billing"),
-                ("topic", "orders"),
-                ("partition", "1")
-            ]
+            &[("group", "billing"), ("topic", "orders"), ("partition", "1")]
         ),
-        Some(2.0)
+        Some(end)
     );
 
     // A deleted topic's partitions are no longer reported.
