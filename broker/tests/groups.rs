@@ -250,3 +250,38 @@ async fn bad_group_requests_get_clear_errors() {
     assert_eq!(described.error_code, ErrorCode::UnknownGroup);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn offsets_snapshot_bounds_the_log_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = || {
+        let mut config = config(dir.path());
+        config.log.segment_bytes = 4096;
+        config.log.max_message_bytes = 4096;
+        config.limits.max_batch_bytes = 4096;
+        config
+    };
+    let broker = Broker::start(small()).await.unwrap();
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr)).await.unwrap();
+    create_topic(&connection, "t", 4).await;
+    let member = heartbeat(&connection, join("g", "t")).await;
+    for round in 0..600u64 {
+        assert_eq!(commit(&connection, "g", &member, "t", (round % 4) as u32, round).await, ErrorCode::None);
+    }
+    let offsets_dir = dir.path().join("topics/__consumer_offsets/0");
+    let segments = std::fs::read_dir(&offsets_dir)
+        .unwrap()
+        .filter(|entry| entry.as_ref().unwrap().path().extension().is_some_and(|ext| ext == "log"))
+        .count();
+    assert!(segments <= 3, "{segments} offsets segments left: the snapshot should cover the rest");
+    assert!(dir.path().join("groups/offsets.snapshot").exists());
+    drop(connection);
+    broker.shutdown().await;
+
+    let broker = Broker::start(small()).await.unwrap();
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr)).await.unwrap();
+    for partition in 0..4u32 {
+        assert_eq!(committed(&connection, "g", "t", partition).await, 596 + i64::from(partition));
+    }
+    broker.shutdown().await;
+}

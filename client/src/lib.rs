@@ -12,6 +12,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod client;
 pub mod connection;
 pub mod consumer;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod producer;
 pub mod resilience;
 
+pub use admin::Admin;
 pub use client::{Client, ClientOptions};
 pub use connection::{Connection, ConnectionOptions};
 pub use consumer::{CommitMode, Consumer, ConsumerBuilder, ConsumerRecord, ResetPolicy, Seek};

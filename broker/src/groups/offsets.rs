@@ -263,8 +263,16 @@ impl OffsetStore {
             let bytes = encode_snapshot(&state.committed, covered);
             drop(state);
             // Off the runtime's hot path in practice: a roll happens once per segment.
-            if let Err(error) = write_file_durably(self.fs.as_ref(), &self.snapshot_path, &bytes) {
-                tracing::warn!(path = %self.snapshot_path.display(), %error, "offsets snapshot failed; start-up will replay more");
+            match write_file_durably(self.fs.as_ref(), &self.snapshot_path, &bytes) {
+                // The snapshot holds everything below `covered`: the segments before it go.
+                Ok(()) => match self.log.delete_segments_before(covered) {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::debug!(deleted, covered, "removed offsets segments covered by the snapshot"),
+                    Err(error) => tracing::warn!(%error, "removing covered offsets segments failed"),
+                },
+                Err(error) => {
+                    tracing::warn!(path = %self.snapshot_path.display(), %error, "offsets snapshot failed; start-up will replay more");
+                }
             }
         }
     }

@@ -1106,32 +1106,57 @@ impl PartitionLog {
     /// Deletes whole closed segments past `retention_bytes` or `retention_ms`, oldest first.
     /// The active segment is never deleted. Returns how many segments went.
     pub fn enforce_retention(&self, now_ms: u64) -> Result<usize> {
+        let deleted = self.delete_leading_segments(|segment, total_bytes| {
+            let over_size = self
+                .config
+                .retention_bytes
+                .is_some_and(|limit| total_bytes > limit);
+            let expired = self.config.retention_ms.is_some_and(|limit| {
+                segment
+                    .max_timestamp()
+                    .is_some_and(|newest| (now_ms as i64).saturating_sub(newest) > limit as i64)
+            });
+            over_size || expired
+        })?;
+        // This periodic pass is also when idle producers expire, and producers whose batches
+        // retention deleted are forgotten, so the state keeps describing the log as it is.
+        let log_start_offset = self.earliest_offset();
+        let mut writer = self.writer.lock().expect("writer lock poisoned");
+        let forgotten =
+            writer.producers.remove_below(log_start_offset) + writer.producers.expire(now_ms);
+        if forgotten > 0 {
+            tracing::debug!(dir = %self.dir.display(), forgotten, "dropped producer state");
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the closed segments that end at or before `offset` (for a log whose contents
+    /// below `offset` are kept elsewhere, such as the committed-offsets snapshot). Returns how
+    /// many went.
+    pub fn delete_segments_before(&self, offset: u64) -> Result<usize> {
+        self.delete_leading_segments(|segment, _| segment.next_offset() <= offset)
+    }
+
+    /// Deletes closed segments from the oldest on while `doomed(segment, total bytes of the
+    /// segments still kept)` holds. The active segment is never deleted.
+    fn delete_leading_segments(&self, doomed: impl Fn(&Segment, u64) -> bool) -> Result<usize> {
         let doomed: Vec<Arc<Segment>> = {
             let mut segments = self.segments.write().expect("segments lock poisoned");
             let mut total: u64 = segments.iter().map(|segment| segment.size_bytes()).sum();
             let mut count = 0;
             for segment in segments.iter().take(segments.len().saturating_sub(1)) {
-                let over_size = self
-                    .config
-                    .retention_bytes
-                    .is_some_and(|limit| total > limit);
-                let expired = self.config.retention_ms.is_some_and(|limit| {
-                    segment
-                        .max_timestamp()
-                        .is_some_and(|newest| (now_ms as i64).saturating_sub(newest) > limit as i64)
-                });
-                if !(over_size || expired) {
+                if !doomed(segment, total) {
                     break;
                 }
                 total -= segment.size_bytes();
                 count += 1;
             }
-            let doomed: Vec<Arc<Segment>> = segments.drain(..count).collect();
+            let removed: Vec<Arc<Segment>> = segments.drain(..count).collect();
             if let Some(first) = segments.first() {
                 self.log_start_offset
                     .store(first.base_offset, Ordering::Release);
             }
-            doomed
+            removed
         };
         let fs = self.shared.fs.as_ref();
         for segment in &doomed {
@@ -1153,20 +1178,11 @@ impl PartitionLog {
                     ));
                 }
             }
-            tracing::info!(segment = %segment.paths.log.display(), "retention deleted segment");
+            tracing::info!(segment = %segment.paths.log.display(), "deleted segment");
         }
         if !doomed.is_empty() {
             fs.sync_dir(&self.dir)
                 .map_err(|error| StorageError::io(format!("sync {}", self.dir.display()), error))?;
-        }
-        // This periodic pass is also when idle producers expire, and producers whose batches
-        // retention deleted are forgotten, so the state keeps describing the log as it is.
-        let log_start_offset = self.earliest_offset();
-        let mut writer = self.writer.lock().expect("writer lock poisoned");
-        let forgotten =
-            writer.producers.remove_below(log_start_offset) + writer.producers.expire(now_ms);
-        if forgotten > 0 {
-            tracing::debug!(dir = %self.dir.display(), forgotten, "dropped producer state");
         }
         Ok(doomed.len())
     }

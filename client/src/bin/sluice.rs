@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
-use sluice_client::protocol::messages::*;
-use sluice_client::protocol::{ErrorCode, Response};
 use sluice_client::{Client, ClientOptions, CommitMode, ConnectionOptions, ConsumerRecord, ResetPolicy, Seek};
 
 /// Sluice command line: topics, produce, consume, groups.
@@ -144,16 +142,6 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
         .map_err(|error| Failure(format!("cannot reach {}: {error}", cli.broker)))
 }
 
-fn check(code: ErrorCode, message: Option<String>, what: &str) -> Result<(), Failure> {
-    if code == ErrorCode::None {
-        return Ok(());
-    }
-    Err(Failure(match message {
-        Some(message) => format!("{what}: {message} ({code})"),
-        None => format!("{what}: {code}"),
-    }))
-}
-
 async fn run(cli: Cli) -> Result<(), Failure> {
     let client = connect(&cli).await?;
     let result = match &cli.command {
@@ -169,54 +157,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn topic(client: &Client, command: &TopicCommand) -> Result<(), Failure> {
+    let admin = client.admin();
     let mut out = std::io::stdout().lock();
     match command {
         TopicCommand::Create { topic, partitions } => {
-            let Response::CreateTopics(response) = client
-                .send(CreateTopicsRequest {
-                    topics: vec![CreateTopic { name: topic.clone(), partitions: *partitions, configs: vec![] }],
-                    validate_only: false,
-                })
-                .await?
-            else {
-                return Err(Failure("unexpected response".into()));
-            };
-            let result = response.results.into_iter().next().ok_or_else(|| Failure("empty response".into()))?;
-            check(result.error_code, result.error_message, &format!("create topic {topic}"))?;
+            admin.create_topic(topic, *partitions, &[]).await?;
             writeln!(out, "created topic {topic} with {partitions} partition(s)")?;
         }
         TopicCommand::List => {
-            let Response::ListTopics(response) = client.send(ListTopicsRequest {}).await? else {
-                return Err(Failure("unexpected response".into()));
-            };
-            for topic in response.topics {
+            for topic in admin.list_topics().await? {
                 writeln!(out, "{}\t{}", topic.name, topic.partitions)?;
             }
         }
         TopicCommand::Describe { topic } => {
-            let Response::DescribeTopic(response) = client.send(DescribeTopicRequest { name: topic.clone() }).await? else {
-                return Err(Failure("unexpected response".into()));
-            };
-            check(response.error_code, None, &format!("describe topic {topic}"))?;
-            writeln!(out, "topic {} ({} partitions)", response.name, response.partitions.len())?;
+            let described = admin.describe_topic(topic).await?;
+            writeln!(out, "topic {} ({} partitions)", described.name, described.partitions.len())?;
             writeln!(out, "partition\tstart\tend\tbytes\tsegments")?;
-            for partition in &response.partitions {
+            for partition in &described.partitions {
                 writeln!(
                     out,
                     "{}\t{}\t{}\t{}\t{}",
                     partition.partition, partition.log_start_offset, partition.high_watermark, partition.size_bytes, partition.segment_count
                 )?;
             }
-            for (key, value) in &response.configs {
+            for (key, value) in &described.configs {
                 writeln!(out, "{key}={value}")?;
             }
         }
         TopicCommand::Delete { topic } => {
-            let Response::DeleteTopics(response) = client.send(DeleteTopicsRequest { names: vec![topic.clone()] }).await? else {
-                return Err(Failure("unexpected response".into()));
-            };
-            let result = response.results.into_iter().next().ok_or_else(|| Failure("empty response".into()))?;
-            check(result.error_code, None, &format!("delete topic {topic}"))?;
+            admin.delete_topic(topic).await?;
             writeln!(out, "deleted topic {topic}")?;
         }
     }
@@ -224,28 +193,23 @@ async fn topic(client: &Client, command: &TopicCommand) -> Result<(), Failure> {
 }
 
 async fn group(client: &Client, command: &GroupCommand) -> Result<(), Failure> {
+    let admin = client.admin();
     let mut out = std::io::stdout().lock();
     match command {
         GroupCommand::List => {
-            let Response::ListGroups(response) = client.send(ListGroupsRequest {}).await? else {
-                return Err(Failure("unexpected response".into()));
-            };
-            for group in response.groups {
+            for group in admin.list_groups().await? {
                 writeln!(out, "{}\t{}\t{} member(s)", group.group_id, group.state, group.members)?;
             }
         }
         GroupCommand::Describe { group } => {
-            let Response::DescribeGroup(response) = client.send(DescribeGroupRequest { group_id: group.clone() }).await? else {
-                return Err(Failure("unexpected response".into()));
-            };
-            check(response.error_code, None, &format!("describe group {group}"))?;
+            let described = admin.describe_group(group).await?;
             writeln!(
                 out,
                 "group {} state {} epoch {} assignor {}",
-                response.group_id, response.state, response.group_epoch, response.assignor
+                described.group_id, described.state, described.group_epoch, described.assignor
             )?;
             writeln!(out, "members:")?;
-            for member in &response.members {
+            for member in &described.members {
                 let assigned: Vec<String> = member
                     .assigned
                     .iter()
@@ -254,7 +218,7 @@ async fn group(client: &Client, command: &GroupCommand) -> Result<(), Failure> {
                 writeln!(out, "  {} epoch {} topics {} assigned [{}]", member.member_id, member.member_epoch, member.topics.join(","), assigned.join(" "))?;
             }
             writeln!(out, "topic\tpartition\tcommitted\tend\tlag")?;
-            for offset in &response.offsets {
+            for offset in &described.offsets {
                 let committed = if offset.committed_offset < 0 { "-".to_owned() } else { offset.committed_offset.to_string() };
                 let lag = if offset.lag < 0 { "-".to_owned() } else { offset.lag.to_string() };
                 writeln!(out, "{}\t{}\t{committed}\t{}\t{lag}", offset.topic, offset.partition, offset.log_end_offset)?;
@@ -262,15 +226,6 @@ async fn group(client: &Client, command: &GroupCommand) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-async fn partition_count(client: &Client, topic: &str) -> Result<u32, Failure> {
-    let Response::Metadata(response) = client.send(MetadataRequest { topics: Some(vec![topic.to_owned()]) }).await? else {
-        return Err(Failure("unexpected response".into()));
-    };
-    let entry = response.topics.into_iter().next().ok_or_else(|| Failure("empty metadata".into()))?;
-    check(entry.error_code, None, &format!("topic {topic}"))?;
-    Ok(entry.partitions.len() as u32)
 }
 
 /// A progress line on stderr, only for a terminal, at most a few times a second.
@@ -323,7 +278,7 @@ async fn consume(
             Err(_) => return Err(Failure(format!("--from {offset:?}: expected earliest, latest or an offset"))),
         },
     };
-    let partitions = partition_count(client, topic).await?;
+    let partitions = client.admin().partition_count(topic).await?;
     let builder = client.consumer().reset_policy(reset).commit_mode(CommitMode::Manual);
     let mut consumer = match group {
         Some(group) => builder.group(group).topics([topic]).build().await?,

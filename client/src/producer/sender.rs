@@ -541,7 +541,7 @@ impl SenderState {
                                 %error,
                                 "batch will be sent again"
                             );
-                            sent.last_error = Some(error);
+                            eprintln!("DEBUGRETRY {topic}/{partition} seq {} attempts {} {error}", sent.base_sequence, sent.attempts); sent.last_error = Some(error);
                             if window.retry_at.is_none() {
                                 window.retry_at = Some(now + window.backoff.next_delay());
                             }

@@ -1,0 +1,604 @@
+//! The producer against a real broker: keyed partitioning and offsets, batching, flush and
+//! close, backpressure while the broker is down, retries across a broker restart with neither
+//! duplicates nor gaps, fencing by name, and `acks = none`.
+//!
+//! Every wait has a deadline; nothing sleeps to synchronise.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use futures::FutureExt;
+use sluice_broker::{Broker, BrokerHandle, Config};
+use sluice_client::producer::partitioner::partition_for_key;
+use sluice_client::producer::{Acks, Delivery, DeliveryFuture, Record};
+use sluice_client::protocol::batch::split_batches;
+use sluice_client::protocol::messages::*;
+use sluice_client::protocol::{ErrorCode, Response};
+use sluice_client::{Client, Error, Producer};
+
+/// How long any one test may take before it counts as hung.
+const TEST_DEADLINE: Duration = Duration::from_secs(120);
+
+fn config(data_dir: &Path, tcp: SocketAddr) -> Config {
+    let mut config = Config {
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.listeners.tcp = tcp;
+    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
+    config.listeners.http = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+async fn start(data_dir: &Path) -> (BrokerHandle, Client) {
+    let broker = Broker::start(config(data_dir, "127.0.0.1:0".parse().unwrap()))
+        .await
+        .expect("broker starts");
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .expect("connect");
+    (broker, client)
+}
+
+/// Starts a broker again on the same data directory and TCP port.
+async fn restart(data_dir: &Path, tcp: SocketAddr) -> BrokerHandle {
+    Broker::start(config(data_dir, tcp))
+        .await
+        .expect("broker restarts on the same port")
+}
+
+async fn create_topic(client: &Client, name: &str, partitions: u32) {
+    let Response::CreateTopics(response) = client
+        .send(CreateTopicsRequest {
+            topics: vec![CreateTopic {
+                name: name.into(),
+                partitions,
+                configs: vec![],
+            }],
+            validate_only: false,
+        })
+        .await
+        .expect("create topic")
+    else {
+        panic!("wrong response")
+    };
+    assert_eq!(response.results[0].error_code, ErrorCode::None);
+}
+
+/// Runs a test body under [`TEST_DEADLINE`].
+async fn within_deadline<T>(body: impl Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_DEADLINE, body)
+        .await
+        .expect("the test finished within its deadline")
+}
+
+/// A record as read back from the broker.
+#[derive(Clone, Debug)]
+struct Stored {
+    offset: u64,
+    key: Option<Vec<u8>>,
+    value: String,
+}
+
+/// Everything in a partition: its records, and the record count of each batch.
+#[derive(Debug, Default)]
+struct PartitionContents {
+    records: Vec<Stored>,
+    batch_record_counts: Vec<u32>,
+    batch_sizes: Vec<usize>,
+}
+
+async fn fetch_all(client: &Client, topic: &str, partition: u32) -> PartitionContents {
+    let mut contents = PartitionContents::default();
+    let mut offset = 0;
+    loop {
+        let Response::Fetch(mut response) = client
+            .send(FetchRequest {
+                max_wait_ms: 0,
+                min_bytes: 0,
+                max_bytes: 4 << 20,
+                topics: vec![FetchTopic {
+                    name: topic.into(),
+                    partitions: vec![FetchPartition {
+                        partition,
+                        fetch_offset: offset,
+                        partition_max_bytes: 4 << 20,
+                    }],
+                }],
+            })
+            .await
+            .expect("fetch")
+        else {
+            panic!("wrong response")
+        };
+        let fetched = response.topics.remove(0).partitions.remove(0);
+        assert_eq!(fetched.error_code, ErrorCode::None);
+        if fetched.records.is_empty() {
+            assert_eq!(offset, fetched.high_watermark, "nothing more below the high watermark");
+            return contents;
+        }
+        for batch in split_batches(&fetched.records) {
+            let batch = batch.expect("whole batch");
+            batch.validate().expect("valid batch");
+            contents.batch_record_counts.push(batch.record_count());
+            contents.batch_sizes.push(batch.size_bytes());
+            for record in batch.records() {
+                let record = record.expect("record");
+                let record_offset = record.offset(batch.base_offset());
+                assert_eq!(record_offset, offset, "offsets run without gaps");
+                contents.records.push(Stored {
+                    offset: record_offset,
+                    key: record.key.map(<[u8]>::to_vec),
+                    value: String::from_utf8(record.value.to_vec()).expect("UTF-8 value"),
+                });
+                offset += 1;
+            }
+        }
+    }
+}
+
+/// Awaits every future, in order.
+async fn deliveries(futures: Vec<DeliveryFuture>) -> Vec<Delivery> {
+    let mut out = Vec::with_capacity(futures.len());
+    for future in futures {
+        out.push(future.await.expect("delivered"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_records_land_where_the_hash_says_in_order_with_their_offsets() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, client) = start(dir.path()).await;
+        const PARTITIONS: u32 = 8;
+        const RECORDS: usize = 10_000;
+        create_topic(&client, "keyed", PARTITIONS).await;
+        let producer = client.producer().build().await.expect("producer");
+        let mut futures = Vec::with_capacity(RECORDS);
+        for index in 0..RECORDS {
+            let key = format!("key-{}", index % 1_000);
+            let future = producer
+                .enqueue(Record::new("keyed", format!("value-{index}")).key(key.clone()))
+                .await
+                .expect("enqueue");
+            assert_eq!(
+                future.partition(),
+                partition_for_key(key.as_bytes(), PARTITIONS),
+                "record {index}"
+            );
+            futures.push(future);
+        }
+        let delivered = deliveries(futures).await;
+        // Per partition, offsets follow enqueue order from 0 without gaps.
+        let mut next_offset = BTreeMap::<u32, u64>::new();
+        let mut expected = BTreeMap::<u32, Vec<(u64, String, String)>>::new();
+        for (index, delivery) in delivered.iter().enumerate() {
+            let next = next_offset.entry(delivery.partition).or_insert(0);
+            assert_eq!(delivery.offset, Some(*next), "record {index}");
+            *next += 1;
+            expected.entry(delivery.partition).or_default().push((
+                *next - 1,
+                format!("key-{}", index % 1_000),
+                format!("value-{index}"),
+            ));
+        }
+        assert_eq!(next_offset.len(), PARTITIONS as usize, "every partition got keys");
+        for (partition, expected) in expected {
+            let stored = fetch_all(&client, "keyed", partition).await;
+            assert_eq!(stored.records.len(), expected.len(), "partition {partition}");
+            for (stored, (offset, key, value)) in stored.records.iter().zip(&expected) {
+                assert_eq!(stored.offset, *offset);
+                assert_eq!(stored.key.as_deref(), Some(key.as_bytes()));
+                assert_eq!(&stored.value, value);
+            }
+        }
+        producer.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linger_and_batch_bytes_make_multi_record_batches() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, client) = start(dir.path()).await;
+        create_topic(&client, "batched", 1).await;
+        const BATCH_BYTES: usize = 4_096;
+        let producer = client
+            .producer()
+            .batch_bytes(BATCH_BYTES)
+            .linger(Duration::from_millis(200))
+            .build()
+            .await
+            .expect("producer");
+        let mut futures = Vec::new();
+        for index in 0..1_000 {
+            futures.push(
+                producer
+                    .enqueue(Record::new("batched", format!("record {index:04}")))
+                    .await
+                    .expect("enqueue"),
+            );
+        }
+        let delivered = deliveries(futures).await;
+        let offsets: Vec<u64> = delivered.iter().map(|d| d.offset.unwrap()).collect();
+        assert_eq!(offsets, (0..1_000).collect::<Vec<u64>>());
+        let stored = fetch_all(&client, "batched", 0).await;
+        let values: Vec<&str> = stored.records.iter().map(|r| r.value.as_str()).collect();
+        let expected: Vec<String> = (0..1_000).map(|index| format!("record {index:04}")).collect();
+        assert_eq!(values, expected);
+        // ~20 bytes a record: about 180 fit in 4 KiB, so 1000 records take a handful of
+        // batches, each within batch_bytes.
+        let batches = stored.batch_record_counts.len();
+        assert!(
+            (5..=20).contains(&batches),
+            "{batches} batches: {:?}",
+            stored.batch_record_counts
+        );
+        assert!(stored.batch_sizes.iter().all(|size| *size <= BATCH_BYTES));
+        assert!(stored.batch_record_counts.iter().filter(|count| **count > 100).count() >= 4);
+
+        // A lone record is sent when its linger runs out, without a flush.
+        let lone = producer
+            .enqueue(Record::new("batched", "lone"))
+            .await
+            .expect("enqueue");
+        let delivered = tokio::time::timeout(Duration::from_secs(10), lone)
+            .await
+            .expect("sent after its linger")
+            .expect("delivered");
+        assert_eq!(delivered.offset, Some(1_000));
+        producer.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_carries_batches_of_many_partitions() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, client) = start(dir.path()).await;
+        create_topic(&client, "wide", 6).await;
+        let producer = client
+            .producer()
+            .linger(Duration::from_secs(60))
+            .delivery_timeout(Duration::from_secs(300))
+            .build()
+            .await
+            .expect("producer");
+        let mut futures = Vec::new();
+        for partition in 0..6 {
+            for index in 0..10 {
+                futures.push(
+                    producer
+                        .enqueue(Record::new("wide", format!("{partition}-{index}")).partition(partition))
+                        .await
+                        .expect("enqueue"),
+                );
+            }
+        }
+        producer.flush().await.expect("flush");
+        for future in futures {
+            let delivery = future.now_or_never().expect("resolved by flush").expect("delivered");
+            assert!(delivery.offset.unwrap() < 10);
+        }
+        for partition in 0..6 {
+            let stored = fetch_all(&client, "wide", partition).await;
+            assert_eq!(stored.batch_record_counts, vec![10], "one batch per partition");
+        }
+        producer.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_and_close_deliver_everything_buffered() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, client) = start(dir.path()).await;
+        create_topic(&client, "flushed", 3).await;
+        // A linger far longer than the test: only flush and close can send these.
+        let producer = client
+            .producer()
+            .linger(Duration::from_secs(3_600))
+            .delivery_timeout(Duration::from_secs(7_200))
+            .build()
+            .await
+            .expect("producer");
+        let mut before_flush = Vec::new();
+        for index in 0..100 {
+            before_flush.push(
+                producer
+                    .enqueue(Record::new("flushed", format!("a{index}")))
+                    .await
+                    .expect("enqueue"),
+            );
+        }
+        assert!(producer.buffered_bytes() > 0);
+        producer.flush().await.expect("flush");
+        for future in before_flush {
+            future.now_or_never().expect("resolved by flush").expect("delivered");
+        }
+        let mut before_close = Vec::new();
+        for index in 0..100 {
+            before_close.push(
+                producer
+                    .enqueue(Record::new("flushed", format!("b{index}")).key(format!("k{index}")))
+                    .await
+                    .expect("enqueue"),
+            );
+        }
+        producer.close().await.expect("close");
+        for future in before_close {
+            future.now_or_never().expect("resolved by close").expect("delivered");
+        }
+        assert_eq!(producer.buffered_bytes(), 0);
+        match producer.enqueue(Record::new("flushed", "late")).await {
+            Err(Error::Usage(message)) => assert!(message.contains("closed"), "{message}"),
+            other => panic!("expected the closed producer to refuse, got {other:?}"),
+        }
+        let mut stored = 0;
+        for partition in 0..3 {
+            stored += fetch_all(&client, "flushed", partition).await.records.len();
+        }
+        assert_eq!(stored, 200);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_makes_enqueue_wait_instead_of_growing() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, client) = start(dir.path()).await;
+        let tcp = broker.tcp_addr;
+        create_topic(&client, "pressure", 1).await;
+        const BATCH_BYTES: usize = 1_024;
+        const BUFFER_BYTES: usize = 4 * BATCH_BYTES;
+        let producer = client
+            .producer()
+            .batch_bytes(BATCH_BYTES)
+            .buffer_bytes(BUFFER_BYTES)
+            .linger(Duration::ZERO)
+            .build()
+            .await
+            .expect("producer");
+        producer
+            .send(Record::new("pressure", "before the outage"))
+            .await
+            .expect("delivered while the broker is up");
+
+        broker.shutdown().await;
+        let value = "x".repeat(100);
+        let mut futures = Vec::new();
+        let blocked = loop {
+            assert!(futures.len() < 1_000, "the buffer never filled up");
+            let enqueue = producer.enqueue(Record::new("pressure", format!("{:04}{value}", futures.len())));
+            match tokio::time::timeout(Duration::from_millis(500), enqueue).await {
+                Ok(future) => futures.push(future.expect("enqueue")),
+                Err(_elapsed) => break futures.len(),
+            }
+            assert!(
+                producer.buffered_bytes() <= BUFFER_BYTES,
+                "{} bytes buffered, limit {BUFFER_BYTES}",
+                producer.buffered_bytes()
+            );
+        };
+        // About 9 records of 110 bytes fit a 1 KiB batch, and 4 batches the buffer.
+        assert!((20..=40).contains(&blocked), "blocked after {blocked} records");
+        assert!(producer.buffered_bytes() <= BUFFER_BYTES);
+        assert!(producer.buffered_bytes() > BUFFER_BYTES - BATCH_BYTES);
+
+        // Once the broker is back, the waiting records go out, and later ones too.
+        let _broker = restart(dir.path(), tcp).await;
+        for index in blocked..blocked + 20 {
+            futures.push(
+                producer
+                    .enqueue(Record::new("pressure", format!("{index:04}{value}")))
+                    .await
+                    .expect("enqueue after the restart"),
+            );
+            assert!(producer.buffered_bytes() <= BUFFER_BYTES);
+        }
+        let delivered = deliveries(futures).await;
+        let offsets: Vec<u64> = delivered.iter().map(|d| d.offset.unwrap()).collect();
+        assert_eq!(offsets, (1..=(blocked as u64 + 20)).collect::<Vec<u64>>());
+        producer.close().await.expect("close");
+        let stored = fetch_all(&client, "pressure", 0).await;
+        assert_eq!(stored.records.len(), blocked + 21);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_across_a_broker_restart_leave_no_duplicate_and_no_gap() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, client) = start(dir.path()).await;
+        let tcp = broker.tcp_addr;
+        const PARTITIONS: u32 = 4;
+        const RECORDS: usize = 3_000;
+        create_topic(&client, "restart", PARTITIONS).await;
+        let producer = client
+            .producer()
+            .batch_bytes(2_048)
+            .linger(Duration::from_millis(2))
+            .build()
+            .await
+            .expect("producer");
+
+        let sending = {
+            let producer = producer.clone();
+            tokio::spawn(async move {
+                let mut futures = Vec::with_capacity(RECORDS);
+                for index in 0..RECORDS {
+                    let record = Record::new("restart", format!("{index:05}")).key(format!("k{}", index % 16));
+                    futures.push(producer.enqueue(record).await.expect("enqueue"));
+                }
+                futures
+            })
+        };
+        // Let about a third go through, then take the broker away while records are in flight.
+        loop {
+            let probe = producer
+                .send(Record::new("restart", "probe").partition(0))
+                .await
+                .expect("probe delivered");
+            if probe.offset.unwrap() > (RECORDS / PARTITIONS as usize / 3) as u64 {
+                break;
+            }
+        }
+        broker.shutdown().await;
+        let broker = restart(dir.path(), tcp).await;
+        let futures = sending.await.expect("sending task");
+        let delivered = deliveries(futures).await;
+        producer.close().await.expect("close");
+
+        // Every value exactly once, each partition in enqueue order, at the reported offsets.
+        let mut seen = vec![0u32; RECORDS];
+        for partition in 0..PARTITIONS {
+            let stored = fetch_all(&client, "restart", partition).await;
+            let mut previous: Option<usize> = None;
+            for record in stored.records.iter().filter(|record| record.value != "probe") {
+                let index: usize = record.value.parse().expect("an index");
+                seen[index] += 1;
+                assert!(previous.is_none_or(|previous| previous < index), "in order");
+                previous = Some(index);
+                assert_eq!(delivered[index].partition, partition);
+                assert_eq!(delivered[index].offset, Some(record.offset), "record {index}");
+            }
+        }
+        let missing: Vec<usize> = (0..RECORDS).filter(|index| seen[*index] == 0).collect();
+        let doubled: Vec<usize> = (0..RECORDS).filter(|index| seen[*index] > 1).collect();
+        assert!(missing.is_empty(), "missing: {missing:?}");
+        assert!(doubled.is_empty(), "written twice: {doubled:?}");
+        broker.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_producer_with_the_same_name_fences_the_first() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, client) = start(dir.path()).await;
+        create_topic(&client, "fenced", 1).await;
+        let first = client.producer().producer_name("relay").build().await.expect("first");
+        let delivered = first.send(Record::new("fenced", "one")).await.expect("one");
+        assert_eq!(delivered.offset, Some(0));
+
+        let second = client.producer().producer_name("relay").build().await.expect("second");
+        // The second instance continues the partition's sequence where the first stopped.
+        let delivered = second.send(Record::new("fenced", "two")).await.expect("two");
+        assert_eq!(delivered.offset, Some(1));
+
+        let is_fenced = |result: &Result<Delivery, Error>| {
+            matches!(
+                result,
+                Err(Error::Broker {
+                    code: ErrorCode::ProducerFenced,
+                    ..
+                })
+            )
+        };
+        let result = first.send(Record::new("fenced", "zombie")).await;
+        assert!(is_fenced(&result), "expected ProducerFenced, got {result:?}");
+        if let Err(Error::Broker { message, .. }) = &result {
+            let message = message.as_deref().unwrap_or_default();
+            assert!(message.contains("relay") && message.contains("fenced"), "{message}");
+        }
+        // The fenced producer refuses everything from now on, with the same error.
+        let later = first.enqueue(Record::new("fenced", "later")).await.map(|_| Delivery {
+            partition: 0,
+            offset: None,
+        });
+        assert!(is_fenced(&later), "expected ProducerFenced, got {later:?}");
+        assert!(matches!(
+            first.close().await,
+            Err(Error::Broker {
+                code: ErrorCode::ProducerFenced,
+                ..
+            })
+        ));
+
+        let delivered = second.send(Record::new("fenced", "three")).await.expect("three");
+        assert_eq!(delivered.offset, Some(2));
+        second.close().await.expect("close");
+        let stored = fetch_all(&client, "fenced", 0).await;
+        let values: Vec<&str> = stored.records.iter().map(|r| r.value.as_str()).collect();
+        assert_eq!(values, ["one", "two", "three"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_none_resolves_without_offsets() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, client) = start(dir.path()).await;
+        create_topic(&client, "unacked", 1).await;
+        assert!(matches!(
+            client.producer().acks(Acks::None).build().await,
+            Err(Error::Usage(_))
+        ));
+        let producer: Producer = client
+            .producer()
+            .acks(Acks::None)
+            .idempotence(false)
+            .build()
+            .await
+            .expect("producer");
+        let mut futures = Vec::new();
+        for index in 0..50 {
+            futures.push(
+                producer
+                    .enqueue(Record::new("unacked", format!("{index}")))
+                    .await
+                    .expect("enqueue"),
+            );
+        }
+        for delivery in deliveries(futures).await {
+            assert_eq!(delivery, Delivery { partition: 0, offset: None });
+        }
+        producer.close().await.expect("close");
+        // Nothing acknowledges them, but the fetch travels on the same connection behind them,
+        // and the broker appends a connection's produces before it reads its next request.
+        assert_eq!(fetch_all(&client, "unacked", 0).await.records.len(), 50);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_topics_and_partitions_are_refused_at_enqueue() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, client) = start(dir.path()).await;
+        create_topic(&client, "known", 2).await;
+        let producer = client.producer().build().await.expect("producer");
+        assert!(matches!(
+            producer.enqueue(Record::new("missing", "x")).await,
+            Err(Error::Broker {
+                code: ErrorCode::UnknownTopic,
+                ..
+            })
+        ));
+        assert!(matches!(
+            producer.enqueue(Record::new("known", "x").partition(2)).await,
+            Err(Error::Broker {
+                code: ErrorCode::UnknownPartition,
+                ..
+            })
+        ));
+        let delivered = producer
+            .send(Record::new("known", "x").partition(1).header("trace", "t-1"))
+            .await
+            .expect("delivered");
+        assert_eq!(delivered, Delivery { partition: 1, offset: Some(0) });
+        producer.close().await.expect("close");
+    })
+    .await;
+}
