@@ -177,7 +177,7 @@ where
         } else {
             tokio::select! {
                 read = reader.read_buf(&mut buffer) => read,
-                _ = shutdown.changed() => break,
+                _ = shutdown.wait_for(|stopping| *stopping) => break,
             }
         };
         match read {

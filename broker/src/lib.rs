@@ -253,7 +253,7 @@ impl Broker {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.wait_for(|stopping| *stopping) => return,
                 }
                 expiry_state.groups.expire(&expiry_state.topics);
             }
@@ -264,7 +264,7 @@ impl Broker {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(retention_every) => {}
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.wait_for(|stopping| *stopping) => return,
                 }
                 let state = Arc::clone(&retention_state);
                 let _ =

@@ -151,8 +151,7 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
         assert!(Instant::now() < deadline, "{missing} acknowledged records never processed (seed {seed})");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let seen = seen.lock().unwrap();
-    let duplicates: u32 = seen.values().map(|count| count - 1).sum();
+    let duplicates: u32 = seen.lock().unwrap().values().map(|count| count - 1).sum();
     println!(
         "chaos: {} acknowledged records, all processed; {kills} members killed; {duplicates} duplicate deliveries",
         acknowledged.len()

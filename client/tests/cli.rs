@@ -135,4 +135,53 @@ fn usage_errors_exit_2_and_an_unreachable_broker_exits_1() {
     let stderr = text(&unreachable.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("sluice: "), "{stderr}");
+    // quic:// without a CA file is a configuration error.
+    let no_ca = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env_remove("SLUICE_CA_FILE")
+        .args(["--broker", "quic://127.0.0.1:1", "topic", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(no_ca.status.code(), Some(2));
+    assert!(text(&no_ca.stderr).contains("ca-file"), "{}", text(&no_ca.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_keyed_lines_round_trip_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(config(dir.path())).await.unwrap();
+    let created = sluice(&broker, &["topic", "create", "lines", "--partitions", "4"], b"").await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let mut input = String::new();
+    for index in 0..10_000 {
+        input.push_str(&format!("user-{}|line {index}: a=b|c\n", index % 37));
+    }
+    let produced = sluice(&broker, &["produce", "lines", "--key-separator", "|"], input.as_bytes()).await;
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    assert!(text(&produced.stderr).contains("sent 10000 records, 10000 acknowledged"), "{}", text(&produced.stderr));
+
+    let consumed = sluice(&broker, &["consume", "lines", "--group", "readers", "--count", "10000"], b"").await;
+    assert!(consumed.status.success(), "{}", text(&consumed.stderr));
+    assert!(text(&consumed.stderr).contains("consumed 10000 records"));
+    let mut seen = std::collections::BTreeSet::new();
+    let mut partition_of_key = std::collections::BTreeMap::new();
+    let mut last_offset = std::collections::BTreeMap::new();
+    for line in text(&consumed.stdout).lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = record["key"].as_str().unwrap().to_owned();
+        let value = record["value"].as_str().unwrap().to_owned();
+        let partition = record["partition"].as_u64().unwrap();
+        let offset = record["offset"].as_u64().unwrap();
+        // The text after the first separator is the value, separators and all.
+        let index: usize = value.strip_prefix("line ").unwrap().split(':').next().unwrap().parse().unwrap();
+        assert_eq!(key, format!("user-{}", index % 37));
+        assert!(value.ends_with(": a=b|c"));
+        assert!(seen.insert(index), "duplicate {index}");
+        // One key, one partition; offsets rise within a partition.
+        assert_eq!(*partition_of_key.entry(key).or_insert(partition), partition);
+        if let Some(previous) = last_offset.insert(partition, offset) {
+            assert!(offset > previous);
+        }
+    }
+    assert_eq!(seen.len(), 10_000);
+    broker.shutdown().await;
 }

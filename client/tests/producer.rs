@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -18,6 +20,9 @@ use sluice_client::protocol::batch::split_batches;
 use sluice_client::protocol::messages::*;
 use sluice_client::protocol::{ErrorCode, Response};
 use sluice_client::{Client, Error, Producer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 /// How long any one test may take before it counts as hung.
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
@@ -117,7 +122,10 @@ async fn fetch_all(client: &Client, topic: &str, partition: u32) -> PartitionCon
         let fetched = response.topics.remove(0).partitions.remove(0);
         assert_eq!(fetched.error_code, ErrorCode::None);
         if fetched.records.is_empty() {
-            assert_eq!(offset, fetched.high_watermark, "nothing more below the high watermark");
+            assert_eq!(
+                offset, fetched.high_watermark,
+                "nothing more below the high watermark"
+            );
             return contents;
         }
         for batch in split_batches(&fetched.records) {
@@ -186,10 +194,18 @@ async fn keyed_records_land_where_the_hash_says_in_order_with_their_offsets() {
                 format!("value-{index}"),
             ));
         }
-        assert_eq!(next_offset.len(), PARTITIONS as usize, "every partition got keys");
+        assert_eq!(
+            next_offset.len(),
+            PARTITIONS as usize,
+            "every partition got keys"
+        );
         for (partition, expected) in expected {
             let stored = fetch_all(&client, "keyed", partition).await;
-            assert_eq!(stored.records.len(), expected.len(), "partition {partition}");
+            assert_eq!(
+                stored.records.len(),
+                expected.len(),
+                "partition {partition}"
+            );
             for (stored, (offset, key, value)) in stored.records.iter().zip(&expected) {
                 assert_eq!(stored.offset, *offset);
                 assert_eq!(stored.key.as_deref(), Some(key.as_bytes()));
@@ -229,7 +245,9 @@ async fn linger_and_batch_bytes_make_multi_record_batches() {
         assert_eq!(offsets, (0..1_000).collect::<Vec<u64>>());
         let stored = fetch_all(&client, "batched", 0).await;
         let values: Vec<&str> = stored.records.iter().map(|r| r.value.as_str()).collect();
-        let expected: Vec<String> = (0..1_000).map(|index| format!("record {index:04}")).collect();
+        let expected: Vec<String> = (0..1_000)
+            .map(|index| format!("record {index:04}"))
+            .collect();
         assert_eq!(values, expected);
         // ~20 bytes a record: about 180 fit in 4 KiB, so 1000 records take a handful of
         // batches, each within batch_bytes.
@@ -240,7 +258,14 @@ async fn linger_and_batch_bytes_make_multi_record_batches() {
             stored.batch_record_counts
         );
         assert!(stored.batch_sizes.iter().all(|size| *size <= BATCH_BYTES));
-        assert!(stored.batch_record_counts.iter().filter(|count| **count > 100).count() >= 4);
+        assert!(
+            stored
+                .batch_record_counts
+                .iter()
+                .filter(|count| **count > 100)
+                .count()
+                >= 4
+        );
 
         // A lone record is sent when its linger runs out, without a flush.
         let lone = producer
@@ -275,7 +300,10 @@ async fn one_request_carries_batches_of_many_partitions() {
             for index in 0..10 {
                 futures.push(
                     producer
-                        .enqueue(Record::new("wide", format!("{partition}-{index}")).partition(partition))
+                        .enqueue(
+                            Record::new("wide", format!("{partition}-{index}"))
+                                .partition(partition),
+                        )
                         .await
                         .expect("enqueue"),
                 );
@@ -283,12 +311,19 @@ async fn one_request_carries_batches_of_many_partitions() {
         }
         producer.flush().await.expect("flush");
         for future in futures {
-            let delivery = future.now_or_never().expect("resolved by flush").expect("delivered");
+            let delivery = future
+                .now_or_never()
+                .expect("resolved by flush")
+                .expect("delivered");
             assert!(delivery.offset.unwrap() < 10);
         }
         for partition in 0..6 {
             let stored = fetch_all(&client, "wide", partition).await;
-            assert_eq!(stored.batch_record_counts, vec![10], "one batch per partition");
+            assert_eq!(
+                stored.batch_record_counts,
+                vec![10],
+                "one batch per partition"
+            );
         }
         producer.close().await.expect("close");
     })
@@ -321,7 +356,10 @@ async fn flush_and_close_deliver_everything_buffered() {
         assert!(producer.buffered_bytes() > 0);
         producer.flush().await.expect("flush");
         for future in before_flush {
-            future.now_or_never().expect("resolved by flush").expect("delivered");
+            future
+                .now_or_never()
+                .expect("resolved by flush")
+                .expect("delivered");
         }
         let mut before_close = Vec::new();
         for index in 0..100 {
@@ -334,7 +372,10 @@ async fn flush_and_close_deliver_everything_buffered() {
         }
         producer.close().await.expect("close");
         for future in before_close {
-            future.now_or_never().expect("resolved by close").expect("delivered");
+            future
+                .now_or_never()
+                .expect("resolved by close")
+                .expect("delivered");
         }
         assert_eq!(producer.buffered_bytes(), 0);
         match producer.enqueue(Record::new("flushed", "late")).await {
@@ -377,7 +418,10 @@ async fn a_full_buffer_makes_enqueue_wait_instead_of_growing() {
         let mut futures = Vec::new();
         let blocked = loop {
             assert!(futures.len() < 1_000, "the buffer never filled up");
-            let enqueue = producer.enqueue(Record::new("pressure", format!("{:04}{value}", futures.len())));
+            let enqueue = producer.enqueue(Record::new(
+                "pressure",
+                format!("{:04}{value}", futures.len()),
+            ));
             match tokio::time::timeout(Duration::from_millis(500), enqueue).await {
                 Ok(future) => futures.push(future.expect("enqueue")),
                 Err(_elapsed) => break futures.len(),
@@ -389,7 +433,10 @@ async fn a_full_buffer_makes_enqueue_wait_instead_of_growing() {
             );
         };
         // About 9 records of 110 bytes fit a 1 KiB batch, and 4 batches the buffer.
-        assert!((20..=40).contains(&blocked), "blocked after {blocked} records");
+        assert!(
+            (20..=40).contains(&blocked),
+            "blocked after {blocked} records"
+        );
         assert!(producer.buffered_bytes() <= BUFFER_BYTES);
         assert!(producer.buffered_bytes() > BUFFER_BYTES - BATCH_BYTES);
 
@@ -431,31 +478,35 @@ async fn retries_across_a_broker_restart_leave_no_duplicate_and_no_gap() {
             .await
             .expect("producer");
 
+        // The sending task keeps at most 200 records unacknowledged, so production spans the
+        // outage, and says when the first third is acknowledged.
+        let (third_delivered, third_delivered_signal) = tokio::sync::oneshot::channel();
         let sending = {
             let producer = producer.clone();
             tokio::spawn(async move {
-                let mut futures = Vec::with_capacity(RECORDS);
+                let mut third_delivered = Some(third_delivered);
+                let mut outstanding = std::collections::VecDeque::new();
+                let mut delivered = Vec::with_capacity(RECORDS);
                 for index in 0..RECORDS {
-                    let record = Record::new("restart", format!("{index:05}")).key(format!("k{}", index % 16));
-                    futures.push(producer.enqueue(record).await.expect("enqueue"));
+                    if outstanding.len() == 200 {
+                        let future: DeliveryFuture = outstanding.pop_front().unwrap();
+                        delivered.push(future.await.expect("delivered"));
+                    }
+                    if delivered.len() == RECORDS / 3 {
+                        let _ = third_delivered.take().map(|signal| signal.send(()));
+                    }
+                    let record = Record::new("restart", format!("{index:05}"))
+                        .key(format!("k{}", index % 16));
+                    outstanding.push_back(producer.enqueue(record).await.expect("enqueue"));
                 }
-                futures
+                delivered.extend(deliveries(outstanding.into()).await);
+                delivered
             })
         };
-        // Let about a third go through, then take the broker away while records are in flight.
-        loop {
-            let probe = producer
-                .send(Record::new("restart", "probe").partition(0))
-                .await
-                .expect("probe delivered");
-            if probe.offset.unwrap() > (RECORDS / PARTITIONS as usize / 3) as u64 {
-                break;
-            }
-        }
+        third_delivered_signal.await.expect("a third delivered");
         broker.shutdown().await;
         let broker = restart(dir.path(), tcp).await;
-        let futures = sending.await.expect("sending task");
-        let delivered = deliveries(futures).await;
+        let delivered = sending.await.expect("sending task");
         producer.close().await.expect("close");
 
         // Every value exactly once, each partition in enqueue order, at the reported offsets.
@@ -463,13 +514,17 @@ async fn retries_across_a_broker_restart_leave_no_duplicate_and_no_gap() {
         for partition in 0..PARTITIONS {
             let stored = fetch_all(&client, "restart", partition).await;
             let mut previous: Option<usize> = None;
-            for record in stored.records.iter().filter(|record| record.value != "probe") {
+            for record in &stored.records {
                 let index: usize = record.value.parse().expect("an index");
                 seen[index] += 1;
                 assert!(previous.is_none_or(|previous| previous < index), "in order");
                 previous = Some(index);
                 assert_eq!(delivered[index].partition, partition);
-                assert_eq!(delivered[index].offset, Some(record.offset), "record {index}");
+                assert_eq!(
+                    delivered[index].offset,
+                    Some(record.offset),
+                    "record {index}"
+                );
             }
         }
         let missing: Vec<usize> = (0..RECORDS).filter(|index| seen[*index] == 0).collect();
@@ -481,19 +536,194 @@ async fn retries_across_a_broker_restart_leave_no_duplicate_and_no_gap() {
     .await;
 }
 
+/// A TCP proxy in front of the broker that can swallow the broker's answers (the requests
+/// still reach it) and cut every connection, as a network failure would.
+struct Proxy {
+    addr: SocketAddr,
+    swallow_answers: Arc<AtomicBool>,
+    pumps: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(broker: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let swallow_answers = Arc::new(AtomicBool::new(false));
+        let pumps = Arc::new(Mutex::new(Vec::new()));
+        let accept = {
+            let (swallow_answers, pumps) = (Arc::clone(&swallow_answers), Arc::clone(&pumps));
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = TcpStream::connect(broker).await else {
+                        continue;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let requests = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    });
+                    let swallow = Arc::clone(&swallow_answers);
+                    let answers = tokio::spawn(async move {
+                        let mut buffer = vec![0; 64 * 1024];
+                        while let Ok(read @ 1..) = server_read.read(&mut buffer).await {
+                            if !swallow.load(Ordering::SeqCst)
+                                && client_write.write_all(&buffer[..read]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                    pumps.lock().unwrap().extend([requests, answers]);
+                }
+            })
+        };
+        Proxy {
+            addr,
+            swallow_answers,
+            pumps,
+            accept,
+        }
+    }
+
+    fn swallow_answers(&self, swallow: bool) {
+        self.swallow_answers.store(swallow, Ordering::SeqCst);
+    }
+
+    /// Closes every proxied connection; new ones are proxied as before.
+    fn cut(&self) {
+        for pump in self.pumps.lock().unwrap().drain(..) {
+            pump.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// The sum of the partitions' high watermarks, read around the proxy.
+async fn high_watermarks(client: &Client, topic: &str, partitions: u32) -> u64 {
+    let Response::Fetch(response) = client
+        .send(FetchRequest {
+            max_wait_ms: 0,
+            min_bytes: 0,
+            max_bytes: 1,
+            topics: vec![FetchTopic {
+                name: topic.into(),
+                partitions: (0..partitions)
+                    .map(|partition| FetchPartition {
+                        partition,
+                        fetch_offset: 0,
+                        partition_max_bytes: 1,
+                    })
+                    .collect(),
+            }],
+        })
+        .await
+        .expect("fetch")
+    else {
+        panic!("wrong response")
+    };
+    response.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.high_watermark)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_are_retried_and_the_broker_does_not_write_twice() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, direct) = start(dir.path()).await;
+        create_topic(&direct, "lost", 2).await;
+        let proxy = Proxy::start(_broker.tcp_addr).await;
+        let client = Client::connect(&format!("tcp://{}", proxy.addr))
+            .await
+            .expect("connect");
+        let producer = client.producer().build().await.expect("producer");
+        let mut futures = Vec::new();
+        for index in 0..10 {
+            futures.push(
+                producer
+                    .enqueue(Record::new("lost", format!("{index:03}")))
+                    .await
+                    .unwrap(),
+            );
+        }
+        producer.flush().await.expect("flush");
+
+        // The broker writes these, but its answers never arrive.
+        proxy.swallow_answers(true);
+        for index in 10..60 {
+            let record = Record::new("lost", format!("{index:03}")).partition(index % 2);
+            futures.push(producer.enqueue(record).await.unwrap());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while high_watermarks(&direct, "lost", 2).await < 60 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the broker never got them"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(futures[59].partition() < 2);
+        // The connection breaks; the producer reconnects and sends the same batches again.
+        proxy.swallow_answers(false);
+        proxy.cut();
+        let delivered = deliveries(futures).await;
+        producer.close().await.expect("close");
+
+        let mut values = BTreeMap::new();
+        for partition in 0..2 {
+            for record in fetch_all(&direct, "lost", partition).await.records {
+                let previous = values.insert(record.value.clone(), (partition, record.offset));
+                assert!(previous.is_none(), "{} written twice", record.value);
+            }
+        }
+        assert_eq!(values.len(), 60, "every record once");
+        for (index, delivery) in delivered.iter().enumerate() {
+            let stored = values[&format!("{index:03}")];
+            assert_eq!(
+                (delivery.partition, delivery.offset.unwrap()),
+                stored,
+                "record {index}"
+            );
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_producer_with_the_same_name_fences_the_first() {
     within_deadline(async {
         let dir = tempfile::tempdir().unwrap();
         let (_broker, client) = start(dir.path()).await;
         create_topic(&client, "fenced", 1).await;
-        let first = client.producer().producer_name("relay").build().await.expect("first");
+        let first = client
+            .producer()
+            .producer_name("relay")
+            .build()
+            .await
+            .expect("first");
         let delivered = first.send(Record::new("fenced", "one")).await.expect("one");
         assert_eq!(delivered.offset, Some(0));
 
-        let second = client.producer().producer_name("relay").build().await.expect("second");
+        let second = client
+            .producer()
+            .producer_name("relay")
+            .build()
+            .await
+            .expect("second");
         // The second instance continues the partition's sequence where the first stopped.
-        let delivered = second.send(Record::new("fenced", "two")).await.expect("two");
+        let delivered = second
+            .send(Record::new("fenced", "two"))
+            .await
+            .expect("two");
         assert_eq!(delivered.offset, Some(1));
 
         let is_fenced = |result: &Result<Delivery, Error>| {
@@ -506,16 +736,25 @@ async fn a_second_producer_with_the_same_name_fences_the_first() {
             )
         };
         let result = first.send(Record::new("fenced", "zombie")).await;
-        assert!(is_fenced(&result), "expected ProducerFenced, got {result:?}");
+        assert!(
+            is_fenced(&result),
+            "expected ProducerFenced, got {result:?}"
+        );
         if let Err(Error::Broker { message, .. }) = &result {
             let message = message.as_deref().unwrap_or_default();
-            assert!(message.contains("relay") && message.contains("fenced"), "{message}");
+            assert!(
+                message.contains("relay") && message.contains("fenced"),
+                "{message}"
+            );
         }
         // The fenced producer refuses everything from now on, with the same error.
-        let later = first.enqueue(Record::new("fenced", "later")).await.map(|_| Delivery {
-            partition: 0,
-            offset: None,
-        });
+        let later = first
+            .enqueue(Record::new("fenced", "later"))
+            .await
+            .map(|_| Delivery {
+                partition: 0,
+                offset: None,
+            });
         assert!(is_fenced(&later), "expected ProducerFenced, got {later:?}");
         assert!(matches!(
             first.close().await,
@@ -525,7 +764,10 @@ async fn a_second_producer_with_the_same_name_fences_the_first() {
             })
         ));
 
-        let delivered = second.send(Record::new("fenced", "three")).await.expect("three");
+        let delivered = second
+            .send(Record::new("fenced", "three"))
+            .await
+            .expect("three");
         assert_eq!(delivered.offset, Some(2));
         second.close().await.expect("close");
         let stored = fetch_all(&client, "fenced", 0).await;
@@ -562,7 +804,13 @@ async fn acks_none_resolves_without_offsets() {
             );
         }
         for delivery in deliveries(futures).await {
-            assert_eq!(delivery, Delivery { partition: 0, offset: None });
+            assert_eq!(
+                delivery,
+                Delivery {
+                    partition: 0,
+                    offset: None
+                }
+            );
         }
         producer.close().await.expect("close");
         // Nothing acknowledges them, but the fetch travels on the same connection behind them,
@@ -587,17 +835,29 @@ async fn unknown_topics_and_partitions_are_refused_at_enqueue() {
             })
         ));
         assert!(matches!(
-            producer.enqueue(Record::new("known", "x").partition(2)).await,
+            producer
+                .enqueue(Record::new("known", "x").partition(2))
+                .await,
             Err(Error::Broker {
                 code: ErrorCode::UnknownPartition,
                 ..
             })
         ));
         let delivered = producer
-            .send(Record::new("known", "x").partition(1).header("trace", "t-1"))
+            .send(
+                Record::new("known", "x")
+                    .partition(1)
+                    .header("trace", "t-1"),
+            )
             .await
             .expect("delivered");
-        assert_eq!(delivered, Delivery { partition: 1, offset: Some(0) });
+        assert_eq!(
+            delivered,
+            Delivery {
+                partition: 1,
+                offset: Some(0)
+            }
+        );
         producer.close().await.expect("close");
     })
     .await;

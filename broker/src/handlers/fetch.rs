@@ -127,7 +127,7 @@ async fn fetch_with_wait(
         let mut shutdown = state.shutdown_receiver();
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {}
-            _ = shutdown.changed() => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => {}
             _ = select_all(waits) => {}
         }
     }

@@ -102,7 +102,7 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<BrokerState>) {
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
-            _ = shutdown.changed() => break,
+            _ = shutdown.wait_for(|stopping| *stopping) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         // None: the endpoint was closed, which only this function does.

@@ -25,7 +25,7 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<BrokerState>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
+            _ = shutdown.wait_for(|stopping| *stopping) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let (mut stream, peer) = match accepted {

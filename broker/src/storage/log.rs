@@ -915,7 +915,12 @@ impl PartitionLog {
                 // With a snapshot at the end of the log, the next open replays nothing.
                 .map(|()| self.snapshot_producers_now())
         };
-        self.poison("the log is closed".to_owned());
+        // Closing is not a failure: refuse further writes without the poisoning alarm.
+        {
+            let mut poisoned = self.poisoned.lock().expect("poison lock poisoned");
+            poisoned.get_or_insert_with(|| "the log is closed".to_owned());
+            self.is_poisoned.store(true, Ordering::Release);
+        }
         self.high_watermark.close();
         let segments = self.segments.read().expect("segments lock poisoned");
         for segment in segments.iter() {

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
+use sluice_client::producer::{DeliveryFuture, Record};
+use sluice_client::protocol::messages::Acks;
 use sluice_client::{Client, ClientOptions, CommitMode, ConnectionOptions, ConsumerRecord, ResetPolicy, Seek};
 
 /// Sluice command line: topics, produce, consume, groups.
@@ -98,12 +100,22 @@ enum Format {
     Value,
 }
 
-/// A runtime failure: one line on stderr, exit 1.
-struct Failure(String);
+/// A failure: one line on stderr, exit 1 (runtime) or 2 (usage or configuration).
+struct Failure(String, u8);
+
+impl Failure {
+    fn runtime(message: impl Into<String>) -> Failure {
+        Failure(message.into(), 1)
+    }
+
+    fn usage(message: impl Into<String>) -> Failure {
+        Failure(message.into(), 2)
+    }
+}
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(error: E) -> Self {
-        Failure(error.to_string())
+        Failure::runtime(error.to_string())
     }
 }
 
@@ -124,9 +136,9 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(message)) => {
+        Err(Failure(message, code)) => {
             eprintln!("sluice: {}", message.lines().next().unwrap_or("failed"));
-            ExitCode::from(1)
+            ExitCode::from(code)
         }
     }
 }
@@ -137,9 +149,11 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
         connection = connection.ca_file(ca_file.clone());
     }
     let options = ClientOptions::default().connection(connection).retry_deadline(Duration::from_secs(10));
-    Client::connect_with(&cli.broker, options)
-        .await
-        .map_err(|error| Failure(format!("cannot reach {}: {error}", cli.broker)))
+    Client::connect_with(&cli.broker, options).await.map_err(|error| match error {
+        // A malformed URL or a missing CA file is a configuration error, not a runtime one.
+        sluice_client::Error::InvalidUrl(_) => Failure::usage(error.to_string()),
+        error => Failure::runtime(format!("cannot reach {}: {error}", cli.broker)),
+    })
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -274,8 +288,8 @@ async fn consume(
         "latest" => (ResetPolicy::Latest, Seek::Latest),
         offset => match offset.parse::<u64>() {
             Ok(offset) if group.is_none() => (ResetPolicy::Earliest, Seek::Offset(offset)),
-            Ok(_) => return Err(Failure("--from OFFSET applies to a consumer without --group; a group starts from its committed offsets (use earliest or latest)".into())),
-            Err(_) => return Err(Failure(format!("--from {offset:?}: expected earliest, latest or an offset"))),
+            Ok(_) => return Err(Failure::usage("--from OFFSET applies to a consumer without --group; a group starts from its committed offsets (use earliest or latest)")),
+            Err(_) => return Err(Failure::usage(format!("--from {offset:?}: expected earliest, latest or an offset"))),
         },
     };
     let partitions = client.admin().partition_count(topic).await?;
@@ -312,7 +326,7 @@ async fn consume(
         match record {
             None => break Ok(()),                  // idle timeout
             Some(None) => break Ok(()),            // stream ended
-            Some(Some(Err(error))) => break Err(Failure(error.to_string())),
+            Some(Some(Err(error))) => break Err(Failure::runtime(error.to_string())),
             Some(Some(Ok(record))) => {
                 print_record(&mut out, &record, format)?;
                 consumed += 1;
@@ -391,9 +405,81 @@ fn split_line(line: &str, key_separator: Option<&str>) -> (Option<String>, Strin
 }
 
 async fn produce_with_producer(client: &Client, topic: &str, key_separator: Option<&str>, acks: AcksArg) -> Result<(), Failure> {
-    let _ = (client, topic, key_separator, acks, split_line("", None));
-    let _ = std::io::stdin().lock().lines();
-    Err(Failure("produce: not wired to the producer yet".into()))
+    // Fail early and clearly on an unknown topic instead of per record.
+    client.admin().partition_count(topic).await?;
+    let (acks, idempotence) = match acks {
+        AcksArg::None => (Acks::None, false),
+        AcksArg::Leader => (Acks::Leader, true),
+        AcksArg::Durable => (Acks::Durable, true),
+    };
+    let producer = client.producer().acks(acks).idempotence(idempotence).build().await?;
+    // Deliveries are counted as they complete, so memory stays flat however long stdin is.
+    let (deliveries, mut completed) = tokio::sync::mpsc::channel::<DeliveryFuture>(4096);
+    let counter = tokio::spawn(async move {
+        let mut acknowledged = 0u64;
+        let mut first_error: Option<String> = None;
+        while let Some(delivery) = completed.recv().await {
+            match delivery.await {
+                Ok(_) => acknowledged += 1,
+                Err(error) => {
+                    first_error.get_or_insert_with(|| error.to_string());
+                }
+            }
+        }
+        (acknowledged, first_error)
+    });
+    // stdin is read on a blocking thread and handed over line by line.
+    let (lines_sender, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4096);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if lines_sender.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut sent = 0u64;
+    let mut progress = Progress::new();
+    let mut failure = None;
+    while let Some(line) = lines.recv().await {
+        let line = match line {
+            Ok(line) => line,
+            Err(error) => {
+                failure = Some(Failure::runtime(format!("reading stdin: {error}")));
+                break;
+            }
+        };
+        let (key, value) = split_line(&line, key_separator);
+        let mut record = Record::new(topic, value.into_bytes());
+        if let Some(key) = key {
+            record = record.key(key.into_bytes());
+        }
+        match producer.enqueue(record).await {
+            Ok(delivery) => {
+                sent += 1;
+                if deliveries.send(delivery).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                failure = Some(Failure::runtime(error.to_string()));
+                break;
+            }
+        }
+        progress.update("sent", sent);
+    }
+    let closed = producer.close().await;
+    drop(deliveries);
+    let (acknowledged, first_error) = counter.await.map_err(|error| Failure::runtime(error.to_string()))?;
+    progress.finish();
+    eprintln!("sent {sent} records, {acknowledged} acknowledged");
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    closed?;
+    if let Some(error) = first_error {
+        return Err(Failure::runtime(format!("{} of {sent} records not acknowledged: {error}", sent - acknowledged)));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -51,7 +51,10 @@ impl RecordParts<'_> {
             .headers
             .iter()
             .map(|(name, value)| {
-                varint_len(name.len() as i64) + name.len() + varint_len(value.len() as i64) + value.len()
+                varint_len(name.len() as i64)
+                    + name.len()
+                    + varint_len(value.len() as i64)
+                    + value.len()
             })
             .sum();
         let body = 1
@@ -491,7 +494,12 @@ mod tests {
     }
 
     /// Appends, reserving buffer as asked; returns the partition.
-    fn append(accumulator: &mut Accumulator, target: Target<'_>, value: &[u8], now: Instant) -> u32 {
+    fn append(
+        accumulator: &mut Accumulator,
+        target: Target<'_>,
+        value: &[u8],
+        now: Instant,
+    ) -> u32 {
         let mut reserved = 0;
         loop {
             match accumulator
@@ -531,7 +539,8 @@ mod tests {
     #[test]
     fn batches_close_at_batch_bytes_without_reallocating() {
         let now = Instant::now();
-        let mut accumulator = Accumulator::new(1_000, Duration::from_secs(60), Duration::from_secs(600));
+        let mut accumulator =
+            Accumulator::new(1_000, Duration::from_secs(60), Duration::from_secs(600));
         accumulator.set_partition_count("t", 1);
         for _ in 0..50 {
             append(&mut accumulator, Target::Partition(0), &[1; 90], now);
@@ -540,16 +549,29 @@ mod tests {
         assert!(drained.len() >= 4, "{} batches closed", drained.len());
         for batch in &drained {
             assert!(batch.builder.size_bytes() <= 1_000);
-            assert!(batch.builder.size_bytes() > 1_000 - 100, "only a whole record was left out");
+            assert!(
+                batch.builder.size_bytes() > 1_000 - 100,
+                "only a whole record was left out"
+            );
         }
         // The last one is still open, within its linger.
         assert!(!accumulator.is_empty());
-        assert_eq!(accumulator.next_deadline(now), Some(now + Duration::from_secs(60)));
+        assert_eq!(
+            accumulator.next_deadline(now),
+            Some(now + Duration::from_secs(60))
+        );
         let lingered = accumulator.drain(now + Duration::from_secs(60), |_, _| 1);
         assert_eq!(lingered.len(), 1);
         assert!(accumulator.is_empty());
-        let ids: Vec<u64> = drained.iter().chain(&lingered).map(|batch| batch.id).collect();
-        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "in order: {ids:?}");
+        let ids: Vec<u64> = drained
+            .iter()
+            .chain(&lingered)
+            .map(|batch| batch.id)
+            .collect();
+        assert!(
+            ids.windows(2).all(|pair| pair[0] < pair[1]),
+            "in order: {ids:?}"
+        );
     }
 
     #[test]
@@ -576,11 +598,15 @@ mod tests {
     #[test]
     fn keyless_records_stick_until_the_batch_closes() {
         let now = Instant::now();
-        let mut accumulator = Accumulator::new(1_000, Duration::from_secs(60), Duration::from_secs(600));
+        let mut accumulator =
+            Accumulator::new(1_000, Duration::from_secs(60), Duration::from_secs(600));
         accumulator.set_partition_count("t", 4);
         let first = append(&mut accumulator, Target::Sticky, &[0; 90], now);
         for _ in 0..8 {
-            assert_eq!(append(&mut accumulator, Target::Sticky, &[0; 90], now), first);
+            assert_eq!(
+                append(&mut accumulator, Target::Sticky, &[0; 90], now),
+                first
+            );
         }
         // The tenth record does not fit: the batch closes and records move round-robin.
         let second = append(&mut accumulator, Target::Sticky, &[0; 90], now);
@@ -603,7 +629,11 @@ mod tests {
         append(&mut accumulator, Target::Partition(0), b"b", now);
         let drained = accumulator.drain(now, |_, _| 5);
         assert_eq!(drained.len(), 1);
-        assert_eq!(drained[0].builder.len(), 2, "the second record joined the open batch");
+        assert_eq!(
+            drained[0].builder.len(),
+            2,
+            "the second record joined the open batch"
+        );
     }
 
     #[test]
@@ -613,7 +643,12 @@ mod tests {
         let mut accumulator = Accumulator::new(1_000, Duration::from_secs(60), timeout);
         accumulator.set_partition_count("t", 2);
         append(&mut accumulator, Target::Partition(0), b"a", now);
-        append(&mut accumulator, Target::Partition(1), b"b", now + Duration::from_secs(5));
+        append(
+            &mut accumulator,
+            Target::Partition(1),
+            b"b",
+            now + Duration::from_secs(5),
+        );
         assert_eq!(accumulator.next_deadline(now), Some(now + timeout));
         assert_eq!(accumulator.expire(now + timeout).len(), 1);
         assert_eq!(accumulator.expire(now + timeout).len(), 0);

@@ -532,12 +532,14 @@ impl Producer {
                         Err(_closed) => break Err(shared.refusal()),
                     }
                 }
-                Ok(Append::UnknownTopic) => match partition_count(&shared.client, record.topic).await {
-                    Ok(count) => shared
-                        .lock_accumulator()
-                        .set_partition_count(record.topic, count),
-                    Err(error) => break Err(error),
-                },
+                Ok(Append::UnknownTopic) => {
+                    match partition_count(&shared.client, record.topic).await {
+                        Ok(count) => shared
+                            .lock_accumulator()
+                            .set_partition_count(record.topic, count),
+                        Err(error) => break Err(error),
+                    }
+                }
             }
         };
         shared.release_buffer(reserved_bytes);
@@ -627,7 +629,9 @@ impl Shared {
 
     /// Why enqueue is refused now.
     fn refusal(&self) -> Error {
-        self.lock_accumulator().failure().unwrap_or_else(closed_error)
+        self.lock_accumulator()
+            .failure()
+            .unwrap_or_else(closed_error)
     }
 
     /// Refuses further records, closes every open batch and wakes the sender so it finishes.
@@ -650,7 +654,9 @@ struct Progress {
 
 impl Progress {
     fn lock(&self) -> MutexGuard<'_, BTreeSet<u64>> {
-        self.incomplete.lock().unwrap_or_else(PoisonError::into_inner)
+        self.incomplete
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn started(&self, id: u64) {
@@ -722,7 +728,9 @@ async fn partition_count(client: &Client, topic: &str) -> Result<u32> {
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
 }
 
 #[cfg(test)]
@@ -754,7 +762,11 @@ mod tests {
         base.validate().expect("the defaults go together");
         let message = refused(base.clone().acks(Acks::None));
         assert!(message.contains("idempotence(false)"), "{message}");
-        base.clone().acks(Acks::None).idempotence(false).validate().unwrap();
+        base.clone()
+            .acks(Acks::None)
+            .idempotence(false)
+            .validate()
+            .unwrap();
         refused(base.clone().max_in_flight_per_partition(6));
         base.clone()
             .idempotence(false)

@@ -143,7 +143,12 @@ mod tests {
             (b"abcdefg", 0xeb59_5499),
         ];
         for (key, hash) in pinned {
-            assert_eq!(murmur2(key), hash, "murmur2({:?})", String::from_utf8_lossy(key));
+            assert_eq!(
+                murmur2(key),
+                hash,
+                "murmur2({:?})",
+                String::from_utf8_lossy(key)
+            );
         }
     }
 

@@ -57,8 +57,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use sluice_protocol::messages::{
-    Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse,
-    ProduceTopic,
+    Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
 };
 use sluice_protocol::{ErrorCode, RecordBatch, Response, WireError};
 
@@ -264,7 +263,11 @@ impl SenderState {
         if self.epoch_bump_needed || self.fatal.is_some() {
             return 0;
         }
-        match self.windows.get(topic).and_then(|windows| windows.get(&partition)) {
+        match self
+            .windows
+            .get(topic)
+            .and_then(|windows| windows.get(&partition))
+        {
             None => self.options.max_in_flight_per_partition,
             Some(window) if window.is_clean() => self
                 .options
@@ -301,7 +304,11 @@ impl SenderState {
 
     /// The requests to send now: resends of partitions whose backoff is over, then new
     /// batches from `accumulator` for partitions with room in their window.
-    pub(crate) fn plan(&mut self, accumulator: &mut Accumulator, now: Instant) -> Vec<PlannedRequest> {
+    pub(crate) fn plan(
+        &mut self,
+        accumulator: &mut Accumulator,
+        now: Instant,
+    ) -> Vec<PlannedRequest> {
         if self.fatal.is_some() {
             return Vec::new();
         }
@@ -346,7 +353,9 @@ impl SenderState {
             let batch = match identity {
                 Some((producer_id, producer_epoch)) => {
                     window.next_sequence += record_count;
-                    builder.producer(producer_id, producer_epoch, base_sequence).build()
+                    builder
+                        .producer(producer_id, producer_epoch, base_sequence)
+                        .build()
                 }
                 None => builder.build(),
             };
@@ -377,7 +386,11 @@ impl SenderState {
     /// Packs the sendable batches into requests: the k-th batch of every partition goes into
     /// round k, and a round is split where a request would pass `max_request_bytes`.
     fn requests(&mut self, sendable: Vec<(Arc<str>, u32, Vec<u64>)>) -> Vec<PlannedRequest> {
-        let rounds = sendable.iter().map(|(_, _, ids)| ids.len()).max().unwrap_or(0);
+        let rounds = sendable
+            .iter()
+            .map(|(_, _, ids)| ids.len())
+            .max()
+            .unwrap_or(0);
         let mut requests = Vec::new();
         for round in 0..rounds {
             // The request being filled, and its size so far.
@@ -386,7 +399,10 @@ impl SenderState {
                 let Some(&batch_id) = ids.get(round) else {
                     continue;
                 };
-                let entry_bytes = self.sent_mut(topic, *partition, batch_id).batch.size_bytes()
+                let entry_bytes = self
+                    .sent_mut(topic, *partition, batch_id)
+                    .batch
+                    .size_bytes()
                     + PARTITION_OVERHEAD_BYTES
                     + topic.len();
                 if let Some((_, bytes)) = &current
@@ -419,7 +435,9 @@ impl SenderState {
                         partitions: vec![entry],
                     }),
                 }
-                request.entries.push((Arc::clone(topic), *partition, batch_id));
+                request
+                    .entries
+                    .push((Arc::clone(topic), *partition, batch_id));
             }
             requests.extend(current.map(|(request, _)| request));
         }
@@ -481,7 +499,9 @@ impl SenderState {
                         })),
                         None => Err(Arc::new(Error::Broker {
                             code: ErrorCode::UnknownServerError,
-                            message: Some(format!("no result for {topic}/{partition} in the produce response")),
+                            message: Some(format!(
+                                "no result for {topic}/{partition} in the produce response"
+                            )),
                         })),
                     };
                     self.settle(shared, topic, *partition, *id, outcome, now);
@@ -507,7 +527,11 @@ impl SenderState {
         now: Instant,
     ) {
         let idempotent = self.idempotent();
-        let Some(window) = self.windows.get_mut(topic).and_then(|windows| windows.get_mut(&partition)) else {
+        let Some(window) = self
+            .windows
+            .get_mut(topic)
+            .and_then(|windows| windows.get_mut(&partition))
+        else {
             return; // failed already, with the whole producer
         };
         let Some(index) = window.batches.iter().position(|batch| batch.id == batch_id) else {
@@ -521,12 +545,24 @@ impl SenderState {
                     window.rewind_to = None;
                 }
                 window.backoff.reset();
-                finish(shared, sent.id, &sent.completion, sent.reserved_bytes, Ok(base_offset));
+                finish(
+                    shared,
+                    sent.id,
+                    &sent.completion,
+                    sent.reserved_bytes,
+                    Ok(base_offset),
+                );
             }
             Err(error) => {
                 if let Some(doomed) = window.batches[index].doomed.clone() {
                     let sent = window.batches.remove(index).expect("index in range");
-                    finish(shared, sent.id, &sent.completion, sent.reserved_bytes, Err(doomed));
+                    finish(
+                        shared,
+                        sent.id,
+                        &sent.completion,
+                        sent.reserved_bytes,
+                        Err(doomed),
+                    );
                 } else {
                     let action = classify(&error, index > 0, idempotent);
                     match action {
@@ -541,7 +577,7 @@ impl SenderState {
                                 %error,
                                 "batch will be sent again"
                             );
-                            eprintln!("DEBUGRETRY {topic}/{partition} seq {} attempts {} {error}", sent.base_sequence, sent.attempts); sent.last_error = Some(error);
+                            sent.last_error = Some(error);
                             if window.retry_at.is_none() {
                                 window.retry_at = Some(now + window.backoff.next_delay());
                             }
@@ -555,10 +591,22 @@ impl SenderState {
                                     Some(window.rewind_to.map_or(rewind, |at| at.min(rewind)));
                                 doom_from(shared, window, index, &error, topic, partition);
                             }
-                            finish(shared, sent.id, &sent.completion, sent.reserved_bytes, Err(error));
+                            finish(
+                                shared,
+                                sent.id,
+                                &sent.completion,
+                                sent.reserved_bytes,
+                                Err(error),
+                            );
                         }
                         Action::Fatal => {
-                            let error = fatal_error(&error, self.identity.as_ref(), self.options.producer_name.as_deref(), topic, partition);
+                            let error = fatal_error(
+                                &error,
+                                self.identity.as_ref(),
+                                self.options.producer_name.as_deref(),
+                                topic,
+                                partition,
+                            );
                             tracing::error!(%error, "producer failed");
                             self.fatal.get_or_insert(error);
                             return;
@@ -592,10 +640,12 @@ impl SenderState {
                 };
                 while let Some(index) = window.batches.iter().position(expired) {
                     let sent = window.batches.remove(index).expect("index in range");
-                    let last = sent
-                        .last_error
-                        .as_deref()
-                        .map_or(Error::Timeout { timeout_ms: duration_ms(timeout) }, copy_error);
+                    let last = sent.last_error.as_deref().map_or(
+                        Error::Timeout {
+                            timeout_ms: duration_ms(timeout),
+                        },
+                        copy_error,
+                    );
                     let error = Arc::new(Error::RetriesExhausted {
                         attempts: sent.attempts,
                         last: Box::new(last),
@@ -606,7 +656,13 @@ impl SenderState {
                         outcome_unknown = true;
                         doom_from(shared, window, index, &error, topic, partition);
                     }
-                    finish(shared, sent.id, &sent.completion, sent.reserved_bytes, Err(error));
+                    finish(
+                        shared,
+                        sent.id,
+                        &sent.completion,
+                        sent.reserved_bytes,
+                        Err(error),
+                    );
                 }
                 Self::tidy(window);
             }
@@ -620,7 +676,10 @@ impl SenderState {
     /// The earliest time something is due: a partition's resend, a resend's delivery timeout,
     /// an epoch bump retry.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let mut next = self.epoch_bump_at.filter(|_| self.epoch_bump_needed);
+        // A new epoch waits for every window to empty; answers wake the task until then.
+        let mut next = self
+            .epoch_bump_at
+            .filter(|_| self.epoch_bump_needed && self.is_idle());
         let mut consider = |deadline: Instant| {
             next = Some(next.map_or(deadline, |next| next.min(deadline)));
         };
@@ -653,16 +712,20 @@ impl SenderState {
     pub(crate) fn fail_all(&mut self, shared: &Shared, error: &Arc<Error>) {
         for window in self.windows.values_mut().flat_map(HashMap::values_mut) {
             for sent in window.batches.drain(..) {
-                finish(shared, sent.id, &sent.completion, sent.reserved_bytes, Err(Arc::clone(error)));
+                finish(
+                    shared,
+                    sent.id,
+                    &sent.completion,
+                    sent.reserved_bytes,
+                    Err(Arc::clone(error)),
+                );
             }
         }
     }
 
     /// True when a new epoch is due now: every window is empty and the retry time has come.
     pub(crate) fn epoch_bump_due(&self, now: Instant) -> bool {
-        self.epoch_bump_needed
-            && self.is_idle()
-            && self.epoch_bump_at.is_none_or(|at| at <= now)
+        self.epoch_bump_needed && self.is_idle() && self.epoch_bump_at.is_none_or(|at| at <= now)
     }
 
     /// Takes a new producer id or epoch: the sequences start again from what the broker says.
@@ -733,7 +796,10 @@ fn doom_from(
             message: Some(format!(
                 "{}an earlier batch of {topic}/{partition} failed with it, so this one was not \
                  written (the partition keeps its order)",
-                message.as_deref().map(|message| format!("{message}; ")).unwrap_or_default()
+                message
+                    .as_deref()
+                    .map(|message| format!("{message}; "))
+                    .unwrap_or_default()
             )),
         },
         other => copy_error(other),
@@ -742,7 +808,13 @@ fn doom_from(
     while position < window.batches.len() {
         if window.batches[position].state == SentState::AwaitingResend {
             let sent = window.batches.remove(position).expect("index in range");
-            finish(shared, sent.id, &sent.completion, sent.reserved_bytes, Err(Arc::clone(&doomed)));
+            finish(
+                shared,
+                sent.id,
+                &sent.completion,
+                sent.reserved_bytes,
+                Err(Arc::clone(&doomed)),
+            );
         } else {
             window.batches[position].doomed = Some(Arc::clone(&doomed));
             position += 1;
@@ -787,7 +859,10 @@ fn fatal_error(
         message: Some(format!(
             "{who} {reason} (on {topic}/{partition}{}); it stops and fails every pending \
              record. Build a new producer{}",
-            message.as_deref().map(|message| format!(": {message}")).unwrap_or_default(),
+            message
+                .as_deref()
+                .map(|message| format!(": {message}"))
+                .unwrap_or_default(),
             if name.is_some() {
                 " with the same name to continue its sequences"
             } else {
@@ -854,7 +929,11 @@ impl InFlight {
 }
 
 /// Sends one planned request.
-async fn execute(client: Client, planned: PlannedRequest, request_timeout: Duration) -> RequestResult {
+async fn execute(
+    client: Client,
+    planned: PlannedRequest,
+    request_timeout: Duration,
+) -> RequestResult {
     let request = planned.request.clone();
     let result = if request.acks == Acks::None {
         client.send_without_response(request).await.map(|()| None)
@@ -883,12 +962,24 @@ pub(crate) async fn run(shared: Arc<Shared>, mut state: SenderState) {
                 let error = Arc::new(Error::Timeout {
                     timeout_ms: duration_ms(state.options.delivery_timeout),
                 });
-                finish(&shared, batch.id, &batch.completion, batch.reserved_bytes, Err(error));
+                finish(
+                    &shared,
+                    batch.id,
+                    &batch.completion,
+                    batch.reserved_bytes,
+                    Err(error),
+                );
             }
             state.expire(&shared, now);
             if let Some(fatal) = state.take_new_fatal() {
                 for batch in accumulator.fail(Arc::clone(&fatal)) {
-                    finish(&shared, batch.id, &batch.completion, batch.reserved_bytes, Err(Arc::clone(&fatal)));
+                    finish(
+                        &shared,
+                        batch.id,
+                        &batch.completion,
+                        batch.reserved_bytes,
+                        Err(Arc::clone(&fatal)),
+                    );
                 }
                 state.fail_all(&shared, &fatal);
                 shared.buffer.close();
@@ -937,3 +1028,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut state: SenderState) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "sender_test.rs"]
+mod tests;

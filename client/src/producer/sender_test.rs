@@ -1,0 +1,402 @@
+//! The sender's state machine without a broker: sequences, request packing, retries in order,
+//! definite failures, fencing and expiry. Answers are made up and handed to `handle`.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use futures::FutureExt;
+use sluice_protocol::messages::{ProducePartitionResponse, ProduceTopicResponse};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use super::*;
+use crate::producer::accumulator::{Append, RecordParts, Target};
+use crate::producer::{Delivery, DeliveryFuture, Progress};
+
+const BUFFER_BYTES: usize = 1 << 20;
+
+/// A `Shared` whose client reaches a listener that never answers: the state machine is driven
+/// by hand, nothing is sent.
+async fn shared() -> Arc<Shared> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("tcp://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let client = Client::connect(&url).await.unwrap();
+    let mut accumulator =
+        Accumulator::new(1_000, Duration::from_secs(60), Duration::from_secs(120));
+    accumulator.set_partition_count("t", 2);
+    Arc::new(Shared {
+        client,
+        accumulator: Mutex::new(accumulator),
+        buffer: Semaphore::new(BUFFER_BYTES),
+        buffer_bytes: BUFFER_BYTES,
+        wake: Notify::new(),
+        progress: Progress {
+            incomplete: Mutex::new(BTreeSet::new()),
+            lowest_incomplete: watch::channel(u64::MAX).0,
+        },
+    })
+}
+
+fn options() -> SenderOptions {
+    SenderOptions {
+        acks: Acks::Durable,
+        producer_name: Some("relay".into()),
+        max_in_flight_per_partition: 5,
+        request_timeout: Duration::from_secs(30),
+        delivery_timeout: Duration::from_secs(120),
+        max_request_bytes: 1 << 20,
+        retry_initial_backoff: Duration::from_millis(10),
+        retry_max_backoff: Duration::from_millis(100),
+    }
+}
+
+/// Producer 7, epoch 3; partition 0 of "t" continues at sequence 100.
+fn identity() -> Identity {
+    Identity {
+        producer_id: 7,
+        producer_epoch: 3,
+        sequences: HashMap::from([("t".to_owned(), HashMap::from([(0, 100)]))]),
+    }
+}
+
+/// Puts a closed batch of `records` records into `partition`, returning their futures.
+fn batch(shared: &Shared, partition: u32, records: usize, now: Instant) -> Vec<DeliveryFuture> {
+    let mut accumulator = shared.lock_accumulator();
+    let mut futures = Vec::new();
+    for _ in 0..records {
+        let record = RecordParts {
+            timestamp_ms: 1_700_000_000_000,
+            key: None,
+            value: b"value",
+            headers: &[],
+        };
+        let mut reserved = 1_000;
+        shared.buffer.try_acquire_many(1_000).unwrap().forget();
+        match accumulator
+            .append(
+                "t",
+                Target::Partition(partition),
+                &record,
+                &mut reserved,
+                now,
+            )
+            .unwrap()
+        {
+            Append::Appended {
+                future, new_batch, ..
+            } => {
+                if let Some(id) = new_batch {
+                    shared.progress.started(id);
+                }
+                futures.push(future);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        shared.release_buffer(reserved);
+    }
+    accumulator.seal_all();
+    futures
+}
+
+/// (partition, base_sequence, record count) of each batch in a request.
+fn contents(request: &PlannedRequest) -> Vec<(u32, u64, u32)> {
+    request.request.topics[0]
+        .partitions
+        .iter()
+        .map(|partition| {
+            let batch = RecordBatch::new(partition.records.clone()).unwrap();
+            let view = batch.view();
+            assert_eq!((view.producer_id(), view.producer_epoch()), (7, 3));
+            (
+                partition.partition,
+                view.base_sequence(),
+                view.record_count(),
+            )
+        })
+        .collect()
+}
+
+fn answer(request: PlannedRequest, results: &[(ErrorCode, u64)]) -> RequestResult {
+    let partitions = request
+        .entries
+        .iter()
+        .zip(results)
+        .map(
+            |((_, partition, _), (error_code, base_offset))| ProducePartitionResponse {
+                partition: *partition,
+                error_code: *error_code,
+                base_offset: *base_offset,
+                log_start_offset: 0,
+                error_message: None,
+            },
+        )
+        .collect();
+    let response = ProduceResponse {
+        topics: vec![ProduceTopicResponse {
+            name: "t".into(),
+            partitions,
+        }],
+    };
+    (request, Ok(Some(response)))
+}
+
+fn plan(state: &mut SenderState, shared: &Shared, now: Instant) -> Vec<PlannedRequest> {
+    state.plan(&mut shared.lock_accumulator(), now)
+}
+
+fn offsets(futures: Vec<DeliveryFuture>) -> Vec<Option<u64>> {
+    futures
+        .into_iter()
+        .map(|future| {
+            future
+                .now_or_never()
+                .expect("resolved")
+                .expect("delivered")
+                .offset
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sequences_continue_per_partition_and_requests_take_one_batch_per_partition() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let first = batch(&shared, 0, 3, now);
+    let second = batch(&shared, 0, 2, now);
+    let other = batch(&shared, 1, 1, now);
+    let mut requests = plan(&mut state, &shared, now);
+    assert_eq!(requests.len(), 2, "two rounds: partition 0 has two batches");
+    assert_eq!(contents(&requests[0]), [(0, 100, 3), (1, 0, 1)]);
+    assert_eq!(contents(&requests[1]), [(0, 103, 2)]);
+    assert!(
+        plan(&mut state, &shared, now).is_empty(),
+        "nothing new to send"
+    );
+    // Answers may overtake each other; each batch gets its own offsets.
+    let second_request = requests.pop().unwrap();
+    state.handle(
+        &shared,
+        answer(second_request, &[(ErrorCode::None, 3)]),
+        now,
+    );
+    let first_request = requests.pop().unwrap();
+    state.handle(
+        &shared,
+        answer(
+            first_request,
+            &[(ErrorCode::None, 0), (ErrorCode::DuplicateSequence, 40)],
+        ),
+        now,
+    );
+    assert_eq!(offsets(first), [Some(0), Some(1), Some(2)]);
+    assert_eq!(offsets(second), [Some(3), Some(4)]);
+    assert_eq!(offsets(other), [Some(40)], "a duplicate's original offset");
+    assert!(state.is_idle());
+    assert_eq!(
+        shared.buffer.available_permits(),
+        BUFFER_BYTES,
+        "buffer given back"
+    );
+}
+
+#[tokio::test]
+async fn a_retriable_failure_resends_the_partition_in_order_with_the_same_sequences() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let first = batch(&shared, 0, 2, now);
+    let second = batch(&shared, 0, 2, now);
+    let mut requests = plan(&mut state, &shared, now);
+    let second_request = requests.pop().unwrap();
+    let first_request = requests.pop().unwrap();
+    let first_bytes = first_request.request.topics[0].partitions[0]
+        .records
+        .clone();
+    state.handle(
+        &shared,
+        answer(first_request, &[(ErrorCode::RequestTimedOut, 0)]),
+        now,
+    );
+    // The gap behind the failed batch is part of the same retry, not fatal.
+    state.handle(
+        &shared,
+        answer(second_request, &[(ErrorCode::OutOfOrderSequence, 0)]),
+        now,
+    );
+    assert!(state.take_new_fatal().is_none());
+    let third = batch(&shared, 0, 1, now);
+    let retry_at = state.next_deadline().expect("a resend is due");
+    assert!(retry_at <= now + Duration::from_millis(10));
+    if retry_at > now {
+        assert!(
+            plan(&mut state, &shared, now).is_empty(),
+            "not before the backoff is over"
+        );
+    }
+    let resent = plan(&mut state, &shared, retry_at);
+    assert_eq!(resent.len(), 2, "both batches again, not the new one");
+    assert_eq!(contents(&resent[0]), [(0, 100, 2)]);
+    assert_eq!(contents(&resent[1]), [(0, 102, 2)]);
+    assert_eq!(
+        resent[0].request.topics[0].partitions[0].records, first_bytes,
+        "same bytes"
+    );
+    let mut resent = resent.into_iter();
+    state.handle(
+        &shared,
+        answer(resent.next().unwrap(), &[(ErrorCode::None, 10)]),
+        retry_at,
+    );
+    state.handle(
+        &shared,
+        answer(resent.next().unwrap(), &[(ErrorCode::None, 12)]),
+        retry_at,
+    );
+    assert_eq!(offsets(first), [Some(10), Some(11)]);
+    assert_eq!(offsets(second), [Some(12), Some(13)]);
+    // The window is clean again: the waiting batch goes out with the next sequence.
+    let requests = plan(&mut state, &shared, retry_at);
+    assert_eq!(contents(&requests[0]), [(0, 104, 1)]);
+    drop(third);
+}
+
+#[tokio::test]
+async fn a_definite_failure_fails_the_later_batches_and_rewinds_the_sequence() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let first = batch(&shared, 0, 2, now);
+    let second = batch(&shared, 0, 2, now);
+    let mut requests = plan(&mut state, &shared, now).into_iter();
+    let (first_request, second_request) = (requests.next().unwrap(), requests.next().unwrap());
+    state.handle(
+        &shared,
+        answer(first_request, &[(ErrorCode::MessageTooLarge, 0)]),
+        now,
+    );
+    let failed = first.into_iter().next().unwrap().now_or_never().unwrap();
+    assert!(matches!(
+        failed,
+        Err(Error::Broker {
+            code: ErrorCode::MessageTooLarge,
+            ..
+        })
+    ));
+    // Nothing new goes out while the later batch, built on the failed one's sequences, is out.
+    let waiting = batch(&shared, 0, 1, now);
+    assert!(plan(&mut state, &shared, now).is_empty());
+    state.handle(
+        &shared,
+        answer(second_request, &[(ErrorCode::OutOfOrderSequence, 0)]),
+        now,
+    );
+    assert!(
+        state.take_new_fatal().is_none(),
+        "a gap explained by the failure is not fatal"
+    );
+    match second.into_iter().next().unwrap().now_or_never().unwrap() {
+        Err(Error::Broker {
+            code: ErrorCode::MessageTooLarge,
+            message: Some(message),
+        }) => assert!(message.contains("earlier batch"), "{message}"),
+        other => panic!("expected the earlier batch's error, got {other:?}"),
+    }
+    let requests = plan(&mut state, &shared, now);
+    assert_eq!(
+        contents(&requests[0]),
+        [(0, 100, 1)],
+        "continues where the failed batch began"
+    );
+    drop(waiting);
+}
+
+#[tokio::test]
+async fn fencing_is_fatal() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let first = batch(&shared, 0, 1, now);
+    let second = batch(&shared, 1, 1, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    state.handle(
+        &shared,
+        answer(
+            request,
+            &[(ErrorCode::ProducerFenced, 0), (ErrorCode::None, 5)],
+        ),
+        now,
+    );
+    let fatal = state.take_new_fatal().expect("fatal");
+    assert!(state.take_new_fatal().is_none(), "reported once");
+    let message = fatal.to_string();
+    assert!(
+        message.contains("\"relay\"") && message.contains("fenced"),
+        "{message}"
+    );
+    state.fail_all(&shared, &fatal);
+    assert!(matches!(
+        first.into_iter().next().unwrap().now_or_never().unwrap(),
+        Err(Error::Broker {
+            code: ErrorCode::ProducerFenced,
+            ..
+        })
+    ));
+    assert!(matches!(
+        second.into_iter().next().unwrap().now_or_never().unwrap(),
+        Ok(Delivery {
+            offset: Some(5),
+            ..
+        })
+    ));
+    assert!(plan(&mut state, &shared, now).is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_retried_past_its_delivery_timeout_fails_and_a_new_epoch_is_due() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let futures = batch(&shared, 0, 1, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    state.handle(&shared, (request, Err(Error::ConnectionClosed)), now);
+    let expiry = now + options().delivery_timeout;
+    state.expire(&shared, expiry - Duration::from_millis(1));
+    assert!(!state.epoch_bump_due(expiry));
+    state.expire(&shared, expiry);
+    match futures.into_iter().next().unwrap().now_or_never().unwrap() {
+        Err(Error::RetriesExhausted { attempts: 1, last }) => {
+            assert!(matches!(*last, Error::ConnectionClosed));
+        }
+        other => panic!("expected RetriesExhausted, got {other:?}"),
+    }
+    assert!(
+        state.epoch_bump_due(expiry),
+        "the outcome is unknown: a new epoch first"
+    );
+    let _waiting = batch(&shared, 0, 1, expiry);
+    assert!(
+        plan(&mut state, &shared, expiry).is_empty(),
+        "nothing new before the new epoch"
+    );
+}
+
+#[tokio::test]
+async fn without_idempotence_batches_carry_no_producer() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut options = options();
+    options.producer_name = None;
+    let mut state = SenderState::new(options, None);
+    let futures = batch(&shared, 0, 2, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    let batch = RecordBatch::new(request.request.topics[0].partitions[0].records.clone()).unwrap();
+    assert!(!batch.view().has_producer_id());
+    state.handle(&shared, answer(request, &[(ErrorCode::None, 7)]), now);
+    assert_eq!(offsets(futures), [Some(7), Some(8)]);
+}
