@@ -213,13 +213,22 @@ fn json_log_format_writes_json_lines() {
 fn committed_offsets_survive_kill_9() {
     use sluice_protocol::ErrorCode;
     let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let (mut child, address, _lines) = spawn(dir.path(), &[]);
     runtime.block_on(async {
-        let connection = Connection::connect(&format!("tcp://{address}")).await.unwrap();
+        let connection = Connection::connect(&format!("tcp://{address}"))
+            .await
+            .unwrap();
         connection
             .send(CreateTopicsRequest {
-                topics: vec![CreateTopic { name: "k".into(), partitions: 1, configs: vec![] }],
+                topics: vec![CreateTopic {
+                    name: "k".into(),
+                    partitions: 1,
+                    configs: vec![],
+                }],
                 validate_only: false,
             })
             .await
@@ -231,7 +240,10 @@ fn committed_offsets_survive_kill_9() {
                 ..Default::default()
             })
             .await
-            .unwrap() else { panic!() };
+            .unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(member.error_code, ErrorCode::None);
         let Response::CommitOffsets(committed) = connection
             .send(CommitOffsetsRequest {
@@ -240,26 +252,44 @@ fn committed_offsets_survive_kill_9() {
                 member_epoch: member.member_epoch,
                 topics: vec![CommitTopic {
                     name: "k".into(),
-                    partitions: vec![CommitPartition { partition: 0, offset: 1234, metadata: None }],
+                    partitions: vec![CommitPartition {
+                        partition: 0,
+                        offset: 1234,
+                        metadata: None,
+                    }],
                 }],
             })
             .await
-            .unwrap() else { panic!() };
-        assert_eq!(committed.topics[0].partitions[0].error_code, ErrorCode::None);
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            committed.topics[0].partitions[0].error_code,
+            ErrorCode::None
+        );
     });
     // No shutdown, no checkpoint: the acknowledged commit must already be on disk.
     child.kill().unwrap();
     child.wait().unwrap();
     let (mut child, address, _lines) = spawn(dir.path(), &[]);
     runtime.block_on(async {
-        let connection = Connection::connect(&format!("tcp://{address}")).await.unwrap();
+        let connection = Connection::connect(&format!("tcp://{address}"))
+            .await
+            .unwrap();
         let Response::FetchOffsets(offsets) = connection
             .send(FetchOffsetsRequest {
                 group_id: "g".into(),
-                topics: Some(vec![TopicPartitions { topic: "k".into(), partitions: vec![0] }]),
+                topics: Some(vec![TopicPartitions {
+                    topic: "k".into(),
+                    partitions: vec![0],
+                }]),
             })
             .await
-            .unwrap() else { panic!() };
+            .unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(offsets.topics[0].partitions[0].committed_offset, 1234);
     });
     terminate(&child);

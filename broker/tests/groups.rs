@@ -21,19 +21,30 @@ fn config(data_dir: &Path) -> Config {
 }
 
 async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
-    let broker = Broker::start(config(data_dir)).await.expect("broker starts");
-    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr)).await.expect("connect");
+    let broker = Broker::start(config(data_dir))
+        .await
+        .expect("broker starts");
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .expect("connect");
     (broker, connection)
 }
 
 async fn create_topic(connection: &Connection, name: &str, partitions: u32) {
     let Response::CreateTopics(response) = connection
         .send(CreateTopicsRequest {
-            topics: vec![CreateTopic { name: name.into(), partitions, configs: vec![] }],
+            topics: vec![CreateTopic {
+                name: name.into(),
+                partitions,
+                configs: vec![],
+            }],
             validate_only: false,
         })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(response.results[0].error_code, ErrorCode::None);
 }
 
@@ -48,16 +59,27 @@ async fn produce(connection: &Connection, topic: &str, partition: u32, count: us
             timeout_ms: 10_000,
             topics: vec![ProduceTopic {
                 name: topic.into(),
-                partitions: vec![ProducePartition { partition, records: builder.build().into_bytes() }],
+                partitions: vec![ProducePartition {
+                    partition,
+                    records: builder.build().into_bytes(),
+                }],
             }],
         })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(response.topics[0].partitions[0].error_code, ErrorCode::None);
 }
 
-async fn heartbeat(connection: &Connection, request: ConsumerGroupHeartbeatRequest) -> ConsumerGroupHeartbeatResponse {
-    let Response::ConsumerGroupHeartbeat(response) = connection.send(request).await.unwrap() else { panic!() };
+async fn heartbeat(
+    connection: &Connection,
+    request: ConsumerGroupHeartbeatRequest,
+) -> ConsumerGroupHeartbeatResponse {
+    let Response::ConsumerGroupHeartbeat(response) = connection.send(request).await.unwrap() else {
+        panic!()
+    };
     response
 }
 
@@ -75,7 +97,14 @@ fn partitions(list: &[TopicPartitions]) -> BTreeSet<(String, u32)> {
         .collect()
 }
 
-async fn commit(connection: &Connection, group: &str, member: &ConsumerGroupHeartbeatResponse, topic: &str, partition: u32, offset: u64) -> ErrorCode {
+async fn commit(
+    connection: &Connection,
+    group: &str,
+    member: &ConsumerGroupHeartbeatResponse,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) -> ErrorCode {
     let Response::CommitOffsets(response) = connection
         .send(CommitOffsetsRequest {
             group_id: group.into(),
@@ -83,11 +112,18 @@ async fn commit(connection: &Connection, group: &str, member: &ConsumerGroupHear
             member_epoch: member.member_epoch,
             topics: vec![CommitTopic {
                 name: topic.into(),
-                partitions: vec![CommitPartition { partition, offset, metadata: None }],
+                partitions: vec![CommitPartition {
+                    partition,
+                    offset,
+                    metadata: None,
+                }],
             }],
         })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     response.topics[0].partitions[0].error_code
 }
 
@@ -95,10 +131,16 @@ async fn committed(connection: &Connection, group: &str, topic: &str, partition:
     let Response::FetchOffsets(response) = connection
         .send(FetchOffsetsRequest {
             group_id: group.into(),
-            topics: Some(vec![TopicPartitions { topic: topic.into(), partitions: vec![partition] }]),
+            topics: Some(vec![TopicPartitions {
+                topic: topic.into(),
+                partitions: vec![partition],
+            }]),
         })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     response.topics[0].partitions[0].committed_offset
 }
 
@@ -114,7 +156,10 @@ async fn two_members_split_partitions_commit_and_describe_lag() {
     assert_eq!(partitions(&first.assignment).len(), 4);
     let second = heartbeat(&connection, join("billing", "orders")).await;
     assert_eq!(second.error_code, ErrorCode::None);
-    assert!(second.assignment.is_empty(), "nothing is free until the first member releases");
+    assert!(
+        second.assignment.is_empty(),
+        "nothing is free until the first member releases"
+    );
 
     // The first member is told to release half; it reports the release.
     let told = heartbeat(
@@ -133,11 +178,25 @@ async fn two_members_split_partitions_commit_and_describe_lag() {
     let keep = partitions(&told.assignment);
     let kept: Vec<TopicPartitions> = keep
         .iter()
-        .map(|(topic, partition)| TopicPartitions { topic: topic.clone(), partitions: vec![*partition] })
+        .map(|(topic, partition)| TopicPartitions {
+            topic: topic.clone(),
+            partitions: vec![*partition],
+        })
         .collect();
     // Commit on a partition it still holds before releasing it: accepted.
     let (_, released_partition) = release.iter().next().unwrap().clone();
-    assert_eq!(commit(&connection, "billing", &told, "orders", released_partition, 3).await, ErrorCode::None);
+    assert_eq!(
+        commit(
+            &connection,
+            "billing",
+            &told,
+            "orders",
+            released_partition,
+            3
+        )
+        .await,
+        ErrorCode::None
+    );
     let after = heartbeat(
         &connection,
         ConsumerGroupHeartbeatRequest {
@@ -166,37 +225,80 @@ async fn two_members_split_partitions_commit_and_describe_lag() {
     // The first member no longer holds the released partition: its commit there is fenced,
     // and nothing is stored.
     assert_eq!(
-        commit(&connection, "billing", &after, "orders", released_partition, 9).await,
+        commit(
+            &connection,
+            "billing",
+            &after,
+            "orders",
+            released_partition,
+            9
+        )
+        .await,
         ErrorCode::FencedMemberEpoch
     );
-    assert_eq!(committed(&connection, "billing", "orders", released_partition).await, 3);
+    assert_eq!(
+        committed(&connection, "billing", "orders", released_partition).await,
+        3
+    );
     // A stranger's commit is refused.
-    let stranger = ConsumerGroupHeartbeatResponse { member_id: "nobody".into(), ..Default::default() };
-    assert_eq!(commit(&connection, "billing", &stranger, "orders", 0, 1).await, ErrorCode::UnknownMember);
+    let stranger = ConsumerGroupHeartbeatResponse {
+        member_id: "nobody".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        commit(&connection, "billing", &stranger, "orders", 0, 1).await,
+        ErrorCode::UnknownMember
+    );
 
     // The new owner commits partition 0's progress; describe shows lag = end - committed.
     if partitions(&second_now.assignment).contains(&("orders".to_owned(), 0)) {
-        assert_eq!(commit(&connection, "billing", &second_now, "orders", 0, 4).await, ErrorCode::None);
+        assert_eq!(
+            commit(&connection, "billing", &second_now, "orders", 0, 4).await,
+            ErrorCode::None
+        );
     } else {
-        assert_eq!(commit(&connection, "billing", &after, "orders", 0, 4).await, ErrorCode::None);
+        assert_eq!(
+            commit(&connection, "billing", &after, "orders", 0, 4).await,
+            ErrorCode::None
+        );
     }
     let Response::DescribeGroup(described) = connection
-        .send(DescribeGroupRequest { group_id: "billing".into() })
+        .send(DescribeGroupRequest {
+            group_id: "billing".into(),
+        })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(described.error_code, ErrorCode::None);
     assert_eq!(described.members.len(), 2);
-    let zero = described.offsets.iter().find(|o| o.topic == "orders" && o.partition == 0).unwrap();
-    assert_eq!((zero.committed_offset, zero.log_end_offset, zero.lag), (4, 10, 6));
+    let zero = described
+        .offsets
+        .iter()
+        .find(|o| o.topic == "orders" && o.partition == 0)
+        .unwrap();
+    assert_eq!(
+        (zero.committed_offset, zero.log_end_offset, zero.lag),
+        (4, 10, 6)
+    );
 
-    let Response::ListGroups(list) = connection.send(ListGroupsRequest {}).await.unwrap() else { panic!() };
+    let Response::ListGroups(list) = connection.send(ListGroupsRequest {}).await.unwrap() else {
+        panic!()
+    };
     assert_eq!(list.groups.len(), 1);
     assert_eq!(list.groups[0].members, 2);
 
     let Response::LeaveGroup(left) = connection
-        .send(LeaveGroupRequest { group_id: "billing".into(), member_id: second.member_id.clone() })
+        .send(LeaveGroupRequest {
+            group_id: "billing".into(),
+            member_id: second.member_id.clone(),
+        })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(left.error_code, ErrorCode::None);
     broker.shutdown().await;
 }
@@ -208,7 +310,10 @@ async fn committed_offsets_survive_a_restart() {
     create_topic(&connection, "t", 2).await;
     let member = heartbeat(&connection, join("g", "t")).await;
     for round in 0..50u64 {
-        assert_eq!(commit(&connection, "g", &member, "t", (round % 2) as u32, round).await, ErrorCode::None);
+        assert_eq!(
+            commit(&connection, "g", &member, "t", (round % 2) as u32, round).await,
+            ErrorCode::None
+        );
     }
     drop(connection);
     broker.shutdown().await;
@@ -235,18 +340,33 @@ async fn committed_offsets_survive_a_restart() {
 async fn bad_group_requests_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, connection) = start(dir.path()).await;
-    let no_topics = heartbeat(&connection, ConsumerGroupHeartbeatRequest { group_id: "g".into(), ..Default::default() }).await;
+    let no_topics = heartbeat(
+        &connection,
+        ConsumerGroupHeartbeatRequest {
+            group_id: "g".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(no_topics.error_code, ErrorCode::InvalidRequest);
     let bad_timeout = heartbeat(
         &connection,
-        ConsumerGroupHeartbeatRequest { session_timeout_ms: 5, ..join("g", "t") },
+        ConsumerGroupHeartbeatRequest {
+            session_timeout_ms: 5,
+            ..join("g", "t")
+        },
     )
     .await;
     assert_eq!(bad_timeout.error_code, ErrorCode::InvalidSessionTimeout);
     let Response::DescribeGroup(described) = connection
-        .send(DescribeGroupRequest { group_id: "ghost".into() })
+        .send(DescribeGroupRequest {
+            group_id: "ghost".into(),
+        })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(described.error_code, ErrorCode::UnknownGroup);
     broker.shutdown().await;
 }
@@ -262,26 +382,46 @@ async fn offsets_snapshot_bounds_the_log_and_survives_restart() {
         config
     };
     let broker = Broker::start(small()).await.unwrap();
-    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr)).await.unwrap();
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
     create_topic(&connection, "t", 4).await;
     let member = heartbeat(&connection, join("g", "t")).await;
     for round in 0..600u64 {
-        assert_eq!(commit(&connection, "g", &member, "t", (round % 4) as u32, round).await, ErrorCode::None);
+        assert_eq!(
+            commit(&connection, "g", &member, "t", (round % 4) as u32, round).await,
+            ErrorCode::None
+        );
     }
     let offsets_dir = dir.path().join("topics/__consumer_offsets/0");
     let segments = std::fs::read_dir(&offsets_dir)
         .unwrap()
-        .filter(|entry| entry.as_ref().unwrap().path().extension().is_some_and(|ext| ext == "log"))
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|ext| ext == "log")
+        })
         .count();
-    assert!(segments <= 3, "{segments} offsets segments left: the snapshot should cover the rest");
+    assert!(
+        segments <= 3,
+        "{segments} offsets segments left: the snapshot should cover the rest"
+    );
     assert!(dir.path().join("groups/offsets.snapshot").exists());
     drop(connection);
     broker.shutdown().await;
 
     let broker = Broker::start(small()).await.unwrap();
-    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr)).await.unwrap();
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
     for partition in 0..4u32 {
-        assert_eq!(committed(&connection, "g", "t", partition).await, 596 + i64::from(partition));
+        assert_eq!(
+            committed(&connection, "g", "t", partition).await,
+            596 + i64::from(partition)
+        );
     }
     broker.shutdown().await;
 }

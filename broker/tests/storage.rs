@@ -584,6 +584,9 @@ async fn power_loss_just_after_a_roll_cuts_back_to_the_durable_prefix() {
     }
     // Writable again, continuing right after what survived.
     let next = log.latest_offset();
-    assert_eq!(log.append(batch(next, 1, 10, 99)).unwrap().base_offset, next);
+    assert_eq!(
+        log.append(batch(next, 1, 10, 99)).unwrap().base_offset,
+        next
+    );
     storage.shutdown();
 }

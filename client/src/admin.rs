@@ -17,7 +17,9 @@ pub struct Admin {
 impl Client {
     /// Admin operations on this client.
     pub fn admin(&self) -> Admin {
-        Admin { client: self.clone() }
+        Admin {
+            client: self.clone(),
+        }
     }
 }
 
@@ -49,27 +51,50 @@ impl Admin {
     ///
     /// # Errors
     /// `Broker { code: TopicAlreadyExists | InvalidTopicName | InvalidPartitions | ... }`.
-    pub async fn create_topic(&self, name: &str, partitions: u32, configs: &[(&str, &str)]) -> Result<()> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: &[(&str, &str)],
+    ) -> Result<()> {
         let request = CreateTopicsRequest {
             topics: vec![CreateTopic {
                 name: name.to_owned(),
                 partitions,
-                configs: configs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                configs: configs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
             }],
             validate_only: false,
         };
         let Response::CreateTopics(response) = self.call(request).await? else {
             return Err(Error::Usage("unexpected response to CreateTopics".into()));
         };
-        let result = response.results.into_iter().next().ok_or_else(|| Error::Usage("empty CreateTopics response".into()))?;
-        check(result.error_code, result.error_message, || format!("create topic {name}"))
+        let result = response
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Usage("empty CreateTopics response".into()))?;
+        check(result.error_code, result.error_message, || {
+            format!("create topic {name}")
+        })
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let Response::DeleteTopics(response) = self.call(DeleteTopicsRequest { names: vec![name.to_owned()] }).await? else {
+        let Response::DeleteTopics(response) = self
+            .call(DeleteTopicsRequest {
+                names: vec![name.to_owned()],
+            })
+            .await?
+        else {
             return Err(Error::Usage("unexpected response to DeleteTopics".into()));
         };
-        let result = response.results.into_iter().next().ok_or_else(|| Error::Usage("empty DeleteTopics response".into()))?;
+        let result = response
+            .results
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Usage("empty DeleteTopics response".into()))?;
         check(result.error_code, None, || format!("delete topic {name}"))
     }
 
@@ -82,19 +107,35 @@ impl Admin {
 
     /// Partitions (start, end, size, segments) and effective configuration of a topic.
     pub async fn describe_topic(&self, name: &str) -> Result<DescribeTopicResponse> {
-        let Response::DescribeTopic(response) = self.call(DescribeTopicRequest { name: name.to_owned() }).await? else {
+        let Response::DescribeTopic(response) = self
+            .call(DescribeTopicRequest {
+                name: name.to_owned(),
+            })
+            .await?
+        else {
             return Err(Error::Usage("unexpected response to DescribeTopic".into()));
         };
-        check(response.error_code, None, || format!("describe topic {name}"))?;
+        check(response.error_code, None, || {
+            format!("describe topic {name}")
+        })?;
         Ok(response)
     }
 
     /// The partition count of a topic.
     pub async fn partition_count(&self, name: &str) -> Result<u32> {
-        let Response::Metadata(response) = self.call(MetadataRequest { topics: Some(vec![name.to_owned()]) }).await? else {
+        let Response::Metadata(response) = self
+            .call(MetadataRequest {
+                topics: Some(vec![name.to_owned()]),
+            })
+            .await?
+        else {
             return Err(Error::Usage("unexpected response to Metadata".into()));
         };
-        let topic = response.topics.into_iter().next().ok_or_else(|| Error::Usage("empty Metadata response".into()))?;
+        let topic = response
+            .topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Usage("empty Metadata response".into()))?;
         check(topic.error_code, None, || format!("topic {name}"))?;
         Ok(topic.partitions.len() as u32)
     }
@@ -108,16 +149,28 @@ impl Admin {
 
     /// Members, assignment, committed offsets and lag of a group.
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
-        let Response::DescribeGroup(response) = self.call(DescribeGroupRequest { group_id: group.to_owned() }).await? else {
+        let Response::DescribeGroup(response) = self
+            .call(DescribeGroupRequest {
+                group_id: group.to_owned(),
+            })
+            .await?
+        else {
             return Err(Error::Usage("unexpected response to DescribeGroup".into()));
         };
-        check(response.error_code, None, || format!("describe group {group}"))?;
+        check(response.error_code, None, || {
+            format!("describe group {group}")
+        })?;
         Ok(response)
     }
 
     /// One offset of one partition: earliest, latest, or the first at or after a timestamp
     /// (with that record's timestamp; -1 when none is that late).
-    pub async fn list_offset(&self, topic: &str, partition: u32, spec: OffsetSpec) -> Result<(u64, i64)> {
+    pub async fn list_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: OffsetSpec,
+    ) -> Result<(u64, i64)> {
         let request = ListOffsetsRequest {
             topics: vec![ListOffsetsTopic {
                 name: topic.to_owned(),
@@ -133,7 +186,9 @@ impl Admin {
             .next()
             .and_then(|topic| topic.partitions.into_iter().next())
             .ok_or_else(|| Error::Usage("empty ListOffsets response".into()))?;
-        check(entry.error_code, None, || format!("list offsets of {topic}/{partition}"))?;
+        check(entry.error_code, None, || {
+            format!("list offsets of {topic}/{partition}")
+        })?;
         Ok((entry.offset, entry.timestamp))
     }
 }

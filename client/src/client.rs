@@ -125,7 +125,11 @@ impl Client {
 
     /// The circuit breaker's state, for monitoring and tests.
     pub fn breaker_state(&self) -> BreakerState {
-        self.inner.breaker.lock().expect("breaker lock poisoned").state()
+        self.inner
+            .breaker
+            .lock()
+            .expect("breaker lock poisoned")
+            .state()
     }
 
     /// The live connection, connecting (once, through the breaker) when there is none.
@@ -134,7 +138,10 @@ impl Client {
     /// `CircuitOpen` while the breaker is open; the connection error otherwise.
     pub async fn connection(&self) -> Result<Connection> {
         let mut current = self.inner.current.lock().await;
-        if let Some(connection) = current.as_ref().filter(|connection| !connection.is_closed()) {
+        if let Some(connection) = current
+            .as_ref()
+            .filter(|connection| !connection.is_closed())
+        {
             return Ok(connection.clone());
         }
         let url = {
@@ -143,12 +150,22 @@ impl Client {
             *next = next.wrapping_add(1);
             url
         };
-        if !self.inner.breaker.lock().expect("breaker lock poisoned").allow(Instant::now()) {
+        if !self
+            .inner
+            .breaker
+            .lock()
+            .expect("breaker lock poisoned")
+            .allow(Instant::now())
+        {
             return Err(Error::CircuitOpen { broker: url });
         }
         match Connection::connect_with(&url, self.inner.options.connection.clone()).await {
             Ok(connection) => {
-                self.inner.breaker.lock().expect("breaker lock poisoned").on_success();
+                self.inner
+                    .breaker
+                    .lock()
+                    .expect("breaker lock poisoned")
+                    .on_success();
                 *current = Some(connection.clone());
                 Ok(connection)
             }
@@ -160,8 +177,15 @@ impl Client {
     }
 
     fn record_failure(&self, error: &Error) {
-        if matches!(error, Error::Connect { .. } | Error::ConnectionClosed | Error::Io(_) | Error::Timeout { .. }) {
-            self.inner.breaker.lock().expect("breaker lock poisoned").on_failure(Instant::now());
+        if matches!(
+            error,
+            Error::Connect { .. } | Error::ConnectionClosed | Error::Io(_) | Error::Timeout { .. }
+        ) {
+            self.inner
+                .breaker
+                .lock()
+                .expect("breaker lock poisoned")
+                .on_failure(Instant::now());
         }
     }
 
@@ -170,7 +194,12 @@ impl Client {
         let connection = self.connection().await?;
         let result = connection.send(request).await;
         match &result {
-            Ok(_) => self.inner.breaker.lock().expect("breaker lock poisoned").on_success(),
+            Ok(_) => self
+                .inner
+                .breaker
+                .lock()
+                .expect("breaker lock poisoned")
+                .on_success(),
             Err(error) => self.record_failure(error),
         }
         result
@@ -194,7 +223,10 @@ impl Client {
     pub async fn send_with_retry(&self, request: impl Into<Request>) -> Result<Response> {
         let request = request.into();
         let deadline = Instant::now() + self.inner.options.retry_deadline;
-        let mut backoff = Backoff::new(self.inner.options.retry_initial_backoff, self.inner.options.retry_max_backoff);
+        let mut backoff = Backoff::new(
+            self.inner.options.retry_initial_backoff,
+            self.inner.options.retry_max_backoff,
+        );
         loop {
             let error = match self.send(request.clone()).await {
                 Ok(response) => return Ok(response),

@@ -133,7 +133,9 @@ impl CircuitBreaker {
     pub fn on_failure(&mut self, now: Instant) {
         self.state = match self.state {
             BreakerState::Closed { failures } if failures + 1 < self.options.failure_threshold => {
-                BreakerState::Closed { failures: failures + 1 }
+                BreakerState::Closed {
+                    failures: failures + 1,
+                }
             }
             _ => BreakerState::Open {
                 until: now + self.options.open_for,
@@ -152,8 +154,12 @@ mod tests {
         let mut ceilings_seen = Vec::new();
         for attempt in 0..12u32 {
             let delay = backoff.next_delay();
-            let ceiling = Duration::from_millis(10 * (1u64 << attempt)).min(Duration::from_millis(500));
-            assert!(delay <= ceiling, "attempt {attempt}: {delay:?} > {ceiling:?}");
+            let ceiling =
+                Duration::from_millis(10 * (1u64 << attempt)).min(Duration::from_millis(500));
+            assert!(
+                delay <= ceiling,
+                "attempt {attempt}: {delay:?} > {ceiling:?}"
+            );
             ceilings_seen.push(ceiling);
         }
         assert_eq!(backoff.attempts(), 12);
@@ -161,7 +167,8 @@ mod tests {
         assert!(backoff.next_delay() <= Duration::from_millis(10));
         // Jitter: not every delay is the same.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(100));
-        let delays: std::collections::BTreeSet<Duration> = (0..20).map(|_| backoff.next_delay()).collect();
+        let delays: std::collections::BTreeSet<Duration> =
+            (0..20).map(|_| backoff.next_delay()).collect();
         assert!(delays.len() > 10);
     }
 
@@ -176,14 +183,29 @@ mod tests {
             assert!(breaker.allow(start));
             breaker.on_failure(start);
         }
-        assert!(matches!(breaker.state(), BreakerState::Closed { failures: 2 }));
+        assert!(matches!(
+            breaker.state(),
+            BreakerState::Closed { failures: 2 }
+        ));
         breaker.on_failure(start);
         assert!(matches!(breaker.state(), BreakerState::Open { .. }));
-        assert!(!breaker.allow(start + Duration::from_secs(1)), "fails fast while open");
-        assert!(breaker.allow(start + Duration::from_secs(5)), "one probe after the cool-down");
-        assert!(!breaker.allow(start + Duration::from_secs(5)), "only one probe at a time");
+        assert!(
+            !breaker.allow(start + Duration::from_secs(1)),
+            "fails fast while open"
+        );
+        assert!(
+            breaker.allow(start + Duration::from_secs(5)),
+            "one probe after the cool-down"
+        );
+        assert!(
+            !breaker.allow(start + Duration::from_secs(5)),
+            "only one probe at a time"
+        );
         breaker.on_failure(start + Duration::from_secs(5));
-        assert!(matches!(breaker.state(), BreakerState::Open { .. }), "a failed probe reopens");
+        assert!(
+            matches!(breaker.state(), BreakerState::Open { .. }),
+            "a failed probe reopens"
+        );
         assert!(breaker.allow(start + Duration::from_secs(10)));
         breaker.on_success();
         assert_eq!(breaker.state(), BreakerState::Closed { failures: 0 });

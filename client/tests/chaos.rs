@@ -61,8 +61,15 @@ fn spawn_member(client: &Client, seen: &Seen) -> tokio::task::JoinHandle<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_killed_at_random_lose_no_acknowledged_record() {
-    let seconds: u64 = std::env::var("SLUICE_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let seconds: u64 = std::env::var("SLUICE_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     println!("chaos: {seconds} s, seed {seed}");
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
@@ -74,14 +81,23 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
     config.listeners.http = "127.0.0.1:0".parse().unwrap();
     config.limits.group_min_session_timeout_ms = 500;
     let broker = Broker::start(config).await.unwrap();
-    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr)).await.unwrap();
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
     let Response::CreateTopics(created) = client
         .send(CreateTopicsRequest {
-            topics: vec![CreateTopic { name: TOPIC.into(), partitions: PARTITIONS, configs: vec![] }],
+            topics: vec![CreateTopic {
+                name: TOPIC.into(),
+                partitions: PARTITIONS,
+                configs: vec![],
+            }],
             validate_only: false,
         })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(created.results[0].error_code, ErrorCode::None);
 
     let acknowledged: Arc<Mutex<BTreeSet<String>>> = Arc::default();
@@ -95,7 +111,9 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
             let mut sequence = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let partition = (sequence as u32 + producer) % PARTITIONS;
-                let values: Vec<String> = (0..10).map(|index| format!("p{producer}-{sequence}-{index}")).collect();
+                let values: Vec<String> = (0..10)
+                    .map(|index| format!("p{producer}-{sequence}-{index}"))
+                    .collect();
                 let mut builder = RecordBatchBuilder::new();
                 for value in &values {
                     builder.append(0, None, value.as_bytes(), &[]);
@@ -106,7 +124,10 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
                         timeout_ms: 10_000,
                         topics: vec![ProduceTopic {
                             name: TOPIC.into(),
-                            partitions: vec![ProducePartition { partition, records: builder.build().into_bytes() }],
+                            partitions: vec![ProducePartition {
+                                partition,
+                                records: builder.build().into_bytes(),
+                            }],
                         }],
                     })
                     .await;
@@ -123,7 +144,8 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
 
     let seen: Seen = Arc::default();
     let mut rng = Rng(seed);
-    let mut members: Vec<tokio::task::JoinHandle<()>> = (0..4).map(|_| spawn_member(&client, &seen)).collect();
+    let mut members: Vec<tokio::task::JoinHandle<()>> =
+        (0..4).map(|_| spawn_member(&client, &seen)).collect();
     let mut kills = 0;
     let until = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < until {
@@ -143,12 +165,18 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
     loop {
         let missing = {
             let seen = seen.lock().unwrap();
-            acknowledged.iter().filter(|value| !seen.contains_key(*value)).count()
+            acknowledged
+                .iter()
+                .filter(|value| !seen.contains_key(*value))
+                .count()
         };
         if missing == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{missing} acknowledged records never processed (seed {seed})");
+        assert!(
+            Instant::now() < deadline,
+            "{missing} acknowledged records never processed (seed {seed})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let duplicates: u32 = seen.lock().unwrap().values().map(|count| count - 1).sum();

@@ -52,7 +52,12 @@ async fn topics_consume_and_groups() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(config(dir.path())).await.unwrap();
 
-    let created = sluice(&broker, &["topic", "create", "events", "--partitions", "2"], b"").await;
+    let created = sluice(
+        &broker,
+        &["topic", "create", "events", "--partitions", "2"],
+        b"",
+    )
+    .await;
     assert!(created.status.success(), "{}", text(&created.stderr));
     let again = sluice(&broker, &["topic", "create", "events"], b"").await;
     assert_eq!(again.status.code(), Some(1));
@@ -64,9 +69,16 @@ async fn topics_consume_and_groups() {
     assert_eq!(text(&listed.stdout), "events\t2\n");
 
     // Records produced directly, consumed by the CLI.
-    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr)).await.unwrap();
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
     let mut builder = RecordBatchBuilder::new();
-    builder.append(1_700_000_000_000, Some(b"k1"), b"hello", &[("trace", b"t1")]);
+    builder.append(
+        1_700_000_000_000,
+        Some(b"k1"),
+        b"hello",
+        &[("trace", b"t1")],
+    );
     builder.append(1_700_000_000_001, None, b"world", &[]);
     let Response::Produce(_) = client
         .send(ProduceRequest {
@@ -74,13 +86,24 @@ async fn topics_consume_and_groups() {
             timeout_ms: 10_000,
             topics: vec![ProduceTopic {
                 name: "events".into(),
-                partitions: vec![ProducePartition { partition: 1, records: builder.build().into_bytes() }],
+                partitions: vec![ProducePartition {
+                    partition: 1,
+                    records: builder.build().into_bytes(),
+                }],
             }],
         })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
 
-    let consumed = sluice(&broker, &["consume", "events", "--group", "cli", "--count", "2"], b"").await;
+    let consumed = sluice(
+        &broker,
+        &["consume", "events", "--group", "cli", "--count", "2"],
+        b"",
+    )
+    .await;
     assert!(consumed.status.success(), "{}", text(&consumed.stderr));
     assert!(text(&consumed.stderr).contains("consumed 2 records"));
     let lines: Vec<serde_json::Value> = text(&consumed.stdout)
@@ -98,17 +121,40 @@ async fn topics_consume_and_groups() {
     assert_eq!(lines[1]["key"], serde_json::Value::Null);
 
     // The group committed what it printed: a second run has nothing left and times out.
-    let rest = sluice(&broker, &["consume", "events", "--group", "cli", "--timeout-ms", "300"], b"").await;
+    let rest = sluice(
+        &broker,
+        &["consume", "events", "--group", "cli", "--timeout-ms", "300"],
+        b"",
+    )
+    .await;
     assert!(rest.status.success(), "{}", text(&rest.stderr));
     assert!(text(&rest.stderr).contains("consumed 0 records"));
     assert!(rest.stdout.is_empty());
 
     // Standalone from an offset, value format.
-    let values = sluice(&broker, &["consume", "events", "--from", "1", "--format", "value", "--timeout-ms", "300"], b"").await;
+    let values = sluice(
+        &broker,
+        &[
+            "consume",
+            "events",
+            "--from",
+            "1",
+            "--format",
+            "value",
+            "--timeout-ms",
+            "300",
+        ],
+        b"",
+    )
+    .await;
     assert_eq!(text(&values.stdout), "world\n");
 
     let groups = sluice(&broker, &["group", "list"], b"").await;
-    assert!(text(&groups.stdout).starts_with("cli\t"), "{}", text(&groups.stdout));
+    assert!(
+        text(&groups.stdout).starts_with("cli\t"),
+        "{}",
+        text(&groups.stdout)
+    );
     let described = sluice(&broker, &["group", "describe", "cli"], b"").await;
     let described = text(&described.stdout);
     assert!(described.contains("events\t1\t2\t2\t0"), "{described}");
@@ -122,9 +168,15 @@ async fn topics_consume_and_groups() {
 
 #[test]
 fn usage_errors_exit_2_and_an_unreachable_broker_exits_1() {
-    let usage = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["topic", "explode"]).output().unwrap();
+    let usage = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["topic", "explode"])
+        .output()
+        .unwrap();
     assert_eq!(usage.status.code(), Some(2));
-    let bad_acks = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["produce", "t", "--acks", "maybe"]).output().unwrap();
+    let bad_acks = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["produce", "t", "--acks", "maybe"])
+        .output()
+        .unwrap();
     assert_eq!(bad_acks.status.code(), Some(2));
     // Nothing listens on port 1.
     let unreachable = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -142,24 +194,47 @@ fn usage_errors_exit_2_and_an_unreachable_broker_exits_1() {
         .output()
         .unwrap();
     assert_eq!(no_ca.status.code(), Some(2));
-    assert!(text(&no_ca.stderr).contains("ca-file"), "{}", text(&no_ca.stderr));
+    assert!(
+        text(&no_ca.stderr).contains("ca-file"),
+        "{}",
+        text(&no_ca.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_keyed_lines_round_trip_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(config(dir.path())).await.unwrap();
-    let created = sluice(&broker, &["topic", "create", "lines", "--partitions", "4"], b"").await;
+    let created = sluice(
+        &broker,
+        &["topic", "create", "lines", "--partitions", "4"],
+        b"",
+    )
+    .await;
     assert!(created.status.success(), "{}", text(&created.stderr));
     let mut input = String::new();
     for index in 0..10_000 {
         input.push_str(&format!("user-{}|line {index}: a=b|c\n", index % 37));
     }
-    let produced = sluice(&broker, &["produce", "lines", "--key-separator", "|"], input.as_bytes()).await;
+    let produced = sluice(
+        &broker,
+        &["produce", "lines", "--key-separator", "|"],
+        input.as_bytes(),
+    )
+    .await;
     assert!(produced.status.success(), "{}", text(&produced.stderr));
-    assert!(text(&produced.stderr).contains("sent 10000 records, 10000 acknowledged"), "{}", text(&produced.stderr));
+    assert!(
+        text(&produced.stderr).contains("sent 10000 records, 10000 acknowledged"),
+        "{}",
+        text(&produced.stderr)
+    );
 
-    let consumed = sluice(&broker, &["consume", "lines", "--group", "readers", "--count", "10000"], b"").await;
+    let consumed = sluice(
+        &broker,
+        &["consume", "lines", "--group", "readers", "--count", "10000"],
+        b"",
+    )
+    .await;
     assert!(consumed.status.success(), "{}", text(&consumed.stderr));
     assert!(text(&consumed.stderr).contains("consumed 10000 records"));
     let mut seen = std::collections::BTreeSet::new();
@@ -172,7 +247,14 @@ async fn ten_thousand_keyed_lines_round_trip_as_json() {
         let partition = record["partition"].as_u64().unwrap();
         let offset = record["offset"].as_u64().unwrap();
         // The text after the first separator is the value, separators and all.
-        let index: usize = value.strip_prefix("line ").unwrap().split(':').next().unwrap().parse().unwrap();
+        let index: usize = value
+            .strip_prefix("line ")
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(key, format!("user-{}", index % 37));
         assert!(value.ends_with(": a=b|c"));
         assert!(seen.insert(index), "duplicate {index}");

@@ -23,28 +23,50 @@ fn config(data_dir: &Path) -> Config {
 }
 
 async fn start(data_dir: &Path) -> (BrokerHandle, Client) {
-    let broker = Broker::start(config(data_dir)).await.expect("broker starts");
-    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr)).await.expect("connect");
+    let broker = Broker::start(config(data_dir))
+        .await
+        .expect("broker starts");
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .expect("connect");
     (broker, client)
 }
 
 async fn create_topic(client: &Client, name: &str, partitions: u32) {
     let Response::CreateTopics(response) = client
         .send(CreateTopicsRequest {
-            topics: vec![CreateTopic { name: name.into(), partitions, configs: vec![] }],
+            topics: vec![CreateTopic {
+                name: name.into(),
+                partitions,
+                configs: vec![],
+            }],
             validate_only: false,
         })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(response.results[0].error_code, ErrorCode::None);
 }
 
 /// Produces `values` to a partition, a batch of `per_batch` at a time.
-async fn produce(client: &Client, topic: &str, partition: u32, values: &[String], per_batch: usize) {
+async fn produce(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    values: &[String],
+    per_batch: usize,
+) {
     for chunk in values.chunks(per_batch) {
         let mut builder = RecordBatchBuilder::new();
         for value in chunk {
-            builder.append(1_700_000_000_000, Some(b"k"), value.as_bytes(), &[("h", b"1")]);
+            builder.append(
+                1_700_000_000_000,
+                Some(b"k"),
+                value.as_bytes(),
+                &[("h", b"1")],
+            );
         }
         let Response::Produce(response) = client
             .send(ProduceRequest {
@@ -52,11 +74,17 @@ async fn produce(client: &Client, topic: &str, partition: u32, values: &[String]
                 timeout_ms: 10_000,
                 topics: vec![ProduceTopic {
                     name: topic.into(),
-                    partitions: vec![ProducePartition { partition, records: builder.build().into_bytes() }],
+                    partitions: vec![ProducePartition {
+                        partition,
+                        records: builder.build().into_bytes(),
+                    }],
                 }],
             })
             .await
-            .unwrap() else { panic!() };
+            .unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(response.topics[0].partitions[0].error_code, ErrorCode::None);
     }
 }
@@ -72,7 +100,11 @@ async fn take(consumer: &mut Consumer, count: usize) -> Vec<(u32, u64, String)> 
             .unwrap_or_else(|_| panic!("only {} of {count} records arrived", out.len()))
             .expect("stream open")
             .expect("record");
-        out.push((record.partition, record.offset, String::from_utf8(record.value.to_vec()).unwrap()));
+        out.push((
+            record.partition,
+            record.offset,
+            String::from_utf8(record.value.to_vec()).unwrap(),
+        ));
     }
     out
 }
@@ -84,22 +116,38 @@ async fn a_group_member_sees_every_record_exactly_once() {
     create_topic(&client, "orders", 3).await;
     let mut expected = BTreeSet::new();
     for partition in 0..3u32 {
-        let values: Vec<String> = (0..500).map(|index| format!("p{partition}-{index}")).collect();
+        let values: Vec<String> = (0..500)
+            .map(|index| format!("p{partition}-{index}"))
+            .collect();
         expected.extend(values.iter().cloned());
         produce(&client, "orders", partition, &values, 37).await;
     }
-    let mut consumer = client.consumer().group("billing").topics(["orders"]).build().await.unwrap();
+    let mut consumer = client
+        .consumer()
+        .group("billing")
+        .topics(["orders"])
+        .build()
+        .await
+        .unwrap();
     let records = take(&mut consumer, 1500).await;
     let seen: BTreeSet<String> = records.iter().map(|(_, _, value)| value.clone()).collect();
     assert_eq!(seen.len(), 1500, "a duplicate or a gap");
     assert_eq!(seen, expected);
     // Offsets run in order within each partition.
     for partition in 0..3u32 {
-        let offsets: Vec<u64> = records.iter().filter(|r| r.0 == partition).map(|r| r.1).collect();
+        let offsets: Vec<u64> = records
+            .iter()
+            .filter(|r| r.0 == partition)
+            .map(|r| r.1)
+            .collect();
         assert_eq!(offsets, (0..500).collect::<Vec<u64>>());
     }
     // Nothing more arrives.
-    assert!(tokio::time::timeout(Duration::from_millis(300), consumer.next()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), consumer.next())
+            .await
+            .is_err()
+    );
     consumer.close().await.unwrap();
     broker.shutdown().await;
 }
@@ -125,14 +173,30 @@ async fn commits_on_close_and_a_new_member_resumes_after_them() {
     let Response::FetchOffsets(offsets) = client
         .send(FetchOffsetsRequest {
             group_id: "g".into(),
-            topics: Some(vec![TopicPartitions { topic: "t".into(), partitions: vec![0] }]),
+            topics: Some(vec![TopicPartitions {
+                topic: "t".into(),
+                partitions: vec![0],
+            }]),
         })
         .await
-        .unwrap() else { panic!() };
+        .unwrap()
+    else {
+        panic!()
+    };
     assert_eq!(offsets.topics[0].partitions[0].committed_offset, 40);
-    let mut consumer = client.consumer().group("g").topics(["t"]).build().await.unwrap();
+    let mut consumer = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .build()
+        .await
+        .unwrap();
     let rest = take(&mut consumer, 60).await;
-    assert_eq!(rest.first().unwrap().1, 40, "resumes at the committed offset");
+    assert_eq!(
+        rest.first().unwrap().1,
+        40,
+        "resumes at the committed offset"
+    );
     assert_eq!(rest.last().unwrap().2, "v99");
     consumer.close().await.unwrap();
     broker.shutdown().await;
@@ -143,17 +207,36 @@ async fn two_members_share_the_partitions_without_overlap() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, client) = start(dir.path()).await;
     create_topic(&client, "t", 4).await;
-    let mut first = client.consumer().group("g").topics(["t"]).build().await.unwrap();
-    let mut second = client.consumer().group("g").topics(["t"]).build().await.unwrap();
+    let mut first = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .build()
+        .await
+        .unwrap();
+    let mut second = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .build()
+        .await
+        .unwrap();
     // Wait until the group has settled: both members hold two partitions.
     let deadline = Instant::now() + Duration::from_secs(30);
     while first.assignment().len() != 2 || second.assignment().len() != 2 {
-        assert!(Instant::now() < deadline, "group did not settle: {:?} {:?}", first.assignment(), second.assignment());
+        assert!(
+            Instant::now() < deadline,
+            "group did not settle: {:?} {:?}",
+            first.assignment(),
+            second.assignment()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(first.assignment().is_disjoint(&second.assignment()));
     for partition in 0..4u32 {
-        let values: Vec<String> = (0..50).map(|index| format!("p{partition}-{index}")).collect();
+        let values: Vec<String> = (0..50)
+            .map(|index| format!("p{partition}-{index}"))
+            .collect();
         produce(&client, "t", partition, &values, 10).await;
     }
     let a = take(&mut first, 100).await;
@@ -173,14 +256,28 @@ async fn standalone_assign_and_seek() {
     let values: Vec<String> = (0..30).map(|index| format!("v{index}")).collect();
     produce(&client, "t", 1, &values, 7).await;
     let mut consumer = client.consumer().build().await.unwrap();
-    consumer.assign(&[("t".into(), 1)], Seek::Offset(25)).await.unwrap();
+    consumer
+        .assign(&[("t".into(), 1)], Seek::Offset(25))
+        .await
+        .unwrap();
     let tail = take(&mut consumer, 5).await;
-    assert_eq!(tail.iter().map(|r| r.1).collect::<Vec<_>>(), [25, 26, 27, 28, 29]);
+    assert_eq!(
+        tail.iter().map(|r| r.1).collect::<Vec<_>>(),
+        [25, 26, 27, 28, 29]
+    );
     consumer.seek("t", 1, Seek::Earliest).await.unwrap();
     let head = take(&mut consumer, 3).await;
     assert_eq!(head.iter().map(|r| r.1).collect::<Vec<_>>(), [0, 1, 2]);
-    let mut latest = client.consumer().reset_policy(ResetPolicy::Latest).build().await.unwrap();
-    latest.assign(&[("t".into(), 1)], Seek::Latest).await.unwrap();
+    let mut latest = client
+        .consumer()
+        .reset_policy(ResetPolicy::Latest)
+        .build()
+        .await
+        .unwrap();
+    latest
+        .assign(&[("t".into(), 1)], Seek::Latest)
+        .await
+        .unwrap();
     produce(&client, "t", 1, &["new".to_owned()], 1).await;
     let new = take(&mut latest, 1).await;
     assert_eq!(new[0], (1, 30, "new".to_owned()));

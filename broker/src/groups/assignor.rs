@@ -64,7 +64,10 @@ impl Assignor {
         partitions: &BTreeMap<String, u32>,
         previous: &Assignment,
     ) -> Assignment {
-        let mut target: Assignment = members.keys().map(|id| (id.clone(), BTreeSet::new())).collect();
+        let mut target: Assignment = members
+            .keys()
+            .map(|id| (id.clone(), BTreeSet::new()))
+            .collect();
         match self {
             Assignor::Range => range(members, partitions, &mut target),
             Assignor::RoundRobin => round_robin(members, partitions, &mut target),
@@ -75,7 +78,10 @@ impl Assignor {
 }
 
 /// Subscribed members of each topic, in id order.
-fn subscribers<'a>(members: &'a BTreeMap<String, BTreeSet<String>>, topic: &str) -> Vec<&'a String> {
+fn subscribers<'a>(
+    members: &'a BTreeMap<String, BTreeSet<String>>,
+    topic: &str,
+) -> Vec<&'a String> {
     members
         .iter()
         .filter(|(_, topics)| topics.contains(topic))
@@ -83,7 +89,11 @@ fn subscribers<'a>(members: &'a BTreeMap<String, BTreeSet<String>>, topic: &str)
         .collect()
 }
 
-fn range(members: &BTreeMap<String, BTreeSet<String>>, partitions: &BTreeMap<String, u32>, target: &mut Assignment) {
+fn range(
+    members: &BTreeMap<String, BTreeSet<String>>,
+    partitions: &BTreeMap<String, u32>,
+    target: &mut Assignment,
+) {
     for (topic, count) in partitions {
         let owners = subscribers(members, topic);
         if owners.is_empty() {
@@ -103,7 +113,11 @@ fn range(members: &BTreeMap<String, BTreeSet<String>>, partitions: &BTreeMap<Str
     }
 }
 
-fn round_robin(members: &BTreeMap<String, BTreeSet<String>>, partitions: &BTreeMap<String, u32>, target: &mut Assignment) {
+fn round_robin(
+    members: &BTreeMap<String, BTreeSet<String>>,
+    partitions: &BTreeMap<String, u32>,
+    target: &mut Assignment,
+) {
     let ids: Vec<&String> = members.keys().collect();
     if ids.is_empty() {
         return;
@@ -115,7 +129,10 @@ fn round_robin(members: &BTreeMap<String, BTreeSet<String>>, partitions: &BTreeM
             for step in 0..ids.len() {
                 let id = ids[(turn + step) % ids.len()];
                 if members[id].contains(topic) {
-                    target.get_mut(id).expect("member in target").insert((topic.clone(), partition));
+                    target
+                        .get_mut(id)
+                        .expect("member in target")
+                        .insert((topic.clone(), partition));
                     turn = (turn + step + 1) % ids.len();
                     break;
                 }
@@ -130,7 +147,9 @@ fn sticky(
     previous: &Assignment,
     target: &mut Assignment,
 ) {
-    let exists = |(topic, partition): &TopicPartition| partitions.get(topic).is_some_and(|count| partition < count);
+    let exists = |(topic, partition): &TopicPartition| {
+        partitions.get(topic).is_some_and(|count| partition < count)
+    };
     // Keep what each remaining member had, where it still exists and is still subscribed.
     let mut unassigned: BTreeSet<TopicPartition> = partitions
         .iter()
@@ -149,7 +168,11 @@ fn sticky(
     }
     // Each member's fair share among the members that can take a partition.
     let total = target.values().map(BTreeSet::len).sum::<usize>() + unassigned.len();
-    let eligible = members.values().filter(|topics| !topics.is_empty()).count().max(1);
+    let eligible = members
+        .values()
+        .filter(|topics| !topics.is_empty())
+        .count()
+        .max(1);
     let ceiling = total.div_ceil(eligible);
     let floor = total / eligible;
     let mut at_ceiling_allowed = total - floor * eligible;
@@ -178,7 +201,10 @@ fn sticky(
             .min_by_key(|(id, set)| (set.len(), (*id).clone()))
             .map(|(id, _)| id.clone());
         if let Some(id) = taker {
-            target.get_mut(&id).expect("member in target").insert(partition);
+            target
+                .get_mut(&id)
+                .expect("member in target")
+                .insert(partition);
         }
     }
 }
@@ -189,19 +215,30 @@ mod tests {
 
     fn members(ids: &[&str], topics: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
         ids.iter()
-            .map(|id| (id.to_string(), topics.iter().map(|topic| topic.to_string()).collect()))
+            .map(|id| {
+                (
+                    id.to_string(),
+                    topics.iter().map(|topic| topic.to_string()).collect(),
+                )
+            })
             .collect()
     }
 
     fn counts(topics: &[(&str, u32)]) -> BTreeMap<String, u32> {
-        topics.iter().map(|(topic, count)| (topic.to_string(), *count)).collect()
+        topics
+            .iter()
+            .map(|(topic, count)| (topic.to_string(), *count))
+            .collect()
     }
 
     fn check_complete(target: &Assignment, partitions: &BTreeMap<String, u32>) {
         let mut seen = BTreeSet::new();
         for set in target.values() {
             for partition in set {
-                assert!(seen.insert(partition.clone()), "{partition:?} assigned twice");
+                assert!(
+                    seen.insert(partition.clone()),
+                    "{partition:?} assigned twice"
+                );
             }
         }
         let all: usize = partitions.values().map(|count| *count as usize).sum();
@@ -215,14 +252,22 @@ mod tests {
     fn moved(before: &Assignment, after: &Assignment) -> usize {
         after
             .iter()
-            .map(|(id, set)| set.iter().filter(|partition| !before.get(id).is_some_and(|old| old.contains(*partition))).count())
+            .map(|(id, set)| {
+                set.iter()
+                    .filter(|partition| !before.get(id).is_some_and(|old| old.contains(*partition)))
+                    .count()
+            })
             .sum()
     }
 
     #[test]
     fn range_gives_contiguous_ranges() {
         let partitions = counts(&[("t", 7)]);
-        let target = Assignor::Range.assign(&members(&["a", "b", "c"], &["t"]), &partitions, &Assignment::new());
+        let target = Assignor::Range.assign(
+            &members(&["a", "b", "c"], &["t"]),
+            &partitions,
+            &Assignment::new(),
+        );
         check_complete(&target, &partitions);
         assert_eq!(sizes(&target), [3, 2, 2]);
         assert!(target["a"].contains(&("t".into(), 0)) && target["a"].contains(&("t".into(), 2)));
@@ -231,7 +276,11 @@ mod tests {
     #[test]
     fn round_robin_deals_in_turn() {
         let partitions = counts(&[("t", 5), ("u", 2)]);
-        let target = Assignor::RoundRobin.assign(&members(&["a", "b"], &["t", "u"]), &partitions, &Assignment::new());
+        let target = Assignor::RoundRobin.assign(
+            &members(&["a", "b"], &["t", "u"]),
+            &partitions,
+            &Assignment::new(),
+        );
         check_complete(&target, &partitions);
         assert_eq!(sizes(&target), [4, 3]);
     }
@@ -239,17 +288,33 @@ mod tests {
     #[test]
     fn sticky_moves_the_minimum_for_12_partitions_3_4_3() {
         let partitions = counts(&[("t", 12)]);
-        let three = Assignor::CooperativeSticky.assign(&members(&["a", "b", "c"], &["t"]), &partitions, &Assignment::new());
+        let three = Assignor::CooperativeSticky.assign(
+            &members(&["a", "b", "c"], &["t"]),
+            &partitions,
+            &Assignment::new(),
+        );
         check_complete(&three, &partitions);
         assert_eq!(sizes(&three), [4, 4, 4]);
-        let four = Assignor::CooperativeSticky.assign(&members(&["a", "b", "c", "d"], &["t"]), &partitions, &three);
+        let four = Assignor::CooperativeSticky.assign(
+            &members(&["a", "b", "c", "d"], &["t"]),
+            &partitions,
+            &three,
+        );
         check_complete(&four, &partitions);
         assert_eq!(sizes(&four), [3, 3, 3, 3]);
         assert_eq!(moved(&three, &four), 3, "only d's three partitions move");
-        let back = Assignor::CooperativeSticky.assign(&members(&["a", "b", "c"], &["t"]), &partitions, &four);
+        let back = Assignor::CooperativeSticky.assign(
+            &members(&["a", "b", "c"], &["t"]),
+            &partitions,
+            &four,
+        );
         check_complete(&back, &partitions);
         assert_eq!(sizes(&back), [4, 4, 4]);
-        assert_eq!(moved(&four, &back), 3, "only d's three partitions move back");
+        assert_eq!(
+            moved(&four, &back),
+            3,
+            "only d's three partitions move back"
+        );
     }
 
     #[test]
@@ -264,7 +329,11 @@ mod tests {
 
     #[test]
     fn names_parse() {
-        for assignor in [Assignor::Range, Assignor::RoundRobin, Assignor::CooperativeSticky] {
+        for assignor in [
+            Assignor::Range,
+            Assignor::RoundRobin,
+            Assignor::CooperativeSticky,
+        ] {
             assert_eq!(assignor.to_string().parse::<Assignor>().unwrap(), assignor);
         }
         assert!("eager".parse::<Assignor>().is_err());

@@ -133,7 +133,11 @@ impl Group {
         if self.members.is_empty() {
             "empty"
         } else if self.members.values().all(|member| {
-            member.epoch == self.epoch && self.target.get(&member.id).is_some_and(|target| *target == member.given)
+            member.epoch == self.epoch
+                && self
+                    .target
+                    .get(&member.id)
+                    .is_some_and(|target| *target == member.given)
         }) {
             "stable"
         } else {
@@ -143,7 +147,10 @@ impl Group {
 
     /// Every topic some member subscribes to.
     pub fn subscribed_topics(&self) -> BTreeSet<String> {
-        self.members.values().flat_map(|member| member.topics.iter().cloned()).collect()
+        self.members
+            .values()
+            .flat_map(|member| member.topics.iter().cloned())
+            .collect()
     }
 
     /// Handles a heartbeat (a join when `member_id` is empty).
@@ -160,15 +167,19 @@ impl Group {
     ) -> Result<HeartbeatAnswer, GroupError> {
         let mut changed = false;
         let member_id = if request.member_id.is_empty() {
-            let topics = request
-                .topics
-                .clone()
-                .ok_or_else(|| error(ErrorCode::InvalidRequest, "a joining member must list its topics"))?;
+            let topics = request.topics.clone().ok_or_else(|| {
+                error(
+                    ErrorCode::InvalidRequest,
+                    "a joining member must list its topics",
+                )
+            })?;
             let session_timeout_ms = match request.session_timeout_ms {
                 0 => settings.default_session_timeout_ms,
                 timeout => timeout,
             };
-            if !(settings.min_session_timeout_ms..=settings.max_session_timeout_ms).contains(&session_timeout_ms) {
+            if !(settings.min_session_timeout_ms..=settings.max_session_timeout_ms)
+                .contains(&session_timeout_ms)
+            {
                 return Err(error(
                     ErrorCode::InvalidSessionTimeout,
                     format!(
@@ -178,7 +189,9 @@ impl Group {
                 ));
             }
             if let Some(name) = &request.assignor {
-                let assignor = name.parse::<Assignor>().map_err(|message| error(ErrorCode::InvalidRequest, message))?;
+                let assignor = name
+                    .parse::<Assignor>()
+                    .map_err(|message| error(ErrorCode::InvalidRequest, message))?;
                 if self.members.is_empty() {
                     self.assignor = assignor;
                 }
@@ -201,12 +214,19 @@ impl Group {
             id
         } else {
             let member = self.members.get_mut(&request.member_id).ok_or_else(|| {
-                error(ErrorCode::UnknownMember, format!("member {} is not in group {}", request.member_id, self.id))
+                error(
+                    ErrorCode::UnknownMember,
+                    format!("member {} is not in group {}", request.member_id, self.id),
+                )
             })?;
-            if request.member_epoch != member.epoch && request.member_epoch != member.previous_epoch {
+            if request.member_epoch != member.epoch && request.member_epoch != member.previous_epoch
+            {
                 return Err(error(
                     ErrorCode::FencedMemberEpoch,
-                    format!("member epoch {} is stale (current {})", request.member_epoch, member.epoch),
+                    format!(
+                        "member epoch {} is stale (current {})",
+                        request.member_epoch, member.epoch
+                    ),
                 ));
             }
             member.deadline_ms = now_ms + u64::from(member.session_timeout_ms);
@@ -219,7 +239,8 @@ impl Group {
             }
             if let Some(owned) = &request.owned {
                 // What the member no longer reports owning, it has released.
-                let released: Vec<TopicPartition> = member.given.difference(owned).cloned().collect();
+                let released: Vec<TopicPartition> =
+                    member.given.difference(owned).cloned().collect();
                 for partition in released {
                     member.given.remove(&partition);
                     self.owners.remove(&partition);
@@ -249,16 +270,24 @@ impl Group {
             .into_iter()
             .filter_map(|topic| partition_count(&topic).map(|count| (topic, count)))
             .collect();
-        let subscriptions: BTreeMap<String, BTreeSet<String>> =
-            self.members.values().map(|member| (member.id.clone(), member.topics.clone())).collect();
-        self.target = self.assignor.assign(&subscriptions, &self.partition_counts, &self.target);
+        let subscriptions: BTreeMap<String, BTreeSet<String>> = self
+            .members
+            .values()
+            .map(|member| (member.id.clone(), member.topics.clone()))
+            .collect();
+        self.target = self
+            .assignor
+            .assign(&subscriptions, &self.partition_counts, &self.target);
         self.epoch += 1;
     }
 
     fn reconcile(&mut self, member_id: &str, settings: &GroupSettings) -> HeartbeatAnswer {
         let target = self.target.get(member_id).cloned().unwrap_or_default();
         let epoch = self.epoch;
-        let member = self.members.get_mut(member_id).expect("reconciled member exists");
+        let member = self
+            .members
+            .get_mut(member_id)
+            .expect("reconciled member exists");
         for partition in target.difference(&member.given.clone()) {
             if !self.owners.contains_key(partition) {
                 self.owners.insert(partition.clone(), member_id.to_owned());
@@ -266,7 +295,8 @@ impl Group {
             }
         }
         let release: BTreeSet<TopicPartition> = member.given.difference(&target).cloned().collect();
-        let assignment: BTreeSet<TopicPartition> = member.given.intersection(&target).cloned().collect();
+        let assignment: BTreeSet<TopicPartition> =
+            member.given.intersection(&target).cloned().collect();
         if release.is_empty() && assignment == target && member.epoch != epoch {
             member.previous_epoch = member.epoch;
             member.epoch = epoch;
@@ -282,9 +312,16 @@ impl Group {
     }
 
     /// Removes a member that leaves; its partitions are free at once.
-    pub fn leave(&mut self, member_id: &str, partition_count: &dyn Fn(&str) -> Option<u32>) -> Result<(), GroupError> {
+    pub fn leave(
+        &mut self,
+        member_id: &str,
+        partition_count: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<(), GroupError> {
         if !self.members.contains_key(member_id) {
-            return Err(error(ErrorCode::UnknownMember, format!("member {member_id} is not in group {}", self.id)));
+            return Err(error(
+                ErrorCode::UnknownMember,
+                format!("member {member_id} is not in group {}", self.id),
+            ));
         }
         self.remove(member_id);
         self.rebalance(partition_count);
@@ -300,7 +337,11 @@ impl Group {
     }
 
     /// Expires members whose session ran out; returns their ids.
-    pub fn expire(&mut self, now_ms: u64, partition_count: &dyn Fn(&str) -> Option<u32>) -> Vec<String> {
+    pub fn expire(
+        &mut self,
+        now_ms: u64,
+        partition_count: &dyn Fn(&str) -> Option<u32>,
+    ) -> Vec<String> {
         let expired: Vec<String> = self
             .members
             .values()
@@ -317,8 +358,16 @@ impl Group {
     }
 
     /// Whether `member_id` at `member_epoch` may commit an offset for `partition`.
-    pub fn check_commit(&self, member_id: &str, member_epoch: u32, partition: &TopicPartition) -> Result<(), ErrorCode> {
-        let member = self.members.get(member_id).ok_or(ErrorCode::UnknownMember)?;
+    pub fn check_commit(
+        &self,
+        member_id: &str,
+        member_epoch: u32,
+        partition: &TopicPartition,
+    ) -> Result<(), ErrorCode> {
+        let member = self
+            .members
+            .get(member_id)
+            .ok_or(ErrorCode::UnknownMember)?;
         if member_epoch != member.epoch && member_epoch != member.previous_epoch {
             return Err(ErrorCode::FencedMemberEpoch);
         }

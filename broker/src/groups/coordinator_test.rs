@@ -120,18 +120,31 @@ impl Simulation {
     }
 
     fn sizes(&self) -> Vec<usize> {
-        self.clients.values().map(|client| client.holds.len()).collect()
+        self.clients
+            .values()
+            .map(|client| client.holds.len())
+            .collect()
     }
 
     fn holdings(&self) -> BTreeMap<usize, BTreeSet<TopicPartition>> {
-        self.clients.iter().map(|(key, client)| (*key, client.holds.clone())).collect()
+        self.clients
+            .iter()
+            .map(|(key, client)| (*key, client.holds.clone()))
+            .collect()
     }
 }
 
-fn moved(before: &BTreeMap<usize, BTreeSet<TopicPartition>>, after: &BTreeMap<usize, BTreeSet<TopicPartition>>) -> usize {
+fn moved(
+    before: &BTreeMap<usize, BTreeSet<TopicPartition>>,
+    after: &BTreeMap<usize, BTreeSet<TopicPartition>>,
+) -> usize {
     after
         .iter()
-        .map(|(key, set)| set.iter().filter(|partition| !before.get(key).is_some_and(|old| old.contains(*partition))).count())
+        .map(|(key, set)| {
+            set.iter()
+                .filter(|partition| !before.get(key).is_some_and(|old| old.contains(*partition)))
+                .count()
+        })
         .sum()
 }
 
@@ -147,7 +160,11 @@ fn join_and_leave_one_five_two() {
         simulation.settle();
     }
     assert_eq!(simulation.sizes().iter().sum::<usize>(), 12);
-    assert!(simulation.sizes().iter().all(|size| (2..=3).contains(size)), "{:?}", simulation.sizes());
+    assert!(
+        simulation.sizes().iter().all(|size| (2..=3).contains(size)),
+        "{:?}",
+        simulation.sizes()
+    );
     for key in keys.drain(..3) {
         simulation.leave(key);
         simulation.settle();
@@ -230,12 +247,24 @@ fn expired_members_lose_their_partitions_and_zombies_are_fenced() {
         .unwrap_err();
     assert_eq!(error.code, ErrorCode::UnknownMember);
     let partition = zombie.holds.iter().next().unwrap().clone();
-    assert_eq!(simulation.group.check_commit(&zombie.id, zombie.epoch, &partition), Err(ErrorCode::UnknownMember));
+    assert_eq!(
+        simulation
+            .group
+            .check_commit(&zombie.id, zombie.epoch, &partition),
+        Err(ErrorCode::UnknownMember)
+    );
     // The live member may commit what it holds, and only with a current epoch.
     let live = &simulation.clients[&a];
-    assert_eq!(simulation.group.check_commit(&live.id, live.epoch, &partition), Ok(()));
     assert_eq!(
-        simulation.group.check_commit(&live.id, live.epoch.wrapping_sub(5), &partition),
+        simulation
+            .group
+            .check_commit(&live.id, live.epoch, &partition),
+        Ok(())
+    );
+    assert_eq!(
+        simulation
+            .group
+            .check_commit(&live.id, live.epoch.wrapping_sub(5), &partition),
         Err(ErrorCode::FencedMemberEpoch)
     );
 }

@@ -63,7 +63,12 @@ fn to_wire(set: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
 
 fn from_wire(list: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
     list.iter()
-        .flat_map(|entry| entry.partitions.iter().map(|partition| (entry.topic.clone(), *partition)))
+        .flat_map(|entry| {
+            entry
+                .partitions
+                .iter()
+                .map(|partition| (entry.topic.clone(), *partition))
+        })
         .collect()
 }
 
@@ -101,7 +106,11 @@ impl GroupManager {
         }
     }
 
-    pub fn heartbeat(&self, request: ConsumerGroupHeartbeatRequest, topics: &TopicRegistry) -> ConsumerGroupHeartbeatResponse {
+    pub fn heartbeat(
+        &self,
+        request: ConsumerGroupHeartbeatRequest,
+        topics: &TopicRegistry,
+    ) -> ConsumerGroupHeartbeatResponse {
         if request.group_id.is_empty() {
             return ConsumerGroupHeartbeatResponse {
                 error_code: ErrorCode::InvalidRequest,
@@ -178,7 +187,10 @@ impl GroupManager {
     /// Checks each partition's commit against the group's membership and appends the accepted
     /// ones. The response carries a code per partition; the accepted commits are acknowledged
     /// once [`GroupManager::finish_commit`] has made them durable and visible.
-    pub fn start_commit(&self, request: CommitOffsetsRequest) -> (CommitOffsetsResponse, Option<PendingCommit>) {
+    pub fn start_commit(
+        &self,
+        request: CommitOffsetsRequest,
+    ) -> (CommitOffsetsResponse, Option<PendingCommit>) {
         let mut entries = Vec::new();
         let mut response = CommitOffsetsResponse {
             error_code: ErrorCode::None,
@@ -244,12 +256,18 @@ impl GroupManager {
 
     /// Waits for a commit's durability, then makes it visible; on failure the accepted
     /// partitions get the storage error and nothing is applied.
-    pub async fn finish_commit(self: &Arc<Self>, mut response: CommitOffsetsResponse, pending: PendingCommit) -> CommitOffsetsResponse {
+    pub async fn finish_commit(
+        self: &Arc<Self>,
+        mut response: CommitOffsetsResponse,
+        pending: PendingCommit,
+    ) -> CommitOffsetsResponse {
         match self.offsets.wait_durable(pending.next_offset).await {
             Ok(()) => {
                 let manager = Arc::clone(self);
                 let applied = tokio::task::spawn_blocking(move || {
-                    manager.offsets.apply(&pending.group, &pending.entries, pending.first_position);
+                    manager
+                        .offsets
+                        .apply(&pending.group, &pending.entries, pending.first_position);
                 })
                 .await;
                 if applied.is_err() {
@@ -273,10 +291,14 @@ impl GroupManager {
                         .partitions
                         .iter()
                         .map(|partition| {
-                            let committed = self.offsets.get(&request.group_id, &topic.topic, *partition);
+                            let committed =
+                                self.offsets
+                                    .get(&request.group_id, &topic.topic, *partition);
                             CommittedPartition {
                                 partition: *partition,
-                                committed_offset: committed.as_ref().map_or(-1, |entry| entry.offset as i64),
+                                committed_offset: committed
+                                    .as_ref()
+                                    .map_or(-1, |entry| entry.offset as i64),
                                 metadata: committed.and_then(|entry| entry.metadata),
                             }
                         })
@@ -305,7 +327,11 @@ impl GroupManager {
         }
     }
 
-    pub fn describe(&self, request: DescribeGroupRequest, topics: &TopicRegistry) -> DescribeGroupResponse {
+    pub fn describe(
+        &self,
+        request: DescribeGroupRequest,
+        topics: &TopicRegistry,
+    ) -> DescribeGroupResponse {
         let groups = self.groups.lock().expect("groups lock poisoned");
         let group = groups.get(&request.group_id);
         let committed = self.offsets.group_offsets(&request.group_id);
@@ -362,7 +388,10 @@ impl GroupManager {
             group_id: request.group_id,
             state: group.map_or("empty", Group::state).to_owned(),
             group_epoch: group.map_or(0, |group| group.epoch),
-            assignor: group.map_or_else(|| assignor::Assignor::default().to_string(), |group| group.assignor.to_string()),
+            assignor: group.map_or_else(
+                || assignor::Assignor::default().to_string(),
+                |group| group.assignor.to_string(),
+            ),
             members,
             offsets,
         }
@@ -405,8 +434,16 @@ impl GroupManager {
         let mut out = Vec::new();
         for group in self.offsets.groups() {
             for (topic, partition, committed) in self.offsets.group_offsets(&group) {
-                if let Some(log) = topics.get(&topic).and_then(|entry| entry.partition(partition).cloned()) {
-                    out.push((group.clone(), topic, partition, log.latest_offset().saturating_sub(committed.offset)));
+                if let Some(log) = topics
+                    .get(&topic)
+                    .and_then(|entry| entry.partition(partition).cloned())
+                {
+                    out.push((
+                        group.clone(),
+                        topic,
+                        partition,
+                        log.latest_offset().saturating_sub(committed.offset),
+                    ));
                 }
             }
         }

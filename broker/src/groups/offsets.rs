@@ -149,7 +149,11 @@ fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64, Option<Str
 
 impl OffsetStore {
     /// Loads the snapshot, then replays the log after it. Blocking.
-    pub fn open(fs: Fs, groups_dir: PathBuf, log: Arc<PartitionLog>) -> Result<OffsetStore, String> {
+    pub fn open(
+        fs: Fs,
+        groups_dir: PathBuf,
+        log: Arc<PartitionLog>,
+    ) -> Result<OffsetStore, String> {
         fs.create_dir_all(&groups_dir)
             .map_err(|error| format!("create {}: {error}", groups_dir.display()))?;
         let snapshot_path = groups_dir.join("offsets.snapshot");
@@ -164,23 +168,37 @@ impl OffsetStore {
         let end = log.latest_offset();
         let mut replayed = 0usize;
         while position < end {
-            let read = log.read(position, 1 << 20).map_err(|error| format!("replay {OFFSETS_TOPIC}: {error}"))?;
+            let read = log
+                .read(position, 1 << 20)
+                .map_err(|error| format!("replay {OFFSETS_TOPIC}: {error}"))?;
             if read.records.is_empty() {
                 break;
             }
             for batch in split_batches(&read.records) {
                 let batch = batch.map_err(|error| format!("replay {OFFSETS_TOPIC}: {error}"))?;
                 for record in batch.records() {
-                    let record = record.map_err(|error| format!("replay {OFFSETS_TOPIC}: {error}"))?;
+                    let record =
+                        record.map_err(|error| format!("replay {OFFSETS_TOPIC}: {error}"))?;
                     let record_position = record.offset(batch.base_offset());
                     if record_position < position {
                         continue;
                     }
-                    if let Some((key, offset, metadata)) = decode_record(record.key.unwrap_or_default(), record.value) {
+                    if let Some((key, offset, metadata)) =
+                        decode_record(record.key.unwrap_or_default(), record.value)
+                    {
                         // The snapshot may hold a later commit applied before an earlier one.
-                        let newer = committed.get(&key).is_none_or(|existing: &Committed| existing.log_position < record_position);
+                        let newer = committed.get(&key).is_none_or(|existing: &Committed| {
+                            existing.log_position < record_position
+                        });
                         if newer {
-                            committed.insert(key, Committed { offset, metadata, log_position: record_position });
+                            committed.insert(
+                                key,
+                                Committed {
+                                    offset,
+                                    metadata,
+                                    log_position: record_position,
+                                },
+                            );
                         }
                         replayed += 1;
                     }
@@ -188,7 +206,12 @@ impl OffsetStore {
                 position = batch.last_offset() + 1;
             }
         }
-        tracing::info!(entries = committed.len(), replayed, from = covered, "loaded committed offsets");
+        tracing::info!(
+            entries = committed.len(),
+            replayed,
+            from = covered,
+            "loaded committed offsets"
+        );
         let segments = log.segment_count();
         Ok(OffsetStore {
             log,
@@ -226,7 +249,11 @@ impl OffsetStore {
 
     /// Forgets a commit whose durability failed: it is never applied.
     pub fn abandon(&self, first_position: u64) {
-        self.state.lock().expect("offsets lock poisoned").pending.remove(&first_position);
+        self.state
+            .lock()
+            .expect("offsets lock poisoned")
+            .pending
+            .remove(&first_position);
     }
 
     /// Waits until the commits appended up to `next_offset` are fsynced.
@@ -259,7 +286,11 @@ impl OffsetStore {
         let segments = self.log.segment_count();
         if segments != state.segments_at_snapshot {
             state.segments_at_snapshot = segments;
-            let covered = state.pending.first().copied().unwrap_or_else(|| self.log.latest_offset());
+            let covered = state
+                .pending
+                .first()
+                .copied()
+                .unwrap_or_else(|| self.log.latest_offset());
             let bytes = encode_snapshot(&state.committed, covered);
             drop(state);
             // Off the runtime's hot path in practice: a roll happens once per segment.
@@ -267,8 +298,14 @@ impl OffsetStore {
                 // The snapshot holds everything below `covered`: the segments before it go.
                 Ok(()) => match self.log.delete_segments_before(covered) {
                     Ok(0) => {}
-                    Ok(deleted) => tracing::debug!(deleted, covered, "removed offsets segments covered by the snapshot"),
-                    Err(error) => tracing::warn!(%error, "removing covered offsets segments failed"),
+                    Ok(deleted) => tracing::debug!(
+                        deleted,
+                        covered,
+                        "removed offsets segments covered by the snapshot"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(%error, "removing covered offsets segments failed")
+                    }
                 },
                 Err(error) => {
                     tracing::warn!(path = %self.snapshot_path.display(), %error, "offsets snapshot failed; start-up will replay more");
@@ -280,7 +317,10 @@ impl OffsetStore {
     /// The committed offset of one partition.
     pub fn get(&self, group: &str, topic: &str, partition: u32) -> Option<Committed> {
         let state = self.state.lock().expect("offsets lock poisoned");
-        state.committed.get(&(group.to_owned(), topic.to_owned(), partition)).cloned()
+        state
+            .committed
+            .get(&(group.to_owned(), topic.to_owned(), partition))
+            .cloned()
     }
 
     /// Every committed offset of a group, sorted.
@@ -290,7 +330,9 @@ impl OffsetStore {
             .committed
             .iter()
             .filter(|((owner, _, _), _)| owner == group)
-            .map(|((_, topic, partition), committed)| (topic.clone(), *partition, committed.clone()))
+            .map(|((_, topic, partition), committed)| {
+                (topic.clone(), *partition, committed.clone())
+            })
             .collect();
         out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         out
@@ -299,7 +341,11 @@ impl OffsetStore {
     /// Groups that have committed offsets.
     pub fn groups(&self) -> BTreeSet<String> {
         let state = self.state.lock().expect("offsets lock poisoned");
-        state.committed.keys().map(|(group, _, _)| group.clone()).collect()
+        state
+            .committed
+            .keys()
+            .map(|(group, _, _)| group.clone())
+            .collect()
     }
 }
 
@@ -348,7 +394,14 @@ fn decode_snapshot(bytes: &[u8]) -> Option<(HashMap<OffsetKey, Committed>, u64)>
         let offset = src.get_u64();
         let log_position = src.get_u64();
         let metadata = get_metadata(&mut src)?;
-        committed.insert((group, topic, partition), Committed { offset, metadata, log_position });
+        committed.insert(
+            (group, topic, partition),
+            Committed {
+                offset,
+                metadata,
+                log_position,
+            },
+        );
     }
     src.is_empty().then_some((committed, covered))
 }
@@ -365,7 +418,10 @@ mod tests {
         value.put_u64(42);
         put_metadata(&mut value, Some("m"));
         let decoded = decode_record(&key, &value).unwrap();
-        assert_eq!(decoded, (("g".into(), "orders".into(), 7), 42, Some("m".into())));
+        assert_eq!(
+            decoded,
+            (("g".into(), "orders".into(), 7), 42, Some("m".into()))
+        );
         assert!(decode_record(&key[..key.len() - 1], &value).is_none());
         assert!(decode_record(&key, &value[..5]).is_none());
     }
@@ -373,8 +429,22 @@ mod tests {
     #[test]
     fn snapshots_round_trip_and_reject_damage() {
         let mut committed = HashMap::new();
-        committed.insert(("g".into(), "t".into(), 1), Committed { offset: 5, metadata: None, log_position: 3 });
-        committed.insert(("h".into(), "t".into(), 0), Committed { offset: 9, metadata: Some("x".into()), log_position: 8 });
+        committed.insert(
+            ("g".into(), "t".into(), 1),
+            Committed {
+                offset: 5,
+                metadata: None,
+                log_position: 3,
+            },
+        );
+        committed.insert(
+            ("h".into(), "t".into(), 0),
+            Committed {
+                offset: 9,
+                metadata: Some("x".into()),
+                log_position: 8,
+            },
+        );
         let bytes = encode_snapshot(&committed, 77);
         let (decoded, covered) = decode_snapshot(&bytes).unwrap();
         assert_eq!(covered, 77);

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use sluice_protocol::messages::{
-    CommitOffsetsRequest, ConsumerGroupHeartbeatRequest, DescribeGroupRequest,
-    FetchOffsetsRequest, LeaveGroupRequest,
+    CommitOffsetsRequest, ConsumerGroupHeartbeatRequest, DescribeGroupRequest, FetchOffsetsRequest,
+    LeaveGroupRequest,
 };
 
 use super::Outcome;
@@ -25,7 +25,9 @@ pub fn commit(state: &Arc<BrokerState>, request: CommitOffsetsRequest) -> Outcom
         None => Outcome::Ready(response.into()),
         Some(pending) => {
             let groups = Arc::clone(&state.groups);
-            Outcome::Later(Box::pin(async move { groups.finish_commit(response, pending).await.into() }))
+            Outcome::Later(Box::pin(async move {
+                groups.finish_commit(response, pending).await.into()
+            }))
         }
     }
 }

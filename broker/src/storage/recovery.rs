@@ -220,8 +220,8 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                     .map_err(io(format!("stat {}", paths.log.display())))?;
                 // A torn tail may sit in a segment that rolled just before the crash: the
                 // later segments then hold nothing that was ever fsynced either.
-                let torn = scan.next_offset >= recovery_point
-                    && !valid_batch_after(&file, *at, file_len)?;
+                let torn =
+                    scan.next_offset >= recovery_point && !valid_batch_after(&file, *at, file_len)?;
                 if torn && !is_last {
                     drop_unsynced_segments(fs, dir, &bases[position + 1..])?;
                 }
@@ -321,12 +321,18 @@ fn drop_unsynced_segments(fs: &dyn FileSystem, dir: &Path, bases: &[u64]) -> Res
             match fs.remove_file(path) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(StorageError::io(format!("remove {}", path.display()), error)),
+                Err(error) => {
+                    return Err(StorageError::io(
+                        format!("remove {}", path.display()),
+                        error,
+                    ));
+                }
             }
         }
         tracing::warn!(segment = %paths.log.display(), "removed a segment past a torn tail (never fsynced)");
     }
-    fs.sync_dir(dir).map_err(io(format!("sync {}", dir.display())))
+    fs.sync_dir(dir)
+        .map_err(io(format!("sync {}", dir.display())))
 }
 
 fn describe(file: &Path, position: u64, detail: &str) -> String {

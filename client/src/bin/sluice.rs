@@ -10,14 +10,21 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use sluice_client::producer::{DeliveryFuture, Record};
 use sluice_client::protocol::messages::Acks;
-use sluice_client::{Client, ClientOptions, CommitMode, ConnectionOptions, ConsumerRecord, ResetPolicy, Seek};
+use sluice_client::{
+    Client, ClientOptions, CommitMode, ConnectionOptions, ConsumerRecord, ResetPolicy, Seek,
+};
 
 /// Sluice command line: topics, produce, consume, groups.
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version)]
 struct Cli {
     /// Broker URL: tcp://host:port or quic://host:port.
-    #[arg(long, env = "SLUICE_BROKER", default_value = "tcp://127.0.0.1:7171", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_BROKER",
+        default_value = "tcp://127.0.0.1:7171",
+        global = true
+    )]
     broker: String,
     /// CA certificate (PEM) to trust for quic://, e.g. the broker's <data-dir>/tls/cert.pem.
     #[arg(long, env = "SLUICE_CA_FILE", global = true)]
@@ -127,7 +134,11 @@ fn main() -> ExitCode {
             return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("sluice: cannot start the runtime: {error}");
@@ -148,21 +159,45 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
     if let Some(ca_file) = &cli.ca_file {
         connection = connection.ca_file(ca_file.clone());
     }
-    let options = ClientOptions::default().connection(connection).retry_deadline(Duration::from_secs(10));
-    Client::connect_with(&cli.broker, options).await.map_err(|error| match error {
-        // A malformed URL or a missing CA file is a configuration error, not a runtime one.
-        sluice_client::Error::InvalidUrl(_) => Failure::usage(error.to_string()),
-        error => Failure::runtime(format!("cannot reach {}: {error}", cli.broker)),
-    })
+    let options = ClientOptions::default()
+        .connection(connection)
+        .retry_deadline(Duration::from_secs(10));
+    Client::connect_with(&cli.broker, options)
+        .await
+        .map_err(|error| match error {
+            // A malformed URL or a missing CA file is a configuration error, not a runtime one.
+            sluice_client::Error::InvalidUrl(_) => Failure::usage(error.to_string()),
+            error => Failure::runtime(format!("cannot reach {}: {error}", cli.broker)),
+        })
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let client = connect(&cli).await?;
     let result = match &cli.command {
         Command::Topic(command) => topic(&client, command).await,
-        Command::Produce { topic, key_separator, acks } => produce(&client, topic, key_separator.as_deref(), *acks).await,
-        Command::Consume { topic, group, from, count, timeout_ms, format } => {
-            consume(&client, topic, group.as_deref(), from, *count, *timeout_ms, *format).await
+        Command::Produce {
+            topic,
+            key_separator,
+            acks,
+        } => produce(&client, topic, key_separator.as_deref(), *acks).await,
+        Command::Consume {
+            topic,
+            group,
+            from,
+            count,
+            timeout_ms,
+            format,
+        } => {
+            consume(
+                &client,
+                topic,
+                group.as_deref(),
+                from,
+                *count,
+                *timeout_ms,
+                *format,
+            )
+            .await
         }
         Command::Group(command) => group(&client, command).await,
     };
@@ -185,13 +220,22 @@ async fn topic(client: &Client, command: &TopicCommand) -> Result<(), Failure> {
         }
         TopicCommand::Describe { topic } => {
             let described = admin.describe_topic(topic).await?;
-            writeln!(out, "topic {} ({} partitions)", described.name, described.partitions.len())?;
+            writeln!(
+                out,
+                "topic {} ({} partitions)",
+                described.name,
+                described.partitions.len()
+            )?;
             writeln!(out, "partition\tstart\tend\tbytes\tsegments")?;
             for partition in &described.partitions {
                 writeln!(
                     out,
                     "{}\t{}\t{}\t{}\t{}",
-                    partition.partition, partition.log_start_offset, partition.high_watermark, partition.size_bytes, partition.segment_count
+                    partition.partition,
+                    partition.log_start_offset,
+                    partition.high_watermark,
+                    partition.size_bytes,
+                    partition.segment_count
                 )?;
             }
             for (key, value) in &described.configs {
@@ -212,7 +256,11 @@ async fn group(client: &Client, command: &GroupCommand) -> Result<(), Failure> {
     match command {
         GroupCommand::List => {
             for group in admin.list_groups().await? {
-                writeln!(out, "{}\t{}\t{} member(s)", group.group_id, group.state, group.members)?;
+                writeln!(
+                    out,
+                    "{}\t{}\t{} member(s)",
+                    group.group_id, group.state, group.members
+                )?;
             }
         }
         GroupCommand::Describe { group } => {
@@ -227,15 +275,39 @@ async fn group(client: &Client, command: &GroupCommand) -> Result<(), Failure> {
                 let assigned: Vec<String> = member
                     .assigned
                     .iter()
-                    .flat_map(|entry| entry.partitions.iter().map(move |p| format!("{}/{p}", entry.topic)))
+                    .flat_map(|entry| {
+                        entry
+                            .partitions
+                            .iter()
+                            .map(move |p| format!("{}/{p}", entry.topic))
+                    })
                     .collect();
-                writeln!(out, "  {} epoch {} topics {} assigned [{}]", member.member_id, member.member_epoch, member.topics.join(","), assigned.join(" "))?;
+                writeln!(
+                    out,
+                    "  {} epoch {} topics {} assigned [{}]",
+                    member.member_id,
+                    member.member_epoch,
+                    member.topics.join(","),
+                    assigned.join(" ")
+                )?;
             }
             writeln!(out, "topic\tpartition\tcommitted\tend\tlag")?;
             for offset in &described.offsets {
-                let committed = if offset.committed_offset < 0 { "-".to_owned() } else { offset.committed_offset.to_string() };
-                let lag = if offset.lag < 0 { "-".to_owned() } else { offset.lag.to_string() };
-                writeln!(out, "{}\t{}\t{committed}\t{}\t{lag}", offset.topic, offset.partition, offset.log_end_offset)?;
+                let committed = if offset.committed_offset < 0 {
+                    "-".to_owned()
+                } else {
+                    offset.committed_offset.to_string()
+                };
+                let lag = if offset.lag < 0 {
+                    "-".to_owned()
+                } else {
+                    offset.lag.to_string()
+                };
+                writeln!(
+                    out,
+                    "{}\t{}\t{committed}\t{}\t{lag}",
+                    offset.topic, offset.partition, offset.log_end_offset
+                )?;
             }
         }
     }
@@ -270,7 +342,12 @@ impl Progress {
     }
 }
 
-async fn produce(client: &Client, topic: &str, key_separator: Option<&str>, acks: AcksArg) -> Result<(), Failure> {
+async fn produce(
+    client: &Client,
+    topic: &str,
+    key_separator: Option<&str>,
+    acks: AcksArg,
+) -> Result<(), Failure> {
     produce_with_producer(client, topic, key_separator, acks).await
 }
 
@@ -288,17 +365,30 @@ async fn consume(
         "latest" => (ResetPolicy::Latest, Seek::Latest),
         offset => match offset.parse::<u64>() {
             Ok(offset) if group.is_none() => (ResetPolicy::Earliest, Seek::Offset(offset)),
-            Ok(_) => return Err(Failure::usage("--from OFFSET applies to a consumer without --group; a group starts from its committed offsets (use earliest or latest)")),
-            Err(_) => return Err(Failure::usage(format!("--from {offset:?}: expected earliest, latest or an offset"))),
+            Ok(_) => {
+                return Err(Failure::usage(
+                    "--from OFFSET applies to a consumer without --group; a group starts from its committed offsets (use earliest or latest)",
+                ));
+            }
+            Err(_) => {
+                return Err(Failure::usage(format!(
+                    "--from {offset:?}: expected earliest, latest or an offset"
+                )));
+            }
         },
     };
     let partitions = client.admin().partition_count(topic).await?;
-    let builder = client.consumer().reset_policy(reset).commit_mode(CommitMode::Manual);
+    let builder = client
+        .consumer()
+        .reset_policy(reset)
+        .commit_mode(CommitMode::Manual);
     let mut consumer = match group {
         Some(group) => builder.group(group).topics([topic]).build().await?,
         None => {
             let consumer = builder.build().await?;
-            let all: Vec<(String, u32)> = (0..partitions).map(|partition| (topic.to_owned(), partition)).collect();
+            let all: Vec<(String, u32)> = (0..partitions)
+                .map(|partition| (topic.to_owned(), partition))
+                .collect();
             consumer.assign(&all, seek).await?;
             consumer
         }
@@ -324,8 +414,8 @@ async fn consume(
             _ = &mut interrupted => break Ok(()),
         };
         match record {
-            None => break Ok(()),                  // idle timeout
-            Some(None) => break Ok(()),            // stream ended
+            None => break Ok(()),       // idle timeout
+            Some(None) => break Ok(()), // stream ended
             Some(Some(Err(error))) => break Err(Failure::runtime(error.to_string())),
             Some(Some(Ok(record))) => {
                 print_record(&mut out, &record, format)?;
@@ -356,7 +446,9 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let value = (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
+        let value = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
         for index in 0..4 {
             if index <= chunk.len() {
                 out.push(ALPHABET[((value >> (18 - 6 * index)) & 63) as usize] as char);
@@ -368,7 +460,11 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-fn print_record(out: &mut impl Write, record: &ConsumerRecord, format: Format) -> Result<(), Failure> {
+fn print_record(
+    out: &mut impl Write,
+    record: &ConsumerRecord,
+    format: Format,
+) -> Result<(), Failure> {
     match format {
         Format::Value => {
             out.write_all(&record.value)?;
@@ -404,7 +500,12 @@ fn split_line(line: &str, key_separator: Option<&str>) -> (Option<String>, Strin
     }
 }
 
-async fn produce_with_producer(client: &Client, topic: &str, key_separator: Option<&str>, acks: AcksArg) -> Result<(), Failure> {
+async fn produce_with_producer(
+    client: &Client,
+    topic: &str,
+    key_separator: Option<&str>,
+    acks: AcksArg,
+) -> Result<(), Failure> {
     // Fail early and clearly on an unknown topic instead of per record.
     client.admin().partition_count(topic).await?;
     let (acks, idempotence) = match acks {
@@ -412,7 +513,12 @@ async fn produce_with_producer(client: &Client, topic: &str, key_separator: Opti
         AcksArg::Leader => (Acks::Leader, true),
         AcksArg::Durable => (Acks::Durable, true),
     };
-    let producer = client.producer().acks(acks).idempotence(idempotence).build().await?;
+    let producer = client
+        .producer()
+        .acks(acks)
+        .idempotence(idempotence)
+        .build()
+        .await?;
     // Deliveries are counted as they complete, so memory stays flat however long stdin is.
     let (deliveries, mut completed) = tokio::sync::mpsc::channel::<DeliveryFuture>(4096);
     let counter = tokio::spawn(async move {
@@ -469,7 +575,9 @@ async fn produce_with_producer(client: &Client, topic: &str, key_separator: Opti
     }
     let closed = producer.close().await;
     drop(deliveries);
-    let (acknowledged, first_error) = counter.await.map_err(|error| Failure::runtime(error.to_string()))?;
+    let (acknowledged, first_error) = counter
+        .await
+        .map_err(|error| Failure::runtime(error.to_string()))?;
     progress.finish();
     eprintln!("sent {sent} records, {acknowledged} acknowledged");
     if let Some(failure) = failure {
@@ -477,7 +585,10 @@ async fn produce_with_producer(client: &Client, topic: &str, key_separator: Opti
     }
     closed?;
     if let Some(error) = first_error {
-        return Err(Failure::runtime(format!("{} of {sent} records not acknowledged: {error}", sent - acknowledged)));
+        return Err(Failure::runtime(format!(
+            "{} of {sent} records not acknowledged: {error}",
+            sent - acknowledged
+        )));
     }
     Ok(())
 }
@@ -498,7 +609,10 @@ mod tests {
 
     #[test]
     fn key_separator_splits_at_the_first() {
-        assert_eq!(split_line("a:b:c", Some(":")), (Some("a".into()), "b:c".into()));
+        assert_eq!(
+            split_line("a:b:c", Some(":")),
+            (Some("a".into()), "b:c".into())
+        );
         assert_eq!(split_line("abc", Some(":")), (None, "abc".into()));
         assert_eq!(split_line("a:b", None), (None, "a:b".into()));
     }

@@ -12,7 +12,9 @@
 use std::collections::BTreeSet;
 
 use sluice_protocol::ErrorCode;
-use sluice_protocol::messages::{ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, TopicPartitions};
+use sluice_protocol::messages::{
+    ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, TopicPartitions,
+};
 
 /// A topic and a partition.
 pub type TopicPartition = (String, u32);
@@ -63,12 +65,22 @@ pub fn to_wire_pub(set: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
 
 fn from_wire(list: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
     list.iter()
-        .flat_map(|entry| entry.partitions.iter().map(|partition| (entry.topic.clone(), *partition)))
+        .flat_map(|entry| {
+            entry
+                .partitions
+                .iter()
+                .map(|partition| (entry.topic.clone(), *partition))
+        })
         .collect()
 }
 
 impl MemberState {
-    pub fn new(group_id: &str, topics: Vec<String>, session_timeout_ms: u32, assignor: Option<String>) -> Self {
+    pub fn new(
+        group_id: &str,
+        topics: Vec<String>,
+        session_timeout_ms: u32,
+        assignor: Option<String>,
+    ) -> Self {
         MemberState {
             group_id: group_id.to_owned(),
             member_id: String::new(),
@@ -103,7 +115,10 @@ impl MemberState {
     /// # Errors
     /// A broker error other than the membership ones (which become `Rejoin`): the caller
     /// retries the heartbeat later.
-    pub fn on_heartbeat(&mut self, response: &ConsumerGroupHeartbeatResponse) -> Result<Vec<MemberAction>, ErrorCode> {
+    pub fn on_heartbeat(
+        &mut self,
+        response: &ConsumerGroupHeartbeatResponse,
+    ) -> Result<Vec<MemberAction>, ErrorCode> {
         match response.error_code {
             ErrorCode::None => {}
             ErrorCode::UnknownMember | ErrorCode::FencedMemberEpoch => {
@@ -160,8 +175,22 @@ mod tests {
             member_epoch: 3,
             group_epoch: 3,
             heartbeat_interval_ms: 500,
-            assignment: if assignment.is_empty() { vec![] } else { vec![TopicPartitions { topic: "t".into(), partitions: assignment.to_vec() }] },
-            release: if release.is_empty() { vec![] } else { vec![TopicPartitions { topic: "t".into(), partitions: release.to_vec() }] },
+            assignment: if assignment.is_empty() {
+                vec![]
+            } else {
+                vec![TopicPartitions {
+                    topic: "t".into(),
+                    partitions: assignment.to_vec(),
+                }]
+            },
+            release: if release.is_empty() {
+                vec![]
+            } else {
+                vec![TopicPartitions {
+                    topic: "t".into(),
+                    partitions: release.to_vec(),
+                }]
+            },
             ..Default::default()
         }
     }
@@ -172,15 +201,26 @@ mod tests {
         let join = member.heartbeat_request();
         assert!(join.member_id.is_empty() && join.member_epoch == 0);
         let actions = member.on_heartbeat(&response(&[0, 1, 2], &[])).unwrap();
-        assert_eq!(actions, [MemberAction::Assign([tp(0), tp(1), tp(2)].into())]);
+        assert_eq!(
+            actions,
+            [MemberAction::Assign([tp(0), tp(1), tp(2)].into())]
+        );
         assert_eq!(member.member_id, "m-1");
         assert_eq!(member.heartbeat_interval_ms, 500);
         // Nothing new: no actions.
-        assert!(member.on_heartbeat(&response(&[0, 1, 2], &[])).unwrap().is_empty());
+        assert!(
+            member
+                .on_heartbeat(&response(&[0, 1, 2], &[]))
+                .unwrap()
+                .is_empty()
+        );
         let actions = member.on_heartbeat(&response(&[0], &[1, 2])).unwrap();
         assert_eq!(actions, [MemberAction::Release([tp(1), tp(2)].into())]);
         // Until released, they are still reported as owned.
-        assert_eq!(member.heartbeat_request().owned.unwrap()[0].partitions, [0, 1, 2]);
+        assert_eq!(
+            member.heartbeat_request().owned.unwrap()[0].partitions,
+            [0, 1, 2]
+        );
         member.released(&[tp(1), tp(2)].into());
         assert_eq!(member.heartbeat_request().owned.unwrap()[0].partitions, [0]);
     }
@@ -189,12 +229,21 @@ mod tests {
     fn fenced_member_drops_everything_and_rejoins() {
         let mut member = MemberState::new("g", vec!["t".into()], 10_000, None);
         member.on_heartbeat(&response(&[0, 1], &[])).unwrap();
-        let fenced = ConsumerGroupHeartbeatResponse { error_code: ErrorCode::UnknownMember, ..Default::default() };
+        let fenced = ConsumerGroupHeartbeatResponse {
+            error_code: ErrorCode::UnknownMember,
+            ..Default::default()
+        };
         let actions = member.on_heartbeat(&fenced).unwrap();
         assert_eq!(actions, [MemberAction::Rejoin([tp(0), tp(1)].into())]);
         assert!(!member.is_joined());
         assert!(member.owned.is_empty());
-        let other = ConsumerGroupHeartbeatResponse { error_code: ErrorCode::RebalanceInProgress, ..Default::default() };
-        assert_eq!(member.on_heartbeat(&other), Err(ErrorCode::RebalanceInProgress));
+        let other = ConsumerGroupHeartbeatResponse {
+            error_code: ErrorCode::RebalanceInProgress,
+            ..Default::default()
+        };
+        assert_eq!(
+            member.on_heartbeat(&other),
+            Err(ErrorCode::RebalanceInProgress)
+        );
     }
 }

@@ -38,13 +38,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::Stream;
 use sluice_protocol::ErrorCode;
+use sluice_protocol::Response;
 use sluice_protocol::batch::RecordBatchRef;
 use sluice_protocol::messages::{
     CommitOffsetsRequest, CommitPartition, CommitTopic, FetchOffsetsRequest, FetchPartition,
     FetchRequest, FetchTopic, LeaveGroupRequest, ListOffsetsPartition, ListOffsetsRequest,
     ListOffsetsTopic, OffsetSpec,
 };
-use sluice_protocol::Response;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
@@ -193,7 +193,9 @@ impl ConsumerBuilder {
     /// `Usage` for a group without topics.
     pub async fn build(self) -> Result<Consumer> {
         if self.group.is_some() && self.topics.is_empty() {
-            return Err(Error::Usage("a group consumer needs at least one topic".into()));
+            return Err(Error::Usage(
+                "a group consumer needs at least one topic".into(),
+            ));
         }
         let (sender, receiver) = mpsc::channel(self.buffer_batches);
         let member = self.group.as_ref().map(|group| {
@@ -216,7 +218,10 @@ impl ConsumerBuilder {
             heartbeat_now: Notify::new(),
             closed: AtomicBool::new(false),
         });
-        let mut tasks = vec![tokio::spawn(fetch_loop(Arc::clone(&shared), sender.clone()))];
+        let mut tasks = vec![tokio::spawn(fetch_loop(
+            Arc::clone(&shared),
+            sender.clone(),
+        ))];
         if self.group.is_some() {
             tasks.push(tokio::spawn(heartbeat_loop(Arc::clone(&shared), sender)));
         }
@@ -286,7 +291,11 @@ impl Shared {
     }
 
     /// Resolves where to start reading each partition.
-    async fn resolve(&self, partitions: &BTreeSet<TopicPartition>, seek: Option<Seek>) -> Result<BTreeMap<TopicPartition, u64>> {
+    async fn resolve(
+        &self,
+        partitions: &BTreeSet<TopicPartition>,
+        seek: Option<Seek>,
+    ) -> Result<BTreeMap<TopicPartition, u64>> {
         let mut positions = BTreeMap::new();
         let mut need_reset: Vec<(TopicPartition, OffsetSpec)> = Vec::new();
         match (seek, &self.settings.group) {
@@ -295,9 +304,17 @@ impl Shared {
                     positions.insert(partition.clone(), offset);
                 }
             }
-            (Some(Seek::Earliest), _) => need_reset.extend(partitions.iter().map(|p| (p.clone(), OffsetSpec::Earliest))),
-            (Some(Seek::Latest), _) => need_reset.extend(partitions.iter().map(|p| (p.clone(), OffsetSpec::Latest))),
-            (Some(Seek::Timestamp(at)), _) => need_reset.extend(partitions.iter().map(|p| (p.clone(), OffsetSpec::Timestamp(at)))),
+            (Some(Seek::Earliest), _) => {
+                need_reset.extend(partitions.iter().map(|p| (p.clone(), OffsetSpec::Earliest)))
+            }
+            (Some(Seek::Latest), _) => {
+                need_reset.extend(partitions.iter().map(|p| (p.clone(), OffsetSpec::Latest)))
+            }
+            (Some(Seek::Timestamp(at)), _) => need_reset.extend(
+                partitions
+                    .iter()
+                    .map(|p| (p.clone(), OffsetSpec::Timestamp(at))),
+            ),
             (None, Some(group)) => {
                 let committed = self.committed(group, partitions).await?;
                 for partition in partitions {
@@ -335,7 +352,11 @@ impl Shared {
         }
     }
 
-    async fn committed(&self, group: &str, partitions: &BTreeSet<TopicPartition>) -> Result<BTreeMap<TopicPartition, u64>> {
+    async fn committed(
+        &self,
+        group: &str,
+        partitions: &BTreeSet<TopicPartition>,
+    ) -> Result<BTreeMap<TopicPartition, u64>> {
         let response = self
             .client
             .send_with_retry(FetchOffsetsRequest {
@@ -355,12 +376,20 @@ impl Shared {
                     .partitions
                     .into_iter()
                     .filter(|partition| partition.committed_offset >= 0)
-                    .map(move |partition| ((name.clone(), partition.partition), partition.committed_offset as u64))
+                    .map(move |partition| {
+                        (
+                            (name.clone(), partition.partition),
+                            partition.committed_offset as u64,
+                        )
+                    })
             })
             .collect())
     }
 
-    async fn list_offsets(&self, specs: &[(TopicPartition, OffsetSpec)]) -> Result<BTreeMap<TopicPartition, u64>> {
+    async fn list_offsets(
+        &self,
+        specs: &[(TopicPartition, OffsetSpec)],
+    ) -> Result<BTreeMap<TopicPartition, u64>> {
         let mut topics: BTreeMap<&str, Vec<ListOffsetsPartition>> = BTreeMap::new();
         for ((topic, partition), spec) in specs {
             topics.entry(topic).or_default().push(ListOffsetsPartition {
@@ -371,7 +400,10 @@ impl Shared {
         let request = ListOffsetsRequest {
             topics: topics
                 .into_iter()
-                .map(|(name, partitions)| ListOffsetsTopic { name: name.to_owned(), partitions })
+                .map(|(name, partitions)| ListOffsetsTopic {
+                    name: name.to_owned(),
+                    partitions,
+                })
                 .collect(),
         };
         let Response::ListOffsets(response) = self.client.send_with_retry(request).await? else {
@@ -383,7 +415,10 @@ impl Shared {
                 if partition.error_code != ErrorCode::None {
                     return Err(Error::Broker {
                         code: partition.error_code,
-                        message: Some(format!("list offsets of {}/{}", topic.name, partition.partition)),
+                        message: Some(format!(
+                            "list offsets of {}/{}",
+                            topic.name, partition.partition
+                        )),
                     });
                 }
                 out.insert((topic.name.clone(), partition.partition), partition.offset);
@@ -415,7 +450,11 @@ impl Shared {
 
     /// Commits processed positions (or yielded ones when `everything_yielded`) of the given
     /// partitions, or of all when `None`. Returns how many partitions were committed.
-    async fn commit(&self, only: Option<&BTreeSet<TopicPartition>>, everything_yielded: bool) -> Result<usize> {
+    async fn commit(
+        &self,
+        only: Option<&BTreeSet<TopicPartition>>,
+        everything_yielded: bool,
+    ) -> Result<usize> {
         let (group, member_id, member_epoch, wanted) = {
             let mut state = self.state();
             let Some(member) = state.member.as_ref() else {
@@ -424,7 +463,11 @@ impl Shared {
             if !member.is_joined() {
                 return Ok(0);
             }
-            let (group, member_id, member_epoch) = (member.group_id.clone(), member.member_id.clone(), member.member_epoch);
+            let (group, member_id, member_epoch) = (
+                member.group_id.clone(),
+                member.member_id.clone(),
+                member.member_epoch,
+            );
             let mut wanted: Vec<(TopicPartition, u64)> = Vec::new();
             for (partition, entry) in state.partitions.iter_mut() {
                 if only.is_some_and(|only| !only.contains(partition)) {
@@ -458,7 +501,10 @@ impl Shared {
             member_epoch,
             topics: topics
                 .into_iter()
-                .map(|(name, partitions)| CommitTopic { name: name.to_owned(), partitions })
+                .map(|(name, partitions)| CommitTopic {
+                    name: name.to_owned(),
+                    partitions,
+                })
                 .collect(),
         };
         let Response::CommitOffsets(response) = self.client.send_with_retry(request).await? else {
@@ -473,7 +519,8 @@ impl Shared {
                     let key = (topic.name.clone(), partition.partition);
                     if partition.error_code == ErrorCode::None {
                         committed += 1;
-                        if let Some(position) = wanted.iter().find(|(p, _)| *p == key).map(|(_, o)| *o)
+                        if let Some(position) =
+                            wanted.iter().find(|(p, _)| *p == key).map(|(_, o)| *o)
                             && let Some(entry) = state.partitions.get_mut(&key)
                         {
                             entry.committed = Some(position);
@@ -501,7 +548,9 @@ impl Consumer {
     /// `Usage` in group mode (the group assigns partitions).
     pub async fn assign(&self, partitions: &[(String, u32)], seek: Seek) -> Result<()> {
         if self.shared.settings.group.is_some() {
-            return Err(Error::Usage("a group consumer's partitions are assigned by the group".into()));
+            return Err(Error::Usage(
+                "a group consumer's partitions are assigned by the group".into(),
+            ));
         }
         let set: BTreeSet<TopicPartition> = partitions.iter().cloned().collect();
         let positions = self.shared.resolve(&set, Some(seek)).await?;
@@ -536,7 +585,12 @@ impl Consumer {
 
     /// The member id, in group mode once joined.
     pub fn member_id(&self) -> Option<String> {
-        self.shared.state().member.as_ref().filter(|member| member.is_joined()).map(|member| member.member_id.clone())
+        self.shared
+            .state()
+            .member
+            .as_ref()
+            .filter(|member| member.is_joined())
+            .map(|member| member.member_id.clone())
     }
 
     /// Commits every record yielded so far (group mode). Returns how many partitions moved.
@@ -562,10 +616,14 @@ impl Consumer {
         self.shared.heartbeat_now.notify_one();
         let leave = {
             let state = self.shared.state();
-            state.member.as_ref().filter(|member| member.is_joined()).map(|member| LeaveGroupRequest {
-                group_id: member.group_id.clone(),
-                member_id: member.member_id.clone(),
-            })
+            state
+                .member
+                .as_ref()
+                .filter(|member| member.is_joined())
+                .map(|member| LeaveGroupRequest {
+                    group_id: member.group_id.clone(),
+                    member_id: member.member_id.clone(),
+                })
         };
         for task in self.tasks.drain(..) {
             task.abort();
@@ -610,8 +668,11 @@ impl Stream for Consumer {
             }
             match this.receiver.poll_recv(cx) {
                 Poll::Ready(Some(Ok((partition, generation, records)))) => {
-                    this.current
-                        .extend(records.into_iter().map(|record| (partition.clone(), generation, record)));
+                    this.current.extend(
+                        records
+                            .into_iter()
+                            .map(|record| (partition.clone(), generation, record)),
+                    );
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
                 Poll::Ready(None) => return Poll::Ready(None),
@@ -622,7 +683,12 @@ impl Stream for Consumer {
 }
 
 /// Decodes a fetched partition's batches into records at or after `from`.
-fn decode(topic: &Arc<str>, partition: u32, records: &Bytes, from: u64) -> Result<(Vec<ConsumerRecord>, Option<u64>)> {
+fn decode(
+    topic: &Arc<str>,
+    partition: u32,
+    records: &Bytes,
+    from: u64,
+) -> Result<(Vec<ConsumerRecord>, Option<u64>)> {
     let mut out = Vec::new();
     let mut next = None;
     let mut at = 0usize;
@@ -630,7 +696,11 @@ fn decode(topic: &Arc<str>, partition: u32, records: &Bytes, from: u64) -> Resul
         let size = sluice_protocol::batch::batch_size(&records[at..])
             .and_then(|size| usize::try_from(size).ok())
             .filter(|size| at + size <= records.len())
-            .ok_or_else(|| Error::Protocol(sluice_protocol::WireError::CorruptBatch("partial batch in fetch".into())))?;
+            .ok_or_else(|| {
+                Error::Protocol(sluice_protocol::WireError::CorruptBatch(
+                    "partial batch in fetch".into(),
+                ))
+            })?;
         let bytes = records.slice(at..at + size);
         let view = RecordBatchRef::new(&bytes).map_err(Error::Protocol)?;
         // Check what came off the network before trusting it.
@@ -673,7 +743,11 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             .map(|(partition, entry)| (partition.clone(), entry.fetch_offset, entry.generation))
             .collect();
         if targets.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_millis(200), shared.assignment_changed.notified()).await;
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                shared.assignment_changed.notified(),
+            )
+            .await;
             continue;
         }
         let mut topics: BTreeMap<&str, Vec<FetchPartition>> = BTreeMap::new();
@@ -690,7 +764,10 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             max_bytes: shared.settings.max_bytes,
             topics: topics
                 .into_iter()
-                .map(|(name, partitions)| FetchTopic { name: name.to_owned(), partitions })
+                .map(|(name, partitions)| FetchTopic {
+                    name: name.to_owned(),
+                    partitions,
+                })
                 .collect(),
         };
         let response = tokio::select! {
@@ -712,10 +789,16 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
         };
         let mut out_of_range: BTreeSet<TopicPartition> = BTreeSet::new();
         for topic in response.topics {
-            let name = Arc::clone(topic_names.entry(topic.name.clone()).or_insert_with(|| Arc::from(topic.name.as_str())));
+            let name = Arc::clone(
+                topic_names
+                    .entry(topic.name.clone())
+                    .or_insert_with(|| Arc::from(topic.name.as_str())),
+            );
             for partition in topic.partitions {
                 let key = (topic.name.clone(), partition.partition);
-                let Some((_, from, generation)) = targets.iter().find(|(p, _, _)| *p == key).cloned() else {
+                let Some((_, from, generation)) =
+                    targets.iter().find(|(p, _, _)| *p == key).cloned()
+                else {
                     continue;
                 };
                 match partition.error_code {
@@ -743,7 +826,9 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 {
                     let mut state = shared.state();
                     match state.partitions.get_mut(&key) {
-                        Some(entry) if entry.generation == generation && entry.fetch_offset == from => {
+                        Some(entry)
+                            if entry.generation == generation && entry.fetch_offset == from =>
+                        {
                             if let Some(next) = next {
                                 entry.fetch_offset = next;
                             }
@@ -751,13 +836,17 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                         _ => continue,
                     }
                 }
-                if !records.is_empty() && sender.send(Ok((key, generation, records))).await.is_err() {
+                if !records.is_empty() && sender.send(Ok((key, generation, records))).await.is_err()
+                {
                     return;
                 }
             }
         }
         if !out_of_range.is_empty() {
-            match shared.resolve(&out_of_range, reset_seek(shared.settings.reset)).await {
+            match shared
+                .resolve(&out_of_range, reset_seek(shared.settings.reset))
+                .await
+            {
                 Ok(positions) => {
                     let mut state = shared.state();
                     for (partition, offset) in positions {
@@ -806,7 +895,9 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
         };
         let actions = {
             let mut state = shared.state();
-            let Some(member) = state.member.as_mut() else { return };
+            let Some(member) = state.member.as_mut() else {
+                return;
+            };
             member.on_heartbeat(&response)
         };
         let actions = match actions {
@@ -815,9 +906,15 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 actions
             }
             Err(code) => {
-                if matches!(code, ErrorCode::InvalidSessionTimeout | ErrorCode::InvalidRequest) {
+                if matches!(
+                    code,
+                    ErrorCode::InvalidSessionTimeout | ErrorCode::InvalidRequest
+                ) {
                     let _ = sender
-                        .send(Err(Error::Broker { code, message: response.error_message.clone() }))
+                        .send(Err(Error::Broker {
+                            code,
+                            message: response.error_message.clone(),
+                        }))
                         .await;
                     return;
                 }
@@ -849,7 +946,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                     again_now = true;
                 }
                 MemberAction::Rejoin(lost) => {
-                    tracing::info!(partitions = lost.len(), "left the group unexpectedly (fenced or expired); rejoining");
+                    tracing::info!(
+                        partitions = lost.len(),
+                        "left the group unexpectedly (fenced or expired); rejoining"
+                    );
                     let mut state = shared.state();
                     for partition in &lost {
                         state.partitions.remove(partition);
@@ -874,7 +974,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             .member
             .as_ref()
             .map_or(1000, |member| member.heartbeat_interval_ms);
-        let _ = tokio::time::timeout(Duration::from_millis(u64::from(interval)), shared.heartbeat_now.notified()).await;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(u64::from(interval)),
+            shared.heartbeat_now.notified(),
+        )
+        .await;
     }
 }
-

@@ -18,8 +18,8 @@ pub struct Delivery {
     /// The partition the record went to.
     pub partition: u32,
     /// The record's offset in its partition. `None` with [`Acks::None`](super::Acks::None):
-    /// the broker sends no answer, so the future resolves as soon as the request is written
-    /// to the connection, with no offset.
+    /// the broker sends no answer, so the future resolves as soon as the request is queued on
+    /// the connection, with no offset.
     pub offset: Option<u64>,
 }
 

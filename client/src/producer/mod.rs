@@ -70,8 +70,9 @@
 //!   answer may write a batch twice, and with more than one batch in flight a retry may reorder
 //!   a partition's batches; set `max_in_flight_per_partition(1)` to keep the order.
 //! - **`acks` = `None`** (needs `idempotence(false)`): at most once. A future resolves when its
-//!   request is written to the connection, with `offset: None`; nothing says whether the
-//!   broker stored it.
+//!   request is queued on the connection, with `offset: None`; nothing says whether the
+//!   broker stored it. A request that could not be queued (lost connection) is retried, so
+//!   nothing is written twice.
 //!
 //! Failures: [`Error::Broker`] with the broker's code for a batch it refused
 //! (`UnknownTopic`, `MessageTooLarge`, ...), [`Error::RetriesExhausted`] when retries ran past

@@ -931,10 +931,11 @@ impl InFlight {
 /// Sends one planned request.
 async fn execute(
     client: Client,
-    planned: PlannedRequest,
+    mut planned: PlannedRequest,
     request_timeout: Duration,
 ) -> RequestResult {
-    let request = planned.request.clone();
+    // The answer is matched by `entries`; the request itself is not needed again.
+    let request = std::mem::take(&mut planned.request);
     let result = if request.acks == Acks::None {
         client.send_without_response(request).await.map(|()| None)
     } else {

@@ -1,0 +1,83 @@
+//! Reconnection and the circuit breaker against a real broker that goes away and comes back.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sluice_broker::{Broker, Config};
+use sluice_client::protocol::messages::ListTopicsRequest;
+use sluice_client::resilience::{BreakerOptions, BreakerState};
+use sluice_client::{Client, ClientOptions, ConnectionOptions, Error};
+
+fn config(data_dir: &Path, tcp: &str) -> Config {
+    let mut config = Config {
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.listeners.tcp = tcp.parse().unwrap();
+    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
+    config.listeners.http = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_while_the_broker_is_down_and_closes_after_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(config(dir.path(), "127.0.0.1:0"))
+        .await
+        .unwrap();
+    let address = broker.tcp_addr;
+    let options = ClientOptions::default()
+        .connection(ConnectionOptions::default().connect_timeout(Duration::from_secs(2)))
+        .breaker(BreakerOptions {
+            failure_threshold: 3,
+            open_for: Duration::from_millis(500),
+        });
+    let client = Client::connect_with(&format!("tcp://{address}"), options)
+        .await
+        .unwrap();
+    client.send(ListTopicsRequest {}).await.unwrap();
+
+    broker.shutdown().await;
+    // Failures count up to the threshold; then calls fail fast without touching the network.
+    let mut failures = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.send(ListTopicsRequest {}).await {
+            Err(Error::CircuitOpen { .. }) => break,
+            Err(_) => failures += 1,
+            Ok(_) => panic!("the broker is down"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "breaker never opened ({failures} failures)"
+        );
+    }
+    assert!(failures >= 3, "opened after {failures} failures");
+    assert!(matches!(client.breaker_state(), BreakerState::Open { .. }));
+    let fast = Instant::now();
+    assert!(matches!(
+        client.send(ListTopicsRequest {}).await,
+        Err(Error::CircuitOpen { .. })
+    ));
+    assert!(
+        fast.elapsed() < Duration::from_secs(1),
+        "an open breaker fails fast"
+    );
+
+    // The broker comes back on the same address; after the cool-down a probe gets through.
+    let broker = Broker::start(config(dir.path(), &address.to_string()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if client.send(ListTopicsRequest {}).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client never reconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.breaker_state(), BreakerState::Closed { failures: 0 });
+    // send_with_retry rides out nothing more here, but must succeed at once.
+    client.send_with_retry(ListTopicsRequest {}).await.unwrap();
+    broker.shutdown().await;
+}
