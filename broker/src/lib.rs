@@ -298,7 +298,8 @@ fn open_groups(
         .cloned()
         .ok_or_else(|| format!("{} has no partition 0", groups::offsets::OFFSETS_TOPIC))?;
     let groups_dir = topics.data_dir().join("groups");
-    let store = groups::offsets::OffsetStore::open(Arc::clone(topics.storage().fs()), groups_dir, log)?;
+    let store =
+        groups::offsets::OffsetStore::open(Arc::clone(topics.storage().fs()), groups_dir, log)?;
     Ok(Arc::new(groups::GroupManager::new(settings, store)))
 }
 

@@ -470,7 +470,11 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
             member_epoch: member.member_epoch,
             topics: vec![CommitTopic {
                 name: "orders".into(),
-                partitions: vec![CommitPartition { partition: 1, offset: 0, metadata: None }],
+                partitions: vec![CommitPartition {
+                    partition: 1,
+                    offset: 0,
+                    metadata: None,
+                }],
             }],
         })
         .await
@@ -478,7 +482,10 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
     else {
         panic!("wrong response")
     };
-    assert_eq!(committed.topics[0].partitions[0].error_code, ErrorCode::None);
+    assert_eq!(
+        committed.topics[0].partitions[0].error_code,
+        ErrorCode::None
+    );
     let samples = parse_exposition(&get(http, "/metrics").await.body);
     let end = value(
         &samples,
@@ -491,7 +498,11 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
         value(
             &samples,
             "sluice_group_lag",
-            &[("group", "billing"), ("topic", "orders"), ("partition", "1")]
+            &[
+                ("group", "billing"),
+                ("topic", "orders"),
+                ("partition", "1")
+            ]
         ),
         Some(end)
     );

@@ -116,8 +116,12 @@ async fn metrics(State(state): State<Arc<BrokerState>>) -> Response {
     let lag = state.metrics.group_lag();
     lag.clear();
     for (group, topic, partition, value) in state.groups.lags(&state.topics) {
-        lag.get_or_create(&crate::metrics::GroupLagLabels { group, topic, partition })
-            .set(i64::try_from(value).unwrap_or(i64::MAX));
+        lag.get_or_create(&crate::metrics::GroupLagLabels {
+            group,
+            topic,
+            partition,
+        })
+        .set(i64::try_from(value).unwrap_or(i64::MAX));
     }
     match state.metrics.render(&state.topics, &state.fetch_budget) {
         Ok(text) => ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response(),
