@@ -109,10 +109,34 @@ async fn take(consumer: &mut Consumer, count: usize) -> Vec<(u32, u64, String)> 
     out
 }
 
+/// The same client over QUIC, trusting the certificate the broker wrote.
+async fn start_quic(data_dir: &Path) -> (BrokerHandle, Client) {
+    let broker = Broker::start(config(data_dir))
+        .await
+        .expect("broker starts");
+    let quic = broker.quic_addr.expect("quic listener");
+    let options = sluice_client::ClientOptions::default().connection(
+        sluice_client::ConnectionOptions::default().ca_file(data_dir.join("tls/cert.pem")),
+    );
+    let client = Client::connect_with(&format!("quic://localhost:{}", quic.port()), options)
+        .await
+        .expect("connect over quic");
+    (broker, client)
+}
+
 #[tokio::test]
 async fn a_group_member_sees_every_record_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (broker, client) = start(dir.path()).await;
+    group_member_exactly_once(start(dir.path()).await).await;
+}
+
+#[tokio::test]
+async fn a_group_member_sees_every_record_exactly_once_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    group_member_exactly_once(start_quic(dir.path()).await).await;
+}
+
+async fn group_member_exactly_once((broker, client): (BrokerHandle, Client)) {
     create_topic(&client, "orders", 3).await;
     let mut expected = BTreeSet::new();
     for partition in 0..3u32 {
@@ -281,5 +305,35 @@ async fn standalone_assign_and_seek() {
     produce(&client, "t", 1, &["new".to_owned()], 1).await;
     let new = take(&mut latest, 1).await;
     assert_eq!(new[0], (1, 30, "new".to_owned()));
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn producer_and_group_consumer_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start_quic(dir.path()).await;
+    create_topic(&client, "q", 2).await;
+    let producer = client.producer().build().await.unwrap();
+    let mut deliveries = Vec::new();
+    for index in 0..1000u32 {
+        let record = sluice_client::producer::Record::new("q", format!("v{index}"))
+            .key(format!("k{}", index % 7));
+        deliveries.push(producer.enqueue(record).await.unwrap());
+    }
+    for delivery in deliveries {
+        assert!(delivery.await.unwrap().offset.is_some());
+    }
+    producer.close().await.unwrap();
+    let mut consumer = client
+        .consumer()
+        .group("quic")
+        .topics(["q"])
+        .build()
+        .await
+        .unwrap();
+    let records = take(&mut consumer, 1000).await;
+    let values: BTreeSet<String> = records.into_iter().map(|(_, _, value)| value).collect();
+    assert_eq!(values.len(), 1000);
+    consumer.close().await.unwrap();
     broker.shutdown().await;
 }
