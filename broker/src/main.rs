@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         eprintln!("sluice-broker: {error}");
         return ExitCode::from(2);
     }
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sluice-worker")
@@ -69,6 +70,33 @@ async fn run(config: sluice_broker::Config) -> ExitCode {
     });
     broker.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Raises the soft limit on open files to the hard limit: every partition keeps its active
+/// segment open, and closed segments go through a bounded cache, so the broker needs more
+/// descriptors than the usual soft default of 1024 but never an unbounded number.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit struct we own and pass by valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let previous = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads the rlimit struct we own; raising the soft limit up to the hard
+    // limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        tracing::info!(from = previous, to = limit.rlim_max, "raised the open-file limit");
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
+    }
 }
 
 /// SIGINT and SIGTERM.
