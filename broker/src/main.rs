@@ -93,7 +93,11 @@ fn raise_open_file_limit() {
     // SAFETY: setrlimit reads the rlimit struct we own; raising the soft limit up to the hard
     // limit needs no privilege.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
-        tracing::info!(from = previous, to = limit.rlim_max, "raised the open-file limit");
+        tracing::info!(
+            from = previous,
+            to = limit.rlim_max,
+            "raised the open-file limit"
+        );
     } else {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-file limit");
     }

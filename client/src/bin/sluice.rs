@@ -26,7 +26,7 @@ struct Cli {
         global = true
     )]
     broker: String,
-    /// CA certificate (PEM) to trust for quic://, e.g. the broker's <data-dir>/tls/cert.pem.
+    /// CA certificate (PEM) to trust for quic://, e.g. the broker's `<data-dir>/tls/cert.pem`.
     #[arg(long, env = "SLUICE_CA_FILE", global = true)]
     ca_file: Option<PathBuf>,
     #[command(subcommand)]

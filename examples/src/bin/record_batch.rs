@@ -1,8 +1,8 @@
 //! Builds a record batch the way a producer does, stamps it the way the broker does, and reads
 //! it back the way a consumer does: `cargo run -p sluice-examples --bin record-batch`.
 //!
-//! The broker-backed examples (quickstart, consumer group, outbox, saga, CQRS) arrive with the
-//! client and patterns issues.
+//! The broker-backed examples (quickstart, consumer group, idempotent consumer, outbox, saga,
+//! event sourcing) are in `examples/`: `cargo run -p sluice-examples --example NAME`.
 
 use sluice_protocol::RecordBatchBuilder;
 use sluice_protocol::batch::split_batches;
