@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use sluice_protocol::{Request, Response};
 
-use crate::connection::{Connection, ConnectionOptions};
+use crate::connection::{Connection, ConnectionOptions, PendingResponse};
 use crate::error::{Error, Result};
 use crate::resilience::{Backoff, BreakerOptions, BreakerState, CircuitBreaker};
 
@@ -201,6 +201,18 @@ impl Client {
                 .expect("breaker lock poisoned")
                 .on_success(),
             Err(error) => self.record_failure(error),
+        }
+        result
+    }
+
+    /// Queues a request on the live connection and returns once its frame is in the write
+    /// queue; await [`PendingResponse::response`] for the answer. Requests queued one after the
+    /// other go out in that order.
+    pub async fn enqueue(&self, request: impl Into<Request>) -> Result<PendingResponse> {
+        let connection = self.connection().await?;
+        let result = connection.enqueue(request).await;
+        if let Err(error) = &result {
+            self.record_failure(error);
         }
         result
     }

@@ -223,7 +223,7 @@ struct Shared {
     options: ConnectionOptions,
     state: Mutex<State>,
     /// One permit per request awaiting its response.
-    in_flight_slots: Semaphore,
+    in_flight_slots: Arc<Semaphore>,
     /// Set to true once, when the connection closes; both tasks watch it.
     closing: watch::Sender<bool>,
 }
@@ -370,7 +370,7 @@ impl Connection {
                 next_correlation_id: 0,
                 pending: HashMap::new(),
             }),
-            in_flight_slots: Semaphore::new(in_flight_limit),
+            in_flight_slots: Arc::new(Semaphore::new(in_flight_limit)),
             closing: watch::Sender::new(false),
         });
         // The queue is bounded like everything else: a caller that outruns the socket waits.
@@ -470,6 +470,51 @@ impl Connection {
     /// [`Error::ConnectionClosed`] when the connection is closed, [`Error::Timeout`] when the
     /// write queue stayed full for `request_timeout`, [`Error::RequestTooLarge`] when the
     /// encoded request is over `max_frame_bytes`.
+    /// Queues a request and returns once its frame is in the connection's write queue, with a
+    /// handle to await the answer. Requests queued one after the other by one caller go out in
+    /// that order: the producer relies on this to keep a partition's batches in sequence order.
+    pub async fn enqueue(&self, request: impl Into<Request>) -> Result<PendingResponse> {
+        let request = request.into();
+        let shared = &self.inner.shared;
+        if self.is_closed() {
+            return Err(Error::ConnectionClosed);
+        }
+        let request_timeout = shared.options.request_timeout;
+        let deadline = tokio::time::Instant::now() + request_timeout;
+        let timeout_ms = duration_ms(request_timeout);
+        let queued = async {
+            let slot = Arc::clone(&shared.in_flight_slots)
+                .acquire_owned()
+                .await
+                .map_err(|_closed| Error::ConnectionClosed)?;
+            let (registration, receiver) = shared.register(request.api_key())?;
+            let correlation_id = registration.correlation_id;
+            // Hand the entry's cleanup to an owned guard that outlives this call.
+            std::mem::forget(registration);
+            let registration = OwnedRegistration {
+                shared: Arc::clone(shared),
+                correlation_id,
+            };
+            let frame = encode_frame(&request, correlation_id, shared.options.max_frame_bytes)?;
+            self.inner
+                .frame_sender
+                .send(frame)
+                .await
+                .map_err(|_closed| Error::ConnectionClosed)?;
+            Ok(PendingResponse {
+                receiver,
+                deadline,
+                timeout_ms,
+                _registration: registration,
+                _slot: slot,
+            })
+        };
+        match tokio::time::timeout_at(deadline, queued).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(Error::Timeout { timeout_ms }),
+        }
+    }
+
     pub async fn send_without_response(&self, request: impl Into<Request>) -> Result<()> {
         let request = request.into();
         let shared = &self.inner.shared;
@@ -532,6 +577,50 @@ impl fmt::Debug for Connection {
 struct Registration<'a> {
     shared: &'a Shared,
     correlation_id: u32,
+}
+
+/// The owned form of [`Registration`], for a request whose answer is awaited after the call
+/// that queued it returned.
+struct OwnedRegistration {
+    shared: Arc<Shared>,
+    correlation_id: u32,
+}
+
+impl Drop for OwnedRegistration {
+    fn drop(&mut self) {
+        self.shared
+            .lock_state()
+            .pending
+            .remove(&self.correlation_id);
+    }
+}
+
+/// The answer to a request already queued on the connection (see [`Connection::enqueue`]).
+pub struct PendingResponse {
+    receiver: oneshot::Receiver<Result<Response>>,
+    deadline: tokio::time::Instant,
+    timeout_ms: u64,
+    _registration: OwnedRegistration,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for PendingResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingResponse").finish_non_exhaustive()
+    }
+}
+
+impl PendingResponse {
+    /// Waits for the answer, up to the request timeout counted from when it was queued.
+    pub async fn response(self) -> Result<Response> {
+        match tokio::time::timeout_at(self.deadline, self.receiver).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_dropped)) => Err(Error::ConnectionClosed),
+            Err(_elapsed) => Err(Error::Timeout {
+                timeout_ms: self.timeout_ms,
+            }),
+        }
+    }
 }
 
 impl Drop for Registration<'_> {

@@ -16,7 +16,7 @@
 //! - [`producer`]: [`Producer`], batching, partitioning, retries and idempotence.
 //! - [`consumer`]: [`Consumer`], the group member state machine, commits (which offsets are
 //!   committed when is documented there).
-//! - [`admin`]: [`Admin`].
+//! - [`admin`]: the [`Admin`] calls for topics, groups and offsets.
 //! - [`idempotent`]: dedup stores, the idempotent consumer, the SQLite inbox and outbox relay.
 //! - [`error`]: the one [`Error`] enum every call returns, with `is_retriable()`.
 //! - [`protocol`]: the wire types, re-exported from `sluice-protocol`.
@@ -37,7 +37,7 @@ mod sync;
 
 pub use admin::Admin;
 pub use client::{Client, ClientOptions};
-pub use connection::{Connection, ConnectionOptions};
+pub use connection::{Connection, ConnectionOptions, PendingResponse};
 pub use consumer::{CommitMode, Consumer, ConsumerBuilder, ConsumerRecord, ResetPolicy, Seek};
 pub use error::Error;
 pub use producer::{Delivery, DeliveryFuture, Producer, ProducerBuilder, Record};

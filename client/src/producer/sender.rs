@@ -928,27 +928,43 @@ impl InFlight {
     }
 }
 
-/// Sends one planned request.
-async fn execute(
-    client: Client,
-    mut planned: PlannedRequest,
-    request_timeout: Duration,
-) -> RequestResult {
+/// A planned request after its frame was queued (or failed to be).
+enum Queued {
+    /// acks=none: nothing comes back.
+    Sent(PlannedRequest, Result<()>),
+    Waiting(PlannedRequest, Result<crate::connection::PendingResponse>),
+}
+
+/// Queues one planned request's frame on the connection, in call order.
+async fn queue(client: &Client, mut planned: PlannedRequest) -> Queued {
     // The answer is matched by `entries`; the request itself is not needed again.
     let request = std::mem::take(&mut planned.request);
-    let result = if request.acks == Acks::None {
-        client.send_without_response(request).await.map(|()| None)
+    if request.acks == Acks::None {
+        let result = client.send_without_response(request).await;
+        Queued::Sent(planned, result)
     } else {
-        match tokio::time::timeout(request_timeout, client.send(request)).await {
-            Err(_elapsed) => Err(Error::Timeout {
-                timeout_ms: duration_ms(request_timeout),
-            }),
-            Ok(Ok(Response::Produce(response))) => Ok(Some(response)),
-            Ok(Ok(other)) => Err(unexpected_response("Produce", &other)),
-            Ok(Err(error)) => Err(error),
+        let result = client.enqueue(request).await;
+        Queued::Waiting(planned, result)
+    }
+}
+
+/// Awaits the answer to one queued request.
+async fn execute(queued: Queued, request_timeout: Duration) -> RequestResult {
+    match queued {
+        Queued::Sent(planned, result) => (planned, result.map(|()| None)),
+        Queued::Waiting(planned, Err(error)) => (planned, Err(error)),
+        Queued::Waiting(planned, Ok(pending)) => {
+            let result = match tokio::time::timeout(request_timeout, pending.response()).await {
+                Err(_elapsed) => Err(Error::Timeout {
+                    timeout_ms: duration_ms(request_timeout),
+                }),
+                Ok(Ok(Response::Produce(response))) => Ok(Some(response)),
+                Ok(Ok(other)) => Err(unexpected_response("Produce", &other)),
+                Ok(Err(error)) => Err(error),
+            };
+            (planned, result)
         }
-    };
-    (planned, result)
+    }
 }
 
 /// The sender task: runs until the producer is closed and everything is delivered or failed,
@@ -1006,11 +1022,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut state: SenderState) {
             continue;
         }
         for request in planned {
-            let future = Box::pin(execute(
-                shared.client.clone(),
-                request,
-                state.options.request_timeout,
-            ));
+            // Queue each request's frame before building the next one's future, so a
+            // partition's batches reach the broker in sequence order whatever the connection's
+            // queues do (waiting for a slot, a full write queue, the task's poll budget).
+            let queued = queue(&shared.client, request).await;
+            let future = Box::pin(execute(queued, state.options.request_timeout));
             in_flight.start(future).await;
         }
         let sleep = async {
