@@ -1,4 +1,10 @@
-//! Shared helpers for the benchmarks. The `sluice-bench` tool arrives with the bench issue.
+//! The benchmarks' shared helpers, and the `sluice-bench` tool ([`tool`]).
+//!
+//! - [`sample_batch`]: record batches as a producer builds them, for the criterion benches in
+//!   `benches/` (protocol, storage, client batching, fetch responses, group assignment).
+//! - [`tool`]: everything behind `src/bin/sluice-bench.rs`.
+
+pub mod tool;
 
 use sluice_protocol::{RecordBatch, RecordBatchBuilder};
 

@@ -1,1 +1,5 @@
-fn main() {}
+//! `sluice-bench`: see [`sluice_benches::tool`] and DESIGN.md, "Command line".
+
+fn main() -> std::process::ExitCode {
+    sluice_benches::tool::main()
+}

@@ -1,0 +1,442 @@
+//! `sluice-bench baseline`: what this machine can do at all, measured in the same run as
+//! Sluice, so the broker's figures can be read as fractions of a physical limit.
+//!
+//! - Raw loopback TCP: one thread writes length-prefixed frames of `message_size` bytes
+//!   (`u32` length, then the payload), [`WRITE_BYTES`] at a time, as a producer's batches
+//!   would go; another reads them through a null sink that walks every frame header and
+//!   discards the payload. Rate = frames the sink counted per second.
+//! - Page-cache append: the same writes appended to a file, never synced.
+//! - fdatasync per batch: write one [`WRITE_BYTES`] batch, `fdatasync`, repeat (at most
+//!   [`SYNC_BATCHES_MAX`] batches or [`SYNC_TIME_MAX`]): the rate of a log that syncs every batch
+//!   on its own, and the latency of one sync.
+//! - Sluice, embedded, 1 producer and 1 partition, default batching: produce with
+//!   `acks=leader`, produce with `acks=durable`, and a group of one consuming what a fill put
+//!   there; each beside the limits as ratios.
+//!
+//! Files go to `$SLUICE_BENCH_DIR` or the system temporary directory: the disk being measured.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use hdrhistogram::Histogram;
+
+use super::cli::{
+    BaselineArgs, DEFAULT_BATCH_BYTES, DEFAULT_LINGER_MS, Settings, Stop, Target, Transport,
+    Workload,
+};
+use super::machine::Machine;
+use super::metrics::LatencySummary;
+use super::progress::group_digits;
+use super::target::scratch_base;
+use super::workloads::{self, RunResult};
+use sluice_broker::storage::FsyncPolicy;
+use sluice_client::producer::Acks;
+
+/// Bytes per write: the producer's default batch size.
+pub const WRITE_BYTES: usize = DEFAULT_BATCH_BYTES as usize;
+/// The fdatasync measurement stops after this many batches...
+pub const SYNC_BATCHES_MAX: u64 = 1_000;
+/// ...or this long, whichever comes first.
+pub const SYNC_TIME_MAX: Duration = Duration::from_secs(3);
+/// Bytes before each frame on the wire: its length.
+const LENGTH_PREFIX_BYTES: usize = 4;
+
+/// A rate measured over some messages.
+#[derive(Clone, Copy, Debug)]
+pub struct Rate {
+    pub messages: u64,
+    pub elapsed: Duration,
+}
+
+impl Rate {
+    pub fn messages_per_second(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The fdatasync-per-batch measurement.
+#[derive(Clone, Copy, Debug)]
+pub struct SyncRate {
+    pub rate: Rate,
+    pub batches: u64,
+    /// Of the fdatasync call alone.
+    pub latency: Option<LatencySummary>,
+}
+
+/// Frames of `message_size` bytes, as many as fit in [`WRITE_BYTES`] (at least one).
+fn framed_batch(message_size: usize) -> (Vec<u8>, u64) {
+    let frame_bytes = LENGTH_PREFIX_BYTES + message_size;
+    let frames = (WRITE_BYTES / frame_bytes).max(1);
+    let mut batch = Vec::with_capacity(frames * frame_bytes);
+    let length = u32::try_from(message_size).expect("message_size is at most 1,000,000");
+    for _ in 0..frames {
+        batch.extend_from_slice(&length.to_be_bytes());
+        batch.resize(batch.len() + message_size, 0x5a);
+    }
+    (batch, frames as u64)
+}
+
+/// Writes `messages` frames to `sink`, a batch at a time.
+fn write_frames(sink: &mut impl Write, message_size: usize, messages: u64) -> std::io::Result<()> {
+    let (batch, frames_per_batch) = framed_batch(message_size);
+    let frame_bytes = LENGTH_PREFIX_BYTES + message_size;
+    let mut left = messages;
+    while left > 0 {
+        let frames = left.min(frames_per_batch);
+        sink.write_all(&batch[..frames as usize * frame_bytes])?;
+        left -= frames;
+    }
+    Ok(())
+}
+
+/// Counts the frames arriving on `stream` until it closes, discarding their payloads.
+fn null_sink(mut stream: TcpStream, message_size: usize) -> std::io::Result<u64> {
+    let mut buffer = vec![0u8; (2 * (LENGTH_PREFIX_BYTES + message_size)).max(1 << 20)];
+    let mut filled = 0;
+    let mut frames = 0u64;
+    loop {
+        let read = stream.read(&mut buffer[filled..])?;
+        if read == 0 {
+            return Ok(frames);
+        }
+        filled += read;
+        let mut at = 0;
+        while let Some(prefix) = buffer.get(at..at + LENGTH_PREFIX_BYTES) {
+            let length = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            let end = at + LENGTH_PREFIX_BYTES + length;
+            if end > filled {
+                break;
+            }
+            frames += 1;
+            at = end;
+        }
+        buffer.copy_within(at..filled, 0);
+        filled -= at;
+        if filled == buffer.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a frame longer than the sink's buffer",
+            ));
+        }
+    }
+}
+
+/// Raw loopback TCP through a null sink.
+///
+/// # Errors
+/// A socket error, or a sink that did not count every frame.
+pub fn raw_tcp(message_size: usize, messages: u64) -> Result<Rate> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen on loopback")?;
+    let address = listener.local_addr()?;
+    let sink = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (stream, _) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        null_sink(stream, message_size)
+    });
+    let start = Instant::now();
+    let sent = (|| -> std::io::Result<()> {
+        let mut stream = TcpStream::connect(address)?;
+        // As the broker's and the client's sockets are.
+        stream.set_nodelay(true)?;
+        write_frames(&mut stream, message_size, messages)?;
+        stream.shutdown(Shutdown::Write)
+    })();
+    let counted = sink
+        .join()
+        .map_err(|_| anyhow!("the null sink thread failed"))?;
+    let elapsed = start.elapsed();
+    sent.context("loopback TCP: sending")?;
+    let counted = counted.context("loopback TCP: the null sink")?;
+    if counted != messages {
+        anyhow::bail!("loopback TCP: the sink counted {counted} of {messages} frames");
+    }
+    Ok(Rate { messages, elapsed })
+}
+
+/// Appends to a file in the page cache, never syncing.
+///
+/// # Errors
+/// The file cannot be created or written.
+pub fn page_cache_append(directory: &Path, message_size: usize, messages: u64) -> Result<Rate> {
+    let mut file = tempfile::tempfile_in(directory)
+        .with_context(|| format!("cannot create a file in {}", directory.display()))?;
+    let start = Instant::now();
+    write_frames(&mut file, message_size, messages).context("page-cache append")?;
+    Ok(Rate {
+        messages,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Writes a batch of at most `frames_per_sync` messages and fdatasyncs it, again and again.
+///
+/// # Errors
+/// The file cannot be created, written or synced.
+pub fn fdatasync_per_batch(
+    directory: &Path,
+    message_size: usize,
+    messages: u64,
+    frames_per_sync: u64,
+) -> Result<SyncRate> {
+    let mut file = tempfile::tempfile_in(directory)
+        .with_context(|| format!("cannot create a file in {}", directory.display()))?;
+    let (batch, frames_per_batch) = framed_batch(message_size);
+    let frames_per_batch = frames_per_batch.min(frames_per_sync.max(1));
+    let mut latencies =
+        Histogram::<u64>::new_with_max(60_000_000, 3).expect("constant histogram bounds are valid");
+    let mut written = 0u64;
+    let mut batches = 0u64;
+    let start = Instant::now();
+    while written < messages && batches < SYNC_BATCHES_MAX && start.elapsed() < SYNC_TIME_MAX {
+        let frames = (messages - written).min(frames_per_batch);
+        let bytes = frames as usize * (LENGTH_PREFIX_BYTES + message_size);
+        file.write_all(&batch[..bytes])
+            .context("fdatasync: writing")?;
+        let sync_start = Instant::now();
+        file.sync_data().context("fdatasync")?;
+        latencies
+            .saturating_record(u64::try_from(sync_start.elapsed().as_micros()).unwrap_or(u64::MAX));
+        written += frames;
+        batches += 1;
+    }
+    Ok(SyncRate {
+        rate: Rate {
+            messages: written,
+            elapsed: start.elapsed(),
+        },
+        batches,
+        latency: LatencySummary::of(&latencies),
+    })
+}
+
+/// The settings of one of Sluice's figures.
+fn sluice_settings(workload: Workload, arguments: &BaselineArgs, acks: Acks) -> Settings {
+    let fsync = FsyncPolicy::default();
+    Settings {
+        workload,
+        target: Target::Embedded { fsync },
+        transport: Transport::Tcp,
+        producers: 1,
+        consumers: u32::from(workload.has_consumers()),
+        partitions: 1,
+        message_size: arguments.message_size,
+        stop: Stop::Messages(arguments.messages),
+        batch_bytes: DEFAULT_BATCH_BYTES,
+        linger: Duration::from_millis(DEFAULT_LINGER_MS),
+        acks,
+        fsync_label: fsync.to_string(),
+        rate: None,
+        json: None,
+        chart: None,
+    }
+}
+
+/// The physical limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub tcp: Rate,
+    pub page_cache: Rate,
+    pub fdatasync_per_batch: SyncRate,
+    pub fdatasync_per_message: SyncRate,
+}
+
+/// Everything `baseline` measured.
+#[derive(Debug)]
+pub struct Baseline {
+    pub limits: Limits,
+    pub produce_leader: RunResult,
+    pub produce_durable: RunResult,
+    pub consume: RunResult,
+}
+
+/// Measures the physical limits (blocking: call it outside the async runtime).
+///
+/// # Errors
+/// Any measurement failing.
+pub fn measure_limits(arguments: &BaselineArgs) -> Result<Limits> {
+    let message_size = arguments.message_size as usize;
+    let directory = scratch_base();
+    Ok(Limits {
+        tcp: raw_tcp(message_size, arguments.messages)?,
+        page_cache: page_cache_append(&directory, message_size, arguments.messages)?,
+        fdatasync_per_batch: fdatasync_per_batch(
+            &directory,
+            message_size,
+            arguments.messages,
+            u64::MAX,
+        )?,
+        fdatasync_per_message: fdatasync_per_batch(
+            &directory,
+            message_size,
+            arguments.messages,
+            1,
+        )?,
+    })
+}
+
+/// Sluice's figures: produce (leader, durable) and consume, embedded.
+///
+/// # Errors
+/// A run failing.
+pub async fn measure_sluice(arguments: &BaselineArgs) -> Result<(RunResult, RunResult, RunResult)> {
+    let produce_leader =
+        workloads::run(&sluice_settings(Workload::Produce, arguments, Acks::Leader)).await?;
+    let produce_durable = workloads::run(&sluice_settings(
+        Workload::Produce,
+        arguments,
+        Acks::Durable,
+    ))
+    .await?;
+    let consume =
+        workloads::run(&sluice_settings(Workload::Consume, arguments, Acks::Leader)).await?;
+    Ok((produce_leader, produce_durable, consume))
+}
+
+fn ratio(value: f64, limit: f64) -> String {
+    let ratio = value / limit.max(f64::MIN_POSITIVE);
+    if ratio < 0.1 {
+        format!("{ratio:.3}")
+    } else {
+        format!("{ratio:.2}")
+    }
+}
+
+impl Baseline {
+    /// The table `baseline` prints.
+    pub fn table(&self, arguments: &BaselineArgs, machine: &Machine) -> String {
+        let size = f64::from(arguments.message_size);
+        let megabytes = |rate: f64| rate * size / 1e6;
+        let tcp = self.limits.tcp.messages_per_second();
+        let page_cache = self.limits.page_cache.messages_per_second();
+        let synced = self.limits.fdatasync_per_batch.rate.messages_per_second();
+        let mut lines = vec![
+            format!(
+                "sluice-bench baseline: {} B messages, {} per measurement, writes of {} KiB",
+                arguments.message_size,
+                group_digits(arguments.messages),
+                WRITE_BYTES / 1024
+            ),
+            format!("  machine: {machine}"),
+            format!("  files in: {}", scratch_base().display()),
+            String::new(),
+            format!("  {:<44}{:>14}{:>10}", "physical limits", "msgs/s", "MB/s"),
+        ];
+        let row = |label: &str, rate: f64, note: String| {
+            let line = format!(
+                "  {:<44}{:>14}{:>10.1}  {note}",
+                label,
+                group_digits(rate.round() as u64),
+                megabytes(rate)
+            );
+            line.trim_end().to_owned()
+        };
+        lines.push(row("raw loopback TCP, null sink", tcp, String::new()));
+        lines.push(row("page-cache file append", page_cache, String::new()));
+        let sync_note = |synced: &SyncRate| {
+            synced.latency.map_or_else(String::new, |latency| {
+                format!(
+                    "{} syncs; fdatasync p50 {} µs, p99 {} µs, max {} µs",
+                    synced.batches,
+                    group_digits(latency.p50_us),
+                    group_digits(latency.p99_us),
+                    group_digits(latency.max_us)
+                )
+            })
+        };
+        lines.push(row(
+            "write + fdatasync per batch",
+            synced,
+            sync_note(&self.limits.fdatasync_per_batch),
+        ));
+        lines.push(row(
+            "write + fdatasync per message",
+            self.limits.fdatasync_per_message.rate.messages_per_second(),
+            sync_note(&self.limits.fdatasync_per_message),
+        ));
+        lines.push(String::new());
+        lines.push(format!(
+            "  Sluice: embedded, tcp, 1 producer, 1 partition, fsync={}, batch_bytes={}, linger_ms={}",
+            FsyncPolicy::default(),
+            DEFAULT_BATCH_BYTES,
+            DEFAULT_LINGER_MS
+        ));
+        let leader = self.produce_leader.messages_per_second();
+        let durable = self.produce_durable.messages_per_second();
+        let consume = self.consume.messages_per_second();
+        lines.push(row(
+            "produce acks=leader",
+            leader,
+            format!(
+                "{} × raw TCP, {} × page-cache append",
+                ratio(leader, tcp),
+                ratio(leader, page_cache)
+            ),
+        ));
+        lines.push(row(
+            "produce acks=durable",
+            durable,
+            format!(
+                "{} × raw TCP, {} × fdatasync per batch",
+                ratio(durable, tcp),
+                ratio(durable, synced)
+            ),
+        ));
+        lines.push(row(
+            "consume, group of 1",
+            consume,
+            format!(
+                "{} × raw TCP (filled with acks=leader)",
+                ratio(consume, tcp)
+            ),
+        ));
+        let mut table = lines.join("\n");
+        table.push('\n');
+        table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_hold_whole_frames() {
+        let (batch, frames) = framed_batch(100);
+        assert_eq!(frames as usize, WRITE_BYTES / 104);
+        assert_eq!(batch.len(), frames as usize * 104);
+        assert_eq!(&batch[..4], &100u32.to_be_bytes());
+        assert_eq!(&batch[104..108], &100u32.to_be_bytes());
+        // A message bigger than a write still gets one frame per batch.
+        let (batch, frames) = framed_batch(WRITE_BYTES);
+        assert_eq!((batch.len(), frames), (WRITE_BYTES + 4, 1));
+    }
+
+    #[test]
+    fn the_null_sink_counts_every_frame() {
+        for message_size in [8, 1_000, 600_000] {
+            let rate = raw_tcp(message_size, 1_001).unwrap();
+            assert_eq!(rate.messages, 1_001);
+        }
+    }
+
+    #[test]
+    fn file_limits_write_what_they_say() {
+        let directory = tempfile::tempdir().unwrap();
+        let append = page_cache_append(directory.path(), 100, 10_000).unwrap();
+        assert_eq!(append.messages, 10_000);
+        let synced = fdatasync_per_batch(directory.path(), 100_000, 5, u64::MAX).unwrap();
+        assert_eq!(synced.rate.messages, 5);
+        assert_eq!(
+            synced.batches, 3,
+            "two 100 kB messages fit in a 256 KiB batch"
+        );
+        assert_eq!(synced.latency.unwrap().count, 3);
+        let one_each = fdatasync_per_batch(directory.path(), 100, 4, 1).unwrap();
+        assert_eq!((one_each.rate.messages, one_each.batches), (4, 4));
+        assert_eq!(ratio(1.0, 4.0), "0.25");
+        assert_eq!(ratio(1.0, 40.0), "0.025");
+    }
+}

@@ -1,0 +1,883 @@
+//! The four workloads: `produce`, `consume`, `pubsub` and `latency`, on a fresh topic.
+//!
+//! ```text
+//!            ┌ producer task (or paced thread) ─enqueue─▶ Producer ─▶ broker ─▶ consumer task
+//! payload:   │   [send time: u64 nanoseconds since the meter's epoch][filler to message_size]
+//! per record │   (sent_at, DeliveryFuture) ─chunks─▶ ack collector: send→ack latency
+//!            └   consumer task: now − payload send time = produce→consume latency
+//! ```
+//!
+//! Choices, so the numbers can be read right:
+//! - Each producer and each consumer has a client, hence a connection, of its own.
+//! - Producers are built (InitProducerId) and consumers have joined their group before the clock
+//!   starts for `produce`, `pubsub` and `latency`. For `consume` the clock starts when the
+//!   consumers are created: joining the group is part of reading a backlog.
+//! - Send→ack latency runs from handing the record to `Producer::enqueue` (waiting for buffer
+//!   space included) until its delivery future is seen resolved. The futures reach the
+//!   collector in chunks of at most 256 records or 100 µs, so a figure can be up to about
+//!   100 µs late under full load; paced producers hand over every record before sleeping.
+//! - Throughput loops read the clock every 16 records and after every wait, not per record (a
+//!   read costs about 45 ns here, against a few hundred for a whole record): a time can be off
+//!   by what 16 records' handling takes, microseconds, against latencies of milliseconds there.
+//! - With `--rate`, each producer runs on a thread of its own and sleeps between sends:
+//!   tokio's timer has millisecond granularity, far too coarse for 10,000 msgs/s. The send time
+//!   carried in the payload is the actual one, not the scheduled one.
+//! - With `acks=none` a delivery future resolves when its request is queued, so "send→ack"
+//!   is send→queued, and the count is of records sent.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use sluice_client::producer::{Acks, DeliveryFuture, Producer, Record};
+use sluice_client::{CommitMode, Consumer, ResetPolicy};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::cli::{Settings, Stop, Workload};
+use super::metrics::{LatencyKind, LatencySummary, Meter, Sample, per_second_percentiles};
+use super::progress::{Progressing, Sampler, bar};
+use super::target::BenchBroker;
+
+/// A chunk of delivery futures is handed to the collector at this many records...
+const ACK_CHUNK_RECORDS: usize = 256;
+/// ...or when its oldest record is this old, whichever comes first.
+const ACK_CHUNK_AGE: Duration = Duration::from_micros(100);
+/// Chunks waiting for a collector; a producer that gets this far ahead waits.
+const ACK_CHANNEL_CHUNKS: usize = 1024;
+/// A throughput loop reads the clock once per this many records (and after any wait): a clock
+/// read costs about 45 ns on the development VM, against a few hundred for a whole record.
+const CLOCK_EVERY_RECORDS: u64 = 16;
+/// Payloads are cut from buffers this big, so a message costs no allocation of its own.
+const PAYLOAD_ARENA_BYTES: usize = 1 << 20;
+/// Byte the payload is filled with after its send time.
+const PAYLOAD_FILLER: u8 = 0x5a;
+/// How long the group may take to assign every partition before the run gives up.
+const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the consumers may go without a record before the run gives up.
+const STALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Flags that turn out not to go together only once the run starts (the producer's own
+/// checks): exit 2, as for any usage error.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// What a workload measured.
+#[derive(Debug)]
+pub struct RunResult {
+    /// Messages measured: acknowledged (sent, with acks=none) for `produce`, consumed for the
+    /// others.
+    pub messages: u64,
+    /// The measured phase's wall-clock time.
+    pub elapsed: Duration,
+    pub send_to_ack: Option<LatencySummary>,
+    pub produce_to_consume: Option<LatencySummary>,
+    /// The latency drawn per second in the chart, and its (second, p50 µs, p99 µs) points.
+    pub headline: Option<LatencyKind>,
+    pub latency_per_second: Vec<(u64, u64, u64)>,
+    pub samples: Vec<Sample>,
+    /// `consume` only: the unmeasured filling of the topic.
+    pub fill: Option<FillResult>,
+}
+
+impl RunResult {
+    pub fn messages_per_second(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// How the topic of a `consume` run was filled.
+#[derive(Debug)]
+pub struct FillResult {
+    pub messages: u64,
+    pub elapsed: Duration,
+    pub send_to_ack: Option<LatencySummary>,
+}
+
+/// Runs the workload of `settings` against its broker (started here when embedded).
+///
+/// # Errors
+/// [`UsageError`] for settings the producer refuses; anything else that stops the run.
+pub async fn run(settings: &Settings) -> Result<RunResult> {
+    let broker = BenchBroker::start(settings).await?;
+    let result = run_on(&broker, settings).await;
+    broker.stop().await;
+    result
+}
+
+async fn run_on(broker: &BenchBroker, settings: &Settings) -> Result<RunResult> {
+    let admin_client = broker.client().await?;
+    let admin = admin_client.admin();
+    let topic: Arc<str> = Arc::from(unique_name(settings.workload.name()));
+    admin
+        .create_topic(&topic, settings.partitions, &[])
+        .await
+        .with_context(|| format!("cannot create topic {topic}"))?;
+    let result = match settings.workload {
+        Workload::Produce => produce(broker, settings, &topic).await,
+        Workload::Consume => consume(broker, settings, &topic).await,
+        Workload::Pubsub | Workload::Latency => pubsub(broker, settings, &topic).await,
+    };
+    // An external broker keeps no benchmark data behind; an embedded one is removed whole.
+    if !broker.is_embedded() {
+        let _ = admin.delete_topic(&topic).await;
+    }
+    admin_client.close().await;
+    result
+}
+
+async fn produce(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) -> Result<RunResult> {
+    let producers = build_producers(broker, settings).await?;
+    let meter = Meter::new();
+    let start = meter.epoch;
+    let sampler = Sampler::start(
+        Arc::clone(&meter),
+        start,
+        bar("produce", settings.stop),
+        settings.stop,
+        Progressing::Acked,
+    );
+    let produced = run_producers(producers, settings, topic, &meter, start).await;
+    let elapsed = start.elapsed();
+    let samples = sampler.finish().await;
+    let produced = produced?;
+    Ok(result_of(
+        &meter,
+        produced.measured(settings.acks),
+        elapsed,
+        Some(LatencyKind::SendToAck),
+        samples,
+        None,
+    ))
+}
+
+async fn consume(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) -> Result<RunResult> {
+    let producers = build_producers(broker, settings).await?;
+    let fill_meter = Meter::new();
+    let fill_sampler = Sampler::start(
+        Arc::clone(&fill_meter),
+        fill_meter.epoch,
+        bar("fill", settings.stop),
+        settings.stop,
+        Progressing::Acked,
+    );
+    let filled = run_producers(producers, settings, topic, &fill_meter, fill_meter.epoch).await;
+    let fill_elapsed = fill_meter.epoch.elapsed();
+    fill_sampler.finish().await;
+    let expected = filled?.measured(settings.acks);
+    let fill = FillResult {
+        messages: expected,
+        elapsed: fill_elapsed,
+        send_to_ack: LatencySummary::of(&fill_meter.latencies(LatencyKind::SendToAck).total),
+    };
+
+    let meter = Meter::new();
+    let start = meter.epoch;
+    let reading = Stop::Messages(expected);
+    let sampler = Sampler::start(
+        Arc::clone(&meter),
+        start,
+        bar("consume", reading),
+        reading,
+        Progressing::Consumed,
+    );
+    let finish = Finish::new();
+    let consumed = async {
+        let consumers = build_consumers(broker, settings, topic).await?;
+        let loops = spawn_consumer_loops(consumers, &meter, &finish, false);
+        let waited = wait_until_consumed(&meter, &finish, expected).await;
+        Ok::<_, anyhow::Error>((loops, waited))
+    }
+    .await;
+    let elapsed = start.elapsed();
+    finish.stop.send_replace(true);
+    let samples = sampler.finish().await;
+    let (loops, waited) = consumed?;
+    let stopped = join_consumer_loops(loops).await;
+    waited?;
+    stopped?;
+    Ok(result_of(
+        &meter,
+        Meter::count(&meter.consumed),
+        elapsed,
+        None,
+        samples,
+        Some(fill),
+    ))
+}
+
+async fn pubsub(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) -> Result<RunResult> {
+    let producers = build_producers(broker, settings).await?;
+    let consumers = build_consumers(broker, settings, topic).await?;
+    wait_for_assignment(&consumers, settings.partitions).await?;
+    let meter = Meter::new();
+    let start = meter.epoch;
+    let finish = Finish::new();
+    let loops = spawn_consumer_loops(consumers, &meter, &finish, true);
+    let sampler = Sampler::start(
+        Arc::clone(&meter),
+        start,
+        bar(settings.workload.name(), settings.stop),
+        settings.stop,
+        Progressing::Consumed,
+    );
+    let produced = run_producers(producers, settings, topic, &meter, start).await;
+    let waited = match &produced {
+        Ok(produced) => {
+            wait_until_consumed(&meter, &finish, produced.measured(settings.acks)).await
+        }
+        Err(_) => Ok(()),
+    };
+    let elapsed = start.elapsed();
+    finish.stop.send_replace(true);
+    let stopped = join_consumer_loops(loops).await;
+    let samples = sampler.finish().await;
+    produced?;
+    waited?;
+    stopped?;
+    Ok(result_of(
+        &meter,
+        Meter::count(&meter.consumed),
+        elapsed,
+        Some(LatencyKind::ProduceToConsume),
+        samples,
+        None,
+    ))
+}
+
+/// Reads the results off a meter whose recorders have all been dropped.
+fn result_of(
+    meter: &Meter,
+    messages: u64,
+    elapsed: Duration,
+    headline: Option<LatencyKind>,
+    samples: Vec<Sample>,
+    fill: Option<FillResult>,
+) -> RunResult {
+    let send_to_ack = LatencySummary::of(&meter.latencies(LatencyKind::SendToAck).total);
+    let produce_to_consume =
+        LatencySummary::of(&meter.latencies(LatencyKind::ProduceToConsume).total);
+    let latency_per_second = headline
+        .map(|kind| per_second_percentiles(&meter.latencies(kind)))
+        .unwrap_or_default();
+    RunResult {
+        messages,
+        elapsed,
+        send_to_ack,
+        produce_to_consume,
+        headline,
+        latency_per_second,
+        samples,
+        fill,
+    }
+}
+
+/// `sluice-bench-<workload>-<pid>-<ms since the epoch>`: fresh on every run, and a valid topic
+/// and group name.
+fn unique_name(workload: &str) -> String {
+    let milliseconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis());
+    format!(
+        "sluice-bench-{workload}-{}-{milliseconds}",
+        std::process::id()
+    )
+}
+
+/// A client error as the run reports it: the producer's refusal of its settings is a usage
+/// error.
+fn from_client(error: sluice_client::Error) -> anyhow::Error {
+    match error {
+        sluice_client::Error::Usage(message) => anyhow!(UsageError(message)),
+        other => anyhow!(other),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Producers
+
+async fn build_producers(broker: &BenchBroker, settings: &Settings) -> Result<Vec<Producer>> {
+    let mut producers = Vec::with_capacity(settings.producers as usize);
+    for _ in 0..settings.producers {
+        let client = broker.client().await?;
+        let producer = client
+            .producer()
+            .acks(settings.acks)
+            // The broker's answer is what tells a retry from a first attempt; none, none.
+            .idempotence(settings.acks != Acks::None)
+            .batch_bytes(settings.batch_bytes as usize)
+            .linger(settings.linger)
+            .build()
+            .await
+            .map_err(from_client)
+            .context("cannot start a producer")?;
+        producers.push(producer);
+    }
+    Ok(producers)
+}
+
+/// When one producer is done.
+#[derive(Clone, Copy, Debug)]
+enum Quota {
+    Messages(u64),
+    Until(Instant),
+}
+
+impl Quota {
+    fn is_reached(self, sent: u64, now: Instant) -> bool {
+        match self {
+            Quota::Messages(messages) => sent >= messages,
+            Quota::Until(deadline) => now >= deadline,
+        }
+    }
+}
+
+/// `stop` shared out among `producers`: counts split as evenly as they go.
+fn quotas(stop: Stop, producers: usize, start: Instant) -> Vec<Quota> {
+    (0..producers as u64)
+        .map(|index| match stop {
+            Stop::Messages(messages) => {
+                let count = producers as u64;
+                Quota::Messages(messages / count + u64::from(index < messages % count))
+            }
+            Stop::After(duration) => Quota::Until(start + duration),
+        })
+        .collect()
+}
+
+/// What the producers of a phase did.
+#[derive(Clone, Copy, Debug)]
+struct Produced {
+    sent: u64,
+    acked: u64,
+}
+
+impl Produced {
+    /// The records known to be in the topic: acknowledged ones, or with acks=none (no
+    /// acknowledgements) the ones sent.
+    fn measured(self, acks: Acks) -> u64 {
+        if acks == Acks::None {
+            self.sent
+        } else {
+            self.acked
+        }
+    }
+}
+
+/// Runs every producer to its quota, closes them and waits for every acknowledgement.
+async fn run_producers(
+    producers: Vec<Producer>,
+    settings: &Settings,
+    topic: &Arc<str>,
+    meter: &Arc<Meter>,
+    start: Instant,
+) -> Result<Produced> {
+    let message_size = settings.message_size as usize;
+    let per_producer_rate = settings
+        .rate
+        .map(|rate| rate as f64 / f64::from(settings.producers));
+    let quotas = quotas(settings.stop, producers.len(), start);
+    let mut senders: Vec<JoinHandle<Result<u64>>> = Vec::new();
+    let mut collectors = Vec::new();
+    for (producer, quota) in producers.into_iter().zip(quotas) {
+        let (chunks, chunks_received) = mpsc::channel(ACK_CHANNEL_CHUNKS);
+        collectors.push(tokio::spawn(collect_acks(
+            chunks_received,
+            Arc::clone(meter),
+        )));
+        let job = SendJob {
+            producer,
+            topic: Arc::clone(topic),
+            meter: Arc::clone(meter),
+            payloads: Payloads::new(message_size),
+            quota,
+            chunks,
+        };
+        senders.push(match per_producer_rate {
+            None => tokio::spawn(job.run_unpaced()),
+            Some(rate) => {
+                let runtime = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || job.run_paced(&runtime, rate, start))
+            }
+        });
+    }
+    let mut sent = 0;
+    let mut first_error = None;
+    for sender in senders {
+        match sender.await {
+            Ok(Ok(count)) => sent += count,
+            Ok(Err(error)) => {
+                first_error.get_or_insert(error);
+            }
+            Err(panic) => {
+                first_error.get_or_insert(anyhow!("a producer task failed: {panic}"));
+            }
+        }
+    }
+    let mut first_rejection = None;
+    for collector in collectors {
+        if let Ok(Some(error)) = collector.await {
+            first_rejection.get_or_insert(error);
+        }
+    }
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    let failed = Meter::count(&meter.failed);
+    if let Some(error) = first_rejection {
+        return Err(anyhow!(error).context(format!("{failed} records were not acknowledged")));
+    }
+    Ok(Produced {
+        sent,
+        acked: Meter::count(&meter.acked),
+    })
+}
+
+type AckChunk = Vec<(Instant, DeliveryFuture)>;
+
+/// Awaits delivery futures in the order they were sent, recording send→ack latency. Returns
+/// the first failure, if any.
+async fn collect_acks(
+    mut chunks: mpsc::Receiver<AckChunk>,
+    meter: Arc<Meter>,
+) -> Option<sluice_client::Error> {
+    let mut recorder = meter.recorder(LatencyKind::SendToAck);
+    let mut first_error = None;
+    while let Some(chunk) = chunks.recv().await {
+        let mut now = Instant::now();
+        for (sent_at, mut future) in chunk {
+            // A future already resolved was resolved by `now`; only one that has to be waited
+            // for needs the clock read again.
+            let delivered = match futures::poll!(&mut future) {
+                Poll::Ready(delivered) => delivered,
+                Poll::Pending => {
+                    let delivered = future.await;
+                    now = Instant::now();
+                    delivered
+                }
+            };
+            match delivered {
+                Ok(_) => {
+                    recorder.record(sent_at, now);
+                    meter.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    meter.failed.fetch_add(1, Ordering::Relaxed);
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+    }
+    first_error
+}
+
+/// Delivery futures waiting to be handed to the collector.
+struct PendingAcks {
+    chunk: AckChunk,
+}
+
+impl PendingAcks {
+    fn new() -> Self {
+        PendingAcks {
+            chunk: Vec::with_capacity(ACK_CHUNK_RECORDS),
+        }
+    }
+
+    /// Adds a future; returns a chunk when one is due.
+    fn push(&mut self, sent_at: Instant, future: DeliveryFuture) -> Option<AckChunk> {
+        self.chunk.push((sent_at, future));
+        let oldest = self.chunk.first().map_or(sent_at, |(oldest, _)| *oldest);
+        if self.chunk.len() >= ACK_CHUNK_RECORDS
+            || sent_at.saturating_duration_since(oldest) >= ACK_CHUNK_AGE
+        {
+            Some(self.take())
+        } else {
+            None
+        }
+    }
+
+    fn take(&mut self) -> AckChunk {
+        std::mem::replace(&mut self.chunk, Vec::with_capacity(ACK_CHUNK_RECORDS))
+    }
+}
+
+/// Message payloads, cut from shared buffers: the producer copies a value into its batch and
+/// drops it, so a buffer is freed soon after its last payload is sent.
+struct Payloads {
+    arena: BytesMut,
+    message_size: usize,
+}
+
+impl Payloads {
+    fn new(message_size: usize) -> Self {
+        assert!(message_size >= 8, "the send time needs 8 bytes");
+        Payloads {
+            arena: BytesMut::new(),
+            message_size,
+        }
+    }
+
+    fn next(&mut self, timestamp_nanos: u64) -> Bytes {
+        if self.arena.capacity() < self.message_size {
+            self.arena = BytesMut::with_capacity(PAYLOAD_ARENA_BYTES.max(self.message_size));
+        }
+        self.arena.put_u64(timestamp_nanos);
+        self.arena.put_bytes(PAYLOAD_FILLER, self.message_size - 8);
+        self.arena.split().freeze()
+    }
+}
+
+/// The send time carried by a payload, if it is one of ours.
+fn sent_at(meter: &Meter, value: &[u8]) -> Option<Instant> {
+    let timestamp: [u8; 8] = value.get(..8)?.try_into().ok()?;
+    Some(meter.instant_of(u64::from_be_bytes(timestamp)))
+}
+
+/// One producer's part of a phase.
+struct SendJob {
+    producer: Producer,
+    topic: Arc<str>,
+    meter: Arc<Meter>,
+    payloads: Payloads,
+    quota: Quota,
+    chunks: mpsc::Sender<AckChunk>,
+}
+
+impl SendJob {
+    /// As fast as the producer takes records.
+    async fn run_unpaced(mut self) -> Result<u64> {
+        let mut pending = PendingAcks::new();
+        let mut sent = 0u64;
+        let mut now = Instant::now();
+        let sending: Result<()> = loop {
+            if sent.is_multiple_of(CLOCK_EVERY_RECORDS) {
+                now = Instant::now();
+            }
+            if self.quota.is_reached(sent, now) {
+                break Ok(());
+            }
+            let value = self.payloads.next(self.meter.timestamp_nanos(now));
+            let sent_at = now;
+            let mut enqueue = pin!(self.producer.enqueue(Record::new(&self.topic, value)));
+            let enqueued = match futures::poll!(enqueue.as_mut()) {
+                Poll::Ready(enqueued) => enqueued,
+                Poll::Pending => {
+                    let enqueued = enqueue.await;
+                    // It waited for buffer space: the clock has moved on.
+                    now = Instant::now();
+                    enqueued
+                }
+            };
+            let future = match enqueued {
+                Ok(future) => future,
+                Err(error) => break Err(from_client(error)),
+            };
+            sent += 1;
+            if let Some(chunk) = pending.push(sent_at, future) {
+                // The collector only stops early when the run is failing anyway.
+                if self.chunks.send(chunk).await.is_err() {
+                    break Ok(());
+                }
+            }
+        };
+        let _ = self.chunks.send(pending.take()).await;
+        drop(self.chunks);
+        let closed = self.producer.close().await.map_err(from_client);
+        sending.context("a producer failed")?;
+        closed.context("a producer failed to close")?;
+        Ok(sent)
+    }
+
+    /// At `rate` messages per second from `start`, on a thread of its own.
+    fn run_paced(
+        mut self,
+        runtime: &tokio::runtime::Handle,
+        rate: f64,
+        start: Instant,
+    ) -> Result<u64> {
+        let seconds_per_message = 1.0 / rate;
+        let mut pending = PendingAcks::new();
+        let mut sent = 0u64;
+        let sending: Result<()> = loop {
+            let due = start + Duration::from_secs_f64(sent as f64 * seconds_per_message);
+            let mut now = Instant::now();
+            if due > now {
+                // Hand over what was sent before sleeping, so its acknowledgements are timed.
+                if !pending.chunk.is_empty() && self.chunks.blocking_send(pending.take()).is_err() {
+                    break Ok(());
+                }
+                std::thread::sleep(due - now);
+                now = Instant::now();
+            }
+            if self.quota.is_reached(sent, now) {
+                break Ok(());
+            }
+            let value = self.payloads.next(self.meter.timestamp_nanos(now));
+            let future =
+                match runtime.block_on(self.producer.enqueue(Record::new(&self.topic, value))) {
+                    Ok(future) => future,
+                    Err(error) => break Err(from_client(error)),
+                };
+            sent += 1;
+            if let Some(chunk) = pending.push(now, future)
+                && self.chunks.blocking_send(chunk).is_err()
+            {
+                break Ok(());
+            }
+        };
+        let _ = self.chunks.blocking_send(pending.take());
+        drop(self.chunks);
+        let closed = runtime.block_on(self.producer.close()).map_err(from_client);
+        sending.context("a producer failed")?;
+        closed.context("a producer failed to close")?;
+        Ok(sent)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers
+
+async fn build_consumers(
+    broker: &BenchBroker,
+    settings: &Settings,
+    topic: &Arc<str>,
+) -> Result<Vec<Consumer>> {
+    let group = format!("{topic}-group");
+    let mut consumers = Vec::with_capacity(settings.consumers as usize);
+    for _ in 0..settings.consumers {
+        let client = broker.client().await?;
+        let consumer = client
+            .consumer()
+            .group(group.clone())
+            .topics([topic.to_string()])
+            .reset_policy(ResetPolicy::Earliest)
+            // The run does not resume; committing more often would only add requests.
+            .commit_mode(CommitMode::Auto(Duration::from_secs(5)))
+            .build()
+            .await
+            .map_err(from_client)
+            .context("cannot start a consumer")?;
+        consumers.push(consumer);
+    }
+    Ok(consumers)
+}
+
+/// Waits until every partition is owned and as many members as can have one own some, so a
+/// latency run does not time the group's rebalancing.
+async fn wait_for_assignment(consumers: &[Consumer], partitions: u32) -> Result<()> {
+    let deadline = Instant::now() + ASSIGNMENT_TIMEOUT;
+    let members_expected = consumers.len().min(partitions as usize);
+    loop {
+        let assignments: Vec<BTreeSet<(String, u32)>> =
+            consumers.iter().map(Consumer::assignment).collect();
+        let owned: BTreeSet<u32> = assignments
+            .iter()
+            .flatten()
+            .map(|(_, partition)| *partition)
+            .collect();
+        let members_owning = assignments.iter().filter(|owned| !owned.is_empty()).count();
+        if owned.len() == partitions as usize && members_owning >= members_expected {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "the consumer group owned {} of {partitions} partitions after {} s",
+                owned.len(),
+                ASSIGNMENT_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How the consumers learn they are done: the number of records to read (unknown, so
+/// `u64::MAX`, until the producers finish), a wake-up when it is reached, and a stop signal.
+#[derive(Debug)]
+struct Finish {
+    target: AtomicU64,
+    reached: Notify,
+    stop: watch::Sender<bool>,
+}
+
+impl Finish {
+    fn new() -> Arc<Finish> {
+        Arc::new(Finish {
+            target: AtomicU64::new(u64::MAX),
+            reached: Notify::new(),
+            stop: watch::channel(false).0,
+        })
+    }
+}
+
+fn spawn_consumer_loops(
+    consumers: Vec<Consumer>,
+    meter: &Arc<Meter>,
+    finish: &Arc<Finish>,
+    measure_latency: bool,
+) -> Vec<JoinHandle<Result<()>>> {
+    consumers
+        .into_iter()
+        .map(|consumer| {
+            tokio::spawn(consume_loop(
+                consumer,
+                Arc::clone(meter),
+                Arc::clone(finish),
+                measure_latency,
+            ))
+        })
+        .collect()
+}
+
+async fn consume_loop(
+    mut consumer: Consumer,
+    meter: Arc<Meter>,
+    finish: Arc<Finish>,
+    measure_latency: bool,
+) -> Result<()> {
+    let mut recorder = measure_latency.then(|| meter.recorder(LatencyKind::ProduceToConsume));
+    let mut stop = finish.stop.subscribe();
+    let mut result = Ok(());
+    let mut now = Instant::now();
+    let mut since_clock = 0u64;
+    loop {
+        // Records of one fetched batch come out without waiting, and the stop signal only
+        // matters once they stop coming: it is looked at, and the clock read, only when the
+        // stream would wait (and the clock every few records).
+        let next = match futures::poll!(consumer.next()) {
+            Poll::Ready(next) => next,
+            Poll::Pending => {
+                let next = tokio::select! {
+                    next = consumer.next() => next,
+                    _ = stop.wait_for(|stop| *stop) => None,
+                };
+                since_clock = CLOCK_EVERY_RECORDS;
+                next
+            }
+        };
+        let Some(record) = next else {
+            break;
+        };
+        if measure_latency && since_clock >= CLOCK_EVERY_RECORDS {
+            now = Instant::now();
+            since_clock = 0;
+        }
+        since_clock += 1;
+        let record = match record {
+            Ok(record) => record,
+            Err(error) => {
+                result = Err(from_client(error).context("a consumer failed"));
+                break;
+            }
+        };
+        if let Some(recorder) = recorder.as_mut()
+            && let Some(sent_at) = sent_at(&meter, &record.value)
+        {
+            recorder.record(sent_at, now);
+        }
+        // SeqCst with the target's store in `wait_until_consumed`: either this sees the
+        // target, or the waiter sees this count.
+        let consumed = meter.consumed.fetch_add(1, Ordering::SeqCst) + 1;
+        if consumed >= finish.target.load(Ordering::SeqCst) {
+            finish.reached.notify_one();
+        }
+    }
+    drop(recorder);
+    // Leaving the group is tidiness, not part of the measurement.
+    let _ = consumer.close().await;
+    result
+}
+
+/// Waits until `expected` records have been consumed, failing when the consumers make no
+/// progress for [`STALL_TIMEOUT`].
+async fn wait_until_consumed(meter: &Meter, finish: &Finish, expected: u64) -> Result<()> {
+    finish.target.store(expected, Ordering::SeqCst);
+    let mut last_count = Meter::count(&meter.consumed);
+    let mut last_progress = Instant::now();
+    loop {
+        let consumed = meter.consumed.load(Ordering::SeqCst);
+        if consumed >= expected {
+            return Ok(());
+        }
+        if consumed != last_count {
+            last_count = consumed;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() >= STALL_TIMEOUT {
+            anyhow::bail!(
+                "the consumers stalled at {consumed} of {expected} records for {} s",
+                STALL_TIMEOUT.as_secs()
+            );
+        }
+        tokio::select! {
+            _ = finish.reached.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+async fn join_consumer_loops(loops: Vec<JoinHandle<Result<()>>>) -> Result<()> {
+    let mut first_error = None;
+    for consumer_loop in loops {
+        let outcome = consumer_loop
+            .await
+            .unwrap_or_else(|panic| Err(anyhow!("a consumer task failed: {panic}")));
+        if let Err(error) = outcome {
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_counts_are_split_evenly() {
+        let start = Instant::now();
+        let counts: Vec<u64> = quotas(Stop::Messages(10), 3, start)
+            .into_iter()
+            .map(|quota| match quota {
+                Quota::Messages(count) => count,
+                Quota::Until(_) => panic!("a count"),
+            })
+            .collect();
+        assert_eq!(counts, [4, 3, 3]);
+        assert!(matches!(
+            quotas(Stop::After(Duration::from_secs(2)), 2, start)[1],
+            Quota::Until(deadline) if deadline == start + Duration::from_secs(2)
+        ));
+    }
+
+    #[test]
+    fn payloads_carry_their_send_time_and_size() {
+        let meter = Meter::new();
+        let mut payloads = Payloads::new(100);
+        let at = meter.epoch + Duration::from_micros(42);
+        let mut previous = None;
+        // Across more than one arena.
+        for _ in 0..(PAYLOAD_ARENA_BYTES / 100 + 10) {
+            let payload = payloads.next(meter.timestamp_nanos(at));
+            assert_eq!(payload.len(), 100);
+            assert_eq!(sent_at(&meter, &payload), Some(at));
+            assert!(payload[8..].iter().all(|byte| *byte == PAYLOAD_FILLER));
+            previous = Some(payload);
+        }
+        assert!(previous.is_some());
+        assert_eq!(sent_at(&meter, b"short"), None);
+    }
+}
