@@ -12,8 +12,9 @@
 //! task, so responses go out as they complete, matched by correlation id. At most
 //! `max_in_flight_requests` are pending per connection: beyond that the reader stops reading,
 //! which pushes back on the client through TCP instead of growing memory. A frame over
-//! `max_frame_bytes`, or one that stalls mid-way past `frame_read_timeout_ms`, gets an error
-//! answer and the connection is closed; nobody else is affected.
+//! `max_frame_bytes`, or one whose bytes take longer than `frame_read_timeout_ms` to arrive
+//! from the first (stalled half-way, or trickled a byte at a time), gets an error answer and
+//! the connection is closed; nobody else is affected.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,13 +53,19 @@ where
     let mut decoder = FrameDecoder::for_requests(limits.max_frame_bytes);
     let frame_read_timeout = Duration::from_millis(limits.frame_read_timeout_ms);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    // When the frame being received must be complete: set when its first bytes arrive, so a
+    // peer that trickles a byte at a time is cut off as surely as one that stops.
+    let mut frame_deadline: Option<tokio::time::Instant> = None;
     let mut shutdown = state.shutdown_receiver();
     tracing::debug!(%peer, "connection opened");
 
     'connection: loop {
         loop {
             let frame = match decoder.decode(&mut buffer) {
-                Ok(Some(frame)) => frame,
+                Ok(Some(frame)) => {
+                    frame_deadline = None;
+                    frame
+                }
                 Ok(None) => break,
                 Err(error) => {
                     // The stream cannot be resynchronised: answer and close.
@@ -159,8 +166,11 @@ where
 
         buffer.reserve(READ_CHUNK_BYTES);
         let read = if decoder.is_mid_frame(&buffer) {
-            // A peer that stops half-way through a frame is cut off after the deadline.
-            match tokio::time::timeout(frame_read_timeout, reader.read_buf(&mut buffer)).await {
+            // A peer that takes longer than the deadline to send a whole frame, by stopping
+            // half-way or by sending slowly, is cut off.
+            let deadline = *frame_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + frame_read_timeout);
+            match tokio::time::timeout_at(deadline, reader.read_buf(&mut buffer)).await {
                 Ok(read) => read,
                 Err(_) => {
                     tracing::warn!(%peer, timeout_ms = limits.frame_read_timeout_ms, "closing connection stalled mid-frame");

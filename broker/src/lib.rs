@@ -14,6 +14,8 @@
 pub mod config;
 pub mod connection;
 pub mod fetch_budget;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod groups;
 pub mod handlers;
 pub mod metrics;
@@ -126,6 +128,19 @@ impl Broker {
     /// An invalid configuration, an address that cannot be bound, or a data directory that
     /// cannot be opened.
     pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+        Self::start_with_fs(config, Arc::new(RealFs)).await
+    }
+
+    /// [`Broker::start`] with the storage engine over `fs` instead of the real disk: the
+    /// reliability tests run the whole broker over `storage::faultfs::FaultFs` to pull the plug
+    /// on it. The QUIC certificate still goes to the real `data_dir`.
+    ///
+    /// # Errors
+    /// As [`Broker::start`].
+    pub async fn start_with_fs(
+        config: Config,
+        fs: storage::Fs,
+    ) -> Result<BrokerHandle, StartError> {
         config
             .validate()
             .map_err(|error| StartError::Config(error.to_string()))?;
@@ -167,7 +182,7 @@ impl Broker {
         };
         // Recovery reads and fsyncs files: off the async runtime.
         let (storage, topics) = tokio::task::spawn_blocking(move || {
-            let storage = Arc::new(Storage::new(Arc::new(RealFs), storage_options));
+            let storage = Arc::new(Storage::new(fs, storage_options));
             storage.observe_fsyncs(fsync_observer);
             let topics = TopicRegistry::open(&data_dir, Arc::clone(&storage), log_config, limits);
             (storage, topics)

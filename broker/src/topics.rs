@@ -41,13 +41,38 @@ impl Topic {
     }
 }
 
+/// `topic.toml`.
 #[derive(Debug, Serialize, Deserialize)]
-struct TopicMetadata {
-    partitions: u32,
+pub(crate) struct TopicMetadata {
+    pub(crate) partitions: u32,
     #[serde(default)]
-    internal: bool,
+    pub(crate) internal: bool,
     #[serde(default)]
-    config: BTreeMap<String, String>,
+    pub(crate) config: BTreeMap<String, String>,
+}
+
+impl TopicMetadata {
+    /// Reads a `topic.toml`. The partition count is checked before anything is sized by it: a
+    /// damaged file claiming billions of partitions must not make the broker try to open them.
+    /// A count over `max_partitions_per_topic` is refused rather than clamped, so the operator
+    /// sees it (and may raise the limit if it was lowered after the topic was created).
+    pub(crate) fn decode(bytes: &[u8], max_partitions_per_topic: u32) -> Result<Self, String> {
+        let text = std::str::from_utf8(bytes).map_err(|error| format!("not UTF-8: {error}"))?;
+        let metadata: TopicMetadata =
+            toml::from_str(text).map_err(|error| error.message().to_owned())?;
+        if metadata.partitions == 0 || metadata.partitions > max_partitions_per_topic {
+            return Err(format!(
+                "{} partitions, outside 1 to {max_partitions_per_topic} \
+                 (limits.max_partitions_per_topic)",
+                metadata.partitions
+            ));
+        }
+        Ok(metadata)
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        toml::to_string(self).expect("topic metadata serialises")
+    }
 }
 
 /// Why a topic operation failed; carries its wire error code.
@@ -173,15 +198,17 @@ impl TopicRegistry {
                     ));
                 }
             };
-            let metadata: TopicMetadata = std::str::from_utf8(&metadata)
-                .ok()
-                .and_then(|text| toml::from_str(text).ok())
-                .ok_or_else(|| {
-                    TopicError::new(
-                        ErrorCode::StorageError,
-                        format!("unreadable topic metadata {}", metadata_path.display()),
-                    )
-                })?;
+            let metadata =
+                TopicMetadata::decode(&metadata, registry.limits.max_partitions_per_topic)
+                    .map_err(|reason| {
+                        TopicError::new(
+                            ErrorCode::StorageError,
+                            format!(
+                                "unreadable topic metadata {}: {reason}",
+                                metadata_path.display()
+                            ),
+                        )
+                    })?;
             let config = registry
                 .defaults
                 .with_overrides(
@@ -342,7 +369,7 @@ impl TopicRegistry {
             internal,
             config: overrides.clone(),
         };
-        let text = toml::to_string(&metadata).expect("topic metadata serialises");
+        let text = metadata.encode();
         write_file_durably(fs.as_ref(), &dir.join(TOPIC_METADATA_FILE), text.as_bytes())
             .map_err(fail)?;
         fs.sync_dir(&self.topics_dir).map_err(fail)?;

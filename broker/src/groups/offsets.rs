@@ -42,7 +42,7 @@ pub struct Committed {
     pub metadata: Option<String>,
     /// Where the commit sits in the offsets log; a later commit always wins, whatever order
     /// durability completes in.
-    log_position: u64,
+    pub(crate) log_position: u64,
 }
 
 /// One commit of a request.
@@ -125,7 +125,7 @@ fn encode_key(group: &str, topic: &str, partition: u32) -> BytesMut {
     key
 }
 
-fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64, Option<String>)> {
+pub(crate) fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64, Option<String>)> {
     let mut key = key;
     if key.first() != Some(&RECORD_VERSION) {
         return None;
@@ -349,7 +349,7 @@ impl OffsetStore {
     }
 }
 
-fn encode_snapshot(committed: &HashMap<OffsetKey, Committed>, covered: u64) -> Vec<u8> {
+pub(crate) fn encode_snapshot(committed: &HashMap<OffsetKey, Committed>, covered: u64) -> Vec<u8> {
     let mut out = BytesMut::new();
     out.put_slice(SNAPSHOT_MAGIC);
     out.put_u8(SNAPSHOT_VERSION);
@@ -368,7 +368,7 @@ fn encode_snapshot(committed: &HashMap<OffsetKey, Committed>, covered: u64) -> V
     out.to_vec()
 }
 
-fn decode_snapshot(bytes: &[u8]) -> Option<(HashMap<OffsetKey, Committed>, u64)> {
+pub(crate) fn decode_snapshot(bytes: &[u8]) -> Option<(HashMap<OffsetKey, Committed>, u64)> {
     let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
     if crc32c::crc32c(body).to_be_bytes() != crc {
         return None;

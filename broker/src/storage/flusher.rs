@@ -4,11 +4,12 @@
 //! goes through here: a pool of threads takes sync jobs from a crossbeam channel, and a ticker
 //! thread turns the `interval:<ms>` policy and the recovery-point checkpoints into jobs.
 //!
-//! Group commit lives in [`super::log::PartitionLog`]'s durability state: while one fsync of a
-//! partition runs, every append that wants durability registers a waiter and raises the
-//! partition's requested offset; when the fsync returns, it releases every waiter it covered
-//! and, if some asked for more, runs once more for all of them together. N concurrent appenders
-//! therefore cost about two fsyncs per round, not N.
+//! Group commit is the state machine in [`super::group_commit`], one per
+//! [`super::log::PartitionLog`]: while one fsync of a partition runs, every append that wants
+//! durability registers a waiter and raises the partition's requested offset; when the fsync
+//! returns, it releases every waiter it covered and, if some asked for more, runs once more for
+//! all of them together. N concurrent appenders therefore cost about two fsyncs per round, not
+//! N.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;

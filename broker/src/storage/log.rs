@@ -22,7 +22,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use sluice_protocol::RecordBatch;
 use sluice_protocol::batch::{
-    HEADER_BYTES, NO_PRODUCER_ID, RecordBatchRef, batch_size, split_batches,
+    HEADER_BYTES, LOG_OVERHEAD_BYTES, MAGIC, NO_PRODUCER_ID, RecordBatchRef, batch_size,
+    split_batches,
 };
 use tokio::sync::oneshot;
 
@@ -30,7 +31,8 @@ use super::StorageShared;
 use super::config::{FsyncPolicy, LogConfig};
 use super::error::{Result, StorageError};
 use super::fs::{FileHandle, read_file, write_file_durably};
-use super::index::SegmentIndex;
+use super::group_commit::{GroupCommit, Registered};
+use super::index::{IndexEntry, SegmentIndex};
 use super::recovery::{self, Recovered};
 use super::segment::{Segment, SegmentPaths};
 use super::signal::HighWatermark;
@@ -99,17 +101,6 @@ struct Writer {
     last_batch_crc: Option<u32>,
 }
 
-#[derive(Debug)]
-struct Durability {
-    /// Every offset below this is fsynced.
-    durable_offset: u64,
-    /// The highest offset someone asked to be fsynced.
-    requested_offset: u64,
-    /// A sync job is queued or running.
-    scheduled: bool,
-    waiters: Vec<(u64, oneshot::Sender<Result<(), String>>)>,
-}
-
 /// One partition's log. Shared as `Arc<PartitionLog>`.
 #[derive(Debug)]
 pub struct PartitionLog {
@@ -121,7 +112,8 @@ pub struct PartitionLog {
     segments: RwLock<Vec<Arc<Segment>>>,
     high_watermark: HighWatermark,
     log_start_offset: AtomicU64,
-    durability: Mutex<Durability>,
+    /// Group commit: who waits for which offset, and whether a sync job is queued.
+    durability: GroupCommit<oneshot::Sender<std::result::Result<(), String>>>,
     /// Set once: why the partition refuses writes.
     poisoned: Mutex<Option<String>>,
     is_poisoned: AtomicBool,
@@ -185,12 +177,7 @@ impl PartitionLog {
             segments: RwLock::new(recovered.segments),
             high_watermark: HighWatermark::new(next_offset),
             log_start_offset: AtomicU64::new(log_start_offset),
-            durability: Mutex::new(Durability {
-                durable_offset: recovered.durable_offset,
-                requested_offset: recovered.durable_offset,
-                scheduled: false,
-                waiters: Vec::new(),
-            }),
+            durability: GroupCommit::new(recovered.durable_offset),
             is_poisoned: AtomicBool::new(poisoned.is_some()),
             poisoned: Mutex::new(poisoned),
             dirty: AtomicBool::new(false),
@@ -240,10 +227,7 @@ impl PartitionLog {
 
     /// Every offset below this is fsynced.
     pub fn durable_offset(&self) -> u64 {
-        self.durability
-            .lock()
-            .expect("durability lock poisoned")
-            .durable_offset
+        self.durability.durable_offset()
     }
 
     /// fsyncs of this log's segment files so far.
@@ -665,7 +649,8 @@ impl PartitionLog {
             if segment.next_offset() <= from || end == 0 {
                 continue;
             }
-            let (file, mut position) = segment.lookup(fs, &self.shared.cache, from)?;
+            let (file, entry) = segment.lookup(fs, &self.shared.cache, from)?;
+            let mut position = self.walk_start(&segment, &file, entry);
             let mut buffer_start = 0u64;
             buffer.clear();
             while position < end {
@@ -770,16 +755,15 @@ impl PartitionLog {
     /// `Poisoned` when an fsync failed: the data may or may not be on disk, and the partition
     /// refuses further writes rather than pretend.
     pub async fn wait_durable(self: &Arc<Self>, next_offset: u64) -> Result<()> {
-        let receiver = {
-            let mut durability = self.durability.lock().expect("durability lock poisoned");
-            if durability.durable_offset >= next_offset {
-                return Ok(());
-            }
-            self.check_writable()?;
-            let (sender, receiver) = oneshot::channel();
-            durability.waiters.push((next_offset, sender));
-            self.schedule(&mut durability, next_offset);
-            receiver
+        let registered = self.durability.register(
+            next_offset,
+            || self.check_writable(),
+            oneshot::channel,
+            || self.shared.flusher.sync(Arc::clone(self)),
+        )?;
+        let receiver = match registered {
+            Registered::Durable => return Ok(()),
+            Registered::Waiting(receiver) => receiver,
         };
         match receiver.await {
             Ok(Ok(())) => Ok(()),
@@ -792,18 +776,8 @@ impl PartitionLog {
     /// without waiting.
     pub(crate) fn request_sync(self: &Arc<Self>, next_offset: Option<u64>) {
         let target = next_offset.unwrap_or_else(|| self.high_watermark.get());
-        let mut durability = self.durability.lock().expect("durability lock poisoned");
-        if durability.durable_offset < target {
-            self.schedule(&mut durability, target);
-        }
-    }
-
-    fn schedule(self: &Arc<Self>, durability: &mut Durability, target: u64) {
-        durability.requested_offset = durability.requested_offset.max(target);
-        if !durability.scheduled {
-            durability.scheduled = true;
-            self.shared.flusher.sync(Arc::clone(self));
-        }
+        self.durability
+            .request(target, || self.shared.flusher.sync(Arc::clone(self)));
     }
 
     pub(crate) fn clear_dirty(&self) {
@@ -815,43 +789,32 @@ impl PartitionLog {
     pub(crate) fn run_sync(&self) -> bool {
         let target = self.high_watermark.get();
         let result = self.sync_files();
-        let mut durability = self.durability.lock().expect("durability lock poisoned");
-        match result {
-            Ok(()) => {
-                durability.durable_offset = durability.durable_offset.max(target);
-                let durable = durability.durable_offset;
-                let mut index = 0;
-                while index < durability.waiters.len() {
-                    if durability.waiters[index].0 <= durable {
-                        let (_, waiter) = durability.waiters.swap_remove(index);
-                        let _ = waiter.send(Ok(()));
-                    } else {
-                        index += 1;
-                    }
-                }
-                let again = durability.requested_offset > durable
-                    && !self.is_poisoned.load(Ordering::Acquire);
-                durability.scheduled = again;
-                again
-            }
-            Err(reason) => {
-                self.poison(reason.clone());
-                durability.scheduled = false;
-                for (_, waiter) in durability.waiters.drain(..) {
-                    let _ = waiter.send(Err(reason.clone()));
-                }
-                false
-            }
-        }
+        // A failed fsync poisons the partition under the group-commit lock, before the waiters
+        // fail, so no new waiter registers for an fsync that will never be retried.
+        self.durability.synced(
+            target,
+            result,
+            |reason| self.poison(reason.to_owned()),
+            || {
+                self.is_poisoned
+                    .load(Ordering::Acquire)
+                    .then(|| self.poison_reason().unwrap_or_default())
+            },
+        )
     }
 
     /// fsyncs the rolled segments not yet synced and the active one.
+    ///
+    /// When a roll created a segment file since the last sync, the partition's directory is
+    /// fsynced too, after the files: until then the new file's name may not survive a power
+    /// loss, and with it every offset in the file, so none of them may count as durable.
     fn sync_files(&self) -> std::result::Result<(), String> {
-        let (mut files, active_path) = {
+        let (mut files, active_path, directory_dirty) = {
             let mut writer = self.writer.lock().expect("writer lock poisoned");
             let mut files = std::mem::take(&mut writer.unsynced_files);
             files.push(writer.active_file.clone());
-            (files, writer.active.paths.log.clone())
+            let directory_dirty = std::mem::take(&mut writer.directory_dirty);
+            (files, writer.active.paths.log.clone(), directory_dirty)
         };
         for file in files.drain(..) {
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -861,6 +824,15 @@ impl PartitionLog {
             synced.map_err(|error| {
                 format!(
                     "fsync of {} (or a segment before it) failed: {error}",
+                    active_path.display()
+                )
+            })?;
+        }
+        if directory_dirty {
+            self.shared.fs.sync_dir(&self.dir).map_err(|error| {
+                format!(
+                    "fsync of the directory {} (after creating {}) failed: {error}",
+                    self.dir.display(),
                     active_path.display()
                 )
             })?;
@@ -906,10 +878,7 @@ impl PartitionLog {
             self.sync_files()
                 .map_err(|reason| StorageError::Poisoned { reason })
                 .and_then(|()| {
-                    let target = self.high_watermark.get();
-                    let mut durability = self.durability.lock().expect("durability lock poisoned");
-                    durability.durable_offset = durability.durable_offset.max(target);
-                    drop(durability);
+                    self.durability.mark_durable(self.high_watermark.get());
                     self.checkpoint_recovery_point()
                 })
                 // With a snapshot at the end of the log, the next open replays nothing.
@@ -972,49 +941,84 @@ impl PartitionLog {
             return Ok(empty);
         };
         let fs = self.shared.fs.as_ref();
-        let (file, mut position) = segment.lookup(fs, &self.shared.cache, offset)?;
+        let (file, entry) = segment.lookup(fs, &self.shared.cache, offset)?;
         let end = segment.size_bytes();
-        // Walk batch headers from the index entry to the batch that holds the offset.
+        // Walk batch headers from the index entry to the batch that holds the offset, each one
+        // starting where the previous ended: the CRC leaves the base offset out.
+        let mut position = u64::from(entry.position);
+        let mut expected_base = segment.base_offset + u64::from(entry.relative_offset);
+        // The index is only a shortcut: when the batch at an entry's position is not the one
+        // the entry claims, the index file is damaged, not the log, and the walk starts over
+        // from the segment's first batch (see `walk_start`).
+        let mut trusting_index = position > 0;
         let mut header = [0u8; HEADER_PROBE_BYTES];
         let first_size = loop {
-            if position + HEADER_PROBE_BYTES as u64 > end {
-                return Ok(empty);
+            let problem = if position + HEADER_PROBE_BYTES as u64 > end {
+                if !trusting_index {
+                    return Ok(empty);
+                }
+                format!("position {position} is past the end ({end})")
+            } else {
+                self.read_exact(&file, &segment, &mut header, position)?;
+                let base = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
+                let size = batch_size(&header).unwrap_or(0);
+                let last_delta = u32::from_be_bytes(header[23..27].try_into().expect("4 bytes"));
+                if size < HEADER_BYTES as u64 || position + size > end {
+                    format!("batch size {size} out of bounds")
+                } else if base != expected_base {
+                    format!("batch base offset {base} where {expected_base} was expected")
+                } else if base + u64::from(last_delta) >= offset {
+                    break size;
+                } else {
+                    trusting_index = false;
+                    expected_base = base + u64::from(last_delta) + 1;
+                    position += size;
+                    continue;
+                }
+            };
+            if trusting_index {
+                tracing::warn!(index = %segment.paths.index.display(), position, %problem, "the sparse index disagrees with its segment; reading from the segment's start");
+                trusting_index = false;
+                position = 0;
+                expected_base = segment.base_offset;
+                continue;
             }
-            self.read_exact(&file, &segment, &mut header, position)?;
-            let base = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
-            let size = batch_size(&header).unwrap_or(0);
-            let last_delta = u32::from_be_bytes(header[23..27].try_into().expect("4 bytes"));
-            if size < HEADER_BYTES as u64 || position + size > end {
-                return Err(self.corrupt(
-                    &segment,
-                    position,
-                    format!("batch size {size} out of bounds"),
-                ));
-            }
-            if base + u64::from(last_delta) >= offset {
-                break size;
-            }
-            position += size;
+            return Err(self.corrupt(&segment, position, problem));
         };
         let want = (max_bytes as u64).max(first_size).min(end - position);
         let length = usize::try_from(want).expect("read length fits in memory");
         let mut buffer = BytesMut::zeroed(length);
         self.read_exact(&file, &segment, &mut buffer, position)?;
-        // Keep whole batches only, each checked as it leaves the disk.
+        // Keep whole batches only, each checked as it leaves the disk: its CRC, and what the
+        // CRC leaves out (the format version, and the base offset following on).
         let mut cut = 0usize;
         while let Some(size) = buffer.get(cut..).and_then(batch_size) {
             let size = size as usize;
             if cut + size > buffer.len() || size < HEADER_BYTES {
                 break;
             }
-            let batch = RecordBatchRef::new(&buffer[cut..cut + size]).map_err(|error| {
-                self.corrupt(&segment, position + cut as u64, error.to_string())
-            })?;
-            if batch.crc() != batch.computed_crc() {
+            let problem = match RecordBatchRef::new(&buffer[cut..cut + size]) {
+                Err(error) => Some(error.to_string()),
+                Ok(batch) if batch.crc() != batch.computed_crc() => {
+                    Some("crc32c mismatch".to_owned())
+                }
+                Ok(batch) if batch.magic() != MAGIC => {
+                    Some(format!("magic {} (expected {MAGIC})", batch.magic()))
+                }
+                Ok(batch) if batch.base_offset() != expected_base => Some(format!(
+                    "batch base offset {} where {expected_base} was expected",
+                    batch.base_offset()
+                )),
+                Ok(batch) => {
+                    expected_base = batch.last_offset() + 1;
+                    None
+                }
+            };
+            if let Some(problem) = problem {
                 if cut > 0 {
                     break; // serve what precedes the damage; the next read reports it
                 }
-                return Err(self.corrupt(&segment, position, "crc32c mismatch".to_owned()));
+                return Err(self.corrupt(&segment, position, problem));
             }
             cut += size;
         }
@@ -1024,6 +1028,34 @@ impl PartitionLog {
             high_watermark,
             log_start_offset,
         })
+    }
+
+    /// Where a walk over `segment`'s batch headers may start, for a lookup that found `entry`:
+    /// the entry's position when the batch there has the offset the entry claims, else the
+    /// segment's first batch. A closed segment's index file is only a shortcut, checked for its
+    /// shape when it is loaded; one damaged in a way that still looks well formed must make
+    /// lookups slower, never make intact data look corrupt.
+    fn walk_start(&self, segment: &Segment, file: &FileHandle, entry: IndexEntry) -> u64 {
+        let position = u64::from(entry.position);
+        if position == 0 {
+            return 0;
+        }
+        let claimed = segment.base_offset + u64::from(entry.relative_offset);
+        let end = segment.size_bytes();
+        let mut header = [0u8; LOG_OVERHEAD_BYTES];
+        let agrees = position + HEADER_BYTES as u64 <= end
+            && file
+                .read_at(&mut header, position)
+                .is_ok_and(|read| read == header.len())
+            && u64::from_be_bytes(header[..8].try_into().expect("8 bytes")) == claimed
+            && batch_size(&header)
+                .is_some_and(|size| size >= HEADER_BYTES as u64 && position + size <= end);
+        if agrees {
+            position
+        } else {
+            tracing::warn!(index = %segment.paths.index.display(), position, claimed, "the sparse index disagrees with its segment; reading from the segment's start");
+            0
+        }
     }
 
     fn read_exact(
@@ -1072,7 +1104,8 @@ impl PartitionLog {
             if segment.max_timestamp().is_none_or(|max| max < timestamp_ms) {
                 continue;
             }
-            let (file, mut position) = segment.lookup_time(fs, &self.shared.cache, timestamp_ms)?;
+            let (file, entry) = segment.lookup_time(fs, &self.shared.cache, timestamp_ms)?;
+            let mut position = self.walk_start(&segment, &file, entry);
             let end = segment.size_bytes();
             let mut header = [0u8; HEADER_BYTES];
             while position + HEADER_BYTES as u64 <= end {

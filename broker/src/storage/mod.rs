@@ -10,8 +10,9 @@
 //!
 //! Modules: [`fs`] the filesystem trait (the real disk, and [`faultfs`] for tests), [`log`] the
 //! partition log, [`segment`] segment files and the bounded cache of open ones, [`index`] the
-//! sparse indexes, [`recovery`] what happens on open, [`flusher`] fsync off the runtime with
-//! group commit, [`signal`] the high-watermark publish/notify protocol (modelled with loom).
+//! sparse indexes, [`recovery`] what happens on open, [`flusher`] fsync off the runtime,
+//! [`group_commit`] the durability state machine that shares fsyncs between appenders, and
+//! [`signal`] the high-watermark publish/notify protocol (both modelled with loom).
 //!
 //! [`Storage`] is what a broker holds: the filesystem, the flusher threads and the segment
 //! cache shared by every [`PartitionLog`] it opens.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod faultfs;
 pub(crate) mod flusher;
 pub mod fs;
+pub(crate) mod group_commit;
 pub mod index;
 pub mod log;
 pub(crate) mod recovery;

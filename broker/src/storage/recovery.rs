@@ -144,14 +144,15 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
         let size = file
             .len()
             .map_err(io(format!("stat {}", paths.log.display())))?;
-        let offsets = read_file(fs, &paths.index).unwrap_or_default();
-        let times = read_file(fs, &paths.time_index).unwrap_or_default();
-        let max_timestamp = match SegmentIndex::decode_closed(
-            &offsets,
-            &times,
-            size,
-            next_base - base,
-        ) {
+        // A missing file is rebuilt even when the other one makes the pair look whole: an
+        // offset index with no entries is valid for a small segment, so only its absence tells
+        // that it was lost (and every lookup would scan the segment from its start).
+        let offsets = read_file(fs, &paths.index).ok();
+        let times = read_file(fs, &paths.time_index).ok();
+        let decoded = offsets.zip(times).and_then(|(offsets, times)| {
+            SegmentIndex::decode_closed(&offsets, &times, size, next_base - base)
+        });
+        let max_timestamp = match decoded {
             Some(index) => index.max_timestamp(),
             None => {
                 let scan = scan_segment(&file, &paths.log, *base, *base, config)?;

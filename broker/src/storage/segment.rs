@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::error::{Result, StorageError};
 use super::fs::{FileHandle, FileSystem, read_file};
-use super::index::SegmentIndex;
+use super::index::{IndexEntry, SegmentIndex};
 
 /// The three files of a segment, and the producer-state snapshot taken when it started.
 /// Every segment path in the broker is built here.
@@ -204,23 +204,24 @@ impl Segment {
             .map(|active| active.file.clone())
     }
 
-    /// Looks up where to start reading `offset` without copying the active index.
+    /// Looks up where to start reading `offset` without copying the active index: the index
+    /// entry at or before it (relative offset and file position of a batch start; `(0, 0)`,
+    /// the segment's start, without one). A closed segment's entry comes from its index file,
+    /// which may be damaged in ways that still look well formed: callers check that the batch
+    /// at the position has the offset the entry claims before relying on it.
     pub fn lookup(
         &self,
         fs: &dyn FileSystem,
         cache: &SegmentCache,
         offset: u64,
-    ) -> Result<(FileHandle, u64)> {
+    ) -> Result<(FileHandle, IndexEntry)> {
         let relative = u32::try_from(offset.saturating_sub(self.base_offset)).unwrap_or(u32::MAX);
         if let Some(active) = self.active.read().expect("segment lock poisoned").as_ref() {
-            return Ok((
-                active.file.clone(),
-                u64::from(active.index.lookup(relative).position),
-            ));
+            return Ok((active.file.clone(), active.index.lookup(relative)));
         }
         let open = cache.get_or_open(self, fs)?;
-        let position = u64::from(open.index.lookup(relative).position);
-        Ok((open.file, position))
+        let entry = open.index.lookup(relative);
+        Ok((open.file, entry))
     }
 
     /// Like [`Segment::lookup`], for the first batch that may hold `timestamp_ms`.
@@ -229,14 +230,13 @@ impl Segment {
         fs: &dyn FileSystem,
         cache: &SegmentCache,
         timestamp_ms: i64,
-    ) -> Result<(FileHandle, u64)> {
+    ) -> Result<(FileHandle, IndexEntry)> {
         if let Some(active) = self.active.read().expect("segment lock poisoned").as_ref() {
-            let entry = active.index.lookup_time(timestamp_ms);
-            return Ok((active.file.clone(), u64::from(entry.position)));
+            return Ok((active.file.clone(), active.index.lookup_time(timestamp_ms)));
         }
         let open = cache.get_or_open(self, fs)?;
-        let position = u64::from(open.index.lookup_time(timestamp_ms).position);
-        Ok((open.file, position))
+        let entry = open.index.lookup_time(timestamp_ms);
+        Ok((open.file, entry))
     }
 }
 

@@ -7,10 +7,11 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{Error, Result};
+use crate::sync::{Mutex, MutexGuard};
 
 /// Where an acknowledged record was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -220,5 +221,122 @@ mod tests {
             last: Box::new(Error::Io(io::Error::new(io::ErrorKind::BrokenPipe, "pipe"))),
         };
         assert_eq!(copy_error(&error).to_string(), error.to_string());
+    }
+}
+
+/// Loom models of the completion shared by a batch's records, run with
+/// `RUSTFLAGS="--cfg sluice_loom" CARGO_TARGET_DIR=target/loom cargo test -p sluice-client --release --lib loom_tests`.
+///
+/// The sender task completes a batch while the application's tasks, on other threads, poll the
+/// records' futures. A future that registered its waker and is never woken leaves its thread
+/// parked for ever, which loom reports as a deadlock.
+///
+/// The rest of the producer's accounting needs no model of its own: `buffer_bytes` is a tokio
+/// `Semaphore` (one permit per byte; tokio's own loom suite covers it) whose permits a batch
+/// takes before it is created and gives back exactly once, in `sender::finish`; the bytes a
+/// call holds between the two are plain values owned by that call or by the batch under the
+/// accumulator's mutex. The per-partition in-flight limit is state of the sender task alone
+/// (`SenderState`), never shared between threads. `Progress` is a mutex-guarded set feeding a
+/// tokio `watch` channel, whose `wait_for` checks the current value before it waits.
+#[cfg(all(test, sluice_loom))]
+mod loom_tests {
+    use std::pin::pin;
+    use std::task::Wake;
+
+    use loom::thread;
+
+    use super::*;
+
+    /// Wakes a parked loom thread (as in the broker's `storage::signal` models).
+    struct Unparker(thread::Thread);
+
+    impl Wake for Unparker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    /// Polls `future` on the current loom thread until it is ready, parking between polls.
+    /// Loom remembers an unpark that comes before the park, so only a waker that is never
+    /// called leaves the thread parked.
+    fn block_on<F: Future>(future: F) -> F::Output {
+        let mut future = pin!(future);
+        let waker = Waker::from(Arc::new(Unparker(thread::current())));
+        let mut context = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+                return output;
+            }
+            thread::park();
+        }
+    }
+
+    fn offset(outcome: Result<Delivery>) -> Option<u64> {
+        outcome.expect("the batch was acknowledged").offset
+    }
+
+    #[test]
+    fn a_future_polled_before_the_answer_is_woken_by_it() {
+        loom::model(|| {
+            let completion = BatchCompletion::new(1);
+            let record = DeliveryFuture::new(Arc::clone(&completion), 2);
+            let application = thread::spawn(move || offset(block_on(record)));
+            completion.complete(Ok(Some(100)));
+            assert_eq!(application.join().unwrap(), Some(102));
+        });
+    }
+
+    #[test]
+    fn one_answer_wakes_two_records_awaited_on_two_threads() {
+        loom::model(|| {
+            let completion = BatchCompletion::new(1);
+            let first = DeliveryFuture::new(Arc::clone(&completion), 0);
+            let second = DeliveryFuture::new(Arc::clone(&completion), 1);
+            let first = thread::spawn(move || offset(block_on(first)));
+            let second = thread::spawn(move || offset(block_on(second)));
+            completion.complete(Ok(Some(7)));
+            assert_eq!(first.join().unwrap(), Some(7));
+            assert_eq!(second.join().unwrap(), Some(8));
+        });
+    }
+
+    /// The broker's answer and the delivery timeout race to complete the batch: whichever
+    /// wins, every record sees that same outcome.
+    #[test]
+    fn the_first_outcome_wins_for_every_record() {
+        loom::model(|| {
+            let completion = BatchCompletion::new(0);
+            let early = DeliveryFuture::new(Arc::clone(&completion), 0);
+            let late = DeliveryFuture::new(Arc::clone(&completion), 0);
+            let application = thread::spawn(move || block_on(early).ok().map(|d| d.offset));
+            let answer = {
+                let completion = Arc::clone(&completion);
+                thread::spawn(move || completion.complete(Ok(Some(5))))
+            };
+            completion.complete(Err(Arc::new(Error::Timeout { timeout_ms: 1 })));
+            answer.join().unwrap();
+            let seen_early = application.join().unwrap();
+            let seen_late = block_on(late).ok().map(|d| d.offset);
+            assert_eq!(seen_early, seen_late, "records of one batch disagree");
+        });
+    }
+
+    /// A future polled once by one task and then awaited by another (its waker changes): the
+    /// answer wakes the task that polled last.
+    #[test]
+    fn a_future_moved_to_another_task_is_woken_there() {
+        loom::model(|| {
+            let completion = BatchCompletion::new(0);
+            let mut record = DeliveryFuture::new(Arc::clone(&completion), 0);
+            let application = thread::spawn(move || {
+                let first = Pin::new(&mut record).poll(&mut Context::from_waker(Waker::noop()));
+                match first {
+                    Poll::Ready(outcome) => offset(outcome),
+                    Poll::Pending => offset(block_on(record)),
+                }
+            });
+            completion.complete(Ok(Some(3)));
+            assert_eq!(application.join().unwrap(), Some(3));
+        });
     }
 }
