@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
             .map(|e| u64::from(e.relative_offset)),
     ) {
         let entry = index.lookup(relative_offset as u32);
-        assert!(u64::from(entry.relative_offset) <= relative_offset.max(0));
+        assert!(u64::from(entry.relative_offset) <= relative_offset);
         assert!(entry.position == 0 || u64::from(entry.position) < size_bytes);
     }
     for timestamp in [i64::MIN, -1, 0, 1, i64::MAX] {
