@@ -9,7 +9,7 @@ pub mod assignor;
 pub mod coordinator;
 pub mod offsets;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -45,31 +45,6 @@ pub struct PendingCommit {
     pub entries: Vec<CommitEntry>,
     pub next_offset: u64,
     pub first_position: u64,
-}
-
-fn to_wire(set: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
-    let mut by_topic: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
-    for (topic, partition) in set {
-        by_topic.entry(topic).or_default().push(*partition);
-    }
-    by_topic
-        .into_iter()
-        .map(|(topic, partitions)| TopicPartitions {
-            topic: topic.to_owned(),
-            partitions,
-        })
-        .collect()
-}
-
-fn from_wire(list: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
-    list.iter()
-        .flat_map(|entry| {
-            entry
-                .partitions
-                .iter()
-                .map(|partition| (entry.topic.clone(), *partition))
-        })
-        .collect()
 }
 
 impl GroupManager {
@@ -129,7 +104,7 @@ impl GroupManager {
             session_timeout_ms: request.session_timeout_ms,
             assignor: request.assignor,
             topics: request.topics,
-            owned: request.owned.as_deref().map(from_wire),
+            owned: request.owned.as_deref().map(TopicPartitions::flatten),
         };
         let count = Self::partition_count(topics);
         match group.heartbeat(heartbeat, now_ms, &self.settings, &count) {
@@ -140,8 +115,8 @@ impl GroupManager {
                 member_epoch: answer.member_epoch,
                 group_epoch: answer.group_epoch,
                 heartbeat_interval_ms: answer.heartbeat_interval_ms,
-                assignment: to_wire(&answer.assignment),
-                release: to_wire(&answer.release),
+                assignment: TopicPartitions::group(&answer.assignment),
+                release: TopicPartitions::group(&answer.release),
             },
             Err(error) => {
                 if group.members.is_empty() && self.offsets.group_offsets(&group.id).is_empty() {
@@ -357,8 +332,8 @@ impl GroupManager {
                     member_id: member.id.clone(),
                     member_epoch: member.epoch,
                     topics: member.topics.iter().cloned().collect(),
-                    assigned: to_wire(&assigned),
-                    owned: to_wire(&member.given),
+                    assigned: TopicPartitions::group(&assigned),
+                    owned: TopicPartitions::group(&member.given),
                 });
             }
         }

@@ -44,36 +44,6 @@ pub struct MemberState {
     pub heartbeat_interval_ms: u32,
 }
 
-fn to_wire(set: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
-    let mut out: Vec<TopicPartitions> = Vec::new();
-    for (topic, partition) in set {
-        match out.last_mut() {
-            Some(last) if last.topic == *topic => last.partitions.push(*partition),
-            _ => out.push(TopicPartitions {
-                topic: topic.clone(),
-                partitions: vec![*partition],
-            }),
-        }
-    }
-    out
-}
-
-/// The wire form of a set of partitions, grouped by topic.
-pub fn to_wire_pub(set: &BTreeSet<TopicPartition>) -> Vec<TopicPartitions> {
-    to_wire(set)
-}
-
-fn from_wire(list: &[TopicPartitions]) -> BTreeSet<TopicPartition> {
-    list.iter()
-        .flat_map(|entry| {
-            entry
-                .partitions
-                .iter()
-                .map(|partition| (entry.topic.clone(), *partition))
-        })
-        .collect()
-}
-
 impl MemberState {
     pub fn new(
         group_id: &str,
@@ -106,7 +76,7 @@ impl MemberState {
             session_timeout_ms: self.session_timeout_ms,
             assignor: self.assignor.clone(),
             topics: Some(self.topics.clone()),
-            owned: Some(to_wire(&self.owned)),
+            owned: Some(TopicPartitions::group(&self.owned)),
         }
     }
 
@@ -135,14 +105,14 @@ impl MemberState {
             self.heartbeat_interval_ms = response.heartbeat_interval_ms;
         }
         let mut actions = Vec::new();
-        let release: BTreeSet<TopicPartition> = from_wire(&response.release)
+        let release: BTreeSet<TopicPartition> = TopicPartitions::flatten(&response.release)
             .intersection(&self.owned)
             .cloned()
             .collect();
         if !release.is_empty() {
             actions.push(MemberAction::Release(release));
         }
-        let assign: BTreeSet<TopicPartition> = from_wire(&response.assignment)
+        let assign: BTreeSet<TopicPartition> = TopicPartitions::flatten(&response.assignment)
             .difference(&self.owned)
             .cloned()
             .collect();

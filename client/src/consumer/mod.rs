@@ -361,7 +361,9 @@ impl Shared {
             .client
             .send_with_retry(FetchOffsetsRequest {
                 group_id: group.to_owned(),
-                topics: Some(group::to_wire_pub(partitions)),
+                topics: Some(sluice_protocol::messages::TopicPartitions::group(
+                    partitions,
+                )),
             })
             .await?;
         let Response::FetchOffsets(response) = response else {

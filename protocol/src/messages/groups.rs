@@ -61,6 +61,35 @@ pub struct TopicPartitions {
     pub partitions: Vec<u32>,
 }
 
+impl TopicPartitions {
+    /// Groups a sorted set of (topic, partition) pairs by topic, in order.
+    pub fn group(set: &std::collections::BTreeSet<(String, u32)>) -> Vec<TopicPartitions> {
+        let mut out: Vec<TopicPartitions> = Vec::new();
+        for (topic, partition) in set {
+            match out.last_mut() {
+                Some(last) if last.topic == *topic => last.partitions.push(*partition),
+                _ => out.push(TopicPartitions {
+                    topic: topic.clone(),
+                    partitions: vec![*partition],
+                }),
+            }
+        }
+        out
+    }
+
+    /// The (topic, partition) pairs of a list, as a set.
+    pub fn flatten(list: &[TopicPartitions]) -> std::collections::BTreeSet<(String, u32)> {
+        list.iter()
+            .flat_map(|entry| {
+                entry
+                    .partitions
+                    .iter()
+                    .map(|partition| (entry.topic.clone(), *partition))
+            })
+            .collect()
+    }
+}
+
 fn put_topic_partitions(dst: &mut BytesMut, list: &[TopicPartitions]) {
     put_count(dst, list.len());
     for entry in list {
