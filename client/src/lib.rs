@@ -38,7 +38,10 @@ mod sync;
 pub use admin::Admin;
 pub use client::{Client, ClientOptions};
 pub use connection::{Connection, ConnectionOptions, PendingResponse};
-pub use consumer::{CommitMode, Consumer, ConsumerBuilder, ConsumerRecord, ResetPolicy, Seek};
+pub use consumer::{
+    CommitMode, Consumer, ConsumerBatch, ConsumerBuilder, ConsumerRecord, RecordView, ResetPolicy,
+    Seek,
+};
 pub use error::Error;
 pub use producer::{Delivery, DeliveryFuture, Producer, ProducerBuilder, Record};
 pub use sluice_protocol as protocol;

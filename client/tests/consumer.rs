@@ -337,3 +337,67 @@ async fn producer_and_group_consumer_over_quic() {
     consumer.close().await.unwrap();
     broker.shutdown().await;
 }
+
+/// `next_batch` hands out the fetched batches undecoded, starting right after what the stream
+/// yielded, with every record's offset, key, value and headers; closing commits all of it.
+#[tokio::test]
+async fn batches_continue_where_the_stream_stopped_and_are_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start(dir.path()).await;
+    create_topic(&client, "b", 1).await;
+    let values: Vec<String> = (0..100).map(|index| format!("v{index}")).collect();
+    produce(&client, "b", 0, &values, 10).await;
+    let mut consumer = client
+        .consumer()
+        .group("gb")
+        .topics(["b"])
+        .commit_mode(CommitMode::Manual)
+        .build()
+        .await
+        .unwrap();
+    let streamed = take(&mut consumer, 15).await;
+    assert_eq!(streamed.last().unwrap().1, 14);
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 85 {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let batch = tokio::time::timeout(remaining, consumer.next_batch())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of 85 records arrived", seen.len()))
+            .expect("consumer open")
+            .expect("batch");
+        assert_eq!((&**batch.topic(), batch.partition()), ("b", 0));
+        let before = seen.len();
+        for record in batch.records() {
+            assert_eq!(record.key(), Some(&b"k"[..]));
+            assert_eq!(record.headers().collect::<Vec<_>>(), [("h", &b"1"[..])]);
+            assert_eq!(record.timestamp_ms(), 1_700_000_000_000);
+            seen.push((
+                record.offset(),
+                String::from_utf8(record.value().to_vec()).unwrap(),
+            ));
+        }
+        assert_eq!(batch.len(), seen.len() - before);
+        assert_eq!(batch.next_offset(), seen.last().unwrap().0 + 1);
+    }
+    let expected: Vec<(u64, String)> = (15..100)
+        .map(|offset| (offset, format!("v{offset}")))
+        .collect();
+    assert_eq!(seen, expected, "no record skipped or repeated");
+    consumer.close().await.unwrap();
+    let Response::FetchOffsets(offsets) = client
+        .send(FetchOffsetsRequest {
+            group_id: "gb".into(),
+            topics: Some(vec![TopicPartitions {
+                topic: "b".into(),
+                partitions: vec![0],
+            }]),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(offsets.topics[0].partitions[0].committed_offset, 100);
+    broker.shutdown().await;
+}

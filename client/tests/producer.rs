@@ -862,3 +862,98 @@ async fn unknown_topics_and_partitions_are_refused_at_enqueue() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_many_keeps_every_records_partition_offset_and_order() {
+    within_deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_broker, client) = start(dir.path()).await;
+        const PARTITIONS: u32 = 4;
+        const RECORDS: usize = 5_000;
+        create_topic(&client, "many", PARTITIONS).await;
+        // Small batches and a small buffer: one call spans many batches and has to wait for
+        // buffer space halfway through, letting go of the producer's lock in between.
+        let producer = client
+            .producer()
+            .batch_bytes(4_096)
+            .buffer_bytes(64 * 1024)
+            .build()
+            .await
+            .expect("producer");
+        let keyed = producer
+            .send_many((0..RECORDS).map(|index| {
+                Record::new("many", format!("value-{index}")).key(format!("key-{}", index % 100))
+            }))
+            .await
+            .expect("keyed records delivered");
+        assert_eq!(keyed.len(), RECORDS);
+        let keyless = producer
+            .send_many(
+                (RECORDS..RECORDS + 3_000)
+                    .map(|index| Record::new("many", format!("value-{index}"))),
+            )
+            .await
+            .expect("keyless records delivered");
+        assert_eq!(keyless.len(), 3_000);
+
+        let mut next_offset = BTreeMap::<u32, u64>::new();
+        let mut expected = BTreeMap::<u32, Vec<String>>::new();
+        for (index, delivery) in keyed.iter().chain(keyless.iter()).enumerate() {
+            if index < RECORDS {
+                let key = format!("key-{}", index % 100);
+                assert_eq!(
+                    delivery.partition,
+                    partition_for_key(key.as_bytes(), PARTITIONS),
+                    "record {index}"
+                );
+            }
+            let next = next_offset.entry(delivery.partition).or_insert(0);
+            assert_eq!(delivery.offset, Some(*next), "record {index}");
+            *next += 1;
+            expected
+                .entry(delivery.partition)
+                .or_default()
+                .push(format!("value-{index}"));
+        }
+        for (partition, expected) in expected {
+            let stored = fetch_all(&client, "many", partition).await;
+            let values: Vec<&String> = stored.records.iter().map(|stored| &stored.value).collect();
+            assert_eq!(
+                values,
+                expected.iter().collect::<Vec<_>>(),
+                "partition {partition}"
+            );
+        }
+
+        // A record that cannot be enqueued stops the call there; those before it are sent.
+        let refused = producer
+            .enqueue_many([
+                Record::new("many", "before").partition(0),
+                Record::new("many", "nowhere").partition(PARTITIONS),
+                Record::new("many", "after").partition(0),
+            ])
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(Error::Broker {
+                    code: ErrorCode::UnknownPartition,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        producer.flush().await.expect("flush");
+        let partition_zero = fetch_all(&client, "many", 0).await;
+        let last: Vec<&str> = partition_zero
+            .records
+            .iter()
+            .rev()
+            .take(1)
+            .map(|stored| stored.value.as_str())
+            .collect();
+        assert_eq!(last, ["before"]);
+        producer.close().await.expect("close");
+    })
+    .await;
+}

@@ -838,11 +838,46 @@ impl RecordBatchBuilder {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) {
+        let body = self.record_body_bytes(timestamp_ms, key, value, headers);
+        self.append_sized(body, timestamp_ms, key, value, headers);
+    }
+
+    /// Appends a record if the batch then takes at most `max_size_bytes`; returns whether it
+    /// did. The same as [`record_size_bytes`](Self::record_size_bytes) followed by
+    /// [`append`](Self::append), with the record sized once: the producer's per-record path.
+    ///
+    /// # Panics
+    /// As [`append`](Self::append).
+    pub fn try_append(
+        &mut self,
+        max_size_bytes: usize,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> bool {
+        let body = self.record_body_bytes(timestamp_ms, key, value, headers);
+        if self.buf.len() + varint_len(body as i64) + body > max_size_bytes {
+            return false;
+        }
+        self.append_sized(body, timestamp_ms, key, value, headers);
+        true
+    }
+
+    /// Appends a record whose body (as [`record_body_bytes`](Self::record_body_bytes) counts
+    /// it) takes `body` bytes.
+    fn append_sized(
+        &mut self,
+        body: usize,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(&str, &[u8])],
+    ) {
         let base_timestamp = *self.base_timestamp.get_or_insert(timestamp_ms);
         let timestamp_delta = timestamp_ms
             .checked_sub(base_timestamp)
             .expect("record timestamp too far from the batch's first");
-        let body = self.record_body_bytes(timestamp_ms, key, value, headers);
         self.buf.reserve(varint_len(body as i64) + body);
         put_varint(&mut self.buf, body as i64);
         self.buf.put_u8(0);

@@ -325,3 +325,44 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// `try_append` takes a record exactly when `record_size_bytes` says it fits, and builds
+    /// the same bytes as `append`.
+    #[test]
+    fn try_append_fills_a_batch_to_its_limit_and_no_further(
+        records in proptest::collection::vec(record_strategy(), 1..40),
+        limit in HEADER_BYTES..4_000usize,
+    ) {
+        let mut bounded = RecordBatchBuilder::new();
+        let mut taken = Vec::new();
+        for (timestamp, key, value, headers) in &records {
+            let headers: Vec<(&str, &[u8])> = headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_slice()))
+                .collect();
+            let size = bounded.record_size_bytes(*timestamp, key.as_deref(), value, &headers);
+            let fits = bounded.size_bytes() + size <= limit;
+            let before = bounded.size_bytes();
+            let took = bounded.try_append(limit, *timestamp, key.as_deref(), value, &headers);
+            prop_assert_eq!(took, fits);
+            if !took {
+                prop_assert_eq!(bounded.size_bytes(), before, "a refused record left bytes");
+                break;
+            }
+            prop_assert!(bounded.size_bytes() <= limit);
+            taken.push((*timestamp, key.clone(), value.clone(), headers
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), value.to_vec()))
+                .collect::<Vec<_>>()));
+        }
+        if !taken.is_empty() {
+            let batch = bounded.build();
+            let expected = build(&taken);
+            prop_assert_eq!(batch.as_bytes(), expected.as_bytes());
+            assert_decodes_to(&batch, &taken);
+        }
+    }
+}

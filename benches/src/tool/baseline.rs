@@ -24,8 +24,8 @@ use anyhow::{Context, Result, anyhow};
 use hdrhistogram::Histogram;
 
 use super::cli::{
-    BaselineArgs, DEFAULT_BATCH_BYTES, DEFAULT_LINGER_MS, Settings, Stop, Target, Transport,
-    Workload,
+    BaselineArgs, DEFAULT_BATCH_BYTES, DEFAULT_LINGER_MS, DEFAULT_RECORDS_PER_SEND, Settings, Stop,
+    Target, Transport, Workload,
 };
 use super::machine::Machine;
 use super::metrics::LatencySummary;
@@ -226,6 +226,7 @@ fn sluice_settings(workload: Workload, arguments: &BaselineArgs, acks: Acks) -> 
         stop: Stop::Messages(arguments.messages),
         batch_bytes: DEFAULT_BATCH_BYTES,
         linger: Duration::from_millis(DEFAULT_LINGER_MS),
+        records_per_send: DEFAULT_RECORDS_PER_SEND,
         acks,
         fsync_label: fsync.to_string(),
         rate: None,

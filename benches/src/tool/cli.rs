@@ -19,6 +19,8 @@ pub const DEFAULT_LATENCY_RATE: u64 = 10_000;
 /// The producer's own defaults, repeated here so every result can be labelled with them.
 pub const DEFAULT_BATCH_BYTES: u32 = 256 * 1024;
 pub const DEFAULT_LINGER_MS: u64 = 5;
+/// Records a producer hands over per `Producer::enqueue_many` call, unpaced.
+pub const DEFAULT_RECORDS_PER_SEND: u32 = 1_000;
 /// Every payload starts with its send time (8 bytes), so it cannot be shorter.
 pub const MIN_MESSAGE_BYTES: u32 = 8;
 /// Leaves room for the batch and record headers inside the broker's default 1 MiB batch limit.
@@ -141,6 +143,11 @@ pub struct WorkloadArgs {
     /// How long a batch waits for more records (the producer's linger). Default 5, latency 0.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub linger_ms: Option<u64>,
+    /// Records a producer hands to the client per call: 1 = `Producer::enqueue` per record,
+    /// more = `Producer::enqueue_many` with that many (one lock, one clock read, one future
+    /// per call). With --rate records are paced one at a time. Default 1000.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub records_per_send: Option<u32>,
     /// When the broker acknowledges: none (no answer), leader (in its page cache), durable
     /// (fsynced first).
     #[arg(long, value_enum, default_value_t = AcksArgument::Durable)]
@@ -233,6 +240,8 @@ pub struct Settings {
     pub stop: Stop,
     pub batch_bytes: u32,
     pub linger: Duration,
+    /// Records per producer call when unpaced (1 with a rate).
+    pub records_per_send: u32,
     pub acks: Acks,
     /// The fsync label: the embedded broker's policy, or what the user said of an external one.
     pub fsync_label: String,
@@ -326,6 +335,13 @@ impl Settings {
             stop,
             batch_bytes: arguments.batch_bytes.unwrap_or(DEFAULT_BATCH_BYTES),
             linger: Duration::from_millis(arguments.linger_ms.unwrap_or(default_linger_ms)),
+            records_per_send: if rate.is_some() {
+                1
+            } else {
+                arguments
+                    .records_per_send
+                    .unwrap_or(DEFAULT_RECORDS_PER_SEND)
+            },
             acks,
             fsync_label,
             rate,

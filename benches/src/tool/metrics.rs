@@ -141,15 +141,20 @@ pub struct LatencyRecorder {
 impl LatencyRecorder {
     /// Records that something begun at `begun` ended at `ended`.
     pub fn record(&mut self, begun: Instant, ended: Instant) {
+        self.record_n(begun, ended, 1);
+    }
+
+    /// Records `count` things that began together at `begun` and ended at `ended`.
+    pub fn record_n(&mut self, begun: Instant, ended: Instant, count: u64) {
         let microseconds =
             u64::try_from(ended.saturating_duration_since(begun).as_micros()).unwrap_or(u64::MAX);
-        self.total.saturating_record(microseconds);
+        self.total.saturating_record_n(microseconds, count);
         let second = ended.saturating_duration_since(self.meter.epoch).as_secs();
         if second != self.second {
             self.flush_second();
             self.second = second;
         }
-        self.current.saturating_record(microseconds);
+        self.current.saturating_record_n(microseconds, count);
     }
 
     fn flush_second(&mut self) {

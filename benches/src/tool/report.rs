@@ -48,7 +48,7 @@ impl Report<'_> {
             .map_or_else(|| "unlimited".to_owned(), group_digits);
         format!(
             "acks={} fsync={} transport={} broker={}\n\
-             message_size={} B batch_bytes={} linger_ms={} producers={} consumers={} partitions={} rate={}",
+             message_size={} B batch_bytes={} linger_ms={} records_per_send={} producers={} consumers={} partitions={} rate={}",
             settings.acks_name(),
             settings.fsync_label,
             settings.transport.name(),
@@ -56,6 +56,7 @@ impl Report<'_> {
             settings.message_size,
             settings.batch_bytes,
             settings.linger.as_millis(),
+            settings.records_per_send,
             settings.producers,
             settings.consumers,
             settings.partitions,
@@ -192,6 +193,7 @@ impl Report<'_> {
         put("broker", json!(settings.broker_label()));
         put("batch_bytes", json!(settings.batch_bytes));
         put("linger_ms", json!(settings.linger.as_millis() as u64));
+        put("records_per_send", json!(settings.records_per_send));
         put("producers", json!(settings.producers));
         put("consumers", json!(settings.consumers));
         put("partitions", json!(settings.partitions));

@@ -35,8 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures::StreamExt;
-use sluice_client::producer::{Acks, DeliveryFuture, Producer, Record};
+use sluice_client::producer::{Acks, DeliveriesFuture, DeliveryFuture, Producer, Record};
 use sluice_client::{CommitMode, Consumer, ResetPolicy};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -47,7 +46,7 @@ use super::progress::{Progressing, Sampler, bar};
 use super::target::BenchBroker;
 
 /// A chunk of delivery futures is handed to the collector at this many records...
-const ACK_CHUNK_RECORDS: usize = 256;
+const ACK_CHUNK_RECORDS: u64 = 256;
 /// ...or when its oldest record is this old, whichever comes first.
 const ACK_CHUNK_AGE: Duration = Duration::from_micros(100);
 /// Chunks waiting for a collector; a producer that gets this far ahead waits.
@@ -406,6 +405,7 @@ async fn run_producers(
             meter: Arc::clone(meter),
             payloads: Payloads::new(message_size),
             quota,
+            records_per_send: u64::from(settings.records_per_send),
             chunks,
         };
         senders.push(match per_producer_rate {
@@ -448,7 +448,29 @@ async fn run_producers(
     })
 }
 
-type AckChunk = Vec<(Instant, DeliveryFuture)>;
+/// One producer call's records: when they were handed over, how many, and their future.
+struct Sent {
+    at: Instant,
+    records: u64,
+    future: Acknowledgement,
+}
+
+/// `Producer::enqueue`'s future for one record, `enqueue_many`'s for several.
+enum Acknowledgement {
+    One(DeliveryFuture),
+    Many(DeliveriesFuture),
+}
+
+impl Acknowledgement {
+    async fn outcome(self) -> Result<(), sluice_client::Error> {
+        match self {
+            Acknowledgement::One(future) => future.await.map(drop),
+            Acknowledgement::Many(future) => future.await.map(drop),
+        }
+    }
+}
+
+type AckChunk = Vec<Sent>;
 
 /// Awaits delivery futures in the order they were sent, recording send→ack latency. Returns
 /// the first failure, if any.
@@ -460,24 +482,25 @@ async fn collect_acks(
     let mut first_error = None;
     while let Some(chunk) = chunks.recv().await {
         let mut now = Instant::now();
-        for (sent_at, mut future) in chunk {
+        for sent in chunk {
             // A future already resolved was resolved by `now`; only one that has to be waited
             // for needs the clock read again.
-            let delivered = match futures::poll!(&mut future) {
+            let mut outcome = pin!(sent.future.outcome());
+            let delivered = match futures::poll!(outcome.as_mut()) {
                 Poll::Ready(delivered) => delivered,
                 Poll::Pending => {
-                    let delivered = future.await;
+                    let delivered = outcome.await;
                     now = Instant::now();
                     delivered
                 }
             };
             match delivered {
-                Ok(_) => {
-                    recorder.record(sent_at, now);
-                    meter.acked.fetch_add(1, Ordering::Relaxed);
+                Ok(()) => {
+                    recorder.record_n(sent.at, now, sent.records);
+                    meter.acked.fetch_add(sent.records, Ordering::Relaxed);
                 }
                 Err(error) => {
-                    meter.failed.fetch_add(1, Ordering::Relaxed);
+                    meter.failed.fetch_add(sent.records, Ordering::Relaxed);
                     first_error.get_or_insert(error);
                 }
             }
@@ -489,20 +512,24 @@ async fn collect_acks(
 /// Delivery futures waiting to be handed to the collector.
 struct PendingAcks {
     chunk: AckChunk,
+    records: u64,
 }
 
 impl PendingAcks {
     fn new() -> Self {
         PendingAcks {
-            chunk: Vec::with_capacity(ACK_CHUNK_RECORDS),
+            chunk: Vec::new(),
+            records: 0,
         }
     }
 
-    /// Adds a future; returns a chunk when one is due.
-    fn push(&mut self, sent_at: Instant, future: DeliveryFuture) -> Option<AckChunk> {
-        self.chunk.push((sent_at, future));
-        let oldest = self.chunk.first().map_or(sent_at, |(oldest, _)| *oldest);
-        if self.chunk.len() >= ACK_CHUNK_RECORDS
+    /// Adds a call's future; returns a chunk when one is due.
+    fn push(&mut self, sent: Sent) -> Option<AckChunk> {
+        let sent_at = sent.at;
+        self.records += sent.records;
+        self.chunk.push(sent);
+        let oldest = self.chunk.first().map_or(sent_at, |oldest| oldest.at);
+        if self.records >= ACK_CHUNK_RECORDS
             || sent_at.saturating_duration_since(oldest) >= ACK_CHUNK_AGE
         {
             Some(self.take())
@@ -512,7 +539,8 @@ impl PendingAcks {
     }
 
     fn take(&mut self) -> AckChunk {
-        std::mem::replace(&mut self.chunk, Vec::with_capacity(ACK_CHUNK_RECORDS))
+        self.records = 0;
+        std::mem::take(&mut self.chunk)
     }
 }
 
@@ -555,12 +583,17 @@ struct SendJob {
     meter: Arc<Meter>,
     payloads: Payloads,
     quota: Quota,
+    /// Records per producer call (unpaced).
+    records_per_send: u64,
     chunks: mpsc::Sender<AckChunk>,
 }
 
 impl SendJob {
     /// As fast as the producer takes records.
     async fn run_unpaced(mut self) -> Result<u64> {
+        if self.records_per_send > 1 {
+            return self.run_unpaced_many().await;
+        }
         let mut pending = PendingAcks::new();
         let mut sent = 0u64;
         let mut now = Instant::now();
@@ -588,7 +621,57 @@ impl SendJob {
                 Err(error) => break Err(from_client(error)),
             };
             sent += 1;
-            if let Some(chunk) = pending.push(sent_at, future) {
+            let sent = Sent {
+                at: sent_at,
+                records: 1,
+                future: Acknowledgement::One(future),
+            };
+            if let Some(chunk) = pending.push(sent) {
+                // The collector only stops early when the run is failing anyway.
+                if self.chunks.send(chunk).await.is_err() {
+                    break Ok(());
+                }
+            }
+        };
+        let _ = self.chunks.send(pending.take()).await;
+        drop(self.chunks);
+        let closed = self.producer.close().await.map_err(from_client);
+        sending.context("a producer failed")?;
+        closed.context("a producer failed to close")?;
+        Ok(sent)
+    }
+
+    /// As fast as the producer takes them, `records_per_send` records per
+    /// `Producer::enqueue_many` call: one clock read per call, whose time every record of the
+    /// call carries.
+    async fn run_unpaced_many(mut self) -> Result<u64> {
+        let mut pending = PendingAcks::new();
+        let mut sent = 0u64;
+        let mut records = Vec::with_capacity(self.records_per_send as usize);
+        let sending: Result<()> = loop {
+            let now = Instant::now();
+            if self.quota.is_reached(sent, now) {
+                break Ok(());
+            }
+            let count = match self.quota {
+                Quota::Messages(messages) => self.records_per_send.min(messages - sent),
+                Quota::Until(_) => self.records_per_send,
+            };
+            let timestamp = self.meter.timestamp_nanos(now);
+            records.extend(
+                (0..count).map(|_| Record::new(&self.topic, self.payloads.next(timestamp))),
+            );
+            let future = match self.producer.enqueue_many(records.drain(..)).await {
+                Ok(future) => future,
+                Err(error) => break Err(from_client(error)),
+            };
+            sent += count;
+            let sent = Sent {
+                at: now,
+                records: count,
+                future: Acknowledgement::Many(future),
+            };
+            if let Some(chunk) = pending.push(sent) {
                 // The collector only stops early when the run is failing anyway.
                 if self.chunks.send(chunk).await.is_err() {
                     break Ok(());
@@ -634,7 +717,12 @@ impl SendJob {
                     Err(error) => break Err(from_client(error)),
                 };
             sent += 1;
-            if let Some(chunk) = pending.push(now, future)
+            let sent = Sent {
+                at: now,
+                records: 1,
+                future: Acknowledgement::One(future),
+            };
+            if let Some(chunk) = pending.push(sent)
                 && self.chunks.blocking_send(chunk).is_err()
             {
                 break Ok(());
@@ -752,46 +840,42 @@ async fn consume_loop(
     let mut recorder = measure_latency.then(|| meter.recorder(LatencyKind::ProduceToConsume));
     let mut stop = finish.stop.subscribe();
     let mut result = Ok(());
-    let mut now = Instant::now();
-    let mut since_clock = 0u64;
     loop {
-        // Records of one fetched batch come out without waiting, and the stop signal only
-        // matters once they stop coming: it is looked at, and the clock read, only when the
-        // stream would wait (and the clock every few records).
-        let next = match futures::poll!(consumer.next()) {
-            Poll::Ready(next) => next,
-            Poll::Pending => {
-                let next = tokio::select! {
-                    next = consumer.next() => next,
-                    _ = stop.wait_for(|stop| *stop) => None,
-                };
-                since_clock = CLOCK_EVERY_RECORDS;
-                next
-            }
+        // A fetched partition's records come out as one batch, borrowed from the fetched
+        // bytes; the stop signal only matters once the consumer would wait.
+        let next = tokio::select! {
+            biased;
+            next = consumer.next_batch() => next,
+            _ = stop.wait_for(|stop| *stop) => None,
         };
-        let Some(record) = next else {
+        let Some(batch) = next else {
             break;
         };
-        if measure_latency && since_clock >= CLOCK_EVERY_RECORDS {
-            now = Instant::now();
-            since_clock = 0;
-        }
-        since_clock += 1;
-        let record = match record {
-            Ok(record) => record,
+        let batch = match batch {
+            Ok(batch) => batch,
             Err(error) => {
                 result = Err(from_client(error).context("a consumer failed"));
                 break;
             }
         };
-        if let Some(recorder) = recorder.as_mut()
-            && let Some(sent_at) = sent_at(&meter, &record.value)
-        {
-            recorder.record(sent_at, now);
+        // Every record is decoded and looked at; the clock is read once per batch (the
+        // records of a batch arrive together) and every few records while they are handled.
+        let mut now = Instant::now();
+        let mut records = 0u64;
+        for record in batch.records() {
+            records += 1;
+            if let Some(recorder) = recorder.as_mut() {
+                if records.is_multiple_of(CLOCK_EVERY_RECORDS) {
+                    now = Instant::now();
+                }
+                if let Some(sent_at) = sent_at(&meter, record.value()) {
+                    recorder.record(sent_at, now);
+                }
+            }
         }
         // SeqCst with the target's store in `wait_until_consumed`: either this sees the
         // target, or the waiter sees this count.
-        let consumed = meter.consumed.fetch_add(1, Ordering::SeqCst) + 1;
+        let consumed = meter.consumed.fetch_add(records, Ordering::SeqCst) + records;
         if consumed >= finish.target.load(Ordering::SeqCst) {
             finish.reached.notify_one();
         }

@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use sluice_protocol::RecordBatch;
 use sluice_protocol::batch::{
     HEADER_BYTES, LOG_OVERHEAD_BYTES, MAGIC, NO_PRODUCER_ID, RecordBatchRef, batch_size,
-    split_batches,
+    split_batches, stamp_base_offset, stamp_leader_epoch,
 };
 use tokio::sync::oneshot;
 
@@ -410,11 +410,21 @@ impl PartitionLog {
             self.roll(writer, now_ms)?;
         }
         let base_offset = writer.next_offset;
-        let batch = batch.stamped(base_offset, 0);
         let view = batch.view();
-        let last_offset = view.last_offset();
+        let last_offset = base_offset + u64::from(view.last_offset_delta());
+        // The batch goes to the file as received, but for the header's stamped fields: the
+        // header is stamped in a copy and written with the rest in one vectored write, so
+        // the records are not copied (the batch shares its buffer with the request frame).
+        let bytes = batch.as_bytes();
+        let mut header = [0u8; HEADER_BYTES];
+        header.copy_from_slice(&bytes[..HEADER_BYTES]);
+        stamp_base_offset(&mut header, base_offset).expect("a whole header");
+        stamp_leader_epoch(&mut header, 0).expect("a whole header");
         let position = writer.active.size_bytes();
-        if let Err(error) = writer.active_file.write_all_at(batch.as_bytes(), position) {
+        if let Err(error) = writer
+            .active_file
+            .write_all_vectored_at(&[&header, &bytes[HEADER_BYTES..]], position)
+        {
             // Part of the batch may be in the file: cut it off so the log stays whole.
             if let Err(truncate_error) = writer.active_file.set_len(position) {
                 self.poison(format!(

@@ -28,11 +28,11 @@
 
 pub mod group;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -228,8 +228,7 @@ impl ConsumerBuilder {
         Ok(Consumer {
             shared,
             receiver,
-            current: VecDeque::new(),
-            last_yielded: None,
+            current: None,
             tasks,
         })
     }
@@ -273,15 +272,174 @@ struct Shared {
     closed: AtomicBool,
 }
 
-type Delivery = Result<(TopicPartition, u64, Vec<ConsumerRecord>)>;
+type Delivery = Result<(TopicPartition, u64, Fetched)>;
+
+/// The validated batches of one partition from one fetch.
+#[derive(Debug)]
+struct Fetched {
+    topic: Arc<str>,
+    /// Whole batches, back to back, each checked (CRC, structure).
+    batches: Bytes,
+    /// Records below this offset are not handed out (a batch may start before the fetch
+    /// offset).
+    from: u64,
+    /// The offset after the last record.
+    next: u64,
+}
+
+/// The records of one partition from one fetch being handed out, with the generation they
+/// were fetched in. The stream decodes one batch at a time; `next_batch` hands out the rest
+/// undecoded.
+#[derive(Debug)]
+struct Chunk {
+    partition: TopicPartition,
+    generation: u64,
+    fetched: Fetched,
+    /// Where the batches not yet decoded start.
+    at: usize,
+    /// The decoded records of the batch at `decoded_at` not yet yielded.
+    decoded: std::vec::IntoIter<ConsumerRecord>,
+    decoded_at: usize,
+    /// The position after the last record handed out from this chunk, until it is marked
+    /// processed (when the next record or batch is asked for).
+    unprocessed: Option<u64>,
+}
+
+impl Chunk {
+    fn new(partition: TopicPartition, generation: u64, fetched: Fetched) -> Chunk {
+        Chunk {
+            partition,
+            generation,
+            fetched,
+            at: 0,
+            decoded: Vec::new().into_iter(),
+            decoded_at: 0,
+            unprocessed: None,
+        }
+    }
+
+    /// Decodes the next batch for the stream; false when none is left.
+    fn decode_next_batch(&mut self) -> bool {
+        let batches = &self.fetched.batches;
+        let Some(size) = sluice_protocol::batch::batch_size(&batches[self.at..])
+            .and_then(|size| usize::try_from(size).ok())
+            .filter(|size| self.at + size <= batches.len())
+        else {
+            return false;
+        };
+        let batch = batches.slice(self.at..self.at + size);
+        self.decoded = decode_batch(
+            &self.fetched.topic,
+            self.partition.1,
+            &batch,
+            self.fetched.from,
+        )
+        .into_iter();
+        self.decoded_at = self.at;
+        self.at += size;
+        true
+    }
+}
+
+/// The records of one partition from one fetch, as [`Consumer::next_batch`] hands them out:
+/// the fetched batches themselves, checked but not decoded or copied. Iterating borrows the
+/// records from them, with no allocation or reference count per record.
+#[derive(Clone, Debug)]
+pub struct ConsumerBatch {
+    topic: Arc<str>,
+    partition: u32,
+    batches: Bytes,
+    from: u64,
+    next: u64,
+}
+
+impl ConsumerBatch {
+    pub fn topic(&self) -> &Arc<str> {
+        &self.topic
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The offset after the last record: where the partition's next batch starts.
+    pub fn next_offset(&self) -> u64 {
+        self.next
+    }
+
+    /// The records in offset order.
+    pub fn records(&self) -> impl Iterator<Item = RecordView<'_>> + '_ {
+        let from = self.from;
+        // Every batch was validated when it was fetched, so nothing here fails.
+        sluice_protocol::batch::split_batches(&self.batches)
+            .map_while(std::result::Result::ok)
+            .flat_map(move |batch| {
+                let base_offset = batch.base_offset();
+                batch
+                    .records()
+                    .map_while(std::result::Result::ok)
+                    .map(move |record| RecordView {
+                        offset: record.offset(base_offset),
+                        record,
+                    })
+            })
+            .filter(move |view| view.offset >= from)
+    }
+
+    /// The number of records (from the batch headers: nothing is decoded).
+    pub fn len(&self) -> usize {
+        sluice_protocol::batch::split_batches(&self.batches)
+            .map_while(std::result::Result::ok)
+            .map(|batch| {
+                let first = batch.base_offset().max(self.from);
+                (batch.last_offset() + 1).saturating_sub(first) as usize
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A record of a [`ConsumerBatch`], borrowed from the fetched bytes.
+#[derive(Clone, Debug)]
+pub struct RecordView<'a> {
+    offset: u64,
+    record: sluice_protocol::batch::Record<'a>,
+}
+
+impl<'a> RecordView<'a> {
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn timestamp_ms(&self) -> i64 {
+        self.record.timestamp_ms
+    }
+
+    pub fn key(&self) -> Option<&'a [u8]> {
+        self.record.key
+    }
+
+    pub fn value(&self) -> &'a [u8] {
+        self.record.value
+    }
+
+    /// The headers in order (names that are not UTF-8 are left out, as the stream does).
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        self.record.headers().filter_map(std::result::Result::ok)
+    }
+}
 
 /// A stream of records. Drop it or call [`Consumer::close`] to stop.
 #[derive(Debug)]
 pub struct Consumer {
     shared: Arc<Shared>,
     receiver: mpsc::Receiver<Delivery>,
-    current: VecDeque<(TopicPartition, u64, ConsumerRecord)>,
-    last_yielded: Option<(TopicPartition, u64)>,
+    /// The records of one fetched partition being yielded.
+    current: Option<Chunk>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -601,10 +759,93 @@ impl Consumer {
         self.shared.commit(None, true).await
     }
 
+    /// The next records of one partition, as fetched: the fast way to read, with no
+    /// allocation or decoding per record (see [`ConsumerBatch`]). Mixes with the stream: a
+    /// batch starts after the last record the stream yielded. Asking for the next batch (or
+    /// record) marks this one processed, as for records.
+    ///
+    /// `None` once the consumer has stopped.
+    pub async fn next_batch(&mut self) -> Option<Result<ConsumerBatch>> {
+        std::future::poll_fn(|cx| self.poll_next_batch(cx)).await
+    }
+
+    fn poll_next_batch(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<ConsumerBatch>>> {
+        loop {
+            if let Some(chunk) = &mut self.current {
+                // A batch the stream has begun goes out with the rest, from the next record.
+                let start = if chunk.decoded.len() > 0 {
+                    chunk.decoded_at
+                } else {
+                    chunk.at
+                };
+                if start < chunk.fetched.batches.len() {
+                    let from = chunk
+                        .decoded
+                        .as_slice()
+                        .first()
+                        .map_or(chunk.fetched.from, |record| record.offset);
+                    let batch = ConsumerBatch {
+                        topic: Arc::clone(&chunk.fetched.topic),
+                        partition: chunk.partition.1,
+                        batches: chunk.fetched.batches.slice(start..),
+                        from,
+                        next: chunk.fetched.next,
+                    };
+                    chunk.at = chunk.fetched.batches.len();
+                    chunk.decoded = Vec::new().into_iter();
+                    if !self.hand_out(batch.next) {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(batch)));
+                }
+                self.mark_processed();
+                self.current = None;
+            }
+            match ready!(self.receiver.poll_recv(cx)) {
+                Some(Ok((partition, generation, fetched))) => {
+                    self.current = Some(Chunk::new(partition, generation, fetched));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+
+    /// Under one lock: marks what was handed out before from the current chunk processed,
+    /// then records that everything before `next` is handed out now, if the partition is
+    /// still this consumer's as fetched. When it is not (released, lost, or sought
+    /// elsewhere), drops the chunk and returns false: its records are not handed out.
+    fn hand_out(&mut self, next: u64) -> bool {
+        let Some(chunk) = &mut self.current else {
+            return false;
+        };
+        let mut state = self.shared.state();
+        let Some(entry) = state.partitions.get_mut(&chunk.partition) else {
+            drop(state);
+            self.current = None; // released or lost: the next owner gets it
+            return false;
+        };
+        if let Some(processed) = chunk.unprocessed.take() {
+            entry.processed = entry.processed.max(Some(processed));
+        }
+        if entry.generation != chunk.generation {
+            drop(state);
+            self.current = None; // sought elsewhere since it was fetched
+            return false;
+        }
+        entry.yielded = entry.yielded.max(Some(next));
+        drop(state);
+        chunk.unprocessed = Some(next);
+        true
+    }
+
     fn mark_processed(&mut self) {
-        if let Some((partition, next)) = self.last_yielded.take() {
+        let Some(chunk) = &mut self.current else {
+            return;
+        };
+        if let Some(next) = chunk.unprocessed.take() {
             let mut state = self.shared.state();
-            if let Some(entry) = state.partitions.get_mut(&partition) {
+            if let Some(entry) = state.partitions.get_mut(&chunk.partition) {
                 entry.processed = entry.processed.max(Some(next));
             }
         }
@@ -651,47 +892,39 @@ impl Stream for Consumer {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        // Asking for the next record means the previous one is processed.
-        this.mark_processed();
         loop {
-            while let Some((partition, generation, record)) = this.current.pop_front() {
-                let mut state = this.shared.state();
-                let Some(entry) = state.partitions.get_mut(&partition) else {
-                    continue; // released or lost: the next owner gets it
-                };
-                if entry.generation != generation {
-                    continue; // sought elsewhere since it was fetched
+            if let Some(chunk) = &mut this.current {
+                if let Some(record) = chunk.decoded.next() {
+                    // One lock per record: the previous record becomes processed (asking for
+                    // the next one means so), and this one is yielded only while the partition
+                    // is still this consumer's, as fetched.
+                    let next = record.offset + 1;
+                    if !this.hand_out(next) {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(record)));
                 }
-                let next = record.offset + 1;
-                entry.yielded = entry.yielded.max(Some(next));
-                drop(state);
-                this.last_yielded = Some((partition, next));
-                return Poll::Ready(Some(Ok(record)));
+                if chunk.decode_next_batch() {
+                    continue;
+                }
+                // The chunk's last record is processed: the next one is being asked for.
+                this.mark_processed();
+                this.current = None;
             }
-            match this.receiver.poll_recv(cx) {
-                Poll::Ready(Some(Ok((partition, generation, records)))) => {
-                    this.current.extend(
-                        records
-                            .into_iter()
-                            .map(|record| (partition.clone(), generation, record)),
-                    );
+            match ready!(this.receiver.poll_recv(cx)) {
+                Some(Ok((partition, generation, fetched))) => {
+                    this.current = Some(Chunk::new(partition, generation, fetched));
                 }
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                None => return Poll::Ready(None),
             }
         }
     }
 }
 
-/// Decodes a fetched partition's batches into records at or after `from`.
-fn decode(
-    topic: &Arc<str>,
-    partition: u32,
-    records: &Bytes,
-    from: u64,
-) -> Result<(Vec<ConsumerRecord>, Option<u64>)> {
-    let mut out = Vec::new();
+/// Checks a fetched partition's batches (CRC and structure, every record) before anything is
+/// trusted, and returns the offset after the last one: `None` when there is no batch.
+fn validate_fetched(records: &Bytes) -> Result<Option<u64>> {
     let mut next = None;
     let mut at = 0usize;
     while at < records.len() {
@@ -703,35 +936,38 @@ fn decode(
                     "partial batch in fetch".into(),
                 ))
             })?;
-        let bytes = records.slice(at..at + size);
-        let view = RecordBatchRef::new(&bytes).map_err(Error::Protocol)?;
-        // Check what came off the network before trusting it.
+        let view = RecordBatchRef::new(&records[at..at + size]).map_err(Error::Protocol)?;
         view.validate().map_err(Error::Protocol)?;
-        for record in view.records() {
-            let record = record.map_err(Error::Protocol)?;
-            let offset = record.offset(view.base_offset());
-            if offset < from {
-                continue;
-            }
-            let headers = record
-                .headers()
-                .filter_map(|header| header.ok())
-                .map(|(name, value)| (name.to_owned(), bytes.slice_ref(value)))
-                .collect();
-            out.push(ConsumerRecord {
-                topic: Arc::clone(topic),
-                partition,
-                offset,
-                timestamp_ms: record.timestamp_ms,
-                key: record.key.map(|key| bytes.slice_ref(key)),
-                value: bytes.slice_ref(record.value),
-                headers,
-            });
-        }
         next = Some(view.last_offset() + 1);
         at += size;
     }
-    Ok((out, next))
+    Ok(next)
+}
+
+/// Decodes one validated batch into records at or after `from`: key, value and headers are
+/// slices of the batch's bytes.
+fn decode_batch(topic: &Arc<str>, partition: u32, batch: &Bytes, from: u64) -> Vec<ConsumerRecord> {
+    let Ok(view) = RecordBatchRef::new(batch) else {
+        return Vec::new();
+    };
+    let base_offset = view.base_offset();
+    view.records()
+        .map_while(std::result::Result::ok)
+        .filter(|record| record.offset(base_offset) >= from)
+        .map(|record| ConsumerRecord {
+            topic: Arc::clone(topic),
+            partition,
+            offset: record.offset(base_offset),
+            timestamp_ms: record.timestamp_ms,
+            key: record.key.map(|key| batch.slice_ref(key)),
+            value: batch.slice_ref(record.value),
+            headers: record
+                .headers()
+                .filter_map(std::result::Result::ok)
+                .map(|(name, value)| (name.to_owned(), batch.slice_ref(value)))
+                .collect(),
+        })
+        .collect()
 }
 
 async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
@@ -817,9 +1053,8 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 if partition.records.is_empty() {
                     continue;
                 }
-                let decoded = decode(&name, partition.partition, &partition.records, from);
-                let (records, next) = match decoded {
-                    Ok(decoded) => decoded,
+                let next = match validate_fetched(&partition.records) {
+                    Ok(next) => next,
                     Err(error) => {
                         let _ = sender.send(Err(error)).await;
                         continue;
@@ -838,8 +1073,16 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                         _ => continue,
                     }
                 }
-                if !records.is_empty() && sender.send(Ok((key, generation, records))).await.is_err()
-                {
+                let Some(next) = next.filter(|next| *next > from) else {
+                    continue; // nothing at or after the fetch offset
+                };
+                let fetched = Fetched {
+                    topic: Arc::clone(&name),
+                    batches: partition.records,
+                    from,
+                    next,
+                };
+                if sender.send(Ok((key, generation, fetched))).await.is_err() {
                     return;
                 }
             }

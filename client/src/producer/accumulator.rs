@@ -26,7 +26,7 @@ use sluice_protocol::batch::HEADER_BYTES;
 use sluice_protocol::wire::varint_len;
 use sluice_protocol::{ErrorCode, RecordBatchBuilder};
 
-use super::delivery::{BatchCompletion, DeliveryFuture, copy_error};
+use super::delivery::{BatchCompletion, copy_error};
 use super::partitioner::{StickyPartitioner, partition_for_key};
 use crate::error::Error;
 
@@ -101,12 +101,18 @@ pub(crate) struct OpenBatch {
 
 /// What [`Accumulator::append`] did.
 #[derive(Debug)]
-pub(crate) enum Append {
+pub(crate) enum Append<'a> {
     /// The record is in a batch.
     Appended {
-        future: DeliveryFuture,
-        /// The id of the batch this record opened, if it opened one.
-        new_batch: Option<u64>,
+        /// The completion of the record's batch: cloned into a [`DeliveryFuture`] by a caller
+        /// that wants one, so a caller appending many records to one batch clones it once.
+        completion: &'a Arc<BatchCompletion>,
+        /// The record's position in its batch.
+        index: u32,
+        /// The id of the record's batch.
+        batch: u64,
+        /// True when this record opened the batch.
+        new_batch: bool,
         /// A batch was closed or opened: the sender has something new to do or a new deadline.
         wake_sender: bool,
     },
@@ -151,20 +157,29 @@ impl TopicQueues {
         true
     }
 
-    /// True when `record` fits in the open batch of `partition`.
-    fn fits(&self, partition: u32, record: &RecordParts<'_>) -> bool {
+    /// Appends `record` to the open batch of `partition` if it has one and the record fits in
+    /// the batch's reservation; returns whether it did.
+    fn try_append(&mut self, partition: u32, record: &RecordParts<'_>) -> bool {
         self.partitions
-            .get(partition as usize)
-            .and_then(|queue| queue.open.as_ref())
+            .get_mut(partition as usize)
+            .and_then(|queue| queue.open.as_mut())
             .is_some_and(|open| {
-                let size = open.builder.record_size_bytes(
+                open.builder.try_append(
+                    open.reserved_bytes,
                     record.timestamp_ms,
                     record.key,
                     record.value,
                     record.headers,
-                );
-                open.builder.size_bytes() + size <= open.reserved_bytes
+                )
             })
+    }
+
+    /// The open batch of `partition`, which has one.
+    fn open(&self, partition: u32) -> &OpenBatch {
+        self.partitions[partition as usize]
+            .open
+            .as_ref()
+            .expect("the partition has an open batch")
     }
 }
 
@@ -174,7 +189,11 @@ pub(crate) struct Accumulator {
     batch_bytes: usize,
     linger: Duration,
     delivery_timeout: Duration,
-    topics: HashMap<Arc<str>, TopicQueues>,
+    /// Every topic written to, in the order first seen; `topic_index` finds them by name.
+    topics: Vec<TopicQueues>,
+    topic_index: HashMap<Arc<str>, usize>,
+    /// The topic appended to last: a run of records to one topic skips the hash lookup.
+    last_topic: usize,
     next_batch_id: u64,
     /// Batches open or sealed, not yet drained.
     queued_batches: usize,
@@ -192,7 +211,9 @@ impl Accumulator {
             batch_bytes,
             linger,
             delivery_timeout,
-            topics: HashMap::new(),
+            topics: Vec::new(),
+            topic_index: HashMap::new(),
+            last_topic: 0,
             next_batch_id: 0,
             queued_batches: 0,
             refusal: None,
@@ -203,27 +224,41 @@ impl Accumulator {
     /// Records the partition count of `topic` (from Metadata). A count only grows.
     pub(crate) fn set_partition_count(&mut self, topic: &str, partition_count: u32) {
         assert!(partition_count > 0, "a topic has at least one partition");
-        if let Some(queues) = self.topics.get_mut(topic) {
+        if let Some(position) = self.topic_position(topic) {
+            let queues = &mut self.topics[position];
             queues.partition_count = queues.partition_count.max(partition_count);
             return;
         }
         self.sticky_seed = self.sticky_seed.wrapping_mul(0x9e37_79b9).wrapping_add(1);
         let name: Arc<str> = Arc::from(topic);
-        self.topics.insert(
-            Arc::clone(&name),
-            TopicQueues {
-                name,
-                partition_count,
-                partitions: Vec::new(),
-                sticky: StickyPartitioner::new(self.sticky_seed),
-            },
-        );
+        self.topic_index
+            .insert(Arc::clone(&name), self.topics.len());
+        self.topics.push(TopicQueues {
+            name,
+            partition_count,
+            partitions: Vec::new(),
+            sticky: StickyPartitioner::new(self.sticky_seed),
+        });
+    }
+
+    /// Where the queues of `topic` are in `topics`, if it is known; the last topic used is
+    /// found without hashing.
+    fn topic_position(&mut self, topic: &str) -> Option<usize> {
+        let last_matches = self
+            .topics
+            .get(self.last_topic)
+            .is_some_and(|queues| &*queues.name == topic);
+        if !last_matches {
+            self.last_topic = *self.topic_index.get(topic)?;
+        }
+        Some(self.last_topic)
     }
 
     /// Appends `record` to the open batch of its partition, closing a full batch first.
     ///
     /// `reserved_bytes` is buffer the caller holds; a new batch takes what it needs of it and
-    /// leaves the rest, which the caller gives back.
+    /// leaves the rest, which the caller gives back. `now` is called only when the record
+    /// opens a batch (its linger starts then), so appending to an open batch reads no clock.
     ///
     /// # Errors
     /// [`Error::Usage`] once the producer is closed, the producer's fatal error once it has
@@ -234,16 +269,17 @@ impl Accumulator {
         target: Target<'_>,
         record: &RecordParts<'_>,
         reserved_bytes: &mut usize,
-        now: Instant,
-    ) -> Result<Append, Error> {
+        now: impl FnOnce() -> Instant,
+    ) -> Result<Append<'_>, Error> {
         match &self.refusal {
             None => {}
             Some(Refusal::Closed) => return Err(closed_error()),
             Some(Refusal::Failed(error)) => return Err(copy_error(error)),
         }
-        let Some(queues) = self.topics.get_mut(topic) else {
+        let Some(position) = self.topic_position(topic) else {
             return Ok(Append::UnknownTopic);
         };
+        let queues = &mut self.topics[position];
         let partition_count = queues.partition_count;
         if queues.partitions.len() < partition_count as usize {
             queues
@@ -265,32 +301,19 @@ impl Accumulator {
             Target::Sticky => {
                 let sticky = queues.sticky.partition(partition_count);
                 let has_open_batch = queues.partitions[sticky as usize].open.is_some();
-                if has_open_batch && !queues.fits(sticky, record) {
+                if !has_open_batch {
+                    sticky
+                } else if queues.try_append(sticky, record) {
+                    return Ok(appended_to_open(queues.open(sticky), false, wake_sender));
+                } else {
                     // The sticky batch is full: close it and move on to the next partition.
                     wake_sender |= queues.seal(sticky);
                     queues.sticky.partition(partition_count)
-                } else {
-                    sticky
                 }
             }
         };
-        if queues.fits(partition, record) {
-            let open = queues.partitions[partition as usize]
-                .open
-                .as_mut()
-                .expect("fits() found an open batch");
-            let index = open.builder.len();
-            open.builder.append(
-                record.timestamp_ms,
-                record.key,
-                record.value,
-                record.headers,
-            );
-            return Ok(Append::Appended {
-                future: DeliveryFuture::new(Arc::clone(&open.completion), index),
-                new_batch: None,
-                wake_sender,
-            });
+        if queues.try_append(partition, record) {
+            return Ok(appended_to_open(queues.open(partition), false, wake_sender));
         }
         wake_sender |= queues.seal(partition);
         let needed_bytes = self.batch_bytes.max(record.single_record_batch_bytes());
@@ -311,22 +334,18 @@ impl Accumulator {
             record.value,
             record.headers,
         );
-        let completion = BatchCompletion::new(partition);
-        let future = DeliveryFuture::new(Arc::clone(&completion), 0);
-        queues.partitions[partition as usize].open = Some(OpenBatch {
-            id,
-            topic: Arc::clone(&queues.name),
-            partition,
-            builder,
-            reserved_bytes: needed_bytes,
-            completion,
-            created_at: now,
-        });
-        Ok(Append::Appended {
-            future,
-            new_batch: Some(id),
-            wake_sender: true,
-        })
+        let open = queues.partitions[partition as usize]
+            .open
+            .insert(OpenBatch {
+                id,
+                topic: Arc::clone(&queues.name),
+                partition,
+                builder,
+                reserved_bytes: needed_bytes,
+                completion: BatchCompletion::new(partition),
+                created_at: now(),
+            });
+        Ok(appended_to_open(open, true, true))
     }
 
     /// Takes batches for the sender: per partition, up to `budget(topic, partition)` of them,
@@ -342,7 +361,7 @@ impl Accumulator {
             return drained;
         }
         let linger = self.linger;
-        for queues in self.topics.values_mut() {
+        for queues in self.topics.iter_mut() {
             for partition in 0..queues.partitions.len() as u32 {
                 let queue = &queues.partitions[partition as usize];
                 let lingered = queue
@@ -375,7 +394,7 @@ impl Accumulator {
             return expired;
         }
         let timeout = self.delivery_timeout;
-        for queues in self.topics.values_mut() {
+        for queues in self.topics.iter_mut() {
             for partition in 0..queues.partitions.len() as u32 {
                 let queue = &mut queues.partitions[partition as usize];
                 while queue
@@ -412,7 +431,7 @@ impl Accumulator {
                 next = Some(next.map_or(deadline, |next| next.min(deadline)));
             }
         };
-        for queues in self.topics.values() {
+        for queues in self.topics.iter() {
             for queue in &queues.partitions {
                 if let Some(oldest) = queue.sealed.front().or(queue.open.as_ref()) {
                     consider(oldest.created_at + self.delivery_timeout);
@@ -428,7 +447,7 @@ impl Accumulator {
     /// Closes every open batch, so the sender takes them without waiting for their linger.
     /// Returns the id of the newest batch created so far, if any.
     pub(crate) fn seal_all(&mut self) -> Option<u64> {
-        for queues in self.topics.values_mut() {
+        for queues in self.topics.iter_mut() {
             for partition in 0..queues.partitions.len() as u32 {
                 queues.seal(partition);
             }
@@ -460,7 +479,7 @@ impl Accumulator {
     pub(crate) fn fail(&mut self, error: Arc<Error>) -> Vec<OpenBatch> {
         self.refusal = Some(Refusal::Failed(error));
         let mut taken = Vec::with_capacity(self.queued_batches);
-        for queues in self.topics.values_mut() {
+        for queues in self.topics.iter_mut() {
             for queue in &mut queues.partitions {
                 taken.extend(queue.sealed.drain(..));
                 taken.extend(queue.open.take());
@@ -473,6 +492,17 @@ impl Accumulator {
     /// True when no batch is open or waiting.
     pub(crate) fn is_empty(&self) -> bool {
         self.queued_batches == 0
+    }
+}
+
+/// The record just appended to `open` is its last.
+fn appended_to_open(open: &OpenBatch, new_batch: bool, wake_sender: bool) -> Append<'_> {
+    Append::Appended {
+        completion: &open.completion,
+        index: open.builder.len() - 1,
+        batch: open.id,
+        new_batch,
+        wake_sender,
     }
 }
 
@@ -503,10 +533,10 @@ mod tests {
         let mut reserved = 0;
         loop {
             match accumulator
-                .append("t", target, &record(value), &mut reserved, now)
+                .append("t", target, &record(value), &mut reserved, || now)
                 .expect("append")
             {
-                Append::Appended { future, .. } => return future.partition(),
+                Append::Appended { completion, .. } => return completion.partition(),
                 Append::NeedsBuffer { bytes, .. } => reserved = bytes,
                 Append::UnknownTopic => panic!("topic registered"),
             }
@@ -582,7 +612,13 @@ mod tests {
         let mut reserved = 0;
         let big = [0u8; 500];
         let Append::NeedsBuffer { bytes, .. } = accumulator
-            .append("t", Target::Partition(0), &record(&big), &mut reserved, now)
+            .append(
+                "t",
+                Target::Partition(0),
+                &record(&big),
+                &mut reserved,
+                || now,
+            )
             .unwrap()
         else {
             panic!("a new batch needs buffer");
@@ -590,7 +626,13 @@ mod tests {
         assert_eq!(bytes, record(&big).single_record_batch_bytes());
         reserved = bytes + 10;
         accumulator
-            .append("t", Target::Partition(0), &record(&big), &mut reserved, now)
+            .append(
+                "t",
+                Target::Partition(0),
+                &record(&big),
+                &mut reserved,
+                || now,
+            )
             .unwrap();
         assert_eq!(reserved, 10, "the unused part goes back to the caller");
     }
@@ -654,26 +696,38 @@ mod tests {
         assert_eq!(accumulator.expire(now + timeout).len(), 0);
         let mut reserved = 0;
         assert!(matches!(
-            accumulator.append("t", Target::Partition(2), &record(b"x"), &mut reserved, now),
+            accumulator.append(
+                "t",
+                Target::Partition(2),
+                &record(b"x"),
+                &mut reserved,
+                || now
+            ),
             Err(Error::Broker {
                 code: ErrorCode::UnknownPartition,
                 ..
             })
         ));
         assert!(matches!(
-            accumulator.append("other", Target::Sticky, &record(b"x"), &mut reserved, now),
+            accumulator.append(
+                "other",
+                Target::Sticky,
+                &record(b"x"),
+                &mut reserved,
+                || now
+            ),
             Ok(Append::UnknownTopic)
         ));
         accumulator.close();
         assert!(matches!(
-            accumulator.append("t", Target::Sticky, &record(b"x"), &mut reserved, now),
+            accumulator.append("t", Target::Sticky, &record(b"x"), &mut reserved, || now),
             Err(Error::Usage(_))
         ));
         let failed = accumulator.fail(Arc::new(Error::ConnectionClosed));
         assert_eq!(failed.len(), 1);
         assert!(accumulator.is_empty());
         assert!(matches!(
-            accumulator.append("t", Target::Sticky, &record(b"x"), &mut reserved, now),
+            accumulator.append("t", Target::Sticky, &record(b"x"), &mut reserved, || now),
             Err(Error::ConnectionClosed)
         ));
     }

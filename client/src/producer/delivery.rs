@@ -49,6 +49,12 @@ impl BatchCompletion {
         })
     }
 
+    /// The partition of the batch.
+    #[cfg(test)]
+    pub(crate) fn partition(&self) -> u32 {
+        self.partition
+    }
+
     fn lock(&self) -> MutexGuard<'_, CompletionState> {
         // Nothing that can panic runs under the lock.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -128,6 +134,89 @@ impl Future for DeliveryFuture {
     }
 }
 
+/// Resolves when every record of one [`Producer::enqueue_many`](super::Producer::enqueue_many)
+/// call has been acknowledged, or when one of them has failed for good.
+///
+/// It holds one entry per run of consecutive records that went into the same batch (one
+/// allocation for a whole call, nothing per record). Dropping it does not cancel the sends.
+#[derive(Debug, Default)]
+pub struct DeliveriesFuture {
+    /// Per run of records in one batch: the future of its first record, and its length.
+    runs: Vec<(DeliveryFuture, u32)>,
+    /// Runs before this one have resolved, successfully.
+    resolved: usize,
+    /// Their deliveries.
+    delivered: Vec<(Delivery, u32)>,
+}
+
+impl DeliveriesFuture {
+    /// Adds the record at `index` of the batch behind `completion`: it extends the last run
+    /// when it follows that run's last record in the same batch.
+    pub(crate) fn push(&mut self, completion: &Arc<BatchCompletion>, index: u32) {
+        if let Some((first, count)) = self.runs.last_mut()
+            && Arc::ptr_eq(&first.completion, completion)
+            && first.index + *count == index
+        {
+            *count += 1;
+            return;
+        }
+        self.runs
+            .push((DeliveryFuture::new(Arc::clone(completion), index), 1));
+    }
+}
+
+impl Future for DeliveriesFuture {
+    type Output = Result<Deliveries>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        while let Some((first, count)) = this.runs.get_mut(this.resolved) {
+            match Pin::new(first).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(delivery)) => {
+                    this.delivered.push((delivery, *count));
+                    this.resolved += 1;
+                }
+            }
+        }
+        Poll::Ready(Ok(Deliveries {
+            runs: std::mem::take(&mut this.delivered),
+        }))
+    }
+}
+
+/// Where the records of one [`Producer::enqueue_many`](super::Producer::enqueue_many) call
+/// were written, in the order they were given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deliveries {
+    /// Runs of records with consecutive offsets in one partition: the first one's delivery and
+    /// the run's length.
+    runs: Vec<(Delivery, u32)>,
+}
+
+impl Deliveries {
+    /// The number of records.
+    pub fn len(&self) -> usize {
+        self.runs.iter().map(|(_, count)| *count as usize).sum()
+    }
+
+    /// True when the call had no records.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Each record's delivery, in the order the records were given.
+    pub fn iter(&self) -> impl Iterator<Item = Delivery> + '_ {
+        self.runs.iter().flat_map(|(first, count)| {
+            (0..u64::from(*count)).map(move |step| Delivery {
+                partition: first.partition,
+                offset: first.offset.map(|offset| offset + step),
+            })
+        })
+    }
+}
+
 /// A copy of `error` for one of the many records it failed. `Error` is not `Clone` (it holds
 /// `io::Error`s); I/O errors are copied as their kind and message.
 #[allow(unreachable_patterns)] // the last arm is for variants added to `Error` later
@@ -191,6 +280,54 @@ mod tests {
             }
         );
         assert_eq!(waiter.await.unwrap().unwrap().offset, Some(102));
+    }
+
+    #[tokio::test]
+    async fn deliveries_follow_the_records_across_batches() {
+        let first_batch = BatchCompletion::new(1);
+        let second_batch = BatchCompletion::new(2);
+        let mut deliveries = DeliveriesFuture::default();
+        for index in 5..8 {
+            deliveries.push(&first_batch, index);
+        }
+        deliveries.push(&second_batch, 0);
+        deliveries.push(&second_batch, 1);
+        // Not consecutive: a run of its own, still in order.
+        deliveries.push(&first_batch, 9);
+        assert_eq!(deliveries.runs.len(), 3);
+        let waiter = tokio::spawn(deliveries);
+        second_batch.complete(Ok(Some(40)));
+        first_batch.complete(Ok(Some(100)));
+        let delivered = waiter.await.unwrap().unwrap();
+        assert_eq!(delivered.len(), 6);
+        let offsets: Vec<(u32, Option<u64>)> = delivered
+            .iter()
+            .map(|delivery| (delivery.partition, delivery.offset))
+            .collect();
+        assert_eq!(
+            offsets,
+            [
+                (1, Some(105)),
+                (1, Some(106)),
+                (1, Some(107)),
+                (2, Some(40)),
+                (2, Some(41)),
+                (1, Some(109)),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn deliveries_fail_when_one_batch_fails() {
+        let ok_batch = BatchCompletion::new(0);
+        let failed_batch = BatchCompletion::new(1);
+        let mut deliveries = DeliveriesFuture::default();
+        deliveries.push(&ok_batch, 0);
+        deliveries.push(&failed_batch, 0);
+        ok_batch.complete(Ok(Some(7)));
+        failed_batch.complete(Err(Arc::new(Error::ConnectionClosed)));
+        assert!(matches!(deliveries.await, Err(Error::ConnectionClosed)));
+        assert!(DeliveriesFuture::default().await.unwrap().is_empty());
     }
 
     #[tokio::test]

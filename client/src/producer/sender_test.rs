@@ -83,17 +83,21 @@ fn batch(shared: &Shared, partition: u32, records: usize, now: Instant) -> Vec<D
                 Target::Partition(partition),
                 &record,
                 &mut reserved,
-                now,
+                || now,
             )
             .unwrap()
         {
             Append::Appended {
-                future, new_batch, ..
+                completion,
+                index,
+                batch,
+                new_batch,
+                ..
             } => {
-                if let Some(id) = new_batch {
-                    shared.progress.started(id);
+                if new_batch {
+                    shared.progress.started(batch);
                 }
-                futures.push(future);
+                futures.push(DeliveryFuture::new(Arc::clone(completion), index));
             }
             other => panic!("unexpected {other:?}"),
         }
