@@ -43,7 +43,7 @@ where
     let (mut reader, writer) = tokio::io::split(stream);
     let limits = &state.config.limits;
     let max_in_flight = limits.max_in_flight_requests.max(1);
-    let (responses, outgoing) = mpsc::channel::<Bytes>(max_in_flight);
+    let (responses, outgoing) = mpsc::channel::<OutgoingFrame>(max_in_flight);
     let writer_task = tokio::spawn(write_responses(
         writer,
         outgoing,
@@ -79,7 +79,7 @@ where
                         error.error_code(),
                         &mut answer,
                     );
-                    let _ = responses.send(answer.freeze()).await;
+                    let _ = responses.send(answer.freeze().into()).await;
                     break 'connection;
                 }
             };
@@ -102,7 +102,7 @@ where
                         .count_undecoded_request(api, error.error_code());
                     let mut answer = BytesMut::new();
                     error.encode_response(&mut answer);
-                    if responses.send(answer.freeze()).await.is_err() {
+                    if responses.send(answer.freeze().into()).await.is_err() {
                         break 'connection;
                     }
                     continue;
@@ -127,7 +127,7 @@ where
                     let mut answer = BytesMut::new();
                     encode_error_response(correlation_id, code, &mut answer);
                     timer.finish(code);
-                    if responses.send(answer.freeze()).await.is_err() {
+                    if responses.send(answer.freeze().into()).await.is_err() {
                         break 'connection;
                     }
                     drop(permit);
@@ -146,16 +146,10 @@ where
                     let responses = responses.clone();
                     tokio::spawn(async move {
                         let (response, budget) = pending.await;
-                        let frame = encode(correlation_id, &response);
+                        let mut frame = encode(correlation_id, &response);
                         drop(response);
                         // The budget goes back when the writer has written and dropped the frame.
-                        let frame = match budget {
-                            Some(budget) => Bytes::from_owner(HeldFrame {
-                                frame,
-                                _budget: budget,
-                            }),
-                            None => frame,
-                        };
+                        frame._budget = budget;
                         timer.finish(ErrorCode::None);
                         let _ = responses.send(frame).await;
                         drop(permit);
@@ -180,7 +174,7 @@ where
                         ErrorCode::RequestTimedOut,
                         &mut answer,
                     );
-                    let _ = responses.send(answer.freeze()).await;
+                    let _ = responses.send(answer.freeze().into()).await;
                     break;
                 }
             }
@@ -209,22 +203,44 @@ where
     tracing::debug!(%peer, "connection closed");
 }
 
-/// A response frame that keeps its fetch budget held for as long as it exists.
-struct HeldFrame {
-    frame: Bytes,
-    _budget: FetchBudgetPermit,
+/// A response frame in parts written back to back (a fetch response's record batches are
+/// parts of their own, as read from the log, not copied into the frame), holding the fetch
+/// budget of those records for as long as it exists.
+struct OutgoingFrame {
+    parts: Vec<Bytes>,
+    _budget: Option<FetchBudgetPermit>,
 }
 
-impl AsRef<[u8]> for HeldFrame {
-    fn as_ref(&self) -> &[u8] {
-        &self.frame
+impl From<Bytes> for OutgoingFrame {
+    fn from(frame: Bytes) -> Self {
+        OutgoingFrame {
+            parts: vec![frame],
+            _budget: None,
+        }
     }
 }
 
-fn encode(correlation_id: u32, response: &Response) -> Bytes {
-    let mut out = BytesMut::new();
-    response.encode_frame(correlation_id, &mut out);
-    out.freeze()
+impl OutgoingFrame {
+    /// Writes the parts; a part at least as big as the write buffer goes to the socket
+    /// directly. Returns the bytes written.
+    async fn write_to<W: AsyncWrite + Unpin>(
+        &self,
+        writer: &mut BufWriter<W>,
+    ) -> std::io::Result<u64> {
+        let mut written = 0;
+        for part in &self.parts {
+            writer.write_all(part).await?;
+            written += part.len() as u64;
+        }
+        Ok(written)
+    }
+}
+
+fn encode(correlation_id: u32, response: &Response) -> OutgoingFrame {
+    OutgoingFrame {
+        parts: response.encode_frame_parts(correlation_id),
+        _budget: None,
+    }
 }
 
 /// The correlation id of a frame still in the buffer (with its length prefix), so even a
@@ -250,22 +266,25 @@ fn stalled_correlation_id(buffer: &BytesMut) -> u32 {
     }
 }
 
-async fn write_responses<W>(writer: W, mut outgoing: mpsc::Receiver<Bytes>, sent_bytes: Counter)
-where
+async fn write_responses<W>(
+    writer: W,
+    mut outgoing: mpsc::Receiver<OutgoingFrame>,
+    sent_bytes: Counter,
+) where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut writer = BufWriter::with_capacity(READ_CHUNK_BYTES, writer);
     while let Some(frame) = outgoing.recv().await {
-        if writer.write_all(&frame).await.is_err() {
+        let Ok(written) = frame.write_to(&mut writer).await else {
             return;
-        }
-        sent_bytes.inc_by(frame.len() as u64);
+        };
+        sent_bytes.inc_by(written);
         // Batch whatever else is ready into the same flush.
         while let Ok(frame) = outgoing.try_recv() {
-            if writer.write_all(&frame).await.is_err() {
+            let Ok(written) = frame.write_to(&mut writer).await else {
                 return;
-            }
-            sent_bytes.inc_by(frame.len() as u64);
+            };
+            sent_bytes.inc_by(written);
         }
         if writer.flush().await.is_err() {
             return;

@@ -201,7 +201,7 @@ pub struct Connection {
 /// What the handles own; dropping the last one closes the connection.
 struct Inner {
     shared: Arc<Shared>,
-    frame_sender: mpsc::Sender<Bytes>,
+    frame_sender: mpsc::Sender<Frame>,
     /// Becomes true when the writer task has finished, so `close` can wait for queued frames.
     writer_done: watch::Receiver<bool>,
     /// Becomes true when the transport is released: at once for TCP (the halves close with
@@ -742,19 +742,38 @@ impl Shared {
     }
 }
 
+/// An encoded request frame, in parts written back to back: a produce request's record
+/// batches are parts of their own, the producer's buffers, not copies.
+type Frame = Vec<Bytes>;
+
 /// Encodes a request frame, refusing one the broker would refuse.
-fn encode_frame(request: &Request, correlation_id: u32, max_frame_bytes: u32) -> Result<Bytes> {
-    let mut frame = BytesMut::new();
-    request.encode_frame(correlation_id, &mut frame);
+fn encode_frame(request: &Request, correlation_id: u32, max_frame_bytes: u32) -> Result<Frame> {
+    let frame = request.encode_frame_parts(correlation_id);
     // Measured like the decoder measures it: the bytes after the length prefix.
-    let frame_bytes = frame.len().saturating_sub(LENGTH_PREFIX_BYTES);
+    let frame_bytes = frame
+        .iter()
+        .map(Bytes::len)
+        .sum::<usize>()
+        .saturating_sub(LENGTH_PREFIX_BYTES);
     if u64::try_from(frame_bytes).unwrap_or(u64::MAX) > u64::from(max_frame_bytes) {
         return Err(Error::RequestTooLarge {
             frame_bytes: u64::try_from(frame_bytes).unwrap_or(u64::MAX),
             max_frame_bytes,
         });
     }
-    Ok(frame.freeze())
+    Ok(frame)
+}
+
+/// Writes a frame's parts; a part at least as big as the write buffer goes to the socket
+/// directly.
+async fn write_frame<W: AsyncWrite>(
+    writer: &mut Pin<&mut BufWriter<W>>,
+    frame: &Frame,
+) -> io::Result<()> {
+    for part in frame {
+        writer.write_all(part).await?;
+    }
+    Ok(())
 }
 
 /// Returns once the connection is closing.
@@ -840,7 +859,7 @@ where
 /// `request_timeout` to finish, so a broker that stopped reading cannot hold it forever.
 async fn run_writer<W>(
     write_half: W,
-    mut frames: mpsc::Receiver<Bytes>,
+    mut frames: mpsc::Receiver<Frame>,
     shared: Arc<Shared>,
     done: watch::Sender<bool>,
 ) where
@@ -877,7 +896,7 @@ async fn run_writer<W>(
 
 async fn write_frames<W>(
     mut writer: Pin<&mut BufWriter<W>>,
-    frames: &mut mpsc::Receiver<Bytes>,
+    frames: &mut mpsc::Receiver<Frame>,
     shared: &Shared,
 ) -> io::Result<()>
 where
@@ -890,12 +909,12 @@ where
             () = closing_signalled(&mut closing) => None,
         };
         let Some(frame) = frame else { break };
-        writer.write_all(&frame).await?;
+        write_frame(&mut writer, &frame).await?;
         // Everything already queued goes out with the same flush: a burst of requests costs
         // one write syscall, not one each.
         for _ in 1..MAX_FRAMES_PER_FLUSH {
             let Ok(frame) = frames.try_recv() else { break };
-            writer.write_all(&frame).await?;
+            write_frame(&mut writer, &frame).await?;
         }
         writer.flush().await?;
     }
@@ -903,7 +922,7 @@ where
     // for its frame), so they still go out; nothing new is accepted from here on.
     frames.close();
     while let Some(frame) = frames.recv().await {
-        writer.write_all(&frame).await?;
+        write_frame(&mut writer, &frame).await?;
     }
     writer.flush().await?;
     writer.shutdown().await

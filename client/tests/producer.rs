@@ -880,17 +880,24 @@ async fn enqueue_many_keeps_every_records_partition_offset_and_order() {
             .build()
             .await
             .expect("producer");
+        // Shared values with borrowed keys, then borrowed values without keys.
+        let keys: Vec<String> = (0..100).map(|index| format!("key-{index}")).collect();
         let keyed = producer
             .send_many((0..RECORDS).map(|index| {
-                Record::new("many", format!("value-{index}")).key(format!("key-{}", index % 100))
+                Record::new("many", format!("value-{index}"))
+                    .borrowed_key(keys[index % 100].as_bytes())
             }))
             .await
             .expect("keyed records delivered");
         assert_eq!(keyed.len(), RECORDS);
+        let keyless_values: Vec<String> = (RECORDS..RECORDS + 3_000)
+            .map(|index| format!("value-{index}"))
+            .collect();
         let keyless = producer
             .send_many(
-                (RECORDS..RECORDS + 3_000)
-                    .map(|index| Record::new("many", format!("value-{index}"))),
+                keyless_values
+                    .iter()
+                    .map(|value| Record::borrowed("many", value.as_bytes())),
             )
             .await
             .expect("keyless records delivered");

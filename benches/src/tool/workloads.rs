@@ -647,7 +647,6 @@ impl SendJob {
     async fn run_unpaced_many(mut self) -> Result<u64> {
         let mut pending = PendingAcks::new();
         let mut sent = 0u64;
-        let mut records = Vec::with_capacity(self.records_per_send as usize);
         let sending: Result<()> = loop {
             let now = Instant::now();
             if self.quota.is_reached(sent, now) {
@@ -657,11 +656,11 @@ impl SendJob {
                 Quota::Messages(messages) => self.records_per_send.min(messages - sent),
                 Quota::Until(_) => self.records_per_send,
             };
-            let timestamp = self.meter.timestamp_nanos(now);
-            records.extend(
-                (0..count).map(|_| Record::new(&self.topic, self.payloads.next(timestamp))),
-            );
-            let future = match self.producer.enqueue_many(records.drain(..)).await {
+            // The records of one call carry the same send time, hence the same payload,
+            // borrowed: the producer copies it into the batch.
+            let payload = self.payloads.next(self.meter.timestamp_nanos(now));
+            let records = (0..count).map(|_| Record::borrowed(&self.topic, &payload));
+            let future = match self.producer.enqueue_many(records).await {
                 Ok(future) => future,
                 Err(error) => break Err(from_client(error)),
             };

@@ -122,24 +122,54 @@ const INLINE_HEADERS: usize = 8;
 /// ```
 ///
 /// Key and value are [`Bytes`]: converting a `Vec<u8>`, `String` or `&'static` data into them
-/// copies nothing, and enqueueing copies them once, into the batch.
+/// copies nothing, and enqueueing copies them once, into the batch. [`Record::borrowed`] and
+/// [`Record::borrowed_key`] take plain slices instead, which cost not even a reference count:
+/// the fastest way to hand many records to [`Producer::enqueue_many`].
 #[derive(Clone, Debug)]
 pub struct Record<'a> {
     topic: &'a str,
-    key: Option<Bytes>,
-    value: Bytes,
+    key: Option<Data<'a>>,
+    value: Data<'a>,
     headers: Vec<(String, Bytes)>,
     partition: Option<u32>,
     timestamp_ms: Option<i64>,
 }
 
+/// A key or value: shared bytes, or a slice the record borrows.
+#[derive(Clone, Debug)]
+enum Data<'a> {
+    Shared(Bytes),
+    Borrowed(&'a [u8]),
+}
+
+impl std::ops::Deref for Data<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Data::Shared(bytes) => bytes,
+            Data::Borrowed(slice) => slice,
+        }
+    }
+}
+
 impl<'a> Record<'a> {
     /// A record for `topic` with `value`, no key and no headers.
     pub fn new(topic: &'a str, value: impl Into<Bytes>) -> Record<'a> {
+        Self::with_value(topic, Data::Shared(value.into()))
+    }
+
+    /// A record for `topic` whose value is borrowed: enqueueing copies it into the batch, so
+    /// it only has to live until then.
+    pub fn borrowed(topic: &'a str, value: &'a [u8]) -> Record<'a> {
+        Self::with_value(topic, Data::Borrowed(value))
+    }
+
+    fn with_value(topic: &'a str, value: Data<'a>) -> Record<'a> {
         Record {
             topic,
             key: None,
-            value: value.into(),
+            value,
             headers: Vec::new(),
             partition: None,
             timestamp_ms: None,
@@ -150,7 +180,13 @@ impl<'a> Record<'a> {
     ///
     /// Default = no key (keyless records are spread sticky round-robin).
     pub fn key(mut self, key: impl Into<Bytes>) -> Self {
-        self.key = Some(key.into());
+        self.key = Some(Data::Shared(key.into()));
+        self
+    }
+
+    /// A borrowed key, as [`key`](Record::key) otherwise.
+    pub fn borrowed_key(mut self, key: &'a [u8]) -> Self {
+        self.key = Some(Data::Borrowed(key));
         self
     }
 

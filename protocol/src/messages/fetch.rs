@@ -19,9 +19,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::Body;
+use super::{Body, BodySink, FrameParts};
 use crate::error::{ErrorCode, WireError};
-use crate::wire::{Reader, put_bytes, put_count, put_string};
+use crate::wire::{Reader, put_count, put_string};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
@@ -137,20 +137,32 @@ pub struct FetchResponse {
     pub topics: Vec<FetchTopicResponse>,
 }
 
-impl Body for FetchResponse {
-    fn encode(&self, dst: &mut BytesMut) {
-        put_count(dst, self.topics.len());
+impl FetchResponse {
+    fn encode_into(&self, dst: &mut impl BodySink) {
+        put_count(dst.small(), self.topics.len());
         for topic in &self.topics {
-            put_string(dst, &topic.name);
-            put_count(dst, topic.partitions.len());
+            let small = dst.small();
+            put_string(small, &topic.name);
+            put_count(small, topic.partitions.len());
             for partition in &topic.partitions {
-                dst.put_u32(partition.partition);
-                dst.put_u16(partition.error_code.code());
-                dst.put_u64(partition.high_watermark);
-                dst.put_u64(partition.log_start_offset);
-                put_bytes(dst, &partition.records);
+                let small = dst.small();
+                small.put_u32(partition.partition);
+                small.put_u16(partition.error_code.code());
+                small.put_u64(partition.high_watermark);
+                small.put_u64(partition.log_start_offset);
+                dst.put_shared(&partition.records);
             }
         }
+    }
+}
+
+impl Body for FetchResponse {
+    fn encode(&self, dst: &mut BytesMut) {
+        self.encode_into(dst);
+    }
+
+    fn encode_parts(&self, dst: &mut FrameParts) {
+        self.encode_into(dst);
     }
 
     fn decode(src: &mut Reader) -> Result<Self, WireError> {

@@ -5,10 +5,10 @@
 //! [`RequestError`] that already knows the error response to send back, so an unknown api key,
 //! an unsupported version or a body that does not decode never costs the connection.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{ErrorCode, WireError};
-use crate::frame::{RequestHeader, ResponseHeader, finish_frame, start_frame};
+use crate::frame::{LENGTH_PREFIX_BYTES, RequestHeader, ResponseHeader, finish_frame, start_frame};
 use crate::wire::Reader;
 
 pub mod api_versions;
@@ -61,6 +61,12 @@ pub use produce::{
 pub trait Body: Sized {
     /// Appends the body's bytes.
     fn encode(&self, dst: &mut BytesMut);
+    /// Appends the body to a frame kept in parts: a body with large [`Bytes`] fields (record
+    /// batches) hands them over as parts of their own instead of copying them. By default
+    /// the whole body is copied, as [`encode`](Body::encode) writes it.
+    fn encode_parts(&self, dst: &mut FrameParts) {
+        self.encode(dst.buf());
+    }
     /// Reads the body; the caller checks that nothing is left over.
     fn decode(src: &mut Reader) -> Result<Self, WireError>;
 
@@ -131,6 +137,12 @@ macro_rules! apis {
                 }
             }
 
+            fn encode_body_parts(&self, dst: &mut FrameParts) {
+                match self {
+                    $(Request::$name(body) => body.encode_parts(dst),)*
+                }
+            }
+
             fn decode_body(api_key: ApiKey, body: Bytes) -> Result<Request, WireError> {
                 match api_key {
                     $(ApiKey::$name => <$request>::decode_exact(body).map(Request::$name),)*
@@ -161,6 +173,12 @@ macro_rules! apis {
             fn encode_body(&self, dst: &mut BytesMut) {
                 match self {
                     $(Response::$name(body) => body.encode(dst),)*
+                }
+            }
+
+            fn encode_body_parts(&self, dst: &mut FrameParts) {
+                match self {
+                    $(Response::$name(body) => body.encode_parts(dst),)*
                 }
             }
 
@@ -230,6 +248,22 @@ impl Request {
         self.encode_body(dst);
         finish_frame(dst, at);
     }
+
+    /// The same frame as [`encode_frame`](Request::encode_frame) writes, as parts to be
+    /// written back to back: record batches are parts of their own, not copied.
+    pub fn encode_frame_parts(&self, correlation_id: u32) -> Vec<Bytes> {
+        let mut parts = FrameParts::new();
+        let api_key = self.api_key();
+        RequestHeader {
+            api_key: api_key.code(),
+            api_version: api_key.current_version(),
+            correlation_id,
+            flags: 0,
+        }
+        .encode(parts.buf());
+        self.encode_body_parts(&mut parts);
+        parts.finish()
+    }
 }
 
 impl Response {
@@ -243,6 +277,109 @@ impl Response {
         .encode(dst);
         self.encode_body(dst);
         finish_frame(dst, at);
+    }
+
+    /// The same frame as [`encode_frame`](Response::encode_frame) writes, as parts to be
+    /// written back to back: record batches are parts of their own, not copied.
+    pub fn encode_frame_parts(&self, correlation_id: u32) -> Vec<Bytes> {
+        let mut parts = FrameParts::new();
+        ResponseHeader {
+            correlation_id,
+            error_code: ErrorCode::None,
+        }
+        .encode(parts.buf());
+        self.encode_body_parts(&mut parts);
+        parts.finish()
+    }
+}
+
+/// A frame built in parts: small fields are copied into a buffer, large [`Bytes`] fields are
+/// kept as parts of their own, so a record batch goes from the producer's builder (or the
+/// broker's read) to the socket without being copied into the frame.
+#[derive(Debug)]
+pub struct FrameParts {
+    /// Starts with the length prefix, filled in by `finish`.
+    prefix: BytesMut,
+    parts: Vec<Bytes>,
+    buf: BytesMut,
+}
+
+impl FrameParts {
+    /// `Bytes` fields shorter than this are copied: a part of their own costs more than that.
+    pub const SHARE_AT_LEAST: usize = 4096;
+
+    fn new() -> Self {
+        let mut buf = BytesMut::with_capacity(256);
+        buf.put_u32(0);
+        let prefix = buf.split_to(LENGTH_PREFIX_BYTES);
+        FrameParts {
+            prefix,
+            parts: Vec::new(),
+            buf,
+        }
+    }
+
+    /// The buffer small fields are written to.
+    pub fn buf(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Appends a length-prefixed bytes field, as [`put_bytes`](crate::wire::put_bytes) does.
+    pub fn put_bytes(&mut self, value: &Bytes) {
+        if value.len() < Self::SHARE_AT_LEAST {
+            crate::wire::put_bytes(&mut self.buf, value);
+            return;
+        }
+        let length = u32::try_from(value.len()).expect("bytes field longer than 4 GiB");
+        self.buf.put_u32(length);
+        self.parts.push(self.buf.split().freeze());
+        self.parts.push(value.clone());
+    }
+
+    /// The parts, the length prefix filled in. A frame without shared parts is one part.
+    fn finish(mut self) -> Vec<Bytes> {
+        let length: usize = self.parts.iter().map(Bytes::len).sum::<usize>() + self.buf.len();
+        let length = u32::try_from(length).expect("frame over 4 GiB");
+        self.prefix.copy_from_slice(&length.to_be_bytes());
+        if self.parts.is_empty() {
+            // Split from one buffer and still adjacent: joined again without a copy.
+            self.prefix.unsplit(self.buf);
+            return vec![self.prefix.freeze()];
+        }
+        if !self.buf.is_empty() {
+            self.parts.push(self.buf.freeze());
+        }
+        self.parts.insert(0, self.prefix.freeze());
+        self.parts
+    }
+}
+
+/// Where a body with record batches is written: a plain buffer (batches copied) or a
+/// [`FrameParts`] (batches kept as parts), so such a body's encoding is written once.
+pub(crate) trait BodySink {
+    /// The buffer small fields go to.
+    fn small(&mut self) -> &mut BytesMut;
+    /// A length-prefixed bytes field.
+    fn put_shared(&mut self, value: &Bytes);
+}
+
+impl BodySink for BytesMut {
+    fn small(&mut self) -> &mut BytesMut {
+        self
+    }
+
+    fn put_shared(&mut self, value: &Bytes) {
+        crate::wire::put_bytes(self, value);
+    }
+}
+
+impl BodySink for FrameParts {
+    fn small(&mut self) -> &mut BytesMut {
+        self.buf()
+    }
+
+    fn put_shared(&mut self, value: &Bytes) {
+        self.put_bytes(value);
     }
 }
 

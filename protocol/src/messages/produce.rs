@@ -16,9 +16,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::Body;
+use super::{Body, BodySink, FrameParts};
 use crate::error::{ErrorCode, WireError};
-use crate::wire::{Reader, put_bytes, put_count, put_nullable_string, put_string};
+use crate::wire::{Reader, put_count, put_nullable_string, put_string};
 
 /// When the broker answers a produce.
 #[repr(u8)]
@@ -86,19 +86,31 @@ pub struct ProduceRequest {
     pub topics: Vec<ProduceTopic>,
 }
 
-impl Body for ProduceRequest {
-    fn encode(&self, dst: &mut BytesMut) {
-        dst.put_u8(self.acks as u8);
-        dst.put_u32(self.timeout_ms);
-        put_count(dst, self.topics.len());
+impl ProduceRequest {
+    fn encode_into(&self, dst: &mut impl BodySink) {
+        let small = dst.small();
+        small.put_u8(self.acks as u8);
+        small.put_u32(self.timeout_ms);
+        put_count(small, self.topics.len());
         for topic in &self.topics {
-            put_string(dst, &topic.name);
-            put_count(dst, topic.partitions.len());
+            let small = dst.small();
+            put_string(small, &topic.name);
+            put_count(small, topic.partitions.len());
             for partition in &topic.partitions {
-                dst.put_u32(partition.partition);
-                put_bytes(dst, &partition.records);
+                dst.small().put_u32(partition.partition);
+                dst.put_shared(&partition.records);
             }
         }
+    }
+}
+
+impl Body for ProduceRequest {
+    fn encode(&self, dst: &mut BytesMut) {
+        self.encode_into(dst);
+    }
+
+    fn encode_parts(&self, dst: &mut FrameParts) {
+        self.encode_into(dst);
     }
 
     fn decode(src: &mut Reader) -> Result<Self, WireError> {

@@ -96,6 +96,20 @@ proptest! {
     }
 
     #[test]
+    fn frames_in_parts_are_the_same_bytes(
+        request in any_request(),
+        response in any_response(),
+        correlation_id in any::<u32>(),
+    ) {
+        let mut wire = BytesMut::new();
+        request.encode_frame(correlation_id, &mut wire);
+        prop_assert_eq!(&request.encode_frame_parts(correlation_id).concat()[..], &wire[..]);
+        let mut wire = BytesMut::new();
+        response.encode_frame(correlation_id, &mut wire);
+        prop_assert_eq!(&response.encode_frame_parts(correlation_id).concat()[..], &wire[..]);
+    }
+
+    #[test]
     fn random_frames_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = decode_request(Bytes::from(bytes.clone()));
         for api_key in ApiKey::ALL {
@@ -182,4 +196,68 @@ fn api_keys_round_trip_and_are_pinned() {
     assert_eq!(ApiKey::Produce.code(), 6);
     assert_eq!(ApiKey::Fetch.code(), 7);
     assert_eq!(ApiKey::from_code(1000), None);
+}
+
+/// Record batches of at least [`FrameParts::SHARE_AT_LEAST`] bytes become parts of their own,
+/// the very same buffers, and the parts still make the frame `encode_frame` writes.
+#[test]
+fn large_record_fields_are_shared_not_copied() {
+    let big = Bytes::from(vec![7u8; FrameParts::SHARE_AT_LEAST + 5]);
+    let small = Bytes::from(vec![9u8; 100]);
+    let request = Request::from(ProduceRequest {
+        acks: Acks::Leader,
+        timeout_ms: 5,
+        topics: vec![ProduceTopic {
+            name: "t".into(),
+            partitions: vec![
+                ProducePartition {
+                    partition: 0,
+                    records: big.clone(),
+                },
+                ProducePartition {
+                    partition: 1,
+                    records: small.clone(),
+                },
+            ],
+        }],
+    });
+    let parts = request.encode_frame_parts(3);
+    let mut wire = BytesMut::new();
+    request.encode_frame(3, &mut wire);
+    assert_eq!(parts.concat(), wire.to_vec());
+    assert_eq!(
+        parts.len(),
+        4,
+        "prefix, fields, the big batch, the rest: {parts:?}"
+    );
+    assert_eq!(parts[0].len(), crate::frame::LENGTH_PREFIX_BYTES);
+    assert_eq!(
+        parts[2].as_ptr(),
+        big.as_ptr(),
+        "the batch itself, not a copy"
+    );
+    let response = Response::from(FetchResponse {
+        topics: vec![FetchTopicResponse {
+            name: "t".into(),
+            partitions: vec![FetchPartitionResponse {
+                partition: 0,
+                error_code: ErrorCode::None,
+                high_watermark: 10,
+                log_start_offset: 0,
+                records: big.clone(),
+            }],
+        }],
+    });
+    let parts = response.encode_frame_parts(4);
+    let mut wire = BytesMut::new();
+    response.encode_frame(4, &mut wire);
+    assert_eq!(parts.concat(), wire.to_vec());
+    assert_eq!(parts.last().unwrap().as_ptr(), big.as_ptr());
+    // Without a large field the frame is one part.
+    assert_eq!(
+        Request::from(ListTopicsRequest {})
+            .encode_frame_parts(1)
+            .len(),
+        1
+    );
 }
