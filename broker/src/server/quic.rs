@@ -78,10 +78,72 @@ pub async fn bind(config: &Config) -> Result<(quinn::Endpoint, SocketAddr), Star
         address,
         source,
     };
-    let endpoint = quinn::Endpoint::server(server_config, address).map_err(bind_error)?;
+    let socket = std::net::UdpSocket::bind(address).map_err(bind_error)?;
+    let receive_buffer = raise_receive_buffer(&socket, UDP_RECEIVE_BUFFER_BYTES);
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)?;
     let quic_addr = endpoint.local_addr().map_err(bind_error)?;
-    tracing::info!(%quic_addr, "QUIC listening (UDP, ALPN sluice/1)");
+    tracing::info!(%quic_addr, receive_buffer, "QUIC listening (UDP, ALPN sluice/1)");
+    if receive_buffer < UDP_RECEIVE_BUFFER_BYTES {
+        tracing::warn!(
+            receive_buffer,
+            wanted = UDP_RECEIVE_BUFFER_BYTES,
+            "the UDP receive buffer is small: bursts from fast QUIC producers may be dropped \
+             and resent; raise net.core.rmem_max (sysctl) to at least the wanted size"
+        );
+    }
     Ok((endpoint, quic_addr))
+}
+
+/// The UDP receive buffer the QUIC socket asks for. Linux's default (208 KiB) holds about 150
+/// full-size datagrams: a producer's burst of 256 KiB batches overflows it, and every dropped
+/// datagram costs a retransmission and a congestion-window cut.
+const UDP_RECEIVE_BUFFER_BYTES: usize = 8 << 20;
+
+/// Asks for a receive buffer of `bytes`: past `net.core.rmem_max` when the broker may
+/// (SO_RCVBUFFORCE, with CAP_NET_ADMIN), else up to that limit. Returns the size the kernel
+/// reports (which counts its bookkeeping too, so up to twice what was asked).
+fn raise_receive_buffer(socket: &std::net::UdpSocket, bytes: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |option| {
+        // SAFETY: `value` is a live c_int and its size is passed with it; `fd` is the socket's.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    if !set(libc::SO_RCVBUFFORCE) {
+        set(libc::SO_RCVBUF);
+    }
+    let mut actual: libc::c_int = 0;
+    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `actual` and `length` are live and sized as getsockopt expects.
+    let read = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            std::ptr::from_mut(&mut actual).cast(),
+            &mut length,
+        )
+    };
+    if read == 0 {
+        usize::try_from(actual).unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 fn transport_config(config: &Config) -> quinn::TransportConfig {
@@ -188,4 +250,32 @@ async fn serve_connection(
     }
     tracing::debug!(%remote, "QUIC connection closed");
     drop(slot);
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    /// The QUIC socket's receive buffer is raised: to what was asked where the broker may go
+    /// past `net.core.rmem_max` (as root), else at least to that limit.
+    #[test]
+    fn the_udp_receive_buffer_is_raised() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let got = raise_receive_buffer(&socket, UDP_RECEIVE_BUFFER_BYTES);
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0);
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let floor = if root {
+            UDP_RECEIVE_BUFFER_BYTES
+        } else {
+            UDP_RECEIVE_BUFFER_BYTES.min(rmem_max)
+        };
+        assert!(
+            got >= floor,
+            "receive buffer {got} bytes, expected at least {floor}"
+        );
+    }
 }
