@@ -751,17 +751,8 @@ fn check_served(
 /// write does exactly this): the file then holds the durable prefix, a hole of zeros, then a
 /// whole valid batch. None of it from the hole on was ever fsynced (an fsync covering the later
 /// write would have covered the earlier one, written before it at a lower position), so it is a
-/// torn tail like any other: recovery should cut it at the hole, not refuse writes.
-///
-/// BUG, open (reported with issue 11, not fixed): recovery refuses writes here ("batch length
-/// 12 is impossible here"): `recovery.rs` counts an invalid region as a torn tail only when no
-/// valid batch follows it (DESIGN.md, Storage), so a power loss turns into a partition that
-/// needs an operator. Changing that rule is a durability-policy decision (a run of zeros where
-/// a batch header should start, at or above the recovery point, could also be fsynced data a
-/// faulty disk zeroed), so it is left to the design owner; the randomised torn-write test
-/// tears writes strictly partially and does not reach this case.
+/// torn tail like any other: recovery cuts it at the hole instead of refusing writes.
 #[tokio::test]
-#[ignore = "bug: recovery refuses writes after a power loss that kept a later unsynced write but not an earlier one (see the doc comment)"]
 async fn a_hole_left_by_reordered_unsynced_writes_is_cut_like_a_torn_tail() {
     let fs = FaultFs::new();
     let storage = storage(&fs);

@@ -8,10 +8,15 @@
 //! 4. From the start of the segment that holds the recovery point to the end, every batch is
 //!    checked: CRC and structure (`validate`), and that its base offset follows the previous
 //!    batch. Indexes are rebuilt on the way.
-//! 5. An invalid region is a *torn tail* only when it is in the last segment, at or above the
-//!    recovery point, and no valid batch follows it: it is cut off, with a log line saying what
-//!    was cut. Anything else is corruption, never "repaired": the partition refuses writes,
-//!    names the file and position, and serves what precedes the damage.
+//! 5. An invalid region at or above the recovery point is a *torn tail*: it is cut off, with
+//!    whatever follows it (later segments included), and a log line says what was cut and
+//!    whether valid batches were among it. Nothing there was ever fsynced: an fsync after
+//!    the invalid region was written would have made it whole, so even a valid batch after it
+//!    (a later unsynced write the disk kept while losing an earlier one: disks reorder writes
+//!    between fsyncs) was never acknowledged as durable. Cutting it is what a power loss in
+//!    that window means, as with Kafka's recovery from its recovery point. Anything below the
+//!    recovery point is corruption, never "repaired": the partition refuses writes, names the
+//!    file and position, and serves what precedes the damage.
 //! 6. The scanned files are fsynced, so everything recovered counts as durable.
 
 use std::path::Path;
@@ -221,12 +226,12 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                     .map_err(io(format!("stat {}", paths.log.display())))?;
                 // A torn tail may sit in a segment that rolled just before the crash: the
                 // later segments then hold nothing that was ever fsynced either.
-                let torn =
-                    scan.next_offset >= recovery_point && !valid_batch_after(&file, *at, file_len)?;
+                let torn = scan.next_offset >= recovery_point;
                 if torn && !is_last {
                     drop_unsynced_segments(fs, dir, &bases[position + 1..])?;
                 }
                 if torn {
+                    let cut_valid_batches = valid_batch_after(&file, *at, file_len)?;
                     file.set_len(*at)
                         .map_err(io(format!("truncate {}", paths.log.display())))?;
                     file.sync_data()
@@ -237,7 +242,8 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                         cut_bytes = file_len - at,
                         next_offset = scan.next_offset,
                         reason = %detail,
-                        "truncated a torn tail",
+                        cut_valid_batches,
+                        "truncated a torn tail (unsynced writes lost in a crash)",
                     );
                     size = *at;
                 } else {
