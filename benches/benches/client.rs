@@ -8,7 +8,9 @@
 //! Metadata (the producer looks up the partition count once) and discards every other frame
 //! unread, so the broker's cost is left out. Producers run with `acks=none` and no idempotence:
 //! no answer is awaited, so what is timed is the client turning records into batches and
-//! batches into bytes on the socket. Each iteration enqueues [`RECORDS`] records and flushes.
+//! batches into bytes on the socket. Each iteration enqueues [`RECORDS`] records and flushes,
+//! one `enqueue` per record or 1,000 borrowed records per `enqueue_many` (the `_enqueue_many`
+//! cases: one lock and clock read per call, no reference count per record).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -90,10 +92,35 @@ async fn producer(partitions: u32) -> Producer {
         .expect("producer")
 }
 
-/// Enqueues `RECORDS` records (keyed over `keys` keys, or keyless when `keys` is 0), flushes,
-/// and returns how long it took.
-async fn enqueue_and_flush(producer: &Producer, value: &Bytes, keys: &[Bytes]) -> Duration {
+/// Records per `enqueue_many` call in the `many` cases.
+const RECORDS_PER_CALL: u64 = 1_000;
+
+/// Enqueues `RECORDS` records (keyed over `keys` keys, or keyless when `keys` is 0), one
+/// `enqueue` each or, with `many`, `RECORDS_PER_CALL` borrowed records per `enqueue_many`;
+/// flushes, and returns how long it took.
+async fn enqueue_and_flush(
+    producer: &Producer,
+    value: &Bytes,
+    keys: &[Bytes],
+    many: bool,
+) -> Duration {
     let start = Instant::now();
+    if many {
+        for call in 0..RECORDS / RECORDS_PER_CALL {
+            let first = call * RECORDS_PER_CALL;
+            let records = (first..first + RECORDS_PER_CALL).map(|index| {
+                let record = Record::borrowed(TOPIC, value);
+                if keys.is_empty() {
+                    record
+                } else {
+                    record.borrowed_key(&keys[index as usize % keys.len()])
+                }
+            });
+            black_box(producer.enqueue_many(records).await.expect("enqueue_many"));
+        }
+        producer.flush().await.expect("flush");
+        return start.elapsed();
+    }
     for index in 0..RECORDS {
         let mut record = Record::new(TOPIC, value.clone());
         if !keys.is_empty() {
@@ -125,19 +152,21 @@ fn batching(c: &mut Criterion) {
         for (value_bytes, size_label) in SIZES {
             let value = Bytes::from(vec![0x5a; value_bytes]);
             group.throughput(Throughput::Bytes(RECORDS * value_bytes as u64));
-            group.bench_function(format!("{shape}_{size_label}"), |b| {
-                b.iter_custom(|iterations| {
-                    let producer = Arc::clone(&producer);
-                    let (value, keys) = (value.clone(), keys.clone());
-                    runtime.block_on(async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iterations {
-                            total += enqueue_and_flush(&producer, &value, &keys).await;
-                        }
-                        total
+            for (call, many) in [("enqueue", false), ("enqueue_many", true)] {
+                group.bench_function(format!("{shape}_{size_label}_{call}"), |b| {
+                    b.iter_custom(|iterations| {
+                        let producer = Arc::clone(&producer);
+                        let (value, keys) = (value.clone(), keys.clone());
+                        runtime.block_on(async move {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iterations {
+                                total += enqueue_and_flush(&producer, &value, &keys, many).await;
+                            }
+                            total
+                        })
                     })
-                })
-            });
+                });
+            }
         }
         runtime.block_on(producer.close()).expect("close");
     }

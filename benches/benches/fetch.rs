@@ -2,10 +2,11 @@
 //! batches, encoded into a response frame.
 //! `cargo bench -p sluice-benches --bench fetch`
 //!
-//! `fresh_buffer` encodes as the broker's connection does today, into a new `BytesMut` that
-//! grows as it goes; `presized_buffer` reserves the frame's size first. Both copy the record
-//! bytes once into the frame; the gap between them is what reallocation costs, and the bytes/s
-//! of either is the ceiling a copying fetch path puts on consume throughput.
+//! `in_parts` encodes as the broker's connection does: `encode_frame_parts`, whose record
+//! batches are parts of their own (shared, not copied), so its cost does not grow with the
+//! record bytes. `fresh_buffer` and `presized_buffer` are the copying encoders it replaced,
+//! into a new `BytesMut` that grows as it goes or that is reserved at the frame's size first:
+//! the bytes/s of either is the ceiling a copying fetch path put on consume throughput.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -67,6 +68,9 @@ fn assembly(c: &mut Criterion) {
                 response.encode_frame(7, &mut frame);
                 black_box(frame.freeze())
             })
+        });
+        group.bench_function(format!("in_parts_{partitions}_partitions"), |b| {
+            b.iter(|| black_box(response.encode_frame_parts(7)))
         });
         group.bench_function(format!("presized_buffer_{partitions}_partitions"), |b| {
             b.iter(|| {

@@ -220,7 +220,10 @@ async fn group_members_killed_frozen_and_a_broker_restart_lose_no_acknowledged_r
     while Instant::now() < until {
         tokio::time::sleep(rng.millis(2000, 4000)).await;
         let now = Instant::now();
-        if now >= next_freeze {
+        // No freeze so late that the member may see no record after it (it freezes on its
+        // next record when it holds none uncommitted).
+        let freeze_fits = now + Duration::from_millis(2 * FREEZE_MS) < until;
+        if now >= next_freeze && freeze_fits {
             next_freeze = now + freeze_every;
             let index = rng.below(MEMBERS as u64) as usize;
             let member = &mut members[index];
@@ -293,6 +296,15 @@ async fn group_members_killed_frozen_and_a_broker_restart_lose_no_acknowledged_r
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    // A frozen member logs its commit after the freeze; give the last one time to.
+    let deadline = Instant::now() + Duration::from_millis(4 * FREEZE_MS);
+    while Instant::now() < deadline
+        && !frozen_logs
+            .iter()
+            .all(|log| std::fs::read_to_string(log).is_ok_and(|text| text.contains("stall-commit")))
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(members);
     for (partition, offset, value) in &processed.records {
         history.read_unordered("group", TOPIC, *partition, *offset, value);

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use sluice_client::{Client, CommitMode, Error};
+use sluice_client::{Client, CommitMode, Consumer, Error};
 
 #[derive(Debug)]
 struct Arguments {
@@ -129,6 +129,23 @@ pub fn run_process(arguments: Vec<String>) -> anyhow::Result<()> {
     runtime.block_on(run(arguments))
 }
 
+/// Freezes for `duration` (past the session timeout, as a stopped process would), then commits
+/// what it holds and logs the outcome as `stall-commit ...`.
+async fn stall_and_commit(
+    consumer: &mut Consumer,
+    log: &mut File,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    // Blocks the only runtime thread: nothing of the member runs meanwhile.
+    std::thread::sleep(duration);
+    let outcome = match consumer.commit().await {
+        Ok(partitions) => format!("accepted {partitions}"),
+        Err(Error::Broker { code, .. }) => format!("refused {code:?}"),
+        Err(error) => format!("error {error}"),
+    };
+    log_line(log, &format!("stall-commit {outcome}"))
+}
+
 /// Appends one line to the log, straight to the file.
 fn log_line(log: &mut File, line: &str) -> anyhow::Result<()> {
     log.write_all(format!("{line}\n").as_bytes())
@@ -179,7 +196,16 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
                         .strip_prefix("stall ")
                         .and_then(|ms| ms.trim().parse::<u64>().ok())
                         .with_context(|| format!("unknown command {command:?}"))?;
-                    stall = Some(Duration::from_millis(milliseconds));
+                    let duration = Duration::from_millis(milliseconds);
+                    if uncommitted {
+                        // Holding records it has not committed: freeze now.
+                        stall_and_commit(&mut consumer, &mut log, duration).await?;
+                        uncommitted = false;
+                        last_commit = Instant::now();
+                    } else {
+                        // Freeze on the next record, so there is something to commit.
+                        stall = Some(duration);
+                    }
                 }
                 None => commands_open = false,
             },
@@ -192,14 +218,7 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
                     )?;
                     uncommitted = true;
                     if let Some(duration) = stall.take() {
-                        // Blocks the only runtime thread: nothing of the member runs meanwhile.
-                        std::thread::sleep(duration);
-                        let outcome = match consumer.commit().await {
-                            Ok(partitions) => format!("accepted {partitions}"),
-                            Err(Error::Broker { code, .. }) => format!("refused {code:?}"),
-                            Err(error) => format!("error {error}"),
-                        };
-                        log_line(&mut log, &format!("stall-commit {outcome}"))?;
+                        stall_and_commit(&mut consumer, &mut log, duration).await?;
                         uncommitted = false;
                         last_commit = Instant::now();
                     }
