@@ -84,8 +84,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
             .and_then(|name| name.to_str())
             .unwrap_or_default();
         if name.ends_with(".tmp") {
-            fs.remove_file(&path)
-                .map_err(io(format!("remove {}", path.display())))?;
+            remove_if_present(fs, &path)?;
             continue;
         }
         match SegmentPaths::parse(&path) {
@@ -97,8 +96,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
     bases.sort_unstable();
     for (base, path) in index_files {
         if bases.binary_search(&base).is_err() {
-            fs.remove_file(&path)
-                .map_err(io(format!("remove {}", path.display())))?;
+            remove_if_present(fs, &path)?;
         }
     }
     if bases.is_empty() {
@@ -325,21 +323,25 @@ fn drop_unsynced_segments(fs: &dyn FileSystem, dir: &Path, bases: &[u64]) -> Res
     for base in bases {
         let paths = SegmentPaths::new(dir, *base);
         for path in [&paths.log, &paths.index, &paths.time_index, &paths.snapshot] {
-            match fs.remove_file(path) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    return Err(StorageError::io(
-                        format!("remove {}", path.display()),
-                        error,
-                    ));
-                }
-            }
+            remove_if_present(fs, path)?;
         }
         tracing::warn!(segment = %paths.log.display(), "removed a segment past a torn tail (never fsynced)");
     }
     fs.sync_dir(dir)
         .map_err(io(format!("sync {}", dir.display())))
+}
+
+/// Removes `path`; one that is already gone is fine (a leftover another writer finished with
+/// meanwhile, a segment without one of its files).
+fn remove_if_present(fs: &dyn FileSystem, path: &Path) -> Result<()> {
+    match fs.remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(StorageError::io(
+            format!("remove {}", path.display()),
+            error,
+        )),
+    }
 }
 
 fn describe(file: &Path, position: u64, detail: &str) -> String {
