@@ -32,7 +32,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::WireError;
-use crate::wire::{get_varint, put_varint, varint_len};
+use crate::wire::{MAX_VARINT_BYTES, encode_varint, get_varint, varint_len};
 
 /// The record-batch format version this build writes and accepts.
 pub const MAGIC: u8 = 1;
@@ -732,6 +732,41 @@ impl Default for RecordBatchBuilder {
     }
 }
 
+/// A record's small fields (varints, attributes) on their way into the batch buffer: at most
+/// five varints and a byte are gathered between two flushes.
+struct Fields {
+    bytes: [u8; 5 * MAX_VARINT_BYTES + 1],
+    len: usize,
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Fields {
+            bytes: [0; 5 * MAX_VARINT_BYTES + 1],
+            len: 0,
+        }
+    }
+}
+
+impl Fields {
+    #[inline]
+    fn varint(&mut self, value: i64) {
+        self.len += encode_varint(value, &mut self.bytes[self.len..]);
+    }
+
+    #[inline]
+    fn byte(&mut self, value: u8) {
+        self.bytes[self.len] = value;
+        self.len += 1;
+    }
+
+    #[inline]
+    fn flush(&mut self, buf: &mut BytesMut) {
+        buf.extend_from_slice(&self.bytes[..self.len]);
+        self.len = 0;
+    }
+}
+
 impl RecordBatchBuilder {
     /// An empty batch without a producer id.
     pub fn new() -> Self {
@@ -879,26 +914,34 @@ impl RecordBatchBuilder {
             .checked_sub(base_timestamp)
             .expect("record timestamp too far from the batch's first");
         self.buf.reserve(varint_len(body as i64) + body);
-        put_varint(&mut self.buf, body as i64);
-        self.buf.put_u8(0);
-        put_varint(&mut self.buf, timestamp_delta);
-        put_varint(&mut self.buf, i64::from(self.record_count));
+        // The small fields between the byte strings are gathered on the stack, so the buffer
+        // takes a record in a few copies rather than one call per field.
+        let mut fields = Fields::default();
+        fields.varint(body as i64);
+        fields.byte(0);
+        fields.varint(timestamp_delta);
+        fields.varint(i64::from(self.record_count));
         match key {
-            None => put_varint(&mut self.buf, -1),
+            None => fields.varint(-1),
             Some(key) => {
-                put_varint(&mut self.buf, key.len() as i64);
-                self.buf.put_slice(key);
+                fields.varint(key.len() as i64);
+                fields.flush(&mut self.buf);
+                self.buf.extend_from_slice(key);
             }
         }
-        put_varint(&mut self.buf, value.len() as i64);
-        self.buf.put_slice(value);
-        put_varint(&mut self.buf, headers.len() as i64);
+        fields.varint(value.len() as i64);
+        fields.flush(&mut self.buf);
+        self.buf.extend_from_slice(value);
+        fields.varint(headers.len() as i64);
         for (name, value) in headers {
-            put_varint(&mut self.buf, name.len() as i64);
-            self.buf.put_slice(name.as_bytes());
-            put_varint(&mut self.buf, value.len() as i64);
-            self.buf.put_slice(value);
+            fields.varint(name.len() as i64);
+            fields.flush(&mut self.buf);
+            self.buf.extend_from_slice(name.as_bytes());
+            fields.varint(value.len() as i64);
+            fields.flush(&mut self.buf);
+            self.buf.extend_from_slice(value);
         }
+        fields.flush(&mut self.buf);
         self.record_count = self
             .record_count
             .checked_add(1)

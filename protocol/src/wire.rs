@@ -255,12 +255,27 @@ pub fn varint_len(value: i64) -> usize {
 
 /// Appends a zig-zag LEB128 varint.
 pub fn put_varint(dst: &mut impl BufMut, value: i64) {
+    let mut bytes = [0u8; MAX_VARINT_BYTES];
+    let length = encode_varint(value, &mut bytes);
+    dst.put_slice(&bytes[..length]);
+}
+
+/// Writes `value` as a zig-zag LEB128 varint at the start of `out` and returns the bytes it
+/// took.
+///
+/// # Panics
+/// When `out` is shorter than the varint (never with [`MAX_VARINT_BYTES`] or more).
+#[inline]
+pub fn encode_varint(value: i64, out: &mut [u8]) -> usize {
     let mut zigzag = ((value << 1) ^ (value >> 63)) as u64;
+    let mut length = 0;
     while zigzag >= 0x80 {
-        dst.put_u8((zigzag as u8) | 0x80);
+        out[length] = (zigzag as u8) | 0x80;
         zigzag >>= 7;
+        length += 1;
     }
-    dst.put_u8(zigzag as u8);
+    out[length] = zigzag as u8;
+    length + 1
 }
 
 /// Reads a zig-zag LEB128 varint from the front of `src`; returns it and the bytes it took.

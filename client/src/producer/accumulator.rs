@@ -74,6 +74,14 @@ impl RecordParts<'_> {
     }
 }
 
+/// The topic a record goes to: by name, or by where an earlier append found it (topics are
+/// never removed or moved, so a position stays valid).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TopicRef<'a> {
+    Name(&'a str),
+    Known(usize),
+}
+
 /// Where a record should go.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Target<'a> {
@@ -111,6 +119,8 @@ pub(crate) enum Append<'a> {
         index: u32,
         /// The id of the record's batch.
         batch: u64,
+        /// Where the record's topic is: [`TopicRef::Known`] finds it again without a lookup.
+        topic: usize,
         /// True when this record opened the batch.
         new_batch: bool,
         /// A batch was closed or opened: the sender has something new to do or a new deadline.
@@ -265,7 +275,7 @@ impl Accumulator {
     /// failed, and `UnknownPartition` for an explicit partition the topic does not have.
     pub(crate) fn append(
         &mut self,
-        topic: &str,
+        topic: TopicRef<'_>,
         target: Target<'_>,
         record: &RecordParts<'_>,
         reserved_bytes: &mut usize,
@@ -276,8 +286,12 @@ impl Accumulator {
             Some(Refusal::Closed) => return Err(closed_error()),
             Some(Refusal::Failed(error)) => return Err(copy_error(error)),
         }
-        let Some(position) = self.topic_position(topic) else {
-            return Ok(Append::UnknownTopic);
+        let position = match topic {
+            TopicRef::Known(position) => position,
+            TopicRef::Name(name) => match self.topic_position(name) {
+                Some(position) => position,
+                None => return Ok(Append::UnknownTopic),
+            },
         };
         let queues = &mut self.topics[position];
         let partition_count = queues.partition_count;
@@ -293,7 +307,8 @@ impl Accumulator {
                 return Err(Error::Broker {
                     code: ErrorCode::UnknownPartition,
                     message: Some(format!(
-                        "topic {topic} has {partition_count} partitions, record asks for partition {partition}"
+                        "topic {} has {partition_count} partitions, record asks for partition {partition}",
+                        queues.name
                     )),
                 });
             }
@@ -304,7 +319,12 @@ impl Accumulator {
                 if !has_open_batch {
                     sticky
                 } else if queues.try_append(sticky, record) {
-                    return Ok(appended_to_open(queues.open(sticky), false, wake_sender));
+                    return Ok(appended_to_open(
+                        queues.open(sticky),
+                        position,
+                        false,
+                        wake_sender,
+                    ));
                 } else {
                     // The sticky batch is full: close it and move on to the next partition.
                     wake_sender |= queues.seal(sticky);
@@ -313,7 +333,12 @@ impl Accumulator {
             }
         };
         if queues.try_append(partition, record) {
-            return Ok(appended_to_open(queues.open(partition), false, wake_sender));
+            return Ok(appended_to_open(
+                queues.open(partition),
+                position,
+                false,
+                wake_sender,
+            ));
         }
         wake_sender |= queues.seal(partition);
         let needed_bytes = self.batch_bytes.max(record.single_record_batch_bytes());
@@ -345,7 +370,7 @@ impl Accumulator {
                 completion: BatchCompletion::new(partition),
                 created_at: now(),
             });
-        Ok(appended_to_open(open, true, true))
+        Ok(appended_to_open(open, position, true, true))
     }
 
     /// Takes batches for the sender: per partition, up to `budget(topic, partition)` of them,
@@ -496,11 +521,17 @@ impl Accumulator {
 }
 
 /// The record just appended to `open` is its last.
-fn appended_to_open(open: &OpenBatch, new_batch: bool, wake_sender: bool) -> Append<'_> {
+fn appended_to_open(
+    open: &OpenBatch,
+    topic: usize,
+    new_batch: bool,
+    wake_sender: bool,
+) -> Append<'_> {
     Append::Appended {
         completion: &open.completion,
         index: open.builder.len() - 1,
         batch: open.id,
+        topic,
         new_batch,
         wake_sender,
     }
@@ -533,7 +564,13 @@ mod tests {
         let mut reserved = 0;
         loop {
             match accumulator
-                .append("t", target, &record(value), &mut reserved, || now)
+                .append(
+                    TopicRef::Name("t"),
+                    target,
+                    &record(value),
+                    &mut reserved,
+                    || now,
+                )
                 .expect("append")
             {
                 Append::Appended { completion, .. } => return completion.partition(),
@@ -613,7 +650,7 @@ mod tests {
         let big = [0u8; 500];
         let Append::NeedsBuffer { bytes, .. } = accumulator
             .append(
-                "t",
+                TopicRef::Name("t"),
                 Target::Partition(0),
                 &record(&big),
                 &mut reserved,
@@ -627,7 +664,7 @@ mod tests {
         reserved = bytes + 10;
         accumulator
             .append(
-                "t",
+                TopicRef::Name("t"),
                 Target::Partition(0),
                 &record(&big),
                 &mut reserved,
@@ -697,7 +734,7 @@ mod tests {
         let mut reserved = 0;
         assert!(matches!(
             accumulator.append(
-                "t",
+                TopicRef::Name("t"),
                 Target::Partition(2),
                 &record(b"x"),
                 &mut reserved,
@@ -710,7 +747,7 @@ mod tests {
         ));
         assert!(matches!(
             accumulator.append(
-                "other",
+                TopicRef::Name("other"),
                 Target::Sticky,
                 &record(b"x"),
                 &mut reserved,
@@ -720,14 +757,26 @@ mod tests {
         ));
         accumulator.close();
         assert!(matches!(
-            accumulator.append("t", Target::Sticky, &record(b"x"), &mut reserved, || now),
+            accumulator.append(
+                TopicRef::Name("t"),
+                Target::Sticky,
+                &record(b"x"),
+                &mut reserved,
+                || now
+            ),
             Err(Error::Usage(_))
         ));
         let failed = accumulator.fail(Arc::new(Error::ConnectionClosed));
         assert_eq!(failed.len(), 1);
         assert!(accumulator.is_empty());
         assert!(matches!(
-            accumulator.append("t", Target::Sticky, &record(b"x"), &mut reserved, || now),
+            accumulator.append(
+                TopicRef::Name("t"),
+                Target::Sticky,
+                &record(b"x"),
+                &mut reserved,
+                || now
+            ),
             Err(Error::ConnectionClosed)
         ));
     }

@@ -98,7 +98,7 @@ use tokio::task::JoinHandle;
 pub use delivery::{Deliveries, DeliveriesFuture, Delivery, DeliveryFuture};
 pub use sluice_protocol::messages::Acks;
 
-use self::accumulator::{Accumulator, Append, RecordParts, Target, closed_error};
+use self::accumulator::{Accumulator, Append, RecordParts, Target, TopicRef, closed_error};
 use self::delivery::BatchCompletion;
 use self::sender::{SenderOptions, SenderState};
 use crate::client::Client;
@@ -548,6 +548,9 @@ impl Producer {
         let mut records = records.peekable();
         // Buffer this call holds for a new batch; whatever is left is given back.
         let mut reserved_bytes = 0;
+        // The last record's topic and where the accumulator keeps it: a record naming the very
+        // same string (same address and length, alive for all of 'r) needs no lookup.
+        let mut known_topic: Option<(&'r str, usize)> = None;
         let result = loop {
             let mut wake_sender = false;
             let stopped = {
@@ -578,13 +581,15 @@ impl Producer {
                         (None, Some(key)) => Target::Key(key),
                         (None, None) => Target::Sticky,
                     };
-                    match accumulator.append(
-                        record.topic,
-                        target,
-                        &parts,
-                        &mut reserved_bytes,
-                        || *now.get_or_insert_with(Instant::now),
-                    ) {
+                    let topic = match known_topic {
+                        Some((name, position)) if std::ptr::eq(name, record.topic) => {
+                            TopicRef::Known(position)
+                        }
+                        _ => TopicRef::Name(record.topic),
+                    };
+                    match accumulator.append(topic, target, &parts, &mut reserved_bytes, || {
+                        *now.get_or_insert_with(Instant::now)
+                    }) {
                         Err(error) => {
                             stopped = Some(Err(error));
                             break;
@@ -594,8 +599,10 @@ impl Producer {
                             index,
                             batch,
                             new_batch,
+                            topic,
                             wake_sender: wake,
                         }) => {
+                            known_topic = Some((record.topic, topic));
                             // Under the accumulator's lock, so a flush that sees the batch also
                             // waits for it.
                             if new_batch {

@@ -9,7 +9,7 @@ use sluice_protocol::messages::{ProducePartitionResponse, ProduceTopicResponse};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use super::*;
-use crate::producer::accumulator::{Append, RecordParts, Target};
+use crate::producer::accumulator::{Append, RecordParts, Target, TopicRef};
 use crate::producer::{Delivery, DeliveryFuture, Progress};
 
 const BUFFER_BYTES: usize = 1 << 20;
@@ -79,7 +79,7 @@ fn batch(shared: &Shared, partition: u32, records: usize, now: Instant) -> Vec<D
         shared.buffer.try_acquire_many(1_000).unwrap().forget();
         match accumulator
             .append(
-                "t",
+                TopicRef::Name("t"),
                 Target::Partition(partition),
                 &record,
                 &mut reserved,
