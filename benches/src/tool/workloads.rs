@@ -12,13 +12,17 @@
 //! - Producers are built (InitProducerId) and consumers have joined their group before the clock
 //!   starts for `produce`, `pubsub` and `latency`. For `consume` the clock starts when the
 //!   consumers are created: joining the group is part of reading a backlog.
-//! - Send→ack latency runs from handing the record to `Producer::enqueue` (waiting for buffer
-//!   space included) until its delivery future is seen resolved. The futures reach the
-//!   collector in chunks of at most 256 records or 100 µs, so a figure can be up to about
-//!   100 µs late under full load; paced producers hand over every record before sleeping.
-//! - Throughput loops read the clock every 16 records and after every wait, not per record (a
-//!   read costs about 45 ns here, against a few hundred for a whole record): a time can be off
-//!   by what 16 records' handling takes, microseconds, against latencies of milliseconds there.
+//! - Unpaced producers hand the client `records_per_send` records (1,000 by default) per
+//!   `Producer::enqueue_many` call, borrowed from one payload (the records of a call share a
+//!   send time); with `--records-per-send 1` each record goes through `Producer::enqueue`.
+//!   Consumers read with `Consumer::next_batch` and decode every record.
+//! - Send→ack latency runs from handing the records to the producer (waiting for buffer space
+//!   included) until their future is seen resolved. The futures reach the collector in chunks
+//!   of at least 256 records or 100 µs, so a figure can be up to about 100 µs late under full
+//!   load; paced producers hand over every record before sleeping.
+//! - Throughput loops read the clock once per call (or every 16 records with one record per
+//!   call) and after every wait; consumers once per batch and every 16 records while measuring
+//!   latency: a time can be off by what 16 records' handling takes, microseconds.
 //! - With `--rate`, each producer runs on a thread of its own and sleeps between sends:
 //!   tokio's timer has millisecond granularity, far too coarse for 10,000 msgs/s. The send time
 //!   carried in the payload is the actual one, not the scheduled one.
@@ -626,19 +630,12 @@ impl SendJob {
                 records: 1,
                 future: Acknowledgement::One(future),
             };
-            if let Some(chunk) = pending.push(sent) {
-                // The collector only stops early when the run is failing anyway.
-                if self.chunks.send(chunk).await.is_err() {
-                    break Ok(());
-                }
+            // The collector only stops early when the run is failing anyway.
+            if !self.hand_over(&mut pending, sent).await {
+                break Ok(());
             }
         };
-        let _ = self.chunks.send(pending.take()).await;
-        drop(self.chunks);
-        let closed = self.producer.close().await.map_err(from_client);
-        sending.context("a producer failed")?;
-        closed.context("a producer failed to close")?;
-        Ok(sent)
+        self.finish(pending, sending, sent).await
     }
 
     /// As fast as the producer takes them, `records_per_send` records per
@@ -670,13 +667,26 @@ impl SendJob {
                 records: count,
                 future: Acknowledgement::Many(future),
             };
-            if let Some(chunk) = pending.push(sent) {
-                // The collector only stops early when the run is failing anyway.
-                if self.chunks.send(chunk).await.is_err() {
-                    break Ok(());
-                }
+            // The collector only stops early when the run is failing anyway.
+            if !self.hand_over(&mut pending, sent).await {
+                break Ok(());
             }
         };
+        self.finish(pending, sending, sent).await
+    }
+
+    /// Adds a call's future to the pending ones and hands a chunk to the collector when one
+    /// is due; false once the collector is gone.
+    async fn hand_over(&self, pending: &mut PendingAcks, sent: Sent) -> bool {
+        match pending.push(sent) {
+            Some(chunk) => self.chunks.send(chunk).await.is_ok(),
+            None => true,
+        }
+    }
+
+    /// Hands over what is pending, closes the producer (delivering what it holds) and reports
+    /// how many records were sent, or why sending or closing failed.
+    async fn finish(self, mut pending: PendingAcks, sending: Result<()>, sent: u64) -> Result<u64> {
         let _ = self.chunks.send(pending.take()).await;
         drop(self.chunks);
         let closed = self.producer.close().await.map_err(from_client);

@@ -234,9 +234,8 @@ apis! {
 }
 
 impl Request {
-    /// Appends a whole frame (length, header, body) at the current version of its api.
-    pub fn encode_frame(&self, correlation_id: u32, dst: &mut BytesMut) {
-        let at = start_frame(dst);
+    /// The header of this request at the current version of its api.
+    fn header(&self, correlation_id: u32) -> RequestHeader {
         let api_key = self.api_key();
         RequestHeader {
             api_key: api_key.code(),
@@ -244,7 +243,12 @@ impl Request {
             correlation_id,
             flags: 0,
         }
-        .encode(dst);
+    }
+
+    /// Appends a whole frame (length, header, body) at the current version of its api.
+    pub fn encode_frame(&self, correlation_id: u32, dst: &mut BytesMut) {
+        let at = start_frame(dst);
+        self.header(correlation_id).encode(dst);
         self.encode_body(dst);
         finish_frame(dst, at);
     }
@@ -253,14 +257,7 @@ impl Request {
     /// written back to back: record batches are parts of their own, not copied.
     pub fn encode_frame_parts(&self, correlation_id: u32) -> Vec<Bytes> {
         let mut parts = FrameParts::new();
-        let api_key = self.api_key();
-        RequestHeader {
-            api_key: api_key.code(),
-            api_version: api_key.current_version(),
-            correlation_id,
-            flags: 0,
-        }
-        .encode(parts.buf());
+        self.header(correlation_id).encode(parts.buf());
         self.encode_body_parts(&mut parts);
         parts.finish()
     }
