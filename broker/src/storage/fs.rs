@@ -22,10 +22,21 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::BytesMut;
+
 /// An open file, shared between the writer and readers.
 pub trait StorageFile: Send + Sync + std::fmt::Debug {
     /// Reads up to `buf.len()` bytes at `offset`; fewer only at end of file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Reads up to `len` bytes at `offset` onto the end of `buf`; fewer only at end of file.
+    /// Returns how many were read. By default the room is zeroed first, then read into.
+    fn read_appending(&self, buf: &mut BytesMut, len: usize, offset: u64) -> io::Result<usize> {
+        let start = buf.len();
+        buf.resize(start + len, 0);
+        let read = self.read_at(&mut buf[start..], offset);
+        buf.truncate(start + *read.as_ref().unwrap_or(&0));
+        read
+    }
     /// Writes all of `buf` at `offset`, extending the file as needed.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Writes `parts` back to back at `offset`, as one write of their concatenation would,
@@ -133,6 +144,43 @@ impl StorageFile for RealFile {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.0.write_all_at(buf, offset)
+    }
+
+    fn read_appending(&self, buf: &mut BytesMut, len: usize, offset: u64) -> io::Result<usize> {
+        // Read straight into the buffer's spare room: a fetch of a megabyte does not zero a
+        // megabyte first.
+        buf.reserve(len);
+        let start = buf.len();
+        let mut filled = 0;
+        while filled < len {
+            let room = &mut buf.spare_capacity_mut()[filled..len];
+            let file_offset = libc::off_t::try_from(offset + filled as u64)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+            // SAFETY: the kernel writes at most `room.len()` bytes into `room`, which is spare
+            // capacity of `buf` (reserved above) and not aliased; nothing reads it before the
+            // bytes the kernel reported are marked initialised below.
+            let read = unsafe {
+                libc::pread(
+                    self.0.as_raw_fd(),
+                    room.as_mut_ptr().cast(),
+                    room.len(),
+                    file_offset,
+                )
+            };
+            match usize::try_from(read) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(_) => {
+                    let error = io::Error::last_os_error();
+                    if error.kind() != io::ErrorKind::Interrupted {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        // SAFETY: the first `filled` bytes after `start` were written by pread.
+        unsafe { buf.set_len(start + filled) };
+        Ok(filled)
     }
 
     fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
@@ -278,6 +326,17 @@ mod tests {
         file.read_at(&mut read, 0).unwrap();
         assert_eq!(&read[..10], &[0xee; 10]);
         assert_eq!(&read[10..10 + expected.len()], expected.as_slice());
+        // Reads onto the end of a buffer, past the end of the file only as far as it goes.
+        let mut appended = BytesMut::from(&b"head"[..]);
+        let read = file.read_appending(&mut appended, 20, 10).unwrap();
+        assert_eq!(read, 20);
+        assert_eq!(&appended[..4], b"head");
+        assert_eq!(&appended[4..], &expected[..20]);
+        let past_end = file
+            .read_appending(&mut appended, 1_000, length as u64 - 3)
+            .unwrap();
+        assert_eq!(past_end, 3, "a short read at the end of the file");
+        assert_eq!(appended.len(), 4 + 20 + 3);
         file.write_all_vectored_at(&[], 0).unwrap();
         file.write_all_vectored_at(&[&[], &[]], 1_000).unwrap();
         assert_eq!(

@@ -997,8 +997,22 @@ impl PartitionLog {
         };
         let want = (max_bytes as u64).max(first_size).min(end - position);
         let length = usize::try_from(want).expect("read length fits in memory");
-        let mut buffer = BytesMut::zeroed(length);
-        self.read_exact(&file, &segment, &mut buffer, position)?;
+        let mut buffer = BytesMut::new();
+        let read = file
+            .read_appending(&mut buffer, length, position)
+            .map_err(|error| {
+                StorageError::io(
+                    format!("read {} at {position}", segment.paths.log.display()),
+                    error,
+                )
+            })?;
+        if read < length {
+            return Err(self.corrupt(
+                &segment,
+                position,
+                format!("short read: {read} of {length} bytes"),
+            ));
+        }
         // Keep whole batches only, each checked as it leaves the disk: its CRC, and what the
         // CRC leaves out (the format version, and the base offset following on).
         let mut cut = 0usize;
