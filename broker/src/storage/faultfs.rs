@@ -722,6 +722,12 @@ impl StorageFile for FaultFile {
         }
     }
 
+    /// One write of the parts joined, as `pwritev` is one system call: the write budget and a
+    /// tear see it whole, and no other writer's bytes come between its parts.
+    fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_all_at(&parts.concat(), offset)
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         let mut state = self.live_state()?;
         if let Some(kind) = state.sync_fault {

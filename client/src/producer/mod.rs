@@ -107,6 +107,10 @@ use crate::error::{Error, Result};
 /// The most batches a partition may have in flight with idempotence: the broker remembers the
 /// last 5 batches of each producer and partition to recognise a retry.
 pub const MAX_IN_FLIGHT_IDEMPOTENT: usize = 5;
+/// Records `enqueue_many` appends per hold of the producer's lock: a long call takes turns with
+/// the sender task and other callers instead of blocking them (and their runtime threads) for
+/// its whole length. About 30 µs of appending at 100 B.
+const RECORDS_PER_LOCK: usize = 1024;
 /// Headers a record may have before enqueueing it allocates a small list.
 const INLINE_HEADERS: usize = 8;
 
@@ -498,9 +502,9 @@ impl Producer {
 
     /// Puts many records into their partitions' batches, as [`enqueue`](Producer::enqueue)
     /// does one after the other, and returns one future of all their acknowledgements. For
-    /// throughput: the producer's lock is taken, and the clock read, once per call rather than
-    /// once per record, and the future holds an entry per batch the records went into, not
-    /// one per record.
+    /// throughput: the producer's lock is taken, and the clock read, once per 1,024 records
+    /// rather than once per record (a long call lets the sender and other callers in between),
+    /// and the future holds an entry per batch the records went into, not one per record.
     ///
     /// The future resolves to each record's [`Delivery`] in the order given, or to the first
     /// failure: records that went into other batches may still have been written.
@@ -520,8 +524,8 @@ impl Producer {
         Ok(deliveries)
     }
 
-    /// Sends `records` and waits for all their acknowledgements: [`enqueue_many`]
-    /// (Producer::enqueue_many), then its future.
+    /// Sends `records` and waits for all their acknowledgements:
+    /// [`enqueue_many`](Producer::enqueue_many), then its future.
     ///
     /// # Errors
     /// Those of [`enqueue_many`](Producer::enqueue_many), then those of its future.
@@ -533,8 +537,8 @@ impl Producer {
     }
 
     /// Appends `records` in order, calling `appended` with each one's batch completion and
-    /// index. Takes the accumulator's lock once for as many records as it can; lets it go
-    /// only to wait for buffer space or a topic's partition count.
+    /// index. Takes the accumulator's lock once for up to [`RECORDS_PER_LOCK`] records; lets
+    /// it go after those, and to wait for buffer space or a topic's partition count.
     async fn append_records<'r>(
         &self,
         records: impl Iterator<Item = Record<'r>>,
@@ -543,6 +547,8 @@ impl Producer {
         enum Wait<'t> {
             Buffer(usize),
             Metadata(&'t str),
+            /// Held the lock for `RECORDS_PER_LOCK` records: let the sender and other callers in.
+            Turn,
         }
         let shared = &self.inner.shared;
         let mut records = records.peekable();
@@ -560,7 +566,13 @@ impl Producer {
                 let mut timestamp_now = None;
                 let mut now = None;
                 let mut stopped = None;
+                let mut held_for = 0;
                 while let Some(record) = records.peek() {
+                    if held_for == RECORDS_PER_LOCK {
+                        stopped = Some(Ok(Wait::Turn));
+                        break;
+                    }
+                    held_for += 1;
                     let timestamp_ms = record
                         .timestamp_ms
                         .unwrap_or_else(|| *timestamp_now.get_or_insert_with(now_ms));
@@ -651,6 +663,7 @@ impl Producer {
                         Err(_closed) => break Err(shared.refusal()),
                     }
                 }
+                Some(Ok(Wait::Turn)) => tokio::task::yield_now().await,
                 Some(Ok(Wait::Metadata(topic))) => {
                     match partition_count(&shared.client, topic).await {
                         Ok(count) => shared.lock_accumulator().set_partition_count(topic, count),
