@@ -798,17 +798,30 @@ impl Consumer {
                     }
                     return Poll::Ready(Some(Ok(batch)));
                 }
-                self.mark_processed();
-                self.current = None;
             }
-            match ready!(self.receiver.poll_recv(cx)) {
-                Some(Ok((partition, generation, fetched))) => {
-                    self.current = Some(Chunk::new(partition, generation, fetched));
-                }
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => return Poll::Ready(None),
+            if let Err(end) = ready!(self.next_chunk(cx)) {
+                return Poll::Ready(end);
             }
         }
+    }
+
+    /// The current chunk (if any) is used up: marks what it handed out processed (the next
+    /// record or batch is being asked for) and takes the next fetched chunk. `Err` carries what
+    /// the stream yields instead: the fetch task's error, or its end.
+    fn next_chunk<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::result::Result<(), Option<Result<T>>>> {
+        self.mark_processed();
+        self.current = None;
+        Poll::Ready(match ready!(self.receiver.poll_recv(cx)) {
+            Some(Ok((partition, generation, fetched))) => {
+                self.current = Some(Chunk::new(partition, generation, fetched));
+                Ok(())
+            }
+            Some(Err(error)) => Err(Some(Err(error))),
+            None => Err(None),
+        })
     }
 
     /// Under one lock: marks what was handed out before from the current chunk processed,
@@ -907,16 +920,9 @@ impl Stream for Consumer {
                 if chunk.decode_next_batch() {
                     continue;
                 }
-                // The chunk's last record is processed: the next one is being asked for.
-                this.mark_processed();
-                this.current = None;
             }
-            match ready!(this.receiver.poll_recv(cx)) {
-                Some(Ok((partition, generation, fetched))) => {
-                    this.current = Some(Chunk::new(partition, generation, fetched));
-                }
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => return Poll::Ready(None),
+            if let Err(end) = ready!(this.next_chunk(cx)) {
+                return Poll::Ready(end);
             }
         }
     }
