@@ -583,6 +583,21 @@ fn apply_flags(config: &mut Config, cli: &Cli) {
 }
 
 impl Config {
+    /// The defaults, with `data_dir` and every listener (TCP, QUIC, HTTP) on loopback at a port
+    /// the system picks: for a broker embedded in another program or a test, several side by
+    /// side. The addresses bound are on the [`BrokerHandle`](crate::BrokerHandle).
+    pub fn on_loopback(data_dir: impl Into<PathBuf>) -> Config {
+        let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut config = Config {
+            data_dir: data_dir.into(),
+            ..Config::default()
+        };
+        config.listeners.tcp = any_port;
+        config.listeners.quic = any_port;
+        config.listeners.http = any_port;
+        config
+    }
+
     /// The storage engine's options: [`Storage::storage_options`] of `[storage]`, with the
     /// producer-state limits of `[limits]`.
     pub fn storage_options(&self) -> StorageOptions {

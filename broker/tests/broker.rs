@@ -13,17 +13,6 @@ use sluice_protocol::batch::split_batches;
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
 
-fn config(data_dir: &Path) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
-    config
-}
-
 /// The transports a client reaches the broker by.
 #[derive(Clone, Copy, Debug)]
 enum Transport {
@@ -80,7 +69,7 @@ async fn connect(broker: &BrokerHandle, data_dir: &Path, transport: Transport) -
 }
 
 async fn start(data_dir: &Path, transport: Transport) -> (BrokerHandle, Connection) {
-    let broker = Broker::start(config(data_dir))
+    let broker = Broker::start(Config::on_loopback(data_dir))
         .await
         .expect("broker starts");
     let connection = connect(&broker, data_dir, transport).await;
@@ -802,7 +791,7 @@ async fn bad_frames_on_a_quic_stream_end_that_stream_only() {
 #[tokio::test]
 async fn streams_over_max_quic_streams_wait_for_a_free_one() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_quic_streams = 2;
     let broker = Broker::start(config).await.expect("broker starts");
     let raw = RawQuic::connect(&broker, dir.path()).await;
@@ -838,7 +827,7 @@ async fn streams_over_max_quic_streams_wait_for_a_free_one() {
 #[tokio::test]
 async fn max_connections_counts_tcp_and_quic_together() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_connections = 1;
     let broker = Broker::start(config).await.expect("broker starts");
     let tcp = connect(&broker, dir.path(), Transport::Tcp).await;
@@ -879,7 +868,7 @@ async fn max_connections_counts_tcp_and_quic_together() {
 #[tokio::test]
 async fn quic_client_refuses_a_broker_its_ca_file_does_not_vouch_for() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(config(dir.path()))
+    let broker = Broker::start(Config::on_loopback(dir.path()))
         .await
         .expect("broker starts");
     // Another broker's self-signed certificate: a valid CA file, but not this broker's.

@@ -9,19 +9,8 @@ use sluice_client::Connection;
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
 
-fn config(data_dir: &Path) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
-    config
-}
-
 async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
-    let broker = Broker::start(config(data_dir))
+    let broker = Broker::start(Config::on_loopback(data_dir))
         .await
         .expect("broker starts");
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
@@ -375,7 +364,7 @@ async fn bad_group_requests_get_clear_errors() {
 async fn offsets_snapshot_bounds_the_log_and_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     let small = || {
-        let mut config = config(dir.path());
+        let mut config = Config::on_loopback(dir.path());
         config.log.segment_bytes = 4096;
         config.log.max_message_bytes = 4096;
         config.limits.max_batch_bytes = 4096;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
-use sluice_broker::BrokerHandle;
+use sluice_broker::{BrokerHandle, Config};
 use sluice_client::Connection;
 use sluice_protocol::ErrorCode;
 use sluice_protocol::messages::ApiVersionsRequest;
@@ -44,9 +44,9 @@ struct Harness {
 }
 
 impl Harness {
-    async fn start(tune: impl FnOnce(&mut sluice_broker::Config)) -> Harness {
+    async fn start(tune: impl FnOnce(&mut Config)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config(dir.path());
+        let mut config = Config::on_loopback(dir.path());
         config.limits.frame_read_timeout_ms = FRAME_READ_TIMEOUT_MS;
         tune(&mut config);
         let broker = start(config).await;
@@ -216,7 +216,7 @@ fn random_frames_over_tcp_and_quic_get_only_well_formed_answers() {
     };
     let quic_connection = runtime.block_on(quic.connect()).expect("QUIC handshake");
     let mut runner = TestRunner::new(ProptestConfig {
-        cases: short_or_long(256, 10_000),
+        cases: scale(256, 10_000),
         failure_persistence: None,
         ..ProptestConfig::default()
     });
@@ -258,11 +258,11 @@ fn random_frames_over_tcp_and_quic_get_only_well_formed_answers() {
 /// oversized length), half believable frames with random contents, which the broker must read
 /// through and answer one by one.
 fn megabyte(index: u64) -> Vec<u8> {
-    let mut random = Random::new(0x5eed + index);
+    let mut random = sluice_testkit::Rng::new(0x5eed + index);
     if index.is_multiple_of(2) {
-        random.bytes(1 << 20)
+        noise_bytes(&mut random, 1 << 20)
     } else {
-        random.frames(1 << 20)
+        noise_frames(&mut random, 1 << 20)
     }
 }
 
@@ -273,7 +273,7 @@ async fn a_hundred_connections_sending_a_megabyte_of_random_bytes_each() {
     const CONNECTIONS: u64 = 100;
     // The long run repeats the whole thing: memory that grows round after round is a leak,
     // memory that stays at the first round's level is the allocator keeping what it got.
-    for round in 0..short_or_long(1, 5) {
+    for round in 0..scale(1, 5) {
         let started = Instant::now();
         let mut blasts = JoinSet::new();
         for index in 0..CONNECTIONS {
@@ -508,7 +508,7 @@ async fn slow_senders_holding_partial_frames_are_cut_off_at_the_frame_deadline()
 async fn thousands_of_connect_disconnect_cycles_leave_nothing_behind() {
     let _serial = SERIAL.lock().await;
     let harness = Harness::start(|_| {}).await;
-    let cycles: u32 = short_or_long(1_000, 10_000);
+    let cycles: u32 = scale(1_000, 10_000);
     const AT_ONCE: u32 = 50;
     let request = frame(1, ApiVersionsRequest {});
 

@@ -16,19 +16,8 @@ use tokio::net::TcpStream;
 /// Every wait in these tests is for a condition, bounded by this.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn config(data_dir: &Path) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
-    config
-}
-
 async fn start(data_dir: &Path) -> (BrokerHandle, SocketAddr) {
-    let broker = Broker::start(config(data_dir))
+    let broker = Broker::start(Config::on_loopback(data_dir))
         .await
         .expect("broker starts");
     let http_addr = broker.http_addr.expect("the admin port is served");

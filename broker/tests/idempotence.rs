@@ -18,17 +18,6 @@ use sluice_protocol::batch::split_batches;
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatch, RecordBatchBuilder, Response};
 
-fn config(data_dir: &Path) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
-    config
-}
-
 async fn start_with(config: Config) -> (BrokerHandle, Connection) {
     let broker = Broker::start(config).await.expect("broker starts");
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
@@ -38,7 +27,7 @@ async fn start_with(config: Config) -> (BrokerHandle, Connection) {
 }
 
 async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
-    start_with(config(data_dir)).await
+    start_with(Config::on_loopback(data_dir)).await
 }
 
 async fn restart(
@@ -431,7 +420,7 @@ async fn producer_ids_are_never_handed_out_twice_across_restarts() {
 #[tokio::test]
 async fn the_producer_table_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_producers = 2;
     let (broker, connection) = start_with(config).await;
     create(&connection, "orders", 1).await;

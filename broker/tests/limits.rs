@@ -18,17 +18,6 @@ use tokio::net::TcpStream;
 /// Every wait in these tests is for a condition, bounded by this.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn config(data_dir: &Path) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
-    config
-}
-
 async fn start(config: Config) -> (BrokerHandle, Connection) {
     let broker = Broker::start(config).await.expect("broker starts");
     let connection = connect(&broker).await;
@@ -185,7 +174,7 @@ fn error_answer(answer: &[u8]) -> ResponseHeader {
 #[tokio::test]
 async fn an_oversized_frame_is_refused_before_allocation_and_closes_only_its_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_frame_bytes = 64 * 1024;
     config.limits.max_batch_bytes = 32 * 1024;
     config.log.max_message_bytes = 32 * 1024;
@@ -209,7 +198,7 @@ async fn an_oversized_frame_is_refused_before_allocation_and_closes_only_its_con
 #[tokio::test]
 async fn an_oversized_batch_and_a_batch_over_the_topic_max_message_bytes_are_message_too_large() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_frame_bytes = 256 * 1024;
     config.limits.max_batch_bytes = 64 * 1024;
     config.log.max_message_bytes = 64 * 1024;
@@ -273,7 +262,7 @@ async fn an_oversized_batch_and_a_batch_over_the_topic_max_message_bytes_are_mes
 #[tokio::test]
 async fn a_connection_over_max_connections_gets_limit_exceeded_and_the_others_keep_working() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_connections = 2;
     let (broker, first) = start(config).await;
     assert_eq!(
@@ -296,7 +285,7 @@ async fn a_connection_over_max_connections_gets_limit_exceeded_and_the_others_ke
 #[tokio::test]
 async fn max_topics_and_max_partitions_per_topic_refuse_creation() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_topics = 2;
     config.limits.max_partitions_per_topic = 4;
     let (broker, connection) = start(config).await;
@@ -318,7 +307,7 @@ async fn max_topics_and_max_partitions_per_topic_refuse_creation() {
     broker.shutdown().await;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = self::config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_partitions_per_topic = 4;
     let (broker, connection) = start(config).await;
     let over = create(&connection, "five", 5, vec![]).await;
@@ -339,7 +328,7 @@ async fn max_topics_and_max_partitions_per_topic_refuse_creation() {
 #[tokio::test]
 async fn a_frame_stalled_half_way_is_cut_off_after_frame_read_timeout_ms() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.frame_read_timeout_ms = 200;
     let (broker, connection) = start(config).await;
     assert_eq!(
@@ -361,7 +350,7 @@ async fn a_frame_stalled_half_way_is_cut_off_after_frame_read_timeout_ms() {
 #[tokio::test]
 async fn requests_beyond_max_in_flight_wait_for_a_slot_and_are_all_answered() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.max_in_flight_requests = 2;
     let (broker, connection) = start(config).await;
     assert_eq!(
@@ -425,7 +414,7 @@ async fn requests_beyond_max_in_flight_wait_for_a_slot_and_are_all_answered() {
 
 /// Config for the fetch budget tests: 128 KiB batches, a 256 KiB budget.
 fn budget_config(data_dir: &Path) -> Config {
-    let mut config = config(data_dir);
+    let mut config = Config::on_loopback(data_dir);
     config.limits.max_frame_bytes = 256 * 1024;
     config.limits.max_batch_bytes = 128 * 1024;
     config.log.max_message_bytes = 128 * 1024;
@@ -552,7 +541,7 @@ async fn an_unread_response_holds_its_budget_and_other_fetches_are_throttled_unt
 #[tokio::test]
 async fn fetch_max_wait_ms_caps_a_long_poll() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.fetch_max_wait_ms = 100;
     let (broker, connection) = start(config).await;
     assert_eq!(
@@ -572,7 +561,7 @@ async fn fetch_max_wait_ms_caps_a_long_poll() {
 #[tokio::test]
 async fn garbage_on_the_tcp_port_closes_that_connection_and_harms_no_other_client() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     config.limits.frame_read_timeout_ms = 200;
     let (broker, connection) = start(config).await;
     assert_eq!(

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use sluice_broker::Config;
 use sluice_client::producer::{Acks, Record};
 use sluice_client::{Client, ClientOptions, Connection};
 use sluice_protocol::messages::ApiVersionsRequest;
@@ -108,10 +109,10 @@ fn sample_peak_rss(stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_connections_mixing_produce_and_fetch_stay_within_the_limits() {
     let _serial = SERIAL.lock().await;
-    let connections: usize = short_or_long(200, 1_000);
-    let duration = Duration::from_secs(short_or_long(5, 60));
+    let connections: usize = scale(200, 1_000);
+    let duration = Duration::from_secs(scale(5, 60));
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     // The load's connections and the admin connection: exactly at the limit.
     config.limits.max_connections = connections + 1;
     let broker = start(config).await;
@@ -284,9 +285,9 @@ async fn a_slow_consumer_does_not_slow_producers_and_broker_memory_stays_flat() 
     let _serial = SERIAL.lock().await;
     const PRODUCERS: u32 = 4;
     const VALUE_BYTES: usize = 100;
-    let phase = Duration::from_secs(short_or_long(2, 10));
+    let phase = Duration::from_secs(scale(2, 10));
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config(dir.path());
+    let mut config = Config::on_loopback(dir.path());
     // A small budget, so that what the slow consumer can make the broker hold is plain.
     config.limits.fetch_response_budget_bytes = 16 << 20;
     let broker = start(config).await;
@@ -405,7 +406,7 @@ async fn a_slow_consumer_does_not_slow_producers_and_broker_memory_stays_flat() 
     );
     // On a shared 2-core machine CI only bounds the ratio loosely; the long run holds the
     // design's 10 %.
-    let bound = short_or_long(0.5, 0.9);
+    let bound = scale(0.5, 0.9);
     assert!(
         ratio >= bound,
         "producers at {ratio:.3} of their speed with a slow consumer"

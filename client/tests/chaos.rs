@@ -72,13 +72,7 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
         | 1;
     println!("chaos: {seconds} s, seed {seed}");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
+    let mut config = Config::on_loopback(dir.path());
     config.limits.group_min_session_timeout_ms = 500;
     let broker = Broker::start(config).await.unwrap();
     let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))

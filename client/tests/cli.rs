@@ -1,24 +1,12 @@
 //! The `sluice` command line against a real broker.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use sluice_broker::{Broker, BrokerHandle, Config};
 use sluice_client::Client;
 use sluice_client::protocol::messages::*;
 use sluice_client::protocol::{RecordBatchBuilder, Response};
-
-fn config(data_dir: &Path) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
-    config
-}
 
 /// Runs `sluice` with the given arguments and stdin, on a blocking thread so the in-process
 /// broker keeps running.
@@ -50,7 +38,9 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_consume_and_groups() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(config(dir.path())).await.unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
 
     let created = sluice(
         &broker,
@@ -204,7 +194,9 @@ fn usage_errors_exit_2_and_an_unreachable_broker_exits_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_keyed_lines_round_trip_as_json() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(config(dir.path())).await.unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
     let created = sluice(
         &broker,
         &["topic", "create", "lines", "--partitions", "4"],

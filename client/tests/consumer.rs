@@ -11,19 +11,8 @@ use sluice_client::protocol::messages::*;
 use sluice_client::protocol::{ErrorCode, RecordBatchBuilder, Response};
 use sluice_client::{Client, CommitMode, Consumer, ResetPolicy, Seek};
 
-fn config(data_dir: &Path) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
-    config
-}
-
 async fn start(data_dir: &Path) -> (BrokerHandle, Client) {
-    let broker = Broker::start(config(data_dir))
+    let broker = Broker::start(Config::on_loopback(data_dir))
         .await
         .expect("broker starts");
     let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
@@ -111,7 +100,7 @@ async fn take(consumer: &mut Consumer, count: usize) -> Vec<(u32, u64, String)> 
 
 /// The same client over QUIC, trusting the certificate the broker wrote.
 async fn start_quic(data_dir: &Path) -> (BrokerHandle, Client) {
-    let broker = Broker::start(config(data_dir))
+    let broker = Broker::start(Config::on_loopback(data_dir))
         .await
         .expect("broker starts");
     let quic = broker.quic_addr.expect("quic listener");

@@ -28,13 +28,8 @@ use tokio::task::JoinHandle;
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
 
 fn config(data_dir: &Path, tcp: SocketAddr) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
+    let mut config = Config::on_loopback(data_dir);
     config.listeners.tcp = tcp;
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
     config
 }
 

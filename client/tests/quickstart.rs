@@ -30,13 +30,7 @@ async fn the_readme_quickstart_works_as_written() {
     let commands = quickstart_commands();
     assert!(commands[0].starts_with("cargo install"), "{commands:?}");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
+    let config = Config::on_loopback(dir.path());
     let broker = Broker::start(config).await.unwrap();
     let bin_dir: PathBuf = Path::new(env!("CARGO_BIN_EXE_sluice"))
         .parent()

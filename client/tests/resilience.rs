@@ -9,13 +9,8 @@ use sluice_client::resilience::{BreakerOptions, BreakerState};
 use sluice_client::{Client, ClientOptions, ConnectionOptions, Error};
 
 fn config(data_dir: &Path, tcp: &str) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
+    let mut config = Config::on_loopback(data_dir);
     config.listeners.tcp = tcp.parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
     config
 }
 

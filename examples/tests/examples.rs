@@ -102,13 +102,7 @@ async fn run_example(name: &str, expected: &[&str]) -> String {
         .unwrap_or_else(|| panic!("no example {name} was built; built: {:?}", binaries.keys()));
 
     let data_dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: data_dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
+    let config = Config::on_loopback(data_dir.path());
     let broker = Broker::start(config).await.expect("broker starts");
 
     let child = tokio::process::Command::new(binary)

@@ -2,7 +2,6 @@
 //! (`--embedded`), or one running elsewhere (`--broker URL`). Every producer and consumer gets a
 //! [`Client`] of its own, so each has its own connection, as separate processes would.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
@@ -55,14 +54,7 @@ impl BenchBroker {
             .prefix("sluice-bench-")
             .tempdir_in(&base)
             .with_context(|| format!("cannot make a data directory in {}", base.display()))?;
-        let any_port = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-        let mut config = Config {
-            data_dir: directory.path().join("data"),
-            ..Config::default()
-        };
-        config.listeners.tcp = any_port;
-        config.listeners.quic = any_port;
-        config.listeners.http = any_port;
+        let mut config = Config::on_loopback(directory.path().join("data"));
         config.storage.fsync = fsync;
         let data_dir = config.data_dir.clone();
         let handle = Broker::start(config)

@@ -1,6 +1,6 @@
 //! What the hostile-client, load and slow-consumer tests share: a broker on ephemeral ports,
 //! raw TCP and QUIC clients for sending what no client would, the process's resource use, and
-//! the switch between the short (CI) and long versions.
+//! the switch between the short (CI) and long versions (`scale`, from the testkit).
 //!
 //! The broker runs in-process, so the resources measured are the test process's: its RSS
 //! (`VmRSS` of `/proc/self/status`) and its open file descriptors (`/proc/self/fd`). The tests
@@ -16,33 +16,11 @@ use sluice_broker::{Broker, BrokerHandle, Config};
 use sluice_client::{Connection, ConnectionOptions};
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatchBuilder, Request, Response};
-
-/// `SLUICE_RELIABILITY_LONG=1` runs the long versions, as for the rest of the reliability
-/// suite (README, and `.ci/long`).
-pub fn long_mode() -> bool {
-    std::env::var_os("SLUICE_RELIABILITY_LONG")
-        .is_some_and(|value| !value.is_empty() && value != "0")
-}
-
-/// The short value in CI, the long one with [`long_mode`].
-pub fn short_or_long<T>(short: T, long: T) -> T {
-    if long_mode() { long } else { short }
-}
+pub use sluice_testkit::{Rng, scale};
 
 /// One test at a time per binary: the resource checks count the whole process. Async tests
 /// hold `SERIAL.lock().await`, others `SERIAL.blocking_lock()`.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-pub fn config(data_dir: &Path) -> Config {
-    let mut config = Config {
-        data_dir: data_dir.to_path_buf(),
-        ..Config::default()
-    };
-    config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
-    config.listeners.quic = "127.0.0.1:0".parse().unwrap();
-    config.listeners.http = "127.0.0.1:0".parse().unwrap();
-    config
-}
 
 pub async fn start(config: Config) -> BrokerHandle {
     Broker::start(config).await.expect("broker starts")
@@ -135,51 +113,31 @@ pub async fn wait_for_fds(baseline: usize, margin: usize, within: Duration) -> u
     }
 }
 
-/// A repeatable pseudo-random byte source (xorshift64*).
-pub struct Random(u64);
-
-impl Random {
-    pub fn new(seed: u64) -> Random {
-        Random(seed.max(1))
+/// `length` random bytes.
+pub fn noise_bytes(rng: &mut Rng, length: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(length + 8);
+    while out.len() < length {
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
     }
+    out.truncate(length);
+    out
+}
 
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+/// `total` bytes of frames with believable lengths (10 to 2 KiB), a random api key (known ones
+/// and some that are not) and version, and random bodies.
+pub fn noise_frames(rng: &mut Rng, total: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(total + 2048);
+    while out.len() < total {
+        let body = rng.below(2048) as usize;
+        let length = 10 + body;
+        out.extend_from_slice(&(length as u32).to_be_bytes());
+        out.extend_from_slice(&(rng.below(24) as u16).to_be_bytes());
+        out.extend_from_slice(&(rng.below(2) as u16).to_be_bytes());
+        out.extend_from_slice(&(rng.next_u64() as u32).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&noise_bytes(rng, body));
     }
-
-    pub fn below(&mut self, bound: u64) -> u64 {
-        self.next_u64() % bound.max(1)
-    }
-
-    pub fn bytes(&mut self, length: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(length + 8);
-        while out.len() < length {
-            out.extend_from_slice(&self.next_u64().to_le_bytes());
-        }
-        out.truncate(length);
-        out
-    }
-
-    /// `total` bytes of frames with believable lengths (10 to 2 KiB), a random api key (known
-    /// ones and some that are not) and version, and random bodies.
-    pub fn frames(&mut self, total: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(total + 2048);
-        while out.len() < total {
-            let body = self.below(2048) as usize;
-            let length = 10 + body;
-            out.extend_from_slice(&(length as u32).to_be_bytes());
-            out.extend_from_slice(&(self.below(24) as u16).to_be_bytes());
-            out.extend_from_slice(&(self.below(2) as u16).to_be_bytes());
-            out.extend_from_slice(&(self.next_u64() as u32).to_be_bytes());
-            out.extend_from_slice(&[0, 0]);
-            let body = self.bytes(body);
-            out.extend_from_slice(&body);
-        }
-        out
-    }
+    out
 }
 
 /// A batch of `count` records of `value_bytes` each.
