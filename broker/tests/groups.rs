@@ -1,6 +1,8 @@
 //! Consumer groups against a real broker: membership, assignment, commits, fencing, lag,
 //! and committed offsets surviving a restart and a kill -9.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -8,6 +10,7 @@ use sluice_broker::{Broker, BrokerHandle, Config};
 use sluice_client::Connection;
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
+use support::create_topic;
 
 async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
     let broker = Broker::start(Config::on_loopback(data_dir))
@@ -17,24 +20,6 @@ async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
         .await
         .expect("connect");
     (broker, connection)
-}
-
-async fn create_topic(connection: &Connection, name: &str, partitions: u32) {
-    let Response::CreateTopics(response) = connection
-        .send(CreateTopicsRequest {
-            topics: vec![CreateTopic {
-                name: name.into(),
-                partitions,
-                configs: vec![],
-            }],
-            validate_only: false,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert_eq!(response.results[0].error_code, ErrorCode::None);
 }
 
 async fn produce(connection: &Connection, topic: &str, partition: u32, count: usize) {

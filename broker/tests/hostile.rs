@@ -20,6 +20,7 @@ use sluice_broker::{BrokerHandle, Config};
 use sluice_client::Connection;
 use sluice_protocol::ErrorCode;
 use sluice_protocol::messages::ApiVersionsRequest;
+use sluice_testkit::scale;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -2,6 +2,8 @@
 //! same over QUIC; the transports share the handlers), and a partition log's producer state
 //! rebuilt from snapshot + log after a crash.
 
+mod support;
+
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use sluice_client::Connection;
 use sluice_protocol::batch::split_batches;
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatch, RecordBatchBuilder, Response};
+use support::create_topic;
 
 async fn start_with(config: Config) -> (BrokerHandle, Connection) {
     let broker = Broker::start(config).await.expect("broker starts");
@@ -51,24 +54,6 @@ fn record_batch(producer: (u64, u16), sequence: u64, values: &[&str]) -> RecordB
         );
     }
     builder.build()
-}
-
-async fn create(connection: &Connection, name: &str, partitions: u32) {
-    let response = connection
-        .send(CreateTopicsRequest {
-            topics: vec![CreateTopic {
-                name: name.into(),
-                partitions,
-                configs: vec![],
-            }],
-            validate_only: false,
-        })
-        .await
-        .expect("create topics");
-    let Response::CreateTopics(response) = response else {
-        panic!("wrong response {response:?}")
-    };
-    assert_eq!(response.results[0].error_code, ErrorCode::None);
 }
 
 async fn init(connection: &Connection, name: Option<&str>) -> InitProducerIdResponse {
@@ -178,7 +163,7 @@ fn owned(records: &[(u64, &str)]) -> Vec<(u64, String)> {
 async fn a_retried_batch_is_stored_once_and_answered_with_its_original_offset() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, connection) = start(dir.path()).await;
-    create(&connection, "orders", 1).await;
+    create_topic(&connection, "orders", 1).await;
     let mut plain = RecordBatchBuilder::new();
     plain.append(1, None, b"plain", &[]);
     let plain = plain.build();
@@ -210,7 +195,7 @@ async fn a_retried_batch_is_stored_once_and_answered_with_its_original_offset() 
 async fn a_gap_or_an_unknown_producer_is_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, connection) = start(dir.path()).await;
-    create(&connection, "orders", 2).await;
+    create_topic(&connection, "orders", 2).await;
     let id = producer(&connection, None).await;
     assert_eq!(
         produce_ok(&connection, "orders", 0, &record_batch(id, 0, &["a"])).await,
@@ -249,8 +234,8 @@ async fn a_gap_or_an_unknown_producer_is_refused_and_nothing_is_written() {
 async fn a_named_producer_restarts_with_its_id_a_higher_epoch_and_its_sequences() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, connection) = start(dir.path()).await;
-    create(&connection, "orders", 3).await;
-    create(&connection, "audit", 1).await;
+    create_topic(&connection, "orders", 3).await;
+    create_topic(&connection, "audit", 1).await;
     let old = init(&connection, Some("outbox-relay")).await;
     assert_eq!(old.error_code, ErrorCode::None);
     assert_eq!(old.producer_epoch, 0);
@@ -423,7 +408,7 @@ async fn the_producer_table_is_bounded() {
     let mut config = Config::on_loopback(dir.path());
     config.limits.max_producers = 2;
     let (broker, connection) = start_with(config).await;
-    create(&connection, "orders", 1).await;
+    create_topic(&connection, "orders", 1).await;
     let first = producer(&connection, None).await;
     let second = producer(&connection, None).await;
     let third = producer(&connection, None).await;

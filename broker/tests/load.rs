@@ -19,6 +19,7 @@ use sluice_client::producer::{Acks, Record};
 use sluice_client::{Client, ClientOptions, Connection};
 use sluice_protocol::messages::ApiVersionsRequest;
 use sluice_protocol::{ApiKey, ErrorCode, FrameDecoder, Response};
+use sluice_testkit::scale;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

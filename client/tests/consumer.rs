@@ -22,21 +22,11 @@ async fn start(data_dir: &Path) -> (BrokerHandle, Client) {
 }
 
 async fn create_topic(client: &Client, name: &str, partitions: u32) {
-    let Response::CreateTopics(response) = client
-        .send(CreateTopicsRequest {
-            topics: vec![CreateTopic {
-                name: name.into(),
-                partitions,
-                configs: vec![],
-            }],
-            validate_only: false,
-        })
+    client
+        .admin()
+        .create_topic(name, partitions, &[])
         .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert_eq!(response.results[0].error_code, ErrorCode::None);
+        .expect("create topic");
 }
 
 /// Produces `values` to a partition, a batch of `per_batch` at a time.

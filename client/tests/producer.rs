@@ -51,21 +51,11 @@ async fn restart(data_dir: &Path, tcp: SocketAddr) -> BrokerHandle {
 }
 
 async fn create_topic(client: &Client, name: &str, partitions: u32) {
-    let Response::CreateTopics(response) = client
-        .send(CreateTopicsRequest {
-            topics: vec![CreateTopic {
-                name: name.into(),
-                partitions,
-                configs: vec![],
-            }],
-            validate_only: false,
-        })
+    client
+        .admin()
+        .create_topic(name, partitions, &[])
         .await
-        .expect("create topic")
-    else {
-        panic!("wrong response")
-    };
-    assert_eq!(response.results[0].error_code, ErrorCode::None);
+        .expect("create topic");
 }
 
 /// Runs a test body under [`TEST_DEADLINE`].

@@ -1,6 +1,6 @@
-//! What the hostile-client, load and slow-consumer tests share: a broker on ephemeral ports,
+//! What broker tests share (the hostile-client, load and slow-consumer tests most): a broker on ephemeral ports,
 //! raw TCP and QUIC clients for sending what no client would, the process's resource use, and
-//! the switch between the short (CI) and long versions (`scale`, from the testkit).
+//! the switch between the short (CI) and long versions (the testkit's `scale`).
 //!
 //! The broker runs in-process, so the resources measured are the test process's: its RSS
 //! (`VmRSS` of `/proc/self/status`) and its open file descriptors (`/proc/self/fd`). The tests
@@ -16,7 +16,7 @@ use sluice_broker::{Broker, BrokerHandle, Config};
 use sluice_client::{Connection, ConnectionOptions};
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatchBuilder, Request, Response};
-pub use sluice_testkit::{Rng, scale};
+use sluice_testkit::Rng;
 
 /// One test at a time per binary: the resource checks count the whole process. Async tests
 /// hold `SERIAL.lock().await`, others `SERIAL.blocking_lock()`.
