@@ -1,6 +1,7 @@
-//! What broker tests share (the hostile-client, load and slow-consumer tests most): a broker on ephemeral ports,
-//! raw TCP and QUIC clients for sending what no client would, the process's resource use, and
-//! the switch between the short (CI) and long versions (the testkit's `scale`).
+//! What broker tests share, the hostile-client, load and slow-consumer tests most: a broker
+//! on ephemeral ports, raw TCP and QUIC clients for sending what no client would, the
+//! process's resource use, and the switch between the short (CI) and long versions (the
+//! testkit's `scale`).
 //!
 //! The broker runs in-process, so the resources measured are the test process's: its RSS
 //! (`VmRSS` of `/proc/self/status`) and its open file descriptors (`/proc/self/fd`). The tests
