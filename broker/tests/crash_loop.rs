@@ -25,7 +25,7 @@ use sluice_client::producer::Acks;
 use sluice_testkit::history::History;
 use sluice_testkit::process::BrokerProcess;
 use sluice_testkit::workload::{self, Acked, Log, ProducerSettings, ReadRecord};
-use sluice_testkit::{Rng, scale, seed};
+use sluice_testkit::{Rng, scale_or, seed};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_sluice-broker");
 const TOPIC: &str = "crash-loop";
@@ -35,10 +35,7 @@ const CONSUMERS: usize = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_broker_loses_no_acknowledged_record() -> anyhow::Result<()> {
-    let cycles: u64 = std::env::var("SLUICE_CRASH_CYCLES")
-        .ok()
-        .and_then(|cycles| cycles.parse().ok())
-        .unwrap_or_else(|| scale(20, 200));
+    let cycles: u64 = scale_or("SLUICE_CRASH_CYCLES", 20, 200);
     let seed = seed();
     let mut rng = Rng::new(seed);
     println!("crash loop: {cycles} cycles, seed {seed}");

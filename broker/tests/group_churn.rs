@@ -35,7 +35,7 @@ use sluice_testkit::history::History;
 use sluice_testkit::member::{ARGUMENTS_VARIABLE, encode_arguments, run_if_asked};
 use sluice_testkit::process::BrokerProcess;
 use sluice_testkit::workload::{self, Acked, Log, ProducerSettings};
-use sluice_testkit::{Rng, scale, seed};
+use sluice_testkit::{Rng, scale, scale_or, seed};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_sluice-broker");
 const TOPIC: &str = "churn";
@@ -163,10 +163,7 @@ fn read_member_logs(logs: &Path) -> anyhow::Result<Processed> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_members_killed_frozen_and_a_broker_restart_lose_no_acknowledged_record()
 -> anyhow::Result<()> {
-    let seconds: u64 = std::env::var("SLUICE_CHURN_SECS")
-        .ok()
-        .and_then(|seconds| seconds.parse().ok())
-        .unwrap_or_else(|| scale(30, 300));
+    let seconds: u64 = scale_or("SLUICE_CHURN_SECS", 30, 300);
     let seed = seed();
     let mut rng = Rng::new(seed);
     println!("group churn: {seconds} s, seed {seed}");

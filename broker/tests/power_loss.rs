@@ -180,13 +180,8 @@ impl Drop for Incarnation {
 }
 
 fn broker_config(dir: &Path, port: u16, fsync: FsyncPolicy) -> Config {
-    let mut config = Config {
-        data_dir: dir.to_path_buf(),
-        ..Config::default()
-    };
+    let mut config = Config::on_loopback(dir);
     config.listeners.tcp = SocketAddr::from(([127, 0, 0, 1], port));
-    config.listeners.quic = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.listeners.http = SocketAddr::from(([127, 0, 0, 1], 0));
     config.storage.fsync = fsync;
     // Checkpoints often, so recoveries begin from recovery points all over the log.
     config.storage.recovery_checkpoint_ms = 300;

@@ -49,6 +49,15 @@ pub fn scale<T>(short: T, long: T) -> T {
     if is_long() { long } else { short }
 }
 
+/// A test's length or count: the environment variable `variable` when it is set to a number,
+/// else [`scale`]`(short, long)`.
+pub fn scale_or<T: std::str::FromStr>(variable: &str, short: T, long: T) -> T {
+    std::env::var(variable)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| scale(short, long))
+}
+
 /// The run's seed: [`SEED_VARIABLE`] when set, else from the clock.
 pub fn seed() -> u64 {
     std::env::var(SEED_VARIABLE)
