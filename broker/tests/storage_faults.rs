@@ -126,6 +126,41 @@ fn fill(log: &Arc<PartitionLog>, rng: &mut Rng, batches: u64, next_tag: &mut u64
     written
 }
 
+/// A partition log as a restart finds it after a clean stop.
+struct ClosedLog {
+    fs: FaultFs,
+    dir: PathBuf,
+    config: LogConfig,
+    /// What was written at each offset.
+    written: Vec<String>,
+    /// The segments' base offsets.
+    bases: Vec<u64>,
+}
+
+/// A log of `min_batches` to `min_batches + 79` random batches with a random configuration,
+/// closed cleanly (everything below the recovery point) and its storage shut down (the
+/// flusher's queued jobs finished first).
+fn closed_log(rng: &mut Rng, min_batches: u64) -> ClosedLog {
+    let fs = FaultFs::new();
+    let storage = storage(&fs);
+    let dir = PathBuf::from("/data/topics/t/0");
+    let config = random_config(rng);
+    let log = storage.open_log(&dir, config.clone()).unwrap();
+    let batches = min_batches + rng.below(80);
+    let written = fill(&log, rng, batches, &mut 0);
+    log.close().unwrap();
+    let bases = log.segment_base_offsets();
+    drop(log);
+    storage.shutdown();
+    ClosedLog {
+        fs,
+        dir,
+        config,
+        written,
+        bases,
+    }
+}
+
 #[tokio::test]
 async fn torn_writes_at_random_bytes_keep_everything_durable_and_refuse_nothing() {
     let trials = scale(400, 5000);
@@ -238,20 +273,13 @@ async fn bit_flips_in_closed_and_active_segments_are_detected_and_never_served()
     let started = Instant::now();
     let (mut at_open, mut on_read) = (0u64, 0u64);
     for trial in 0..trials {
-        let fs = FaultFs::new();
-        let storage = storage(&fs);
-        let dir = PathBuf::from("/data/topics/t/0");
-        let config = random_config(&mut rng);
-        let log = storage.open_log(&dir, config.clone()).unwrap();
-        let mut tag = 0;
-        let batches = 20 + rng.below(80);
-        let written = fill(&log, &mut rng, batches, &mut tag);
-        // A clean close: everything is below the recovery point.
-        log.close().unwrap();
-        let bases = log.segment_base_offsets();
-        drop(log);
-        // A restart: the flusher's queued jobs finish first.
-        storage.shutdown();
+        let ClosedLog {
+            fs,
+            dir,
+            config,
+            written,
+            bases,
+        } = closed_log(&mut rng, 20);
 
         // One bit of one batch of one segment, closed or active.
         let segment = bases[rng.below(bases.len() as u64) as usize];
@@ -345,19 +373,13 @@ async fn deleted_or_damaged_index_files_are_rebuilt_and_reads_stay_exact() {
     let started = Instant::now();
     let mut damaged_files = 0;
     for trial in 0..trials {
-        let fs = FaultFs::new();
-        let storage = storage(&fs);
-        let dir = PathBuf::from("/data/topics/t/0");
-        let config = random_config(&mut rng);
-        let log = storage.open_log(&dir, config.clone()).unwrap();
-        let mut tag = 0;
-        let batches = 30 + rng.below(80);
-        let written = fill(&log, &mut rng, batches, &mut tag);
-        log.close().unwrap();
-        let bases = log.segment_base_offsets();
-        drop(log);
-        // A restart: the flusher's queued jobs finish first.
-        storage.shutdown();
+        let ClosedLog {
+            fs,
+            dir,
+            config,
+            written,
+            bases,
+        } = closed_log(&mut rng, 30);
         if bases.len() < 2 {
             continue;
         }
