@@ -193,7 +193,14 @@ impl Client {
     pub async fn send(&self, request: impl Into<Request>) -> Result<Response> {
         let connection = self.connection().await?;
         let result = connection.send(request).await;
-        match &result {
+        self.record_outcome(&result);
+        result
+    }
+
+    /// Tells the circuit breaker how a request ended: an answer closes it, a broken or silent
+    /// connection counts as a failure.
+    pub(crate) fn record_outcome(&self, result: &Result<Response>) {
+        match result {
             Ok(_) => self
                 .inner
                 .breaker
@@ -202,7 +209,6 @@ impl Client {
                 .on_success(),
             Err(error) => self.record_failure(error),
         }
-        result
     }
 
     /// Queues a request on the live connection and returns once its frame is in the write

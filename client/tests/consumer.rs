@@ -380,3 +380,62 @@ async fn batches_continue_where_the_stream_stopped_and_are_committed() {
     assert_eq!(offsets.topics[0].partitions[0].committed_offset, 100);
     broker.shutdown().await;
 }
+
+/// The fetch task queues the next fetch before it has checked the last answer: a batch that
+/// cannot be served (the broker checks each batch's CRC as it leaves the disk) must hold the
+/// partition where it is, never be skipped, and once the bytes are whole again the partition
+/// goes on from there, nothing lost.
+#[tokio::test]
+async fn a_damaged_batch_is_not_skipped_and_is_read_once_mended() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start(dir.path()).await;
+    create_topic(&client, "t", 1).await;
+    let values: Vec<String> = (0..30).map(|index| format!("value-{index:02}")).collect();
+    produce(&client, "t", 0, &values, 10).await;
+
+    // Damage a value of the second batch (offsets 10..20) in the segment, under the broker.
+    let segment = dir.path().join("topics/t/0").join(format!("{:020}.log", 0));
+    let bytes = std::fs::read(&segment).expect("segment");
+    let at = bytes
+        .windows(8)
+        .position(|window| window == b"value-15")
+        .expect("the record is in the segment") as u64;
+    let patch = |byte: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap();
+        file.write_all_at(byte, at).unwrap();
+    };
+    patch(b"V");
+
+    let mut consumer = client.consumer().build().await.unwrap();
+    consumer
+        .assign(&[("t".into(), 0)], Seek::Earliest)
+        .await
+        .unwrap();
+    let head = take(&mut consumer, 10).await;
+    assert_eq!(
+        head.iter().map(|record| record.1).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<u64>>()
+    );
+    // Fetches from offset 10 keep failing: nothing past the damage is handed out meanwhile.
+    if let Ok(item) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+        match item.expect("stream open") {
+            Ok(record) => panic!("offset {} handed out past a damaged batch", record.offset),
+            Err(error) => panic!("unexpected error: {error}"),
+        }
+    }
+
+    patch(b"v");
+    let rest = take(&mut consumer, 20).await;
+    assert_eq!(
+        rest.iter().map(|record| record.1).collect::<Vec<_>>(),
+        (10..30).collect::<Vec<u64>>()
+    );
+    for (_, offset, value) in &rest {
+        assert_eq!(value, &values[*offset as usize]);
+    }
+    broker.shutdown().await;
+}

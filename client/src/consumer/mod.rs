@@ -49,6 +49,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::client::Client;
+use crate::connection::PendingResponse;
 use crate::error::{Error, Result};
 use crate::resilience::Backoff;
 use group::{MemberAction, MemberState, TopicPartition};
@@ -928,9 +929,11 @@ impl Stream for Consumer {
     }
 }
 
-/// Checks a fetched partition's batches (CRC and structure, every record) before anything is
-/// trusted, and returns the offset after the last one: `None` when there is no batch.
-fn validate_fetched(records: &Bytes) -> Result<Option<u64>> {
+/// Walks a fetched partition's batches and returns the offset after the last one: `None` when
+/// there is no batch. With `check`, every batch is checked (CRC and structure, every record)
+/// before anything of it is trusted; without, only that the batches are whole and their
+/// headers readable.
+fn walk_fetched(records: &Bytes, check: bool) -> Result<Option<u64>> {
     let mut next = None;
     let mut at = 0usize;
     while at < records.len() {
@@ -943,7 +946,9 @@ fn validate_fetched(records: &Bytes) -> Result<Option<u64>> {
                 ))
             })?;
         let view = RecordBatchRef::new(&records[at..at + size]).map_err(Error::Protocol)?;
-        view.validate().map_err(Error::Protocol)?;
+        if check {
+            view.validate().map_err(Error::Protocol)?;
+        }
         next = Some(view.last_offset() + 1);
         at += size;
     }
@@ -976,49 +981,94 @@ fn decode_batch(topic: &Arc<str>, partition: u32, batch: &Bytes, from: u64) -> V
         .collect()
 }
 
+/// A fetch request on the wire: its answer to come, and the offsets it asked from.
+struct InFlightFetch {
+    pending: PendingResponse,
+    /// (partition, fetch offset, generation) as the state said when the request was built.
+    targets: Vec<(TopicPartition, u64, u64)>,
+}
+
+/// The assigned partitions and where to fetch them from, as the state says now.
+fn fetch_targets(shared: &Shared) -> Vec<(TopicPartition, u64, u64)> {
+    shared
+        .state()
+        .partitions
+        .iter()
+        .map(|(partition, entry)| (partition.clone(), entry.fetch_offset, entry.generation))
+        .collect()
+}
+
+/// Queues a fetch of `targets` on the connection (it goes out at once; the answer is awaited
+/// later).
+async fn queue_fetch(
+    shared: &Shared,
+    targets: Vec<(TopicPartition, u64, u64)>,
+) -> Result<InFlightFetch> {
+    let mut topics: BTreeMap<&str, Vec<FetchPartition>> = BTreeMap::new();
+    for ((topic, partition), offset, _) in &targets {
+        topics.entry(topic).or_default().push(FetchPartition {
+            partition: *partition,
+            fetch_offset: *offset,
+            partition_max_bytes: shared.settings.partition_max_bytes,
+        });
+    }
+    let request = FetchRequest {
+        max_wait_ms: u32::try_from(shared.settings.max_wait.as_millis()).unwrap_or(u32::MAX),
+        min_bytes: 1,
+        max_bytes: shared.settings.max_bytes,
+        topics: topics
+            .into_iter()
+            .map(|(name, partitions)| FetchTopic {
+                name: name.to_owned(),
+                partitions,
+            })
+            .collect(),
+    };
+    let pending = shared.client.enqueue(request).await?;
+    Ok(InFlightFetch { pending, targets })
+}
+
+/// Fetches the assigned partitions and hands their batches to the application's side.
+///
+/// Two stages overlap: as soon as an answer arrives, its batch headers say where each partition
+/// goes on, and the next fetch is queued from there; only then are the answer's batches checked
+/// (CRC, every record) and handed over. So the broker reads and sends the next answer while this
+/// task checks the last one. A batch that fails the check is not handed out: the partition is
+/// fetched again from where that answer started, and the request already queued is dropped.
 async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut topic_names: BTreeMap<String, Arc<str>> = BTreeMap::new();
+    let mut prefetched: Option<InFlightFetch> = None;
     while !shared.closed.load(Ordering::Acquire) {
-        let targets: Vec<(TopicPartition, u64, u64)> = shared
-            .state()
-            .partitions
-            .iter()
-            .map(|(partition, entry)| (partition.clone(), entry.fetch_offset, entry.generation))
-            .collect();
-        if targets.is_empty() {
-            let _ = tokio::time::timeout(
-                Duration::from_millis(200),
-                shared.assignment_changed.notified(),
-            )
-            .await;
-            continue;
-        }
-        let mut topics: BTreeMap<&str, Vec<FetchPartition>> = BTreeMap::new();
-        for ((topic, partition), offset, _) in &targets {
-            topics.entry(topic).or_default().push(FetchPartition {
-                partition: *partition,
-                fetch_offset: *offset,
-                partition_max_bytes: shared.settings.partition_max_bytes,
-            });
-        }
-        let request = FetchRequest {
-            max_wait_ms: u32::try_from(shared.settings.max_wait.as_millis()).unwrap_or(u32::MAX),
-            min_bytes: 1,
-            max_bytes: shared.settings.max_bytes,
-            topics: topics
-                .into_iter()
-                .map(|(name, partitions)| FetchTopic {
-                    name: name.to_owned(),
-                    partitions,
-                })
-                .collect(),
+        let fetch = match prefetched.take() {
+            Some(fetch) => fetch,
+            None => {
+                let targets = fetch_targets(&shared);
+                if targets.is_empty() {
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        shared.assignment_changed.notified(),
+                    )
+                    .await;
+                    continue;
+                }
+                match queue_fetch(&shared, targets).await {
+                    Ok(fetch) => fetch,
+                    Err(error) => {
+                        tracing::debug!(%error, "fetch failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                }
+            }
         };
+        let InFlightFetch { pending, targets } = fetch;
         let response = tokio::select! {
-            response = shared.client.send(request) => response,
+            response = pending.response() => response,
             // A new assignment should not wait for a long poll on the old one to end.
             _ = shared.assignment_changed.notified() => continue,
         };
+        shared.client.record_outcome(&response);
         let response = match response {
             Ok(Response::Fetch(response)) => {
                 backoff.reset();
@@ -1031,6 +1081,8 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 continue;
             }
         };
+        // First stage: where each partition's batches end, from their headers.
+        let mut arrived: Vec<(TopicPartition, u64, Fetched)> = Vec::new();
         let mut out_of_range: BTreeSet<TopicPartition> = BTreeSet::new();
         for topic in response.topics {
             let name = Arc::clone(
@@ -1059,7 +1111,7 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 if partition.records.is_empty() {
                     continue;
                 }
-                let next = match validate_fetched(&partition.records) {
+                let next = match walk_fetched(&partition.records, false) {
                     Ok(next) => next,
                     Err(error) => {
                         let _ = sender.send(Err(error)).await;
@@ -1088,9 +1140,35 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                     from,
                     next,
                 };
-                if sender.send(Ok((key, generation, fetched))).await.is_err() {
-                    return;
+                arrived.push((key, generation, fetched));
+            }
+        }
+        // The next fetch goes out now; an out-of-range partition is resolved first.
+        if out_of_range.is_empty() && !shared.closed.load(Ordering::Acquire) {
+            let targets = fetch_targets(&shared);
+            if !targets.is_empty() {
+                prefetched = queue_fetch(&shared, targets).await.ok();
+            }
+        }
+        // Second stage: check every batch, then hand it over.
+        for (key, generation, fetched) in arrived {
+            if let Err(error) = walk_fetched(&fetched.batches, true) {
+                {
+                    let mut state = shared.state();
+                    if let Some(entry) = state.partitions.get_mut(&key)
+                        && entry.generation == generation
+                        && entry.fetch_offset == fetched.next
+                    {
+                        entry.fetch_offset = fetched.from;
+                    }
                 }
+                // It asked from past the batches that failed.
+                prefetched = None;
+                let _ = sender.send(Err(error)).await;
+                continue;
+            }
+            if sender.send(Ok((key, generation, fetched))).await.is_err() {
+                return;
             }
         }
         if !out_of_range.is_empty() {
