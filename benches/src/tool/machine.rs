@@ -1,7 +1,9 @@
 //! The machine a result was measured on: cores, memory and CPU model, from the standard
-//! library and `/proc`. Anything unreadable is reported as unknown rather than failing the run.
+//! library and `/proc`, and the CPU a run used. Anything unreadable is reported as unknown
+//! rather than failing the run.
 
 use std::fmt;
+use std::time::Duration;
 
 /// What every result is labelled with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +53,99 @@ impl fmt::Display for Machine {
     }
 }
 
+/// CPU time counters at one moment: this process's (every thread: the clients and, with
+/// `--embedded`, the broker) and the machine's, from `/proc`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuCounters {
+    /// utime + stime of `/proc/self/stat`, in clock ticks.
+    process_ticks: Option<u64>,
+    /// (busy, total) of the `cpu` line of `/proc/stat`, in clock ticks, all cores.
+    machine_ticks: Option<(u64, u64)>,
+}
+
+/// `/proc` counts CPU time in USER_HZ ticks, which Linux fixes at 100 per second.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl CpuCounters {
+    pub fn read() -> CpuCounters {
+        CpuCounters {
+            process_ticks: std::fs::read_to_string("/proc/self/stat")
+                .ok()
+                .and_then(|text| process_ticks(&text)),
+            machine_ticks: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|text| machine_ticks(&text)),
+        }
+    }
+
+    /// The CPU used from these counters to `later`, `elapsed` apart, on `cores` cores.
+    pub fn used_until(&self, later: &CpuCounters, elapsed: Duration, cores: usize) -> CpuUse {
+        let seconds = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+        CpuUse {
+            process_cores: self.process_ticks.zip(later.process_ticks).map(|(from, to)| {
+                to.saturating_sub(from) as f64 / TICKS_PER_SECOND / seconds
+            }),
+            machine_busy_cores: self.machine_ticks.zip(later.machine_ticks).and_then(
+                |((busy_from, total_from), (busy_to, total_to))| {
+                    let total = total_to.checked_sub(total_from).filter(|total| *total > 0)?;
+                    let busy = busy_to.saturating_sub(busy_from);
+                    Some(busy as f64 / total as f64 * cores as f64)
+                },
+            ),
+        }
+    }
+}
+
+/// Cores' worth of CPU a measured phase used, on average.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuUse {
+    /// This process: the clients and, with `--embedded`, the broker.
+    pub process_cores: Option<f64>,
+    /// The whole machine busy (not idle nor waiting for I/O): an external broker, the kernel's
+    /// writeback, anything else running.
+    pub machine_busy_cores: Option<f64>,
+}
+
+impl fmt::Display for CpuUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cores = |value: Option<f64>| value.map_or("unknown".to_owned(), |v| format!("{v:.2}"));
+        write!(
+            f,
+            "{} cores this process, {} cores busy machine-wide",
+            cores(self.process_cores),
+            cores(self.machine_busy_cores)
+        )
+    }
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line: fields 14 and 15, counted after the command
+/// name, which is in parentheses and may itself hold spaces and parentheses.
+fn process_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // After the name: state is field 3, so utime (14) is the 12th word and stime the 13th.
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// (busy, total) ticks of the `cpu` line of `/proc/stat`: user nice system idle iowait irq
+/// softirq steal (guest time is already inside user); idle and iowait are not busy.
+fn machine_ticks(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|value| value.parse().ok())
+        .collect::<Option<_>>()?;
+    if values.len() < 8 {
+        return None;
+    }
+    let total: u64 = values.iter().sum();
+    Some((total - values[3] - values[4], total))
+}
+
 /// `MemTotal:       24567890 kB` → bytes.
 fn memory_total_bytes(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
@@ -91,6 +186,33 @@ mod tests {
             Some("Example CPU @ 2.0GHz".to_owned())
         );
         assert_eq!(cpu_model("processor\t: 0\n"), None);
+    }
+
+    #[test]
+    fn reads_cpu_counters() {
+        let stat = "4242 (tokio (x) y) S 1 2 3 4 5 6 7 8 9 10 150 35 0 0 20 0 9 0 100 1 2\n";
+        assert_eq!(process_ticks(stat), Some(185));
+        assert_eq!(process_ticks("4242 (short) S 1 2\n"), None);
+        let proc_stat = "cpu  100 5 50 800 20 3 2 1 7 0\ncpu0 50 2 25 400 10 1 1 0 3 0\n";
+        assert_eq!(machine_ticks(proc_stat), Some((161, 981)));
+        assert_eq!(machine_ticks("cpu  1 2\n"), None);
+
+        let before = CpuCounters {
+            process_ticks: Some(1_000),
+            machine_ticks: Some((5_000, 10_000)),
+        };
+        let after = CpuCounters {
+            process_ticks: Some(1_300),
+            machine_ticks: Some((5_300, 10_400)),
+        };
+        let used = before.used_until(&after, Duration::from_secs(2), 2);
+        assert_eq!(used.process_cores, Some(1.5));
+        assert_eq!(used.machine_busy_cores, Some(1.5));
+        let unknown = CpuCounters::default().used_until(&after, Duration::from_secs(2), 2);
+        assert_eq!(
+            unknown.to_string(),
+            "unknown cores this process, unknown cores busy machine-wide"
+        );
     }
 
     #[test]

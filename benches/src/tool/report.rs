@@ -99,6 +99,7 @@ impl Report<'_> {
             group_digits(result.messages_per_second().round() as u64),
             self.megabytes_per_second(),
         );
+        let _ = writeln!(out, "  {:<22}{}", "cpu", result.cpu);
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -159,6 +160,8 @@ impl Report<'_> {
         put("duration_s", json!(result.elapsed.as_secs_f64()));
         put("msgs_per_s", json!(result.messages_per_second()));
         put("mb_per_s", json!(self.megabytes_per_second()));
+        put("process_cpu_cores", json!(result.cpu.process_cores));
+        put("machine_busy_cores", json!(result.cpu.machine_busy_cores));
         put(
             "latency",
             json!(match result.headline {

@@ -45,6 +45,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::cli::{Settings, Stop, Workload};
+use super::machine::{CpuCounters, CpuUse};
 use super::metrics::{LatencyKind, LatencySummary, Meter, Sample, per_second_percentiles};
 use super::progress::{Progressing, Sampler, bar};
 use super::target::BenchBroker;
@@ -96,6 +97,8 @@ pub struct RunResult {
     pub samples: Vec<Sample>,
     /// `consume` only: the unmeasured filling of the topic.
     pub fill: Option<FillResult>,
+    /// The CPU the measured phase used.
+    pub cpu: CpuUse,
 }
 
 impl RunResult {
@@ -155,14 +158,16 @@ async fn produce(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) ->
         settings.stop,
         Progressing::Acked,
     );
+    let cpu = CpuCounters::read();
     let produced = run_producers(producers, settings, topic, &meter, start).await;
     let elapsed = start.elapsed();
+    let cpu = cpu_used(cpu, elapsed);
     let samples = sampler.finish().await;
     let produced = produced?;
     Ok(result_of(
         &meter,
         produced.measured(settings.acks),
-        elapsed,
+        (elapsed, cpu),
         Some(LatencyKind::SendToAck),
         samples,
         None,
@@ -200,6 +205,7 @@ async fn consume(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) ->
         Progressing::Consumed,
     );
     let finish = Finish::new();
+    let cpu = CpuCounters::read();
     let consumed = async {
         let consumers = build_consumers(broker, settings, topic).await?;
         let loops = spawn_consumer_loops(consumers, &meter, &finish, false);
@@ -208,6 +214,7 @@ async fn consume(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) ->
     }
     .await;
     let elapsed = start.elapsed();
+    let cpu = cpu_used(cpu, elapsed);
     finish.stop.send_replace(true);
     let samples = sampler.finish().await;
     let (loops, waited) = consumed?;
@@ -217,7 +224,7 @@ async fn consume(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) ->
     Ok(result_of(
         &meter,
         Meter::count(&meter.consumed),
-        elapsed,
+        (elapsed, cpu),
         None,
         samples,
         Some(fill),
@@ -239,6 +246,7 @@ async fn pubsub(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) -> 
         settings.stop,
         Progressing::Consumed,
     );
+    let cpu = CpuCounters::read();
     let produced = run_producers(producers, settings, topic, &meter, start).await;
     let waited = match &produced {
         Ok(produced) => {
@@ -247,6 +255,7 @@ async fn pubsub(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) -> 
         Err(_) => Ok(()),
     };
     let elapsed = start.elapsed();
+    let cpu = cpu_used(cpu, elapsed);
     finish.stop.send_replace(true);
     let stopped = join_consumer_loops(loops).await;
     let samples = sampler.finish().await;
@@ -256,7 +265,7 @@ async fn pubsub(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) -> 
     Ok(result_of(
         &meter,
         Meter::count(&meter.consumed),
-        elapsed,
+        (elapsed, cpu),
         Some(LatencyKind::ProduceToConsume),
         samples,
         None,
@@ -267,7 +276,7 @@ async fn pubsub(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) -> 
 fn result_of(
     meter: &Meter,
     messages: u64,
-    elapsed: Duration,
+    (elapsed, cpu): (Duration, CpuUse),
     headline: Option<LatencyKind>,
     samples: Vec<Sample>,
     fill: Option<FillResult>,
@@ -287,7 +296,14 @@ fn result_of(
         latency_per_second,
         samples,
         fill,
+        cpu,
     }
+}
+
+/// The CPU used since `from`, `elapsed` ago.
+fn cpu_used(from: CpuCounters, elapsed: Duration) -> CpuUse {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    from.used_until(&CpuCounters::read(), elapsed, cores)
 }
 
 /// `sluice-bench-<workload>-<pid>-<ms since the epoch>`: fresh on every run, and a valid topic
