@@ -122,6 +122,12 @@ where
                         break 'connection;
                     }
                     drop(permit);
+                    // Let the writer send the answer now. Woken from this task, it waits in
+                    // this worker's next-task slot, which the other workers cannot take; this
+                    // loop does not yield while the socket has data, so without this the
+                    // answers of a burst would wait for the whole burst to be appended, and
+                    // a producer at its in-flight limit would wait with them, its core idle.
+                    tokio::task::yield_now().await;
                 }
                 Outcome::Failed(code) => {
                     let mut answer = BytesMut::new();
