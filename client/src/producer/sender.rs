@@ -302,13 +302,19 @@ impl SenderState {
             })
     }
 
-    /// The requests to send now: resends of partitions whose backoff is over, then new
-    /// batches from `accumulator` for partitions with room in their window.
-    pub(crate) fn plan(
-        &mut self,
-        accumulator: &mut Accumulator,
-        now: Instant,
-    ) -> Vec<PlannedRequest> {
+    /// Takes from `accumulator` the closed batches of partitions with room in their window,
+    /// and nothing more: this runs under the accumulator's lock, which producers wait for.
+    pub(crate) fn drain(&self, accumulator: &mut Accumulator, now: Instant) -> Vec<OpenBatch> {
+        if self.fatal.is_some() {
+            return Vec::new();
+        }
+        accumulator.drain(now, |topic, partition| self.budget(topic, partition))
+    }
+
+    /// The requests to send now: resends of partitions whose backoff is over, then the
+    /// `drained` batches (see [`SenderState::drain`]), built here, outside the accumulator's
+    /// lock: building computes a batch's CRC, and producers go on appending meanwhile.
+    pub(crate) fn plan(&mut self, drained: Vec<OpenBatch>, now: Instant) -> Vec<PlannedRequest> {
         if self.fatal.is_some() {
             return Vec::new();
         }
@@ -332,7 +338,6 @@ impl SenderState {
                 }
             }
         }
-        let drained = accumulator.drain(now, |topic, partition| self.budget(topic, partition));
         for open in drained {
             let OpenBatch {
                 id,
@@ -973,7 +978,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut state: SenderState) {
     let mut in_flight = InFlight::default();
     loop {
         let now = Instant::now();
-        let (planned, deadline, finished) = {
+        let (drained, deadline, finished) = {
             let mut accumulator = shared.lock_accumulator();
             for batch in accumulator.expire(now) {
                 let error = Arc::new(Error::Timeout {
@@ -1002,21 +1007,23 @@ pub(crate) async fn run(shared: Arc<Shared>, mut state: SenderState) {
                 shared.buffer.close();
                 return;
             }
-            let planned = state.plan(&mut accumulator, now);
+            let drained = state.drain(&mut accumulator, now);
+            // Idle, the sender has no resends either: nothing to plan.
             let finished = accumulator.is_closed()
                 && accumulator.is_empty()
                 && state.is_idle()
                 && in_flight.is_empty()
-                && planned.is_empty();
+                && drained.is_empty();
             let deadline = [accumulator.next_deadline(now), state.next_deadline()]
                 .into_iter()
                 .flatten()
                 .min();
-            (planned, deadline, finished)
+            (drained, deadline, finished)
         };
         if finished {
             return;
         }
+        let planned = state.plan(drained, now);
         if in_flight.is_empty() && state.epoch_bump_due(now) {
             state.bump_epoch(&shared.client).await;
             continue;

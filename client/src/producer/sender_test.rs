@@ -150,7 +150,8 @@ fn answer(request: PlannedRequest, results: &[(ErrorCode, u64)]) -> RequestResul
 }
 
 fn plan(state: &mut SenderState, shared: &Shared, now: Instant) -> Vec<PlannedRequest> {
-    state.plan(&mut shared.lock_accumulator(), now)
+    let drained = state.drain(&mut shared.lock_accumulator(), now);
+    state.plan(drained, now)
 }
 
 fn offsets(futures: Vec<DeliveryFuture>) -> Vec<Option<u64>> {
