@@ -82,12 +82,15 @@ impl CpuCounters {
     pub fn used_until(&self, later: &CpuCounters, elapsed: Duration, cores: usize) -> CpuUse {
         let seconds = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
         CpuUse {
-            process_cores: self.process_ticks.zip(later.process_ticks).map(|(from, to)| {
-                to.saturating_sub(from) as f64 / TICKS_PER_SECOND / seconds
-            }),
+            process_cores: self
+                .process_ticks
+                .zip(later.process_ticks)
+                .map(|(from, to)| to.saturating_sub(from) as f64 / TICKS_PER_SECOND / seconds),
             machine_busy_cores: self.machine_ticks.zip(later.machine_ticks).and_then(
                 |((busy_from, total_from), (busy_to, total_to))| {
-                    let total = total_to.checked_sub(total_from).filter(|total| *total > 0)?;
+                    let total = total_to
+                        .checked_sub(total_from)
+                        .filter(|total| *total > 0)?;
                     let busy = busy_to.saturating_sub(busy_from);
                     Some(busy as f64 / total as f64 * cores as f64)
                 },
