@@ -1148,6 +1148,9 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             let targets = fetch_targets(&shared);
             if !targets.is_empty() {
                 prefetched = queue_fetch(&shared, targets).await.ok();
+                // Let the connection's writer send it before the checks below: woken from
+                // here it waits in this worker's next-task slot, which no other worker takes.
+                tokio::task::yield_now().await;
             }
         }
         // Second stage: check every batch, then hand it over.
