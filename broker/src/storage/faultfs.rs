@@ -199,6 +199,8 @@ struct WriteFault {
     kind: FaultKind,
     /// How many more bytes writes may put in files before they fail.
     remaining_bytes: u64,
+    /// Files (by the path they were opened under) whose writes the fault leaves alone.
+    spared: Option<fn(&Path) -> bool>,
 }
 
 #[derive(Debug)]
@@ -262,10 +264,17 @@ impl State {
 
     /// How many of `wanted_bytes` a write may put in the file, and the fault to report when
     /// that is not all of them.
-    fn take_write_budget(&mut self, wanted_bytes: usize) -> (usize, Option<FaultKind>) {
+    fn take_write_budget(
+        &mut self,
+        path: &Path,
+        wanted_bytes: usize,
+    ) -> (usize, Option<FaultKind>) {
         let Some(fault) = &mut self.write_fault else {
             return (wanted_bytes, None);
         };
+        if fault.spared.is_some_and(|spared| spared(path)) {
+            return (wanted_bytes, None);
+        }
         let allowed_bytes = usize::try_from(fault.remaining_bytes)
             .unwrap_or(usize::MAX)
             .min(wanted_bytes);
@@ -466,6 +475,18 @@ impl FaultFs {
         self.lock().write_fault = Some(WriteFault {
             kind,
             remaining_bytes: after_bytes.unwrap_or(0),
+            spared: None,
+        });
+    }
+
+    /// Makes every write fail with `kind`, except writes to files whose path (as opened)
+    /// `spared` accepts: those neither fail nor count. For a scenario that needs one kind of
+    /// file to fit on a full disk whatever order other threads write in.
+    pub fn fail_writes_sparing(&self, kind: FaultKind, spared: fn(&Path) -> bool) {
+        self.lock().write_fault = Some(WriteFault {
+            kind,
+            remaining_bytes: 0,
+            spared: Some(spared),
         });
     }
 
@@ -519,7 +540,7 @@ impl FileSystem for FaultFs {
                     contents: Mutex::new(Contents::default()),
                 });
                 state.next_inode_id += 1;
-                state.current_files.insert(path, Arc::clone(&inode));
+                state.current_files.insert(path.clone(), Arc::clone(&inode));
                 inode
             }
             None => return Err(error(io::ErrorKind::NotFound, &path, "no such file")),
@@ -527,6 +548,7 @@ impl FileSystem for FaultFs {
         Ok(Arc::new(FaultFile {
             state: Arc::clone(&self.state),
             inode,
+            path,
             generation: state.generation,
         }))
     }
@@ -665,6 +687,8 @@ impl FileSystem for FaultFs {
 struct FaultFile {
     state: Arc<Mutex<State>>,
     inode: SharedInode,
+    /// The path the file was opened under (a rename since does not change it).
+    path: PathBuf,
     /// The generation the handle was opened in; after a crash it no longer matches.
     generation: u64,
 }
@@ -710,7 +734,7 @@ impl StorageFile for FaultFile {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut state = self.live_state()?;
         let offset = checked_file_offset(offset, buf.len())?;
-        let (allowed_bytes, fault) = state.take_write_budget(buf.len());
+        let (allowed_bytes, fault) = state.take_write_budget(&self.path, buf.len());
         let written = &buf[..allowed_bytes];
         if !written.is_empty() {
             lock(&self.inode.contents).write(written, offset);

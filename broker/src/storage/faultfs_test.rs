@@ -454,6 +454,26 @@ fn enospc_after_n_bytes_writes_the_part_that_fits_and_fails() {
 }
 
 #[test]
+fn a_sparing_write_fault_leaves_the_spared_files_alone() {
+    let (fs, path) = with_durable_file();
+    fs.open(Path::new("/data/seg.log"), true).unwrap();
+    let spared = fs.open(Path::new("/data/seg.log"), false).unwrap();
+    let other = fs.open(&path, false).unwrap();
+    fs.fail_writes_sparing(FaultKind::Enospc, |path| {
+        path.extension().is_some_and(|extension| extension == "log")
+    });
+    spared.write_all_at(b"fits", 0).unwrap();
+    assert_os_error(other.write_all_at(b"x", 0), 28);
+    // Spared writes take nothing from the others: still full.
+    spared.write_all_vectored_at(&[b"more", b"!"], 4).unwrap();
+    assert_os_error(other.write_all_at(b"y", 0), 28);
+    assert_eq!(read_all(&spared), b"fitsmore!");
+    assert_eq!(other.len().unwrap(), 0);
+    fs.clear_faults();
+    other.write_all_at(b"z", 0).unwrap();
+}
+
+#[test]
 fn enospc_partial_write_is_the_write_a_tear_sees() {
     let (fs, path) = with_durable_file();
     let file = fs.open(&path, false).unwrap();
