@@ -345,6 +345,10 @@ pub struct Limits {
     /// Bytes held for fetch responses at once, broker-wide; fetches wait for room (or get
     /// `Throttled`). At least `max_frame_bytes`. Default 268435456 (256 MiB).
     pub fetch_response_budget_bytes: u64,
+    /// Longest a fetch's read ahead (the connection's likely next fetch, read while the last
+    /// answer goes out) holds its share of the budget waiting to be asked for, in
+    /// milliseconds. 0 reads nothing ahead. Default 500.
+    pub fetch_read_ahead_ms: u64,
     /// Longest a partially received frame may take to arrive, in milliseconds; a slower
     /// sender is cut off. Default 30000.
     pub frame_read_timeout_ms: u64,
@@ -372,6 +376,7 @@ impl Default for Limits {
             max_producers: 100_000,
             fetch_max_wait_ms: 30_000,
             fetch_response_budget_bytes: 256 * u64::from(MIB),
+            fetch_read_ahead_ms: 500,
             frame_read_timeout_ms: 30_000,
             group_min_session_timeout_ms: 6_000,
             group_max_session_timeout_ms: 300_000,

@@ -50,6 +50,7 @@ where
         state.metrics.sent_bytes().clone(),
     ));
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let read_ahead = Arc::new(handlers::ReadAhead::default());
     let mut decoder = FrameDecoder::for_requests(limits.max_frame_bytes);
     let frame_read_timeout = Duration::from_millis(limits.frame_read_timeout_ms);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
@@ -90,7 +91,7 @@ where
                 Ok((header, request)) => (
                     header.correlation_id,
                     state.metrics.start_request(request.api_key()),
-                    handlers::handle(&state, &header, request),
+                    handlers::handle(&state, &header, request, &read_ahead),
                 ),
                 Err(error) => {
                     tracing::debug!(%peer, %error, "request did not decode");

@@ -79,6 +79,19 @@ impl FetchBudget {
     }
 }
 
+impl FetchBudget {
+    /// Reserves `bytes` (at most the largest single reservation) if they are free now.
+    pub fn try_acquire(&self, bytes: u64) -> Option<FetchBudgetPermit> {
+        let bytes = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.max_reservation_bytes);
+        let permit = Arc::clone(&self.permits)
+            .try_acquire_many_owned(bytes)
+            .ok()?;
+        Some(FetchBudgetPermit { permit })
+    }
+}
+
 impl FetchBudgetPermit {
     /// Bytes held.
     pub fn bytes(&self) -> usize {

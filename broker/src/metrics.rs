@@ -12,6 +12,7 @@
 //! /metrics      ─ render, from topics ─▶ sluice_partition_log_end_offset{topic,partition}
 //!                                        sluice_partition_log_size_bytes{topic,partition}
 //!                                        sluice_fetch_response_budget_in_use_bytes
+//! handlers/fetch.rs ─ read ahead used ─▶ sluice_fetch_read_ahead_answers_total
 //! consumer groups ─ group_lag() ───────▶ sluice_group_lag{group,topic,partition}
 //! ```
 //!
@@ -219,6 +220,7 @@ pub struct Metrics {
     log_end_offset: Family<PartitionLabels, Gauge>,
     log_size: Family<PartitionLabels, Gauge>,
     fetch_budget_in_use: Gauge,
+    read_ahead_answers: Counter,
     group_lag: Family<GroupLagLabels, Gauge>,
     /// Serialises scrapes: each clears and refills the per-partition gauges.
     scrape: Mutex<()>,
@@ -299,6 +301,12 @@ impl Metrics {
             Unit::Bytes,
             fetch_budget_in_use.clone(),
         );
+        let read_ahead_answers = Counter::default();
+        registry.register(
+            "fetch_read_ahead_answers",
+            "Fetches answered with records read ahead, while the fetch before was on its way",
+            read_ahead_answers.clone(),
+        );
         let group_lag = Family::<GroupLagLabels, Gauge>::default();
         registry.register(
             "group_lag",
@@ -316,9 +324,15 @@ impl Metrics {
             log_end_offset,
             log_size,
             fetch_budget_in_use,
+            read_ahead_answers,
             group_lag,
             scrape: Mutex::new(()),
         }
+    }
+
+    /// Counts a fetch answered with records read ahead.
+    pub fn count_read_ahead_answer(&self) {
+        self.read_ahead_answers.inc();
     }
 
     /// Starts timing a request whose frame just decoded.

@@ -196,6 +196,7 @@ over_both_transports!(
     list_offsets_earliest_latest_and_by_timestamp,
     restart_keeps_topics_and_records,
     hundred_topics_of_eight_partitions,
+    fetches_read_ahead_answer_as_plain_reads_and_follow_seeks,
 );
 
 async fn api_versions_metadata_and_topic_admin(transport: Transport) {
@@ -437,6 +438,68 @@ async fn fetch_long_poll_answers_as_soon_as_a_produce_lands(transport: Transport
     assert_eq!(
         fetch(&connection, "t", 0, 5, 0).await.error_code,
         ErrorCode::OffsetOutOfRange
+    );
+    broker.shutdown().await;
+}
+
+/// A fetch that returns records starts reading the connection's likely next fetch (the same
+/// request from where it ended). Whatever the consumer asks next, the answer is what a plain
+/// read gives: the read ahead when it asks exactly that, its own read when it sought elsewhere.
+async fn fetches_read_ahead_answer_as_plain_reads_and_follow_seeks(transport: Transport) {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), transport).await;
+    create(&connection, "t", 1).await;
+    let all: Vec<String> = (0..30).map(|index| format!("v{index}")).collect();
+    for chunk in all.chunks(10) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        produce(&connection, "t", 0, &chunk, Acks::Leader).await;
+    }
+    // A partition limit of one byte returns one whole batch (ten records) per fetch.
+    let one_batch = |from: u64| {
+        let connection = connection.clone();
+        async move {
+            let mut request = fetch_request("t", 0, from, 0);
+            request.topics[0].partitions[0].partition_max_bytes = 1;
+            let Response::Fetch(mut response) = connection.send(request).await.expect("fetch")
+            else {
+                panic!("wrong response")
+            };
+            response.topics.remove(0).partitions.remove(0)
+        }
+    };
+    let expected = |from: u64| -> Vec<(u64, String)> {
+        (from..from + 10)
+            .map(|offset| (offset, all[offset as usize].clone()))
+            .collect()
+    };
+    // Reading on: each fetch is the one read ahead after the one before.
+    for from in [0, 10, 20] {
+        assert_eq!(values(&one_batch(from).await.records), expected(from));
+    }
+    // A seek back, then past what was read ahead, then back to it.
+    for from in [0, 20, 10, 10] {
+        assert_eq!(
+            values(&one_batch(from).await.records),
+            expected(from),
+            "from {from}"
+        );
+    }
+    // Records produced after a read ahead: read ahead from 20 still says where the log ends
+    // now, and a fetch from the end gets the new batch.
+    assert_eq!(values(&one_batch(10).await.records), expected(10));
+    produce(&connection, "t", 0, &["late"], Acks::Leader).await;
+    let from_20 = one_batch(20).await;
+    assert_eq!(values(&from_20.records), expected(20));
+    assert_eq!(from_20.high_watermark, 31);
+    assert_eq!(
+        values(&one_batch(30).await.records),
+        [(30, "late".to_owned())]
+    );
+    // Other limits are another request: a whole-log fetch from 0 reads for itself.
+    assert_eq!(values(&one_batch(0).await.records), expected(0));
+    assert_eq!(
+        values(&fetch(&connection, "t", 0, 10, 0).await.records).len(),
+        21
     );
     broker.shutdown().await;
 }

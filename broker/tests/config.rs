@@ -363,6 +363,9 @@ const SETTINGS: &[Setting] = &[
     ("limits.fetch_response_budget_bytes", "16777216", |c| {
         c.limits.fetch_response_budget_bytes == 16 << 20
     }),
+    ("limits.fetch_read_ahead_ms", "0", |c| {
+        c.limits.fetch_read_ahead_ms == 0
+    }),
     ("limits.frame_read_timeout_ms", "5000", |c| {
         c.limits.frame_read_timeout_ms == 5000
     }),

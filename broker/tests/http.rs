@@ -275,6 +275,117 @@ fn batch(values: &[&str]) -> bytes::Bytes {
     builder.build().into_bytes()
 }
 
+/// The value of one unlabelled metric, scraped now.
+async fn scrape(http: SocketAddr, name: &str) -> f64 {
+    let answer = get(http, "/metrics").await;
+    value(&parse_exposition(&answer.body), name, &[])
+        .unwrap_or_else(|| panic!("{name} missing:\n{}", answer.body))
+}
+
+/// A fetch that returned records reads the connection's likely next fetch ahead: the next
+/// fetch is answered from it, and one nobody asks for gives its fetch budget back on its own,
+/// with the connection still open.
+#[tokio::test]
+async fn fetches_read_ahead_and_an_unclaimed_read_gives_its_budget_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    // Long enough that a slow test machine still asks in time, short enough to wait out.
+    config.limits.fetch_read_ahead_ms = 5_000;
+    let broker = Broker::start(config).await.expect("broker starts");
+    let http = broker.http_addr.expect("the admin port is served");
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    let Response::CreateTopics(created) = connection
+        .send(CreateTopicsRequest {
+            topics: vec![CreateTopic {
+                name: "t".into(),
+                partitions: 1,
+                configs: vec![],
+            }],
+            validate_only: false,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not a CreateTopics answer")
+    };
+    assert_eq!(created.results[0].error_code, ErrorCode::None);
+    for values in [["a", "b"], ["c", "d"], ["e", "f"]] {
+        let Response::Produce(_) = connection
+            .send(ProduceRequest {
+                acks: Acks::Leader,
+                timeout_ms: 10_000,
+                topics: vec![ProduceTopic {
+                    name: "t".into(),
+                    partitions: vec![ProducePartition {
+                        partition: 0,
+                        records: batch(&values),
+                    }],
+                }],
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("not a Produce answer")
+        };
+    }
+    // One whole batch per fetch (a partition limit of one byte).
+    let fetch = |offset: u64| {
+        let connection = connection.clone();
+        async move {
+            let Response::Fetch(mut response) = connection
+                .send(FetchRequest {
+                    max_wait_ms: 0,
+                    min_bytes: 1,
+                    max_bytes: 1 << 20,
+                    topics: vec![FetchTopic {
+                        name: "t".into(),
+                        partitions: vec![FetchPartition {
+                            partition: 0,
+                            fetch_offset: offset,
+                            partition_max_bytes: 1,
+                        }],
+                    }],
+                })
+                .await
+                .unwrap()
+            else {
+                panic!("not a Fetch answer")
+            };
+            let partition = response.topics.remove(0).partitions.remove(0);
+            assert_eq!(partition.error_code, ErrorCode::None);
+            sluice_protocol::batch::split_batches(&partition.records)
+                .map(|batch| batch.unwrap().last_offset() + 1)
+                .last()
+                .expect("a batch")
+        }
+    };
+    let answered = "sluice_fetch_read_ahead_answers_total";
+    let in_use = "sluice_fetch_response_budget_in_use_bytes";
+    assert_eq!(fetch(0).await, 2);
+    assert_eq!(scrape(http, answered).await, 0.0);
+    assert_eq!(fetch(2).await, 4, "the fetch read ahead, answered");
+    assert_eq!(scrape(http, answered).await, 1.0);
+    // A seek elsewhere is read for itself.
+    assert_eq!(fetch(0).await, 2);
+    assert_eq!(scrape(http, answered).await, 1.0);
+    // The read ahead from 2 holds its budget until it gives it back unasked.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while scrape(http, in_use).await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an unclaimed read ahead kept its fetch budget"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Given back, it is not answered from either: the fetch reads for itself.
+    assert_eq!(fetch(2).await, 4);
+    assert_eq!(scrape(http, answered).await, 1.0);
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 #[tokio::test]
 async fn livez_and_readyz_answer_200_and_unknown_paths_404() {
     let dir = tempfile::tempdir().unwrap();
@@ -436,6 +547,7 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
         "sluice_partition_log_end_offset",
         "sluice_partition_log_size_bytes",
         "sluice_fetch_response_budget_in_use_bytes",
+        "sluice_fetch_read_ahead_answers",
     ] {
         assert!(declared.contains(family), "{family} missing: {declared:?}");
     }

@@ -11,16 +11,22 @@
 //! it reserved; what the response holds stays reserved until the connection has written it. A
 //! pass that finds too little data gives its reservation back before it waits. A fetch that
 //! cannot get budget in time is answered without records, its partitions `Throttled`.
+//!
+//! A fetch that returned records starts reading the connection's likely next fetch (the same
+//! request from where this one ended) while its answer goes out; see [`ReadAhead`].
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::select_all;
 use sluice_protocol::ErrorCode;
+use sluice_protocol::batch::split_batches;
 use sluice_protocol::messages::{
     FetchPartitionResponse, FetchRequest, FetchResponse, FetchTopicResponse,
 };
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use super::Outcome;
 use crate::BrokerState;
@@ -31,12 +37,169 @@ use crate::storage::PartitionLog;
 /// contention should not turn a `max_wait_ms = 0` fetch away.
 const BUDGET_MIN_WAIT: Duration = Duration::from_secs(1);
 
-pub fn fetch(state: &Arc<BrokerState>, request: FetchRequest) -> Outcome {
+pub fn fetch(
+    state: &Arc<BrokerState>,
+    request: FetchRequest,
+    read_ahead: &Arc<ReadAhead>,
+) -> Outcome {
     let state = Arc::clone(state);
+    let ahead = read_ahead.take_for(&request);
+    let read_ahead = Arc::clone(read_ahead);
     Outcome::LaterHolding(Box::pin(async move {
-        let (response, budget) = fetch_with_wait(&state, request).await;
+        let read = match ahead {
+            Some(reading) => reading.await.ok().flatten(),
+            None => None,
+        };
+        let (response, budget) = match read {
+            Some((mut response, budget)) => {
+                state.metrics.count_read_ahead_answer();
+                refresh_offsets(&state, &mut response);
+                (response, Some(budget))
+            }
+            None => fetch_with_wait(&state, &request).await,
+        };
+        if let Some(next) = next_fetch(&request, &response) {
+            read_ahead.start(&state, next);
+        }
         (response.into(), budget)
     }))
+}
+
+/// A connection's fetch read ahead: the request its consumer will send next if it goes on
+/// reading, and the read of it, under way or done. A consumer catching up fetches, checks what
+/// came and fetches again from where it ended; reading that next answer while the last one is
+/// on its way to the consumer keeps the broker's reads off the consumer's path. A read ahead
+/// takes only fetch budget that is free at once, and holds it until the fetch it was read for
+/// takes it, until a request that differs in anything (a seek, other partitions, other limits)
+/// replaces it, or for `limits.fetch_read_ahead_ms` at most (0: nothing is read ahead); that
+/// fetch then reads for itself.
+#[derive(Debug, Default)]
+pub struct ReadAhead {
+    next: Mutex<Option<Reading>>,
+}
+
+/// One read ahead: what it was read for, its task, and the signal that the fetch came.
+#[derive(Debug)]
+struct Reading {
+    request: FetchRequest,
+    task: JoinHandle<Option<ReadAheadOf>>,
+    claimed: Arc<Notify>,
+}
+
+/// A read ahead's answer and the budget its bytes hold.
+type ReadAheadOf = (FetchResponse, FetchBudgetPermit);
+
+impl ReadAhead {
+    /// The read ahead of `request`, if the last one read ahead was exactly it; any other is
+    /// dropped, and its budget with it.
+    fn take_for(&self, request: &FetchRequest) -> Option<JoinHandle<Option<ReadAheadOf>>> {
+        let reading = self.lock().take()?;
+        if reading.request == *request {
+            reading.claimed.notify_one();
+            Some(reading.task)
+        } else {
+            reading.task.abort();
+            None
+        }
+    }
+
+    /// Starts reading `request` ahead, in place of any earlier read ahead.
+    fn start(&self, state: &Arc<BrokerState>, request: FetchRequest) {
+        let hold = Duration::from_millis(state.config.limits.fetch_read_ahead_ms);
+        if hold.is_zero() {
+            return;
+        }
+        let state = Arc::clone(state);
+        let claimed = Arc::new(Notify::new());
+        let reading = Reading {
+            request: request.clone(),
+            claimed: Arc::clone(&claimed),
+            task: tokio::spawn(async move {
+                let read = read_now(&state, &request)?;
+                tokio::select! {
+                    () = claimed.notified() => Some(read),
+                    () = tokio::time::sleep(hold) => None,
+                }
+            }),
+        };
+        if let Some(earlier) = self.lock().replace(reading) {
+            earlier.task.abort();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Reading>> {
+        self.next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for ReadAhead {
+    /// A closed connection's read ahead gives its budget back now.
+    fn drop(&mut self) {
+        if let Some(reading) = self.lock().take() {
+            reading.task.abort();
+        }
+    }
+}
+
+/// Sets each partition's high watermark and log start offset of an answer read ahead to what
+/// they are now: the records were read a moment ago, the offsets say where the log is.
+fn refresh_offsets(state: &BrokerState, response: &mut FetchResponse) {
+    for topic in &mut response.topics {
+        let Some(logs) = state.topics.get(&topic.name) else {
+            continue;
+        };
+        for partition in &mut topic.partitions {
+            if let Some(log) = logs.partition(partition.partition) {
+                partition.high_watermark = log.latest_offset();
+                partition.log_start_offset = log.earliest_offset();
+            }
+        }
+    }
+}
+
+/// The fetch a consumer sends next if it goes on reading: the same request, each partition
+/// that returned records asked from the offset after its last one. `None` when no partition
+/// returned records (a consumer at the end of the log waits in a long poll instead).
+fn next_fetch(request: &FetchRequest, response: &FetchResponse) -> Option<FetchRequest> {
+    let mut next = request.clone();
+    let mut advanced = false;
+    for (topic, answered) in next.topics.iter_mut().zip(&response.topics) {
+        for (partition, answer) in topic.partitions.iter_mut().zip(&answered.partitions) {
+            if answer.error_code != ErrorCode::None || answer.partition != partition.partition {
+                continue;
+            }
+            let end = split_batches(&answer.records)
+                .map_while(Result::ok)
+                .last()
+                .map(|batch| batch.last_offset() + 1);
+            if let Some(end) = end.filter(|end| *end > partition.fetch_offset) {
+                partition.fetch_offset = end;
+                advanced = true;
+            }
+        }
+    }
+    advanced.then_some(next)
+}
+
+/// Reads `request` once, now: no waiting for data nor for budget. `None` when the budget is
+/// not free, a partition fails, or fewer than `min_bytes` came back; the fetch that finds
+/// nothing read ahead then reads for itself.
+fn read_now(state: &Arc<BrokerState>, request: &FetchRequest) -> Option<ReadAheadOf> {
+    let (names, targets) = resolve(state, request);
+    let mut budget = state
+        .fetch_budget
+        .try_acquire(reservation_bytes(&targets, request.max_bytes))?;
+    let max_bytes = request
+        .max_bytes
+        .min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
+    let (response, total_bytes, any_error) = read_once(&names, &targets, max_bytes);
+    if any_error || total_bytes < u64::from(request.min_bytes.max(1)) {
+        return None;
+    }
+    budget.shrink_to(usize::try_from(total_bytes).unwrap_or(usize::MAX));
+    Some((response, budget))
 }
 
 /// The partitions of a request, resolved once.
@@ -52,7 +215,7 @@ struct Target {
 
 async fn fetch_with_wait(
     state: &Arc<BrokerState>,
-    request: FetchRequest,
+    request: &FetchRequest,
 ) -> (FetchResponse, Option<FetchBudgetPermit>) {
     let max_wait = Duration::from_millis(u64::from(
         request
@@ -60,29 +223,7 @@ async fn fetch_with_wait(
             .min(state.config.limits.fetch_max_wait_ms),
     ));
     let deadline = tokio::time::Instant::now() + max_wait;
-    let mut names = Vec::with_capacity(request.topics.len());
-    let mut targets = Vec::new();
-    for (topic_index, topic_request) in request.topics.into_iter().enumerate() {
-        let topic = state.topics.get(&topic_request.name);
-        for partition in topic_request.partitions {
-            let (log, error) = match &topic {
-                None => (None, Some(ErrorCode::UnknownTopic)),
-                Some(topic) => match topic.partition(partition.partition) {
-                    Some(log) => (Some(Arc::clone(log)), None),
-                    None => (None, Some(ErrorCode::UnknownPartition)),
-                },
-            };
-            targets.push(Target {
-                topic_index,
-                partition: partition.partition,
-                fetch_offset: partition.fetch_offset,
-                partition_max_bytes: partition.partition_max_bytes,
-                log,
-                error,
-            });
-        }
-        names.push(topic_request.name);
-    }
+    let (names, targets) = resolve(state, request);
     let reservation_bytes = reservation_bytes(&targets, request.max_bytes);
     let nothing_to_wait_for = targets.iter().all(|target| target.log.is_none());
     loop {
@@ -131,6 +272,34 @@ async fn fetch_with_wait(
             _ = select_all(waits) => {}
         }
     }
+}
+
+/// The topic names of a request and its partitions, resolved once.
+fn resolve(state: &BrokerState, request: &FetchRequest) -> (Vec<String>, Vec<Target>) {
+    let mut names = Vec::with_capacity(request.topics.len());
+    let mut targets = Vec::new();
+    for (topic_index, topic_request) in request.topics.iter().enumerate() {
+        let topic = state.topics.get(&topic_request.name);
+        for partition in &topic_request.partitions {
+            let (log, error) = match &topic {
+                None => (None, Some(ErrorCode::UnknownTopic)),
+                Some(topic) => match topic.partition(partition.partition) {
+                    Some(log) => (Some(Arc::clone(log)), None),
+                    None => (None, Some(ErrorCode::UnknownPartition)),
+                },
+            };
+            targets.push(Target {
+                topic_index,
+                partition: partition.partition,
+                fetch_offset: partition.fetch_offset,
+                partition_max_bytes: partition.partition_max_bytes,
+                log,
+                error,
+            });
+        }
+        names.push(topic_request.name.clone());
+    }
+    (names, targets)
 }
 
 /// Budget one read pass reserves: what the response may hold (`max_bytes`, or less when the

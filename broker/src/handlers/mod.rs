@@ -56,8 +56,15 @@ impl std::fmt::Debug for Outcome {
     }
 }
 
-/// Handles one decoded request.
-pub fn handle(state: &Arc<BrokerState>, header: &RequestHeader, request: Request) -> Outcome {
+pub use fetch::ReadAhead;
+
+/// Handles one decoded request of a connection whose fetch read ahead is `read_ahead`.
+pub fn handle(
+    state: &Arc<BrokerState>,
+    header: &RequestHeader,
+    request: Request,
+    read_ahead: &Arc<ReadAhead>,
+) -> Outcome {
     tracing::trace!(correlation_id = header.correlation_id, api = ?request.api_key(), "request");
     match request {
         Request::ApiVersions(request) => Outcome::Ready(metadata::api_versions(request).into()),
@@ -76,7 +83,7 @@ pub fn handle(state: &Arc<BrokerState>, header: &RequestHeader, request: Request
         Request::FetchOffsets(request) => groups::fetch_offsets(state, request),
         Request::DescribeGroup(request) => groups::describe(state, request),
         Request::ListGroups(_) => groups::list(state),
-        Request::Fetch(request) => fetch::fetch(state, request),
+        Request::Fetch(request) => fetch::fetch(state, request, read_ahead),
         Request::ListOffsets(request) => {
             Outcome::Ready(offsets::list_offsets(state, request).into())
         }
