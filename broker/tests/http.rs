@@ -275,6 +275,46 @@ fn batch(values: &[&str]) -> bytes::Bytes {
     builder.build().into_bytes()
 }
 
+async fn create_topic(connection: &Connection, name: &str, partitions: u32) {
+    let Response::CreateTopics(created) = connection
+        .send(CreateTopicsRequest {
+            topics: vec![CreateTopic {
+                name: name.into(),
+                partitions,
+                configs: vec![],
+            }],
+            validate_only: false,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not a CreateTopics answer")
+    };
+    assert_eq!(created.results[0].error_code, ErrorCode::None);
+}
+
+/// Produces one batch of `values` with `acks=leader`, checking it was taken.
+async fn produce(connection: &Connection, topic: &str, partition: u32, values: &[&str]) {
+    let Response::Produce(produced) = connection
+        .send(ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: topic.into(),
+                partitions: vec![ProducePartition {
+                    partition,
+                    records: batch(values),
+                }],
+            }],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not a Produce answer")
+    };
+    assert_eq!(produced.topics[0].partitions[0].error_code, ErrorCode::None);
+}
+
 /// The value of one unlabelled metric, scraped now.
 async fn scrape(http: SocketAddr, name: &str) -> f64 {
     let answer = get(http, "/metrics").await;
@@ -296,39 +336,9 @@ async fn fetches_read_ahead_and_an_unclaimed_read_gives_its_budget_back() {
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
         .await
         .unwrap();
-    let Response::CreateTopics(created) = connection
-        .send(CreateTopicsRequest {
-            topics: vec![CreateTopic {
-                name: "t".into(),
-                partitions: 1,
-                configs: vec![],
-            }],
-            validate_only: false,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("not a CreateTopics answer")
-    };
-    assert_eq!(created.results[0].error_code, ErrorCode::None);
+    create_topic(&connection, "t", 1).await;
     for values in [["a", "b"], ["c", "d"], ["e", "f"]] {
-        let Response::Produce(_) = connection
-            .send(ProduceRequest {
-                acks: Acks::Leader,
-                timeout_ms: 10_000,
-                topics: vec![ProduceTopic {
-                    name: "t".into(),
-                    partitions: vec![ProducePartition {
-                        partition: 0,
-                        records: batch(&values),
-                    }],
-                }],
-            })
-            .await
-            .unwrap()
-        else {
-            panic!("not a Produce answer")
-        };
+        produce(&connection, "t", 0, &values).await;
     }
     // One whole batch per fetch (a partition limit of one byte).
     let fetch = |offset: u64| {
@@ -407,21 +417,7 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
         .await
         .unwrap();
-    let Response::CreateTopics(created) = connection
-        .send(CreateTopicsRequest {
-            topics: vec![CreateTopic {
-                name: "orders".into(),
-                partitions: 2,
-                configs: vec![],
-            }],
-            validate_only: false,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("not a CreateTopics answer")
-    };
-    assert_eq!(created.results[0].error_code, ErrorCode::None);
+    create_topic(&connection, "orders", 2).await;
     // A durable produce is answered only after its fsync.
     let Response::Produce(produced) = connection
         .send(ProduceRequest {
@@ -634,40 +630,9 @@ async fn readyz_answers_503_while_connections_drain_and_the_port_closes_after() 
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
         .await
         .unwrap();
-    let Response::CreateTopics(created) = connection
-        .send(CreateTopicsRequest {
-            topics: vec![CreateTopic {
-                name: "big".into(),
-                partitions: 1,
-                configs: vec![],
-            }],
-            validate_only: false,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("not a CreateTopics answer")
-    };
-    assert_eq!(created.results[0].error_code, ErrorCode::None);
+    create_topic(&connection, "big", 1).await;
     let value = "v".repeat(900 * 1024);
-    let Response::Produce(produced) = connection
-        .send(ProduceRequest {
-            acks: Acks::Leader,
-            timeout_ms: 10_000,
-            topics: vec![ProduceTopic {
-                name: "big".into(),
-                partitions: vec![ProducePartition {
-                    partition: 0,
-                    records: batch(&[&value]),
-                }],
-            }],
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("not a Produce answer")
-    };
-    assert_eq!(produced.topics[0].partitions[0].error_code, ErrorCode::None);
+    produce(&connection, "big", 0, &[&value]).await;
 
     // A consumer that asks for far more than the socket buffers hold and reads nothing keeps
     // its connection draining: shutdown waits for its answers to be written.

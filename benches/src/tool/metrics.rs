@@ -14,10 +14,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+use super::machine::CpuCounters;
 
 /// Latencies above an hour are recorded as an hour.
 const LATENCY_MAX_MICROSECONDS: u64 = 3_600_000_000;
@@ -75,6 +77,8 @@ pub struct Meter {
     pub acked: AtomicU64,
     pub failed: AtomicU64,
     pub consumed: AtomicU64,
+    /// When the first records were consumed, and the CPU counters then.
+    first_consumed: OnceLock<(Instant, CpuCounters)>,
     send_to_ack: Mutex<LatencyHistograms>,
     produce_to_consume: Mutex<LatencyHistograms>,
 }
@@ -86,9 +90,22 @@ impl Meter {
             acked: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
+            first_consumed: OnceLock::new(),
             send_to_ack: Mutex::new(LatencyHistograms::new()),
             produce_to_consume: Mutex::new(LatencyHistograms::new()),
         })
+    }
+
+    /// Notes that records were consumed at `at`, if none were before.
+    pub fn consumed_at(&self, at: Instant) {
+        if self.first_consumed.get().is_none() {
+            let _ = self.first_consumed.set((at, CpuCounters::read()));
+        }
+    }
+
+    /// When the first records were consumed, and the CPU counters then.
+    pub fn first_consumed(&self) -> Option<(Instant, CpuCounters)> {
+        self.first_consumed.get().copied()
     }
 
     /// Nanoseconds from the epoch to `at`, as carried in a payload.

@@ -90,6 +90,13 @@ impl Report<'_> {
                 group_digits(rate.round() as u64),
             );
         }
+        if let Some(startup) = result.startup {
+            let _ = writeln!(
+                out,
+                "  consumers joined and got their first records in {:.0} ms (not measured)",
+                startup.as_secs_f64() * 1000.0
+            );
+        }
         let _ = writeln!(out);
         let _ = writeln!(out, "  {:<22}{:>14}{:>12}", "", "msgs/s", "MB/s");
         let _ = writeln!(
@@ -189,6 +196,10 @@ impl Report<'_> {
                     "send_to_ack_us": summary_json(fill.send_to_ack),
                 })
             }),
+        );
+        put(
+            "startup_s",
+            json!(result.startup.map(|startup| startup.as_secs_f64())),
         );
         put("acks", json!(settings.acks_name()));
         put("fsync", json!(settings.fsync_label));

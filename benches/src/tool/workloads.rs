@@ -99,6 +99,9 @@ pub struct RunResult {
     pub fill: Option<FillResult>,
     /// The CPU the measured phase used.
     pub cpu: CpuUse,
+    /// `consume` only: from starting the consumers to their first records (joining the group,
+    /// being assigned), not measured.
+    pub startup: Option<Duration>,
 }
 
 impl RunResult {
@@ -213,22 +216,28 @@ async fn consume(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) ->
         Ok::<_, anyhow::Error>((loops, waited))
     }
     .await;
-    let elapsed = start.elapsed();
+    // Measured from the first records: joining the group and being assigned the partitions
+    // is reported apart, as `startup`.
+    let (first, cpu) = meter.first_consumed().unwrap_or((start, cpu));
+    let elapsed = first.elapsed();
     let cpu = cpu_used(cpu, elapsed);
+    let startup = first.saturating_duration_since(start);
     finish.stop.send_replace(true);
     let samples = sampler.finish().await;
     let (loops, waited) = consumed?;
     let stopped = join_consumer_loops(loops).await;
     waited?;
     stopped?;
-    Ok(result_of(
+    let mut result = result_of(
         &meter,
         Meter::count(&meter.consumed),
         (elapsed, cpu),
         None,
         samples,
         Some(fill),
-    ))
+    );
+    result.startup = Some(startup);
+    Ok(result)
 }
 
 async fn pubsub(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) -> Result<RunResult> {
@@ -297,6 +306,7 @@ fn result_of(
         samples,
         fill,
         cpu,
+        startup: None,
     }
 }
 
@@ -898,6 +908,7 @@ async fn consume_loop(
                 }
             }
         }
+        meter.consumed_at(now);
         // SeqCst with the target's store in `wait_until_consumed`: either this sees the
         // target, or the waiter sees this count.
         let consumed = meter.consumed.fetch_add(records, Ordering::SeqCst) + records;
