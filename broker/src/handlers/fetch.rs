@@ -160,8 +160,9 @@ fn refresh_offsets(state: &BrokerState, response: &mut FetchResponse) {
 }
 
 /// The fetch a consumer sends next if it goes on reading: the same request, each partition
-/// that returned records asked from the offset after its last one. `None` when no partition
-/// returned records (a consumer at the end of the log waits in a long poll instead).
+/// that returned records asked from the offset after its last one. `None` unless some partition
+/// has records past what this answer returned: a consumer at the end of the log waits in a long
+/// poll instead, and reading ahead there would only find nothing.
 fn next_fetch(request: &FetchRequest, response: &FetchResponse) -> Option<FetchRequest> {
     let mut next = request.clone();
     let mut advanced = false;
@@ -176,7 +177,7 @@ fn next_fetch(request: &FetchRequest, response: &FetchResponse) -> Option<FetchR
                 .map(|batch| batch.last_offset() + 1);
             if let Some(end) = end.filter(|end| *end > partition.fetch_offset) {
                 partition.fetch_offset = end;
-                advanced = true;
+                advanced |= end < answer.high_watermark;
             }
         }
     }
