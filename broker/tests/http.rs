@@ -13,6 +13,8 @@ use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod support;
+
 /// Every wait in these tests is for a condition, bounded by this.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -275,44 +277,12 @@ fn batch(values: &[&str]) -> bytes::Bytes {
     builder.build().into_bytes()
 }
 
-async fn create_topic(connection: &Connection, name: &str, partitions: u32) {
-    let Response::CreateTopics(created) = connection
-        .send(CreateTopicsRequest {
-            topics: vec![CreateTopic {
-                name: name.into(),
-                partitions,
-                configs: vec![],
-            }],
-            validate_only: false,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("not a CreateTopics answer")
-    };
-    assert_eq!(created.results[0].error_code, ErrorCode::None);
-}
-
 /// Produces one batch of `values` with `acks=leader`, checking it was taken.
-async fn produce(connection: &Connection, topic: &str, partition: u32, values: &[&str]) {
-    let Response::Produce(produced) = connection
-        .send(ProduceRequest {
-            acks: Acks::Leader,
-            timeout_ms: 10_000,
-            topics: vec![ProduceTopic {
-                name: topic.into(),
-                partitions: vec![ProducePartition {
-                    partition,
-                    records: batch(values),
-                }],
-            }],
-        })
+async fn produce_values(connection: &Connection, topic: &str, partition: u32, values: &[&str]) {
+    let produced = support::produce(connection, topic, partition, batch(values))
         .await
-        .unwrap()
-    else {
-        panic!("not a Produce answer")
-    };
-    assert_eq!(produced.topics[0].partitions[0].error_code, ErrorCode::None);
+        .expect("produce");
+    assert_eq!(produced.error_code, ErrorCode::None);
 }
 
 /// The value of one unlabelled metric, scraped now.
@@ -336,34 +306,17 @@ async fn fetches_read_ahead_and_an_unclaimed_read_gives_its_budget_back() {
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
         .await
         .unwrap();
-    create_topic(&connection, "t", 1).await;
+    support::create_topic(&connection, "t", 1).await;
     for values in [["a", "b"], ["c", "d"], ["e", "f"]] {
-        produce(&connection, "t", 0, &values).await;
+        produce_values(&connection, "t", 0, &values).await;
     }
-    // One whole batch per fetch (a partition limit of one byte).
+    // One whole batch per fetch (limits of one byte), and where it ends.
     let fetch = |offset: u64| {
         let connection = connection.clone();
         async move {
-            let Response::Fetch(mut response) = connection
-                .send(FetchRequest {
-                    max_wait_ms: 0,
-                    min_bytes: 1,
-                    max_bytes: 1 << 20,
-                    topics: vec![FetchTopic {
-                        name: "t".into(),
-                        partitions: vec![FetchPartition {
-                            partition: 0,
-                            fetch_offset: offset,
-                            partition_max_bytes: 1,
-                        }],
-                    }],
-                })
+            let partition = support::fetch(&connection, "t", 0, offset, 1)
                 .await
-                .unwrap()
-            else {
-                panic!("not a Fetch answer")
-            };
-            let partition = response.topics.remove(0).partitions.remove(0);
+                .expect("fetch");
             assert_eq!(partition.error_code, ErrorCode::None);
             sluice_protocol::batch::split_batches(&partition.records)
                 .map(|batch| batch.unwrap().last_offset() + 1)
@@ -417,7 +370,7 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
         .await
         .unwrap();
-    create_topic(&connection, "orders", 2).await;
+    support::create_topic(&connection, "orders", 2).await;
     // A durable produce is answered only after its fsync.
     let Response::Produce(produced) = connection
         .send(ProduceRequest {
@@ -630,9 +583,9 @@ async fn readyz_answers_503_while_connections_drain_and_the_port_closes_after() 
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
         .await
         .unwrap();
-    create_topic(&connection, "big", 1).await;
+    support::create_topic(&connection, "big", 1).await;
     let value = "v".repeat(900 * 1024);
-    produce(&connection, "big", 0, &[&value]).await;
+    produce_values(&connection, "big", 0, &[&value]).await;
 
     // A consumer that asks for far more than the socket buffers hold and reads nothing keeps
     // its connection draining: shutdown waits for its answers to be written.
