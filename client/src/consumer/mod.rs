@@ -254,6 +254,9 @@ struct PartitionState {
     processed: Option<u64>,
     /// Last committed position.
     committed: Option<u64>,
+    /// Fetches of this partition that failed in a row, and when the next may go out.
+    failed_fetches: u32,
+    retry_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -602,6 +605,8 @@ impl Shared {
                     yielded: None,
                     processed: None,
                     committed: None,
+                    failed_fetches: 0,
+                    retry_at: None,
                 },
             );
         }
@@ -731,6 +736,9 @@ impl Consumer {
             Some(entry) => {
                 entry.fetch_offset = positions[&key];
                 entry.generation = generation;
+                // A new position is fetched at once, whatever the old one's failures.
+                entry.failed_fetches = 0;
+                entry.retry_at = None;
             }
             None => return Err(Error::Usage(format!("{topic}/{partition} is not assigned"))),
         }
@@ -988,14 +996,45 @@ struct InFlightFetch {
     targets: Vec<(TopicPartition, u64, u64)>,
 }
 
-/// The assigned partitions and where to fetch them from, as the state says now.
+/// The assigned partitions and where to fetch them from, as the state says now; a partition
+/// whose last fetch failed waits out its backoff first.
 fn fetch_targets(shared: &Shared) -> Vec<(TopicPartition, u64, u64)> {
+    let now = Instant::now();
     shared
         .state()
         .partitions
         .iter()
+        .filter(|(_, entry)| entry.retry_at.is_none_or(|retry_at| retry_at <= now))
         .map(|(partition, entry)| (partition.clone(), entry.fetch_offset, entry.generation))
         .collect()
+}
+
+/// First and longest wait before a partition whose fetch failed is fetched again.
+const FETCH_RETRY_FIRST: Duration = Duration::from_millis(50);
+const FETCH_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Records how a partition's fetch went: a failure pushes its next fetch back (doubling, up to
+/// [`FETCH_RETRY_MAX`]) so a partition the broker cannot serve is not asked again at once, over
+/// and over; a success clears that. Only for the partition as fetched.
+fn fetch_went(shared: &Shared, key: &TopicPartition, generation: u64, failed: bool) {
+    let mut state = shared.state();
+    let Some(entry) = state.partitions.get_mut(key) else {
+        return;
+    };
+    if entry.generation != generation {
+        return;
+    }
+    if failed {
+        let doublings = entry.failed_fetches.min(16);
+        entry.failed_fetches = entry.failed_fetches.saturating_add(1);
+        let delay = FETCH_RETRY_FIRST
+            .saturating_mul(1 << doublings)
+            .min(FETCH_RETRY_MAX);
+        entry.retry_at = Some(Instant::now() + delay);
+    } else {
+        entry.failed_fetches = 0;
+        entry.retry_at = None;
+    }
 }
 
 /// Queues a fetch of `targets` on the connection (it goes out at once; the answer is awaited
@@ -1098,13 +1137,27 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                     continue;
                 };
                 match partition.error_code {
-                    ErrorCode::None => {}
+                    ErrorCode::None => fetch_went(&shared, &key, generation, false),
                     ErrorCode::OffsetOutOfRange => {
                         out_of_range.insert(key);
                         continue;
                     }
                     code => {
                         tracing::debug!(topic = %key.0, partition = key.1, %code, "fetch error");
+                        fetch_went(&shared, &key, generation, true);
+                        // Damaged data in the broker's log: the application hears of it (the
+                        // partition is retried, never skipped). Other codes are passing states
+                        // (a leader moving, a topic being created) retried quietly.
+                        if matches!(code, ErrorCode::StorageError | ErrorCode::CorruptMessage) {
+                            let error = Error::Broker {
+                                code,
+                                message: Some(format!(
+                                    "fetching {} partition {} from offset {from}",
+                                    key.0, key.1
+                                )),
+                            };
+                            let _ = sender.send(Err(error)).await;
+                        }
                         continue;
                     }
                 }
