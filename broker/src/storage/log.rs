@@ -1022,6 +1022,11 @@ impl PartitionLog {
                 break;
             }
             let problem = match RecordBatchRef::new(&buffer[cut..cut + size]) {
+                // Written, but the high watermark read above had not passed it: an append
+                // lands in the segment a moment before it is published, and a reader must not
+                // see it first (a consumer would fetch next from past the high watermark and
+                // be told its offset is out of range).
+                Ok(batch) if batch.base_offset() >= high_watermark => break,
                 Err(error) => Some(error.to_string()),
                 Ok(batch) if batch.crc() != batch.computed_crc() => {
                     Some("crc32c mismatch".to_owned())
