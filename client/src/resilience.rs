@@ -39,17 +39,24 @@ impl Backoff {
 
     /// The next delay (and counts the attempt).
     pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
+        let ceiling = self.next_ceiling();
         // xorshift64: jitter needs spread, not cryptographic quality.
         self.seed ^= self.seed << 13;
         self.seed ^= self.seed >> 7;
         self.seed ^= self.seed << 17;
         let fraction = (self.seed >> 11) as f64 / (1u64 << 53) as f64;
         ceiling.mul_f64(fraction)
+    }
+
+    /// The next delay without jitter, `min(max, initial * 2^n)` (and counts the attempt): for
+    /// one party's retries of one thing, where there is no crowd to spread out.
+    pub fn next_ceiling(&mut self) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling
     }
 
     /// Starts over after a success.
@@ -170,6 +177,18 @@ mod tests {
         let delays: std::collections::BTreeSet<Duration> =
             (0..20).map(|_| backoff.next_delay()).collect();
         assert!(delays.len() > 10);
+    }
+
+    #[test]
+    fn ceilings_double_up_to_the_cap_and_start_over_after_a_reset() {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let ceilings: Vec<u64> = (0..8)
+            .map(|_| backoff.next_ceiling().as_millis() as u64)
+            .collect();
+        assert_eq!(ceilings, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(backoff.attempts(), 8);
+        backoff.reset();
+        assert_eq!(backoff.next_ceiling(), Duration::from_millis(50));
     }
 
     #[test]

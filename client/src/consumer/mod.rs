@@ -254,8 +254,8 @@ struct PartitionState {
     processed: Option<u64>,
     /// Last committed position.
     committed: Option<u64>,
-    /// Fetches of this partition that failed in a row, and when the next may go out.
-    failed_fetches: u32,
+    /// Pushes the partition's next fetch back after failed ones, and when it may go out.
+    fetch_backoff: Backoff,
     retry_at: Option<Instant>,
 }
 
@@ -605,7 +605,7 @@ impl Shared {
                     yielded: None,
                     processed: None,
                     committed: None,
-                    failed_fetches: 0,
+                    fetch_backoff: Backoff::new(FETCH_RETRY_FIRST, FETCH_RETRY_MAX),
                     retry_at: None,
                 },
             );
@@ -737,7 +737,7 @@ impl Consumer {
                 entry.fetch_offset = positions[&key];
                 entry.generation = generation;
                 // A new position is fetched at once, whatever the old one's failures.
-                entry.failed_fetches = 0;
+                entry.fetch_backoff.reset();
                 entry.retry_at = None;
             }
             None => return Err(Error::Usage(format!("{topic}/{partition} is not assigned"))),
@@ -1025,14 +1025,9 @@ fn fetch_went(shared: &Shared, key: &TopicPartition, generation: u64, failed: bo
         return;
     }
     if failed {
-        let doublings = entry.failed_fetches.min(16);
-        entry.failed_fetches = entry.failed_fetches.saturating_add(1);
-        let delay = FETCH_RETRY_FIRST
-            .saturating_mul(1 << doublings)
-            .min(FETCH_RETRY_MAX);
-        entry.retry_at = Some(Instant::now() + delay);
+        entry.retry_at = Some(Instant::now() + entry.fetch_backoff.next_ceiling());
     } else {
-        entry.failed_fetches = 0;
+        entry.fetch_backoff.reset();
         entry.retry_at = None;
     }
 }
