@@ -180,12 +180,66 @@ fn read_page_cache(c: &mut Criterion) {
     group.finish();
 }
 
+/// A megabyte read from the page cache and checked (CRC of every batch), as a fetch does:
+/// copied into a buffer (`read_appending`, what reads of under 64 KiB do) or mapped in place
+/// (`map`, what larger ones do).
+fn read_copied_or_mapped(c: &mut Criterion) {
+    use sluice_broker::storage::fs::FileSystem;
+
+    let mut group = c.benchmark_group("read_1MiB_checked");
+    let base = std::env::var_os("SLUICE_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
+    let dir = tempfile::tempdir_in(base).expect("temp dir");
+    let file = RealFs
+        .open(&dir.path().join("segment"), true)
+        .expect("open");
+    let batch = sample_batch(RECORDS, 1024);
+    let batch_bytes = batch.size_bytes();
+    let mut written = 0u64;
+    while written < 128 << 20 {
+        file.write_all_at(batch.as_bytes(), written).expect("fill");
+        written += batch_bytes as u64;
+    }
+    let batches = written / batch_bytes as u64;
+    let check = |bytes: &[u8]| {
+        for batch in sluice_protocol::batch::split_batches(bytes) {
+            let batch = batch.expect("whole");
+            assert_eq!(batch.crc(), batch.computed_crc());
+        }
+    };
+    group.throughput(Throughput::Bytes(batch_bytes as u64));
+    let mut next = 0u64;
+    let mut position = move || {
+        next = (next + 1) % batches;
+        next * batch_bytes as u64
+    };
+    group.bench_function("copied", |b| {
+        let mut buffer = bytes::BytesMut::new();
+        b.iter(|| {
+            buffer.clear();
+            file.read_appending(&mut buffer, batch_bytes, position())
+                .expect("read");
+            check(&buffer);
+        })
+    });
+    group.bench_function("mapped", |b| {
+        b.iter(|| {
+            let mapped = file
+                .map(position(), batch_bytes)
+                .expect("maps")
+                .expect("read");
+            check(&mapped);
+            black_box(mapped)
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1));
-    targets = append_never, append_durable, read_page_cache
+    targets = append_never, append_durable, read_page_cache, read_copied_or_mapped
 }
 criterion_main!(benches);

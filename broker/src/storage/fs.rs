@@ -21,8 +21,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 /// An open file, shared between the writer and readers.
 pub trait StorageFile: Send + Sync + std::fmt::Debug {
@@ -36,6 +37,17 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
         let read = self.read_at(&mut buf[start..], offset);
         buf.truncate(start + *read.as_ref().unwrap_or(&0));
         read
+    }
+    /// `len` bytes at `offset` as shared bytes that are the file's cached pages themselves (a
+    /// read-only memory map, released when the last clone is dropped): nothing is copied.
+    /// `None` when this file cannot be mapped, and an error when mapping or reading the pages
+    /// in failed (a disk error, or the file shorter than asked); the caller then reads with
+    /// [`read_appending`](StorageFile::read_appending), which reports the error as a read
+    /// does. The file must not shrink below `offset + len` while the bytes live: the storage
+    /// only truncates past what it has published.
+    fn map(&self, offset: u64, len: usize) -> Option<io::Result<Bytes>> {
+        let _ = (offset, len);
+        None
     }
     /// Writes all of `buf` at `offset`, extending the file as needed.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
@@ -183,6 +195,21 @@ impl StorageFile for RealFile {
         Ok(filled)
     }
 
+    fn map(&self, offset: u64, len: usize) -> Option<io::Result<Bytes>> {
+        if MAPPING_UNSUPPORTED.load(Ordering::Relaxed) {
+            return None;
+        }
+        match Mapping::new(&self.0, offset, len) {
+            Ok(mapping) => Some(Ok(Bytes::from_owner(mapping))),
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                // A kernel without MADV_POPULATE_READ (before 5.14): read from now on.
+                MAPPING_UNSUPPORTED.store(true, Ordering::Relaxed);
+                None
+            }
+            Err(error) => Some(Err(error)),
+        }
+    }
+
     fn write_all_vectored_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
         /// Parts handed to one pwritev; more take more calls.
         const MAX_PARTS: usize = 8;
@@ -259,6 +286,95 @@ impl StorageFile for RealFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
     }
+}
+
+/// Set once mapping turned out not to work here; reads copy from then on.
+static MAPPING_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// A read-only shared mapping of part of a file, its pages read in when it was made.
+///
+/// Its pages are the page cache's: reading them copies nothing. They are read in (or the
+/// mapping refused) when it is made, with `MADV_POPULATE_READ`, which reports a disk error or
+/// a range past the end of the file as an error instead of the `SIGBUS` a first touch would
+/// raise; so a damaged disk fails a read as `pread` would.
+#[derive(Debug)]
+struct Mapping {
+    /// Start of the mapping (page aligned) and its length.
+    base: std::ptr::NonNull<libc::c_void>,
+    mapped: usize,
+    /// Where the asked bytes start within it, and how many there are.
+    skip: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only memory owned by this value alone; it is unmapped only on drop.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; shared references only read it.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, offset: u64, len: usize) -> io::Result<Mapping> {
+        let page = page_size();
+        let skip = usize::try_from(offset % page as u64).expect("below the page size");
+        let mapped = len
+            .checked_add(skip)
+            .filter(|&mapped| mapped > 0)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad mapping length"))?;
+        let start = libc::off_t::try_from(offset - skip as u64)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: a fresh read-only mapping chosen by the kernel, of a file descriptor that is
+        // open for reading; nothing else refers to the address range.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                start,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mapping = Mapping {
+            base: std::ptr::NonNull::new(base).expect("mmap does not return null"),
+            mapped,
+            skip,
+            len,
+        };
+        // SAFETY: the range is the mapping just made.
+        if unsafe { libc::madvise(base, mapped, libc::MADV_POPULATE_READ) } != 0 {
+            return Err(io::Error::last_os_error()); // unmapped by drop
+        }
+        Ok(mapping)
+    }
+}
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `skip + len` bytes are mapped readable from `base` for as long as `self`
+        // lives, and their pages were read in when it was made.
+        unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().cast::<u8>().add(self.skip), self.len)
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` with this address and length, and no slice
+        // of it outlives `self`.
+        unsafe { libc::munmap(self.base.as_ptr(), self.mapped) };
+    }
+}
+
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| {
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+    })
 }
 
 impl FileSystem for RealFs {
@@ -344,5 +460,40 @@ mod tests {
             length,
             "empty writes change nothing"
         );
+    }
+
+    /// A mapped range holds the file's bytes from any offset (page aligned or not), clones
+    /// and slices of it too, after the file grows; a range past the end is an error, not a
+    /// crash.
+    #[test]
+    fn mapped_ranges_hold_the_files_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RealFs.open(&dir.path().join("f"), true).unwrap();
+        let contents: Vec<u8> = (0..200_000u32).map(|at| (at % 251) as u8).collect();
+        file.write_all_at(&contents, 0).unwrap();
+        for (offset, len) in [
+            (0, 1),
+            (0, 4096),
+            (1, 4096),
+            (4095, 70_000),
+            (123_457, 76_543),
+        ] {
+            let mapped = file
+                .map(offset as u64, len)
+                .expect("a real file maps")
+                .unwrap();
+            assert_eq!(&mapped[..], &contents[offset..offset + len]);
+            let tail = mapped.slice(len / 2..);
+            drop(mapped);
+            assert_eq!(&tail[..], &contents[offset + len / 2..offset + len]);
+        }
+        let early = file.map(190_000, 10_000).unwrap().unwrap();
+        file.write_all_at(&[9; 10_000], 200_000).unwrap();
+        let grown = file.map(195_000, 10_000).unwrap().unwrap();
+        assert_eq!(&grown[..5_000], &contents[195_000..]);
+        assert_eq!(&grown[5_000..], &[9; 5_000]);
+        assert_eq!(&early[..], &contents[190_000..]);
+        let past_end = file.map(205_000, 8_192).expect("a real file maps");
+        assert!(past_end.is_err(), "a range past the end of the file fails");
     }
 }

@@ -67,6 +67,10 @@ pub struct ReadResult {
 /// The file name of the recovery-point checkpoint in a partition directory.
 pub const RECOVERY_POINT_FILE: &str = "recovery-point";
 
+/// Reads of at least this many bytes map the segment's pages instead of copying them (see
+/// [`StorageFile::map`](super::fs::StorageFile::map)); below it a copy costs less than a mapping.
+const MAP_AT_LEAST: usize = 64 * 1024;
+
 /// Bytes read at a time when looking for the batch that holds an offset.
 const HEADER_PROBE_BYTES: usize = 27;
 
@@ -997,22 +1001,35 @@ impl PartitionLog {
         };
         let want = (max_bytes as u64).max(first_size).min(end - position);
         let length = usize::try_from(want).expect("read length fits in memory");
-        let mut buffer = BytesMut::new();
-        let read = file
-            .read_appending(&mut buffer, length, position)
-            .map_err(|error| {
-                StorageError::io(
-                    format!("read {} at {position}", segment.paths.log.display()),
-                    error,
-                )
-            })?;
-        if read < length {
-            return Err(self.corrupt(
-                &segment,
-                position,
-                format!("short read: {read} of {length} bytes"),
-            ));
-        }
+        // A large read maps the file's cached pages instead of copying them: the checks below
+        // read them in place and the connection writes them from there. A small one, or one
+        // the file cannot map, is read into a buffer.
+        let mapped = (length >= MAP_AT_LEAST)
+            .then(|| file.map(position, length))
+            .flatten()
+            .and_then(Result::ok);
+        let mut buffer = match mapped {
+            Some(mapped) => mapped,
+            None => {
+                let mut buffer = BytesMut::new();
+                let read = file
+                    .read_appending(&mut buffer, length, position)
+                    .map_err(|error| {
+                        StorageError::io(
+                            format!("read {} at {position}", segment.paths.log.display()),
+                            error,
+                        )
+                    })?;
+                if read < length {
+                    return Err(self.corrupt(
+                        &segment,
+                        position,
+                        format!("short read: {read} of {length} bytes"),
+                    ));
+                }
+                buffer.freeze()
+            }
+        };
         // Keep whole batches only, each checked as it leaves the disk: its CRC, and what the
         // CRC leaves out (the format version, and the base offset following on).
         let mut cut = 0usize;
@@ -1053,7 +1070,7 @@ impl PartitionLog {
         }
         buffer.truncate(cut);
         Ok(ReadResult {
-            records: buffer.freeze(),
+            records: buffer,
             high_watermark,
             log_start_offset,
         })
