@@ -86,7 +86,8 @@ pub mod partitioner;
 mod sender;
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -425,6 +426,7 @@ impl ProducerBuilder {
             buffer: Semaphore::new(self.buffer_bytes),
             buffer_bytes: self.buffer_bytes,
             wake: Notify::new(),
+            sender_waiting: AtomicBool::new(false),
             progress: Progress {
                 incomplete: Mutex::new(BTreeSet::new()),
                 lowest_incomplete,
@@ -547,7 +549,8 @@ impl Producer {
         enum Wait<'t> {
             Buffer(usize),
             Metadata(&'t str),
-            /// Held the lock for `RECORDS_PER_LOCK` records: let the sender and other callers in.
+            /// Held the lock for `RECORDS_PER_LOCK` records, or the sender waits for it: let the
+            /// sender and other callers in.
             Turn,
         }
         let shared = &self.inner.shared;
@@ -568,7 +571,9 @@ impl Producer {
                 let mut stopped = None;
                 let mut held_for = 0;
                 while let Some(record) = records.peek() {
-                    if held_for == RECORDS_PER_LOCK {
+                    if held_for == RECORDS_PER_LOCK
+                        || (held_for > 0 && shared.sender_waiting.load(Ordering::Relaxed))
+                    {
                         stopped = Some(Ok(Wait::Turn));
                         break;
                     }
@@ -739,6 +744,9 @@ pub(crate) struct Shared {
     buffer_bytes: usize,
     /// Wakes the sender: a batch opened or closed, a flush, a close.
     wake: Notify,
+    /// Set while the sender waits for the accumulator's lock: a long `enqueue_many` lets it
+    /// go at the next record instead of after [`RECORDS_PER_LOCK`].
+    sender_waiting: AtomicBool,
     progress: Progress,
 }
 
@@ -749,6 +757,23 @@ impl Shared {
         self.accumulator
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The accumulator's lock for the sender task. When an application's `enqueue_many` holds
+    /// it, the sender says so and gets it at that call's next record: the sender's runtime
+    /// thread blocks meanwhile, and a megabyte of 1 KiB records copied under the lock (a
+    /// whole turn) left that core idle for most of it.
+    fn lock_accumulator_for_sender(&self) -> MutexGuard<'_, Accumulator> {
+        match self.accumulator.try_lock() {
+            Ok(accumulator) => accumulator,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                self.sender_waiting.store(true, Ordering::Relaxed);
+                let accumulator = self.lock_accumulator();
+                self.sender_waiting.store(false, Ordering::Relaxed);
+                accumulator
+            }
+        }
     }
 
     fn release_buffer(&self, bytes: usize) {
@@ -930,5 +955,40 @@ mod tests {
         refused(base.clone().buffer_bytes(1024).batch_bytes(4096));
         refused(base.clone().delivery_timeout(Duration::from_secs(1)));
         refused(base.clone().idempotence(false).producer_name("relay"));
+    }
+
+    /// A long `enqueue_many` takes the accumulator's lock once for many records, but lets it
+    /// go at the next record when the sender waits for it.
+    #[tokio::test]
+    async fn a_long_enqueue_lets_a_waiting_sender_in_at_the_next_record() {
+        let producer = builder()
+            .await
+            .idempotence(false)
+            .linger(Duration::from_secs(60))
+            .build()
+            .await
+            .unwrap();
+        let shared = &producer.inner.shared;
+        shared.lock_accumulator().set_partition_count("t", 1);
+        let records = || (0..10).map(|_| Record::borrowed("t", b"value"));
+
+        let mut appended = 0;
+        producer
+            .append_records(records(), |_, _| appended += 1)
+            .await
+            .unwrap();
+        assert_eq!(appended, 10, "all in one hold of the lock");
+
+        shared.sender_waiting.store(true, Ordering::Relaxed);
+        let mut appended = 0;
+        {
+            let call = producer.append_records(records(), |_, _| appended += 1);
+            let mut call = std::pin::pin!(call);
+            assert!(
+                futures::poll!(call.as_mut()).is_pending(),
+                "the call takes turns"
+            );
+        }
+        assert_eq!(appended, 1, "the lock was let go after one record");
     }
 }

@@ -979,7 +979,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut state: SenderState) {
     loop {
         let now = Instant::now();
         let (drained, deadline, finished) = {
-            let mut accumulator = shared.lock_accumulator();
+            let mut accumulator = shared.lock_accumulator_for_sender();
             for batch in accumulator.expire(now) {
                 let error = Arc::new(Error::Timeout {
                     timeout_ms: duration_ms(state.options.delivery_timeout),

@@ -35,6 +35,7 @@ async fn shared() -> Arc<Shared> {
         buffer: Semaphore::new(BUFFER_BYTES),
         buffer_bytes: BUFFER_BYTES,
         wake: Notify::new(),
+        sender_waiting: std::sync::atomic::AtomicBool::new(false),
         progress: Progress {
             incomplete: Mutex::new(BTreeSet::new()),
             lowest_incomplete: watch::channel(u64::MAX).0,
