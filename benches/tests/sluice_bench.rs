@@ -295,7 +295,15 @@ fn produce_over_quic_is_labelled_quic() {
 
 #[test]
 fn baseline_prints_the_limits_and_sluice_beside_them() {
-    let output = succeeded(&["baseline", "--messages", "300", "--message-size", "200"]);
+    let output = succeeded(&[
+        "baseline",
+        "--messages",
+        "300",
+        "--message-size",
+        "200",
+        "--latency-duration",
+        "1",
+    ]);
     let table = String::from_utf8_lossy(&output.stdout);
     for expected in [
         "raw loopback TCP, null sink",
@@ -307,6 +315,10 @@ fn baseline_prints_the_limits_and_sluice_beside_them() {
         "consume, group of 1",
         "× raw TCP",
         "machine:",
+        "latency (µs) at 10,000 msgs/s for 1 s",
+        "raw loopback TCP, 1 hop, 2 threads",
+        "Sluice produce→consume, acks=leader",
+        "Sluice ÷ raw TCP",
     ] {
         assert!(table.contains(expected), "{expected:?} in\n{table}");
     }

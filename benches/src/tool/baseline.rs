@@ -9,9 +9,15 @@
 //! - fdatasync per batch: write one [`WRITE_BYTES`] batch, `fdatasync`, repeat (at most
 //!   [`SYNC_BATCHES_MAX`] batches or [`SYNC_TIME_MAX`]): the rate of a log that syncs every batch
 //!   on its own, and the latency of one sync.
+//! - One-way latency over raw loopback TCP at [`LATENCY_RATE`] messages a second for
+//!   `--latency-duration` seconds: one thread sleeps until each message is due, stamps it with the time and
+//!   writes it; another reads and records its arrival. Two threads and one hop: what the
+//!   machine's scheduler and loopback add to any message's way, the floor under the latency
+//!   workload's three hops (producer, broker, consumer).
 //! - Sluice, embedded, 1 producer and 1 partition, default batching: produce with
 //!   `acks=leader`, produce with `acks=durable`, and a group of one consuming what a fill put
-//!   there; each beside the limits as ratios.
+//!   there; each beside the limits as ratios. Then the latency workload at the same rate and
+//!   for as long as the raw one, beside it.
 //!
 //! Files go to `$SLUICE_BENCH_DIR` or the system temporary directory: the disk being measured.
 
@@ -24,8 +30,8 @@ use anyhow::{Context, Result, anyhow};
 use hdrhistogram::Histogram;
 
 use super::cli::{
-    BaselineArgs, DEFAULT_BATCH_BYTES, DEFAULT_LINGER_MS, DEFAULT_RECORDS_PER_SEND, Settings, Stop,
-    Target, Transport, Workload,
+    BaselineArgs, DEFAULT_BATCH_BYTES, DEFAULT_LATENCY_RATE, DEFAULT_LINGER_MS,
+    DEFAULT_RECORDS_PER_SEND, Settings, Stop, Target, Transport, Workload,
 };
 use super::machine::Machine;
 use super::metrics::LatencySummary;
@@ -41,6 +47,8 @@ pub const WRITE_BYTES: usize = DEFAULT_BATCH_BYTES as usize;
 pub const SYNC_BATCHES_MAX: u64 = 1_000;
 /// ...or this long, whichever comes first.
 pub const SYNC_TIME_MAX: Duration = Duration::from_secs(3);
+/// Messages per second of the latency measurements (the latency workload's default rate).
+pub const LATENCY_RATE: u64 = DEFAULT_LATENCY_RATE;
 /// Bytes before each frame on the wire: its length.
 const LENGTH_PREFIX_BYTES: usize = 4;
 
@@ -156,6 +164,65 @@ pub fn raw_tcp(message_size: usize, messages: u64) -> Result<Rate> {
     Ok(Rate { messages, elapsed })
 }
 
+/// One-way latency over raw loopback TCP: `rate` messages of `message_size` bytes (at least
+/// the 8 of the stamp) a second for `duration`, each written when due with its send time in
+/// its first 8 bytes, and timed as the reader gets its last byte.
+///
+/// # Errors
+/// A socket error, or a reader that did not get every message.
+pub fn raw_tcp_latency(
+    message_size: usize,
+    rate: u64,
+    duration: Duration,
+) -> Result<LatencySummary> {
+    let message_size = message_size.max(8);
+    let messages = (rate as f64 * duration.as_secs_f64()).ceil().max(1.0) as u64;
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen on loopback")?;
+    let address = listener.local_addr()?;
+    let epoch = Instant::now();
+    let reader = std::thread::spawn(move || -> std::io::Result<Histogram<u64>> {
+        let (mut stream, _) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        let mut latencies = Histogram::<u64>::new_with_max(60_000_000, 3)
+            .expect("constant histogram bounds are valid");
+        let mut message = vec![0u8; message_size];
+        for _ in 0..messages {
+            stream.read_exact(&mut message)?;
+            let arrived = epoch.elapsed();
+            let stamp = u64::from_be_bytes(message[..8].try_into().expect("8 bytes"));
+            let sent = Duration::from_nanos(stamp);
+            latencies.saturating_record(
+                u64::try_from(arrived.saturating_sub(sent).as_micros()).unwrap_or(u64::MAX),
+            );
+        }
+        Ok(latencies)
+    });
+    let sent = (|| -> std::io::Result<()> {
+        let mut stream = TcpStream::connect(address)?;
+        stream.set_nodelay(true)?;
+        let mut message = vec![0x5au8; message_size];
+        let interval = Duration::from_secs(1).div_f64(rate.max(1) as f64);
+        let start = Instant::now();
+        for index in 0..messages {
+            let due = start + interval.mul_f64(index as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let stamp = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            message[..8].copy_from_slice(&stamp.to_be_bytes());
+            stream.write_all(&message)?;
+        }
+        Ok(())
+    })();
+    let latencies = reader
+        .join()
+        .map_err(|_| anyhow!("the latency reader thread failed"))?;
+    sent.context("loopback TCP latency: sending")?;
+    let latencies = latencies.context("loopback TCP latency: reading")?;
+    LatencySummary::of(&latencies).ok_or_else(|| anyhow!("no latency was recorded"))
+}
+
 /// Appends to a file in the page cache, never syncing.
 ///
 /// # Errors
@@ -242,6 +309,7 @@ pub struct Limits {
     pub page_cache: Rate,
     pub fdatasync_per_batch: SyncRate,
     pub fdatasync_per_message: SyncRate,
+    pub tcp_latency: LatencySummary,
 }
 
 /// Everything `baseline` measured.
@@ -251,6 +319,7 @@ pub struct Baseline {
     pub produce_leader: RunResult,
     pub produce_durable: RunResult,
     pub consume: RunResult,
+    pub latency: RunResult,
 }
 
 /// Measures the physical limits (blocking: call it outside the async runtime).
@@ -275,14 +344,19 @@ pub fn measure_limits(arguments: &BaselineArgs) -> Result<Limits> {
             arguments.messages,
             1,
         )?,
+        tcp_latency: raw_tcp_latency(
+            message_size,
+            LATENCY_RATE,
+            Duration::from_secs(arguments.latency_duration),
+        )?,
     })
 }
 
-/// Sluice's figures: produce (leader, durable) and consume, embedded.
+/// Sluice's figures: produce (leader, durable), consume and latency, embedded.
 ///
 /// # Errors
 /// A run failing.
-pub async fn measure_sluice(arguments: &BaselineArgs) -> Result<(RunResult, RunResult, RunResult)> {
+pub async fn measure_sluice(arguments: &BaselineArgs) -> Result<[RunResult; 4]> {
     let produce_leader =
         workloads::run(&sluice_settings(Workload::Produce, arguments, Acks::Leader)).await?;
     let produce_durable = workloads::run(&sluice_settings(
@@ -293,7 +367,14 @@ pub async fn measure_sluice(arguments: &BaselineArgs) -> Result<(RunResult, RunR
     .await?;
     let consume =
         workloads::run(&sluice_settings(Workload::Consume, arguments, Acks::Leader)).await?;
-    Ok((produce_leader, produce_durable, consume))
+    let latency = workloads::run(&Settings {
+        stop: Stop::After(Duration::from_secs(arguments.latency_duration)),
+        rate: Some(LATENCY_RATE),
+        linger: Duration::ZERO,
+        ..sluice_settings(Workload::Latency, arguments, Acks::Leader)
+    })
+    .await?;
+    Ok([produce_leader, produce_durable, consume, latency])
 }
 
 fn ratio(value: f64, limit: f64) -> String {
@@ -393,6 +474,48 @@ impl Baseline {
                 ratio(consume, tcp)
             ),
         ));
+        lines.push(String::new());
+        lines.push(format!(
+            "  {:<42}{:>10}{:>10}{:>10}{:>10}",
+            format!(
+                "latency (µs) at {} msgs/s for {} s",
+                group_digits(LATENCY_RATE),
+                arguments.latency_duration
+            ),
+            "p50",
+            "p99",
+            "p99.9",
+            "max"
+        ));
+        let latency_row = |label: &str, latency: Option<LatencySummary>| match latency {
+            Some(latency) => format!(
+                "  {:<42}{:>10}{:>10}{:>10}{:>10}",
+                label,
+                group_digits(latency.p50_us),
+                group_digits(latency.p99_us),
+                group_digits(latency.p999_us),
+                group_digits(latency.max_us)
+            ),
+            None => format!("  {label:<42}  no message arrived"),
+        };
+        lines.push(latency_row(
+            "raw loopback TCP, 1 hop, 2 threads",
+            Some(self.limits.tcp_latency),
+        ));
+        lines.push(latency_row(
+            "Sluice produce→consume, acks=leader",
+            self.latency.produce_to_consume,
+        ));
+        if let Some(sluice) = self.latency.produce_to_consume {
+            let raw = self.limits.tcp_latency;
+            lines.push(format!(
+                "  {:<42}{:>10}{:>10}{:>10}",
+                "Sluice ÷ raw TCP",
+                ratio(sluice.p50_us as f64, raw.p50_us as f64),
+                ratio(sluice.p99_us as f64, raw.p99_us as f64),
+                ratio(sluice.p999_us as f64, raw.p999_us as f64)
+            ));
+        }
         let mut table = lines.join("\n");
         table.push('\n');
         table
@@ -421,6 +544,20 @@ mod tests {
             let rate = raw_tcp(message_size, 1_001).unwrap();
             assert_eq!(rate.messages, 1_001);
         }
+    }
+
+    #[test]
+    fn the_latency_reader_times_every_message() {
+        let latency = raw_tcp_latency(100, 2_000, Duration::from_millis(250)).unwrap();
+        assert_eq!(latency.count, 500);
+        assert!(latency.p50_us <= latency.p999_us && latency.p999_us <= latency.max_us);
+        // Shorter than the stamp: sent with room for it.
+        assert_eq!(
+            raw_tcp_latency(1, 1_000, Duration::from_millis(10))
+                .unwrap()
+                .count,
+            10
+        );
     }
 
     #[test]

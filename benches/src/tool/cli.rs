@@ -180,6 +180,10 @@ pub struct BaselineArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MESSAGES,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub messages: u64,
+    /// Seconds each one-way latency measurement (raw TCP, then Sluice) sends for.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub latency_duration: u64,
 }
 
 /// Which workload runs.

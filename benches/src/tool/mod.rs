@@ -131,13 +131,14 @@ fn baseline(arguments: &cli::BaselineArgs) -> Result<(), Failure> {
     let machine = Machine::detect();
     // The raw limits use plain threads and blocking calls: no runtime in the way.
     let limits = baseline::measure_limits(arguments)?;
-    let (produce_leader, produce_durable, consume) =
+    let [produce_leader, produce_durable, consume, latency] =
         runtime()?.block_on(baseline::measure_sluice(arguments))?;
     let measured = baseline::Baseline {
         limits,
         produce_leader,
         produce_durable,
         consume,
+        latency,
     };
     print!("{}", measured.table(arguments, &machine));
     Ok(())
