@@ -180,6 +180,30 @@ fn read_page_cache(c: &mut Criterion) {
     group.finish();
 }
 
+/// A consumer at the end of the log: reads of each of the last 32 one-record batches (100 B)
+/// in turn, as fetches at 10,000 msgs/s are; each walks batch headers from the sparse index
+/// entry before it.
+fn read_tail(c: &mut Criterion) {
+    let mut group = c.benchmark_group("read_tail");
+    let bench = open("tail");
+    let batch = sample_batch(1, 100);
+    for _ in 0..10_000 {
+        bench.log.append(unique(&batch)).expect("fill");
+    }
+    let end = bench.log.latest_offset();
+    let mut next = 0u64;
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one_record_batches", |b| {
+        b.iter(|| {
+            next = (next + 1) % 32;
+            let read = bench.log.read(end - 1 - next, 1 << 20).expect("read");
+            assert!(!read.records.is_empty());
+            black_box(read)
+        })
+    });
+    group.finish();
+}
+
 /// A megabyte read from the page cache and checked (CRC of every batch), as a fetch does:
 /// copied into a buffer (`read_appending`, what reads of under 64 KiB do) or mapped in place
 /// (`map`, what larger ones do).
@@ -240,6 +264,6 @@ criterion_group! {
         .sample_size(30)
         .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1));
-    targets = append_never, append_durable, read_page_cache, read_copied_or_mapped
+    targets = append_never, append_durable, read_page_cache, read_copied_or_mapped, read_tail
 }
 criterion_main!(benches);

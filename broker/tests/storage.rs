@@ -386,6 +386,48 @@ async fn power_loss_keeps_everything_fsynced_and_below_the_recovery_point() {
     storage.shutdown();
 }
 
+/// A read walks batch headers from the index entry before its offset a few kilobytes at a
+/// time: batches of every size, headers across those reads' edges, every offset read alone
+/// and in a run, and what each read returns is the same.
+#[test]
+fn reads_find_every_offset_among_batches_of_every_size() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage
+        .open_log(&partition_dir(root.path()), LogConfig::default())
+        .unwrap();
+    let mut next = 0u64;
+    for index in 0..300u64 {
+        let records = 1 + (index % 4) as usize;
+        log.append(batch(next, records, 8 + (index as usize * 37) % 1500, 1))
+            .unwrap();
+        next += records as u64;
+    }
+    let expected: Vec<(u64, u64)> = (0..next).map(|offset| (offset, offset)).collect();
+    for offset in 0..next {
+        let read = log.read(offset, 1).unwrap();
+        let first = split_batches(&read.records).next().unwrap().unwrap();
+        assert!(
+            first.base_offset() <= offset && offset <= first.last_offset(),
+            "offset {offset} in the batch read"
+        );
+        assert_eq!(
+            split_batches(&read.records).count(),
+            1,
+            "one batch for max_bytes 1"
+        );
+    }
+    for max_bytes in [1, 700, 5_000, 1 << 20] {
+        assert_eq!(
+            read_all(&log, 0, max_bytes),
+            expected,
+            "max_bytes {max_bytes}"
+        );
+    }
+    assert_eq!(read_all(&log, next - 3, 100), expected[next as usize - 3..]);
+    storage.shutdown();
+}
+
 /// Reads of 64 KiB and more map the segment's pages instead of copying them: they return what
 /// small (copied) reads return, and check every batch as it leaves the disk just the same: a
 /// bit flipped in the file under a running log is never served.

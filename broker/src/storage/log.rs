@@ -71,6 +71,62 @@ pub const RECOVERY_POINT_FILE: &str = "recovery-point";
 /// [`StorageFile::map`](super::fs::StorageFile::map)); below it a copy costs less than a mapping.
 const MAP_AT_LEAST: usize = 64 * 1024;
 
+/// Bytes read at once while walking batch headers to the batch that holds an offset: a sparse
+/// index entry's worth (`index_interval_bytes` is 4 KiB by default), so a walk over small
+/// batches costs one read instead of one per batch, and a read of the last few records at the
+/// end of the log is often in it already.
+const WALK_CHUNK_BYTES: usize = 4096;
+
+/// The bytes a header walk read last: one read at a time of up to [`WALK_CHUNK_BYTES`], from
+/// the header it needed.
+struct WalkChunk {
+    bytes: [u8; WALK_CHUNK_BYTES],
+    /// File position of `bytes[0]`, and how many are valid.
+    start: u64,
+    len: usize,
+}
+
+impl WalkChunk {
+    fn new() -> Self {
+        WalkChunk {
+            bytes: [0; WALK_CHUNK_BYTES],
+            start: 0,
+            len: 0,
+        }
+    }
+
+    fn holds(&self, position: u64, len: usize) -> bool {
+        self.get(position, len).is_some()
+    }
+
+    fn get(&self, position: u64, len: usize) -> Option<&[u8]> {
+        let from = usize::try_from(position.checked_sub(self.start)?).ok()?;
+        self.bytes[..self.len].get(from..from.checked_add(len)?)
+    }
+
+    /// The header probe at `position`, which ends at or before `end` (the segment's size):
+    /// from the chunk, or after reading the chunk that starts there, as far as `end` allows.
+    fn header(
+        &mut self,
+        position: u64,
+        end: u64,
+        read_exact: impl FnOnce(&mut [u8], u64) -> Result<()>,
+    ) -> Result<[u8; HEADER_PROBE_BYTES]> {
+        if !self.holds(position, HEADER_PROBE_BYTES) {
+            let room = usize::try_from(end.saturating_sub(position)).unwrap_or(usize::MAX);
+            let len = room.clamp(HEADER_PROBE_BYTES, WALK_CHUNK_BYTES);
+            self.len = 0;
+            read_exact(&mut self.bytes[..len], position)?;
+            self.start = position;
+            self.len = len;
+        }
+        let header = self
+            .get(position, HEADER_PROBE_BYTES)
+            .expect("the chunk holds the header");
+        Ok(header.try_into().expect("a header probe"))
+    }
+}
+
 /// Bytes read at a time when looking for the batch that holds an offset.
 const HEADER_PROBE_BYTES: usize = 27;
 
@@ -965,7 +1021,7 @@ impl PartitionLog {
         // the entry claims, the index file is damaged, not the log, and the walk starts over
         // from the segment's first batch (see `walk_start`).
         let mut trusting_index = position > 0;
-        let mut header = [0u8; HEADER_PROBE_BYTES];
+        let mut chunk = WalkChunk::new();
         let first_size = loop {
             let problem = if position + HEADER_PROBE_BYTES as u64 > end {
                 if !trusting_index {
@@ -973,7 +1029,9 @@ impl PartitionLog {
                 }
                 format!("position {position} is past the end ({end})")
             } else {
-                self.read_exact(&file, &segment, &mut header, position)?;
+                let header = chunk.header(position, end, |buf, at| {
+                    self.read_exact(&file, &segment, buf, at)
+                })?;
                 let base = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
                 let size = batch_size(&header).unwrap_or(0);
                 let last_delta = u32::from_be_bytes(header[23..27].try_into().expect("4 bytes"));
@@ -1010,6 +1068,12 @@ impl PartitionLog {
             .and_then(Result::ok);
         let mut buffer = match mapped {
             Some(mapped) => mapped,
+            // A read of the log's last few records was read with the walk's headers.
+            None if chunk.holds(position, length) => Bytes::copy_from_slice(
+                chunk
+                    .get(position, length)
+                    .expect("the chunk holds the range"),
+            ),
             None => {
                 let mut buffer = BytesMut::new();
                 let read = file
