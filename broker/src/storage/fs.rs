@@ -20,8 +20,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 
@@ -39,7 +39,8 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
         read
     }
     /// `len` bytes at `offset` as shared bytes that are the file's cached pages themselves (a
-    /// read-only memory map, released when the last clone is dropped): nothing is copied.
+    /// read-only memory map, whose pages leave this process's page tables when the last clone
+    /// is dropped): nothing is copied.
     /// `None` when this file cannot be mapped, and an error when mapping or reading the pages
     /// in failed (a disk error, or the file shorter than asked); the caller then reads with
     /// [`read_appending`](StorageFile::read_appending), which reports the error as a read
@@ -138,13 +139,21 @@ pub fn read_file(fs: &dyn FileSystem, path: &Path) -> io::Result<Vec<u8>> {
 pub struct RealFs;
 
 #[derive(Debug)]
-struct RealFile(File);
+struct RealFile {
+    file: File,
+    /// The read-only window over the file that [`StorageFile::map`] hands out slices of,
+    /// made on the first call; `None` when it could not be made (reads copy then).
+    window: OnceLock<Option<Arc<Window>>>,
+}
 
 impl StorageFile for RealFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut filled = 0;
         while filled < buf.len() {
-            match self.0.read_at(&mut buf[filled..], offset + filled as u64) {
+            match self
+                .file
+                .read_at(&mut buf[filled..], offset + filled as u64)
+            {
                 Ok(0) => break,
                 Ok(read) => filled += read,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -155,7 +164,7 @@ impl StorageFile for RealFile {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)
     }
 
     fn read_appending(&self, buf: &mut BytesMut, len: usize, offset: u64) -> io::Result<usize> {
@@ -173,7 +182,7 @@ impl StorageFile for RealFile {
             // bytes the kernel reported are marked initialised below.
             let read = unsafe {
                 libc::pread(
-                    self.0.as_raw_fd(),
+                    self.file.as_raw_fd(),
                     room.as_mut_ptr().cast(),
                     room.len(),
                     file_offset,
@@ -199,8 +208,20 @@ impl StorageFile for RealFile {
         if MAPPING_UNSUPPORTED.load(Ordering::Relaxed) {
             return None;
         }
-        match Mapping::new(&self.0, offset, len) {
-            Ok(mapping) => Some(Ok(Bytes::from_owner(mapping))),
+        let end = offset.checked_add(len as u64)?;
+        if len == 0 || end > WINDOW_BYTES as u64 {
+            return None;
+        }
+        let window = self
+            .window
+            .get_or_init(|| Window::new(&self.file).ok().map(Arc::new))
+            .as_ref()?;
+        match window.populate(offset, len) {
+            Ok(()) => Some(Ok(Bytes::from_owner(WindowSlice {
+                window: Arc::clone(window),
+                offset: usize::try_from(offset).expect("within the window"),
+                len,
+            }))),
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
                 // A kernel without MADV_POPULATE_READ (before 5.14): read from now on.
                 MAPPING_UNSUPPORTED.store(true, Ordering::Relaxed);
@@ -240,10 +261,10 @@ impl StorageFile for RealFile {
             let file_offset = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
             // SAFETY: the first `count` iovecs point into `parts`, which outlive the call and
-            // are only read; the file descriptor is owned by `self.0`.
+            // are only read; the file descriptor is owned by `self.file`.
             let written = unsafe {
                 libc::pwritev(
-                    self.0.as_raw_fd(),
+                    self.file.as_raw_fd(),
                     iovecs.as_ptr(),
                     count as libc::c_int,
                     file_offset,
@@ -276,101 +297,142 @@ impl StorageFile for RealFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 }
 
 /// Set once mapping turned out not to work here; reads copy from then on.
 static MAPPING_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
-/// A read-only shared mapping of part of a file, its pages read in when it was made.
+/// Bytes of a file a [`Window`] covers: every position a segment can have (the index keeps
+/// positions as `u32`). Address space only: nothing is read or reserved for it.
+const WINDOW_BYTES: usize = 1 << 32;
+
+/// A read-only shared mapping of a file's first [`WINDOW_BYTES`], past its end too (a file
+/// that grows is covered as it grows), made once per open file and unmapped when the file is
+/// closed and no slice of it is left.
 ///
-/// Its pages are the page cache's: reading them copies nothing. They are read in (or the
-/// mapping refused) when it is made, with `MADV_POPULATE_READ`, which reports a disk error or
-/// a range past the end of the file as an error instead of the `SIGBUS` a first touch would
-/// raise; so a damaged disk fails a read as `pread` would.
+/// Its pages are the page cache's: reading them copies nothing. A read reads the pages of its
+/// range in first ([`populate`](Window::populate), `MADV_POPULATE_READ`), which reports a disk
+/// error or a range past the end of the file as an error instead of the `SIGBUS` a first
+/// touch would raise, so a damaged disk fails a read as `pread` would; when its slice is
+/// dropped the pages leave this process's page tables again (`MADV_DONTNEED`, which only
+/// unmaps: the page cache keeps them), so the broker's resident memory does not grow with what
+/// it has served. Neither takes the address space's lock for writing, which a mapping per read
+/// did twice (`mmap`, `munmap`): one worker's `munmap` then waited for another's page-in, its
+/// thread asleep (a quarter of the runtime's context switches while consuming 1 KiB records).
 #[derive(Debug)]
-struct Mapping {
-    /// Start of the mapping (page aligned) and its length.
+struct Window {
     base: std::ptr::NonNull<libc::c_void>,
-    mapped: usize,
-    /// Where the asked bytes start within it, and how many there are.
-    skip: usize,
-    len: usize,
 }
 
-// SAFETY: the mapping is read-only memory owned by this value alone; it is unmapped only on drop.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; shared references only read it.
-unsafe impl Sync for Mapping {}
+// SAFETY: the window is read-only memory owned by this value alone; it is unmapped only on drop.
+unsafe impl Send for Window {}
+// SAFETY: as above; shared references only read it, and the madvise calls are thread safe.
+unsafe impl Sync for Window {}
 
-impl Mapping {
-    fn new(file: &File, offset: u64, len: usize) -> io::Result<Mapping> {
-        let page = page_size();
-        let skip = usize::try_from(offset % page as u64).expect("below the page size");
-        let mapped = len
-            .checked_add(skip)
-            .filter(|&mapped| mapped > 0)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad mapping length"))?;
-        let start = libc::off_t::try_from(offset - skip as u64)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+impl Window {
+    fn new(file: &File) -> io::Result<Window> {
         // SAFETY: a fresh read-only mapping chosen by the kernel, of a file descriptor that is
         // open for reading; nothing else refers to the address range.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                mapped,
+                WINDOW_BYTES,
                 libc::PROT_READ,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
-                start,
+                0,
             )
         };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let mapping = Mapping {
+        Ok(Window {
             base: std::ptr::NonNull::new(base).expect("mmap does not return null"),
-            mapped,
-            skip,
-            len,
-        };
-        // SAFETY: the range is the mapping just made.
-        if unsafe { libc::madvise(base, mapped, libc::MADV_POPULATE_READ) } != 0 {
-            return Err(io::Error::last_os_error()); // unmapped by drop
+        })
+    }
+
+    /// The whole pages that hold `len` bytes at `offset`, as (address, length).
+    fn pages(&self, offset: u64, len: usize) -> (*mut libc::c_void, usize) {
+        let page = page_size();
+        let offset = usize::try_from(offset).expect("within the window");
+        let first = offset - offset % page;
+        let end = (offset + len).next_multiple_of(page).min(WINDOW_BYTES);
+        // SAFETY: `first` is within the window (offset + len <= WINDOW_BYTES, checked by map).
+        (
+            unsafe { self.base.as_ptr().cast::<u8>().add(first).cast() },
+            end - first,
+        )
+    }
+
+    /// Reads in and maps the pages of `len` bytes at `offset`; an error when the disk fails or
+    /// the file ends before them.
+    fn populate(&self, offset: u64, len: usize) -> io::Result<()> {
+        let (address, length) = self.pages(offset, len);
+        // SAFETY: the range is within this window's mapping.
+        if unsafe { libc::madvise(address, length, libc::MADV_POPULATE_READ) } != 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(mapping)
+        Ok(())
+    }
+
+    /// Takes the pages of `len` bytes at `offset` out of this process's page tables; a slice
+    /// still reading a page shared at the edge maps it again from the page cache.
+    fn release(&self, offset: usize, len: usize) {
+        let (address, length) = self.pages(offset as u64, len);
+        // SAFETY: the range is within this window's mapping, which is read-only and shared:
+        // MADV_DONTNEED only drops page-table entries, never data.
+        unsafe { libc::madvise(address, length, libc::MADV_DONTNEED) };
     }
 }
 
-impl AsRef<[u8]> for Mapping {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: `skip + len` bytes are mapped readable from `base` for as long as `self`
-        // lives, and their pages were read in when it was made.
-        unsafe {
-            std::slice::from_raw_parts(self.base.as_ptr().cast::<u8>().add(self.skip), self.len)
-        }
-    }
-}
-
-impl Drop for Mapping {
+impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: the mapping was made by `new` with this address and length, and no slice
-        // of it outlives `self`.
-        unsafe { libc::munmap(self.base.as_ptr(), self.mapped) };
+        // SAFETY: the mapping was made by `new` with this address and length, and no slice of
+        // it is left (each holds the window).
+        unsafe { libc::munmap(self.base.as_ptr(), WINDOW_BYTES) };
+    }
+}
+
+/// Bytes of a [`Window`], as a [`Bytes`] owner: the pages were read in when it was made and
+/// are released from the page tables when it is dropped.
+struct WindowSlice {
+    window: Arc<Window>,
+    offset: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for WindowSlice {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `offset + len` is within the window, mapped readable for as long as the
+        // window lives (this slice holds it), and the pages were read in when the slice was
+        // made; the file does not shrink below them while the storage has them published.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.window.base.as_ptr().cast::<u8>().add(self.offset),
+                self.len,
+            )
+        }
+    }
+}
+
+impl Drop for WindowSlice {
+    fn drop(&mut self) {
+        self.window.release(self.offset, self.len);
     }
 }
 
 fn page_size() -> usize {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static PAGE: OnceLock<usize> = OnceLock::new();
     // SAFETY: sysconf has no preconditions.
     *PAGE.get_or_init(|| {
         usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
@@ -385,7 +447,10 @@ impl FileSystem for RealFs {
             .create(create)
             .truncate(false)
             .open(path)?;
-        Ok(Arc::new(RealFile(file)))
+        Ok(Arc::new(RealFile {
+            file,
+            window: OnceLock::new(),
+        }))
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -495,5 +560,43 @@ mod tests {
         assert_eq!(&early[..], &contents[190_000..]);
         let past_end = file.map(205_000, 8_192).expect("a real file maps");
         assert!(past_end.is_err(), "a range past the end of the file fails");
+    }
+
+    /// What a mapped range read in stays resident in this process only while it is held: the
+    /// broker's memory does not grow with what it has served.
+    #[test]
+    fn mapped_pages_leave_the_process_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RealFs.open(&dir.path().join("f"), true).unwrap();
+        file.write_all_at(&vec![7u8; 8 << 20], 0).unwrap();
+        let mapped = file.map(4096, 4 << 20).unwrap().unwrap();
+        let address = mapped.as_ptr() as usize;
+        assert!(
+            resident_kib(address) >= 4 << 10,
+            "read in: {} KiB",
+            resident_kib(address)
+        );
+        drop(mapped);
+        assert_eq!(resident_kib(address), 0, "released");
+    }
+
+    /// The resident KiB of the mapping that holds `address` (its `Rss` in /proc/self/smaps).
+    fn resident_kib(address: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((from, to)) = range.split_once('-')
+                && let (Ok(from), Ok(to)) = (
+                    usize::from_str_radix(from, 16),
+                    usize::from_str_radix(to, 16),
+                )
+            {
+                inside = (from..to).contains(&address);
+            } else if inside && let Some(rss) = line.strip_prefix("Rss:") {
+                return rss.trim().trim_end_matches(" kB").trim().parse().unwrap();
+            }
+        }
+        panic!("no mapping holds {address:#x}");
     }
 }
