@@ -316,6 +316,10 @@ static MAPPING_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 /// positions as `u32`). Address space only: nothing is read or reserved for it.
 const WINDOW_BYTES: usize = 1 << 32;
 
+/// What a released slice takes out of the page tables is widened to these boundaries: the
+/// largest page-cache folio (a PMD, 2 MiB on x86-64).
+const RELEASE_ALIGN: usize = 2 << 20;
+
 /// A read-only shared mapping of a file's first [`WINDOW_BYTES`], past its end too (a file
 /// that grows is covered as it grows), made once per open file and unmapped when the file is
 /// closed and no slice of it is left.
@@ -385,10 +389,18 @@ impl Window {
         Ok(())
     }
 
-    /// Takes the pages of `len` bytes at `offset` out of this process's page tables; a slice
-    /// still reading a page shared at the edge maps it again from the page cache.
+    /// Takes the pages of `len` bytes at `offset` out of this process's page tables, and the
+    /// rest of the [`RELEASE_ALIGN`] blocks they are in: reading a page in maps the whole
+    /// page-cache folio it belongs to (up to 2 MiB on Linux), so the pages of a read's range
+    /// alone would leave the rest of its folios mapped, a few percent of all that was served
+    /// (200 MB resident after serving 6 GB). A slice still reading a page released this way
+    /// maps it again from the page cache.
     fn release(&self, offset: usize, len: usize) {
-        let (address, length) = self.pages(offset as u64, len);
+        let first = offset - offset % RELEASE_ALIGN;
+        let end = (offset + len)
+            .next_multiple_of(RELEASE_ALIGN)
+            .min(WINDOW_BYTES);
+        let (address, length) = self.pages(first as u64, end - first);
         // SAFETY: the range is within this window's mapping, which is read-only and shared:
         // MADV_DONTNEED only drops page-table entries, never data.
         unsafe { libc::madvise(address, length, libc::MADV_DONTNEED) };
@@ -568,7 +580,9 @@ mod tests {
     fn mapped_pages_leave_the_process_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let file = RealFs.open(&dir.path().join("f"), true).unwrap();
-        file.write_all_at(&vec![7u8; 8 << 20], 0).unwrap();
+        for at in (0..32u64 << 20).step_by(1 << 20) {
+            file.write_all_at(&[7u8; 1 << 20], at).unwrap();
+        }
         let mapped = file.map(4096, 4 << 20).unwrap().unwrap();
         let address = mapped.as_ptr() as usize;
         assert!(
@@ -578,6 +592,19 @@ mod tests {
         );
         drop(mapped);
         assert_eq!(resident_kib(address), 0, "released");
+        // A consumer's reads one after the other, each dropped before the next: what stays
+        // mapped is at most the folio after the last one.
+        let mut at = 0;
+        while at < 30 << 20 {
+            let len = 100_000 + (at % 7) * 10_000;
+            drop(file.map(at as u64, len).unwrap().unwrap());
+            at += len;
+        }
+        assert!(
+            resident_kib(address) <= 2 << 10,
+            "after 30 MiB read: {} KiB",
+            resident_kib(address)
+        );
     }
 
     /// The resident KiB of the mapping that holds `address` (its `Rss` in /proc/self/smaps).
