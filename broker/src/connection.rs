@@ -40,6 +40,19 @@ pub async fn serve<S>(stream: S, state: Arc<BrokerState>, peer: String)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    serve_with(stream, state, peer, None).await;
+}
+
+/// [`serve`], sending record batches read from the page cache with `sendfile` through
+/// `zero_copy` (the same socket), when given.
+pub async fn serve_with<S>(
+    stream: S,
+    state: Arc<BrokerState>,
+    peer: String,
+    zero_copy: Option<ZeroCopySocket>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (mut reader, writer) = tokio::io::split(stream);
     let limits = &state.config.limits;
     let max_in_flight = limits.max_in_flight_requests.max(1);
@@ -48,6 +61,7 @@ where
         writer,
         outgoing,
         state.metrics.sent_bytes().clone(),
+        zero_copy,
     ));
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let read_ahead = Arc::new(handlers::ReadAhead::default());
@@ -229,17 +243,117 @@ impl From<Bytes> for OutgoingFrame {
 
 impl OutgoingFrame {
     /// Writes the parts; a part at least as big as the write buffer goes to the socket
-    /// directly. Returns the bytes written.
+    /// directly, and a record-batch part mapped from the page cache goes from its file with
+    /// `sendfile` when `zero_copy` is given. Returns the bytes written.
     async fn write_to<W: AsyncWrite + Unpin>(
         &self,
         writer: &mut BufWriter<W>,
+        zero_copy: Option<&ZeroCopySocket>,
     ) -> std::io::Result<u64> {
         let mut written = 0;
         for part in &self.parts {
-            writer.write_all(part).await?;
+            let source = zero_copy
+                .filter(|_| part.len() >= SEND_FILE_AT_LEAST)
+                .zip(crate::storage::fs::file_source(part));
+            match source {
+                Some((socket, (file, position))) => {
+                    // What is buffered goes first: the frame's bytes stay in order.
+                    writer.flush().await?;
+                    socket.send_file(&file, position, part.len()).await?;
+                }
+                None => writer.write_all(part).await?,
+            }
             written += part.len() as u64;
         }
         Ok(written)
+    }
+}
+
+/// Whether this process ignores SIGPIPE (Rust's runtime sets that up before `main`).
+fn sigpipe_ignored() -> bool {
+    // SAFETY: a null new action only reads the current one into `current`.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// Mapped parts at least this long go with `sendfile`; a shorter one is cheaper copied.
+const SEND_FILE_AT_LEAST: usize = 64 * 1024;
+
+/// A TCP connection's socket, for sending record batches straight from the page cache: the
+/// fetch path maps what it reads (see `StorageFile::map`) and checks it there, and
+/// `sendfile` hands the same file region to the socket, so the broker copies none of it (on
+/// loopback the reader's receive is the one copy). A duplicate of the connection's descriptor,
+/// registered with the runtime for writability.
+#[derive(Debug)]
+pub struct ZeroCopySocket {
+    socket: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl ZeroCopySocket {
+    /// For `stream`, which stays the connection's stream; `None` when the descriptor cannot be
+    /// duplicated or registered (its batches are then written as bytes).
+    pub fn for_tcp(stream: &tokio::net::TcpStream) -> Option<ZeroCopySocket> {
+        use std::os::fd::AsFd;
+        if !sigpipe_ignored() {
+            // `sendfile` to a connection the peer closed raises SIGPIPE (a plain send is told
+            // not to); Rust programs ignore it, a host process embedding the broker may not.
+            return None;
+        }
+        let duplicate = stream.as_fd().try_clone_to_owned().ok()?;
+        // SAFETY: `duplicate` is an open descriptor this value owns until it is dropped with
+        // the `AsyncFd`, and an `OwnedFd` always returns that same descriptor.
+        let socket = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                duplicate,
+                tokio::io::Interest::WRITABLE,
+            )
+        }
+        .ok()?;
+        Some(ZeroCopySocket { socket })
+    }
+
+    /// Sends `len` bytes of `file` from `position`, waiting for room in the socket as needed.
+    async fn send_file(
+        &self,
+        file: &std::fs::File,
+        mut position: u64,
+        mut len: usize,
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        while len > 0 {
+            let mut ready = self.socket.writable().await?;
+            let sent = ready.try_io(|socket| {
+                let mut offset = libc::off_t::try_from(position).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "offset too large")
+                })?;
+                // SAFETY: both descriptors are open for the call (the socket is owned by
+                // `self`, the file by the caller's `Arc`), and `offset` is a valid out-pointer.
+                let sent = unsafe {
+                    libc::sendfile(
+                        socket.get_ref().as_raw_fd(),
+                        file.as_raw_fd(),
+                        &mut offset,
+                        len,
+                    )
+                };
+                usize::try_from(sent).map_err(|_| std::io::Error::last_os_error())
+            });
+            match sent {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(sent)) => {
+                    position += sent as u64;
+                    len -= sent;
+                }
+                Ok(Err(error)) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(Err(error)) => return Err(error),
+                // The socket is full: its readiness was cleared; wait for room.
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -277,18 +391,20 @@ async fn write_responses<W>(
     writer: W,
     mut outgoing: mpsc::Receiver<OutgoingFrame>,
     sent_bytes: Counter,
+    zero_copy: Option<ZeroCopySocket>,
 ) where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut writer = BufWriter::with_capacity(READ_CHUNK_BYTES, writer);
+    let zero_copy = zero_copy.as_ref();
     while let Some(frame) = outgoing.recv().await {
-        let Ok(written) = frame.write_to(&mut writer).await else {
+        let Ok(written) = frame.write_to(&mut writer, zero_copy).await else {
             return;
         };
         sent_bytes.inc_by(written);
         // Batch whatever else is ready into the same flush.
         while let Ok(frame) = outgoing.try_recv() {
-            let Ok(written) = frame.write_to(&mut writer).await else {
+            let Ok(written) = frame.write_to(&mut writer, zero_copy).await else {
                 return;
             };
             sent_bytes.inc_by(written);

@@ -197,6 +197,7 @@ over_both_transports!(
     restart_keeps_topics_and_records,
     hundred_topics_of_eight_partitions,
     fetches_read_ahead_answer_as_plain_reads_and_follow_seeks,
+    large_fetches_arrive_whole_and_in_order_among_other_answers,
 );
 
 async fn api_versions_metadata_and_topic_admin(transport: Transport) {
@@ -501,6 +502,66 @@ async fn fetches_read_ahead_answer_as_plain_reads_and_follow_seeks(transport: Tr
         values(&fetch(&connection, "t", 0, 10, 0).await.records).len(),
         21
     );
+    broker.shutdown().await;
+}
+
+/// Fetches large enough to be mapped from the page cache (and over TCP sent from the file with
+/// `sendfile`) arrive whole, in their frames, among other answers on the same connection.
+async fn large_fetches_arrive_whole_and_in_order_among_other_answers(transport: Transport) {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), transport).await;
+    create(&connection, "t", 1).await;
+    // Six batches of about 130 kB.
+    let all: Vec<String> = (0..1_200)
+        .map(|index| format!("{index:06}-{}", "x".repeat(600)))
+        .collect();
+    for chunk in all.chunks(200) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        produce(&connection, "t", 0, &chunk, Acks::Leader).await;
+    }
+    let fetch_from = |from: u64| {
+        let connection = connection.clone();
+        async move {
+            let Response::Fetch(mut response) = connection
+                .send(fetch_request("t", 0, from, 0))
+                .await
+                .expect("fetch")
+            else {
+                panic!("wrong response")
+            };
+            (from, response.topics.remove(0).partitions.remove(0))
+        }
+    };
+    let metadata = || {
+        let connection = connection.clone();
+        async move {
+            let Response::Metadata(metadata) = connection
+                .send(MetadataRequest {
+                    topics: Some(vec!["t".into()]),
+                })
+                .await
+                .expect("metadata")
+            else {
+                panic!("wrong response")
+            };
+            assert_eq!(metadata.topics[0].partitions.len(), 1);
+        }
+    };
+    for _ in 0..3 {
+        let fetches =
+            futures::future::join_all([0, 1, 199, 200, 650, 1_000, 1_199].map(fetch_from));
+        let others = futures::future::join_all((0..10).map(|_| metadata()));
+        let (fetched, _) = tokio::join!(fetches, others);
+        for (from, answer) in fetched {
+            assert_eq!(answer.error_code, ErrorCode::None);
+            // Everything from the batch that holds `from` to the end: under 1 MiB.
+            let first = from / 200 * 200;
+            let expected: Vec<(u64, String)> = (first..1_200)
+                .map(|offset| (offset, all[offset as usize].clone()))
+                .collect();
+            assert_eq!(values(&answer.records), expected, "from {from}");
+        }
+    }
     broker.shutdown().await;
 }
 

@@ -49,8 +49,9 @@ pub async fn accept_loop(listener: TcpListener, state: Arc<BrokerState>) {
         }
         let open = state.metrics.open_connection(TRANSPORT_TCP);
         let state = Arc::clone(&state);
+        let zero_copy = connection::ZeroCopySocket::for_tcp(&stream);
         connections.spawn(async move {
-            connection::serve(stream, state, peer.to_string()).await;
+            connection::serve_with(stream, state, peer.to_string(), zero_copy).await;
             drop(open);
             drop(slot);
         });

@@ -140,7 +140,7 @@ pub struct RealFs;
 
 #[derive(Debug)]
 struct RealFile {
-    file: File,
+    file: Arc<File>,
     /// The read-only window over the file that [`StorageFile::map`] hands out slices of,
     /// made on the first call; `None` when it could not be made (reads copy then).
     window: OnceLock<Option<Arc<Window>>>,
@@ -214,7 +214,7 @@ impl StorageFile for RealFile {
         }
         let window = self
             .window
-            .get_or_init(|| Window::new(&self.file).ok().map(Arc::new))
+            .get_or_init(|| Window::new(&self.file).ok())
             .as_ref()?;
         match window.populate(offset, len) {
             Ok(()) => Some(Ok(Bytes::from_owner(WindowSlice {
@@ -338,13 +338,36 @@ struct Window {
     base: std::ptr::NonNull<libc::c_void>,
 }
 
+/// Every live window's start address and file, so bytes handed out of one can be sent from the
+/// file itself ([`file_source`]).
+static WINDOWS: std::sync::Mutex<std::collections::BTreeMap<usize, Arc<File>>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn windows() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, Arc<File>>> {
+    WINDOWS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The file and position `bytes` were mapped from, when they are a slice of a segment read
+/// through [`StorageFile::map`]: such bytes are the page cache's pages of a file region that
+/// is never written again, so a socket can be given the region instead of the bytes
+/// (`sendfile`), and nothing is copied into it. `None` for any other memory.
+pub fn file_source(bytes: &[u8]) -> Option<(Arc<File>, u64)> {
+    let address = bytes.as_ptr() as usize;
+    let windows = windows();
+    let (&base, file) = windows.range(..=address).next_back()?;
+    let position = address - base;
+    (position + bytes.len() <= WINDOW_BYTES).then(|| (Arc::clone(file), position as u64))
+}
+
 // SAFETY: the window is read-only memory owned by this value alone; it is unmapped only on drop.
 unsafe impl Send for Window {}
 // SAFETY: as above; shared references only read it, and the madvise calls are thread safe.
 unsafe impl Sync for Window {}
 
 impl Window {
-    fn new(file: &File) -> io::Result<Window> {
+    fn new(file: &Arc<File>) -> io::Result<Arc<Window>> {
         // SAFETY: a fresh read-only mapping chosen by the kernel, of a file descriptor that is
         // open for reading; nothing else refers to the address range.
         let base = unsafe {
@@ -360,9 +383,11 @@ impl Window {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Window {
+        let window = Window {
             base: std::ptr::NonNull::new(base).expect("mmap does not return null"),
-        })
+        };
+        windows().insert(base as usize, Arc::clone(file));
+        Ok(Arc::new(window))
     }
 
     /// The whole pages that hold `len` bytes at `offset`, as (address, length).
@@ -409,6 +434,7 @@ impl Window {
 
 impl Drop for Window {
     fn drop(&mut self) {
+        windows().remove(&(self.base.as_ptr() as usize));
         // SAFETY: the mapping was made by `new` with this address and length, and no slice of
         // it is left (each holds the window).
         unsafe { libc::munmap(self.base.as_ptr(), WINDOW_BYTES) };
@@ -460,7 +486,7 @@ impl FileSystem for RealFs {
             .truncate(false)
             .open(path)?;
         Ok(Arc::new(RealFile {
-            file,
+            file: Arc::new(file),
             window: OnceLock::new(),
         }))
     }
