@@ -521,16 +521,7 @@ async fn large_fetches_arrive_whole_and_in_order_among_other_answers(transport: 
     }
     let fetch_from = |from: u64| {
         let connection = connection.clone();
-        async move {
-            let Response::Fetch(mut response) = connection
-                .send(fetch_request("t", 0, from, 0))
-                .await
-                .expect("fetch")
-            else {
-                panic!("wrong response")
-            };
-            (from, response.topics.remove(0).partitions.remove(0))
-        }
+        async move { (from, fetch(&connection, "t", 0, from, 0).await) }
     };
     let metadata = || {
         let connection = connection.clone();
