@@ -1066,14 +1066,10 @@ impl PartitionLog {
             .then(|| file.map(position, length))
             .flatten()
             .and_then(Result::ok);
-        let mut buffer = match mapped {
-            Some(mapped) => mapped,
-            // A read of the log's last few records was read with the walk's headers.
-            None if chunk.holds(position, length) => Bytes::copy_from_slice(
-                chunk
-                    .get(position, length)
-                    .expect("the chunk holds the range"),
-            ),
+        // A read of the log's last few records was read with the walk's headers.
+        let read = mapped.or_else(|| chunk.get(position, length).map(Bytes::copy_from_slice));
+        let mut buffer = match read {
+            Some(read) => read,
             None => {
                 let mut buffer = BytesMut::new();
                 let read = file
