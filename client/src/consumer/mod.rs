@@ -737,8 +737,7 @@ impl Consumer {
                 entry.fetch_offset = positions[&key];
                 entry.generation = generation;
                 // A new position is fetched at once, whatever the old one's failures.
-                entry.fetch_backoff.reset();
-                entry.retry_at = None;
+                entry.fetch_again_at_once();
             }
             None => return Err(Error::Usage(format!("{topic}/{partition} is not assigned"))),
         }
@@ -1027,8 +1026,15 @@ fn fetch_went(shared: &Shared, key: &TopicPartition, generation: u64, failed: bo
     if failed {
         entry.retry_at = Some(Instant::now() + entry.fetch_backoff.next_ceiling());
     } else {
-        entry.fetch_backoff.reset();
-        entry.retry_at = None;
+        entry.fetch_again_at_once();
+    }
+}
+
+impl PartitionState {
+    /// Forgets the partition's failed fetches: the next goes out at once.
+    fn fetch_again_at_once(&mut self) {
+        self.fetch_backoff.reset();
+        self.retry_at = None;
     }
 }
 
