@@ -132,29 +132,46 @@ fn null_sink(mut stream: TcpStream, message_size: usize) -> std::io::Result<u64>
     }
 }
 
+/// Runs `read` on the accepting end of a loopback TCP connection, in a thread of its own, and
+/// `write` on the connecting end, both with Nagle off as the broker's and the client's sockets
+/// are; returns what each returned.
+///
+/// # Errors
+/// No loopback listener, or the reading thread panicked.
+fn over_loopback<T: Send + 'static>(
+    read: impl FnOnce(TcpStream) -> std::io::Result<T> + Send + 'static,
+    write: impl FnOnce(TcpStream) -> std::io::Result<()>,
+) -> Result<(std::io::Result<T>, std::io::Result<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen on loopback")?;
+    let address = listener.local_addr()?;
+    let reader = std::thread::spawn(move || {
+        let (stream, _) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        read(stream)
+    });
+    let written = TcpStream::connect(address).and_then(|stream| {
+        stream.set_nodelay(true)?;
+        write(stream)
+    });
+    let read = reader
+        .join()
+        .map_err(|_| anyhow!("the loopback reading thread failed"))?;
+    Ok((read, written))
+}
+
 /// Raw loopback TCP through a null sink.
 ///
 /// # Errors
 /// A socket error, or a sink that did not count every frame.
 pub fn raw_tcp(message_size: usize, messages: u64) -> Result<Rate> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen on loopback")?;
-    let address = listener.local_addr()?;
-    let sink = std::thread::spawn(move || -> std::io::Result<u64> {
-        let (stream, _) = listener.accept()?;
-        stream.set_nodelay(true)?;
-        null_sink(stream, message_size)
-    });
     let start = Instant::now();
-    let sent = (|| -> std::io::Result<()> {
-        let mut stream = TcpStream::connect(address)?;
-        // As the broker's and the client's sockets are.
-        stream.set_nodelay(true)?;
-        write_frames(&mut stream, message_size, messages)?;
-        stream.shutdown(Shutdown::Write)
-    })();
-    let counted = sink
-        .join()
-        .map_err(|_| anyhow!("the null sink thread failed"))?;
+    let (counted, sent) = over_loopback(
+        move |stream| null_sink(stream, message_size),
+        |mut stream| {
+            write_frames(&mut stream, message_size, messages)?;
+            stream.shutdown(Shutdown::Write)
+        },
+    )?;
     let elapsed = start.elapsed();
     sent.context("loopback TCP: sending")?;
     let counted = counted.context("loopback TCP: the null sink")?;
@@ -177,12 +194,8 @@ pub fn raw_tcp_latency(
 ) -> Result<LatencySummary> {
     let message_size = message_size.max(8);
     let messages = (rate as f64 * duration.as_secs_f64()).ceil().max(1.0) as u64;
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot listen on loopback")?;
-    let address = listener.local_addr()?;
     let epoch = Instant::now();
-    let reader = std::thread::spawn(move || -> std::io::Result<Histogram<u64>> {
-        let (mut stream, _) = listener.accept()?;
-        stream.set_nodelay(true)?;
+    let read = move |mut stream: TcpStream| -> std::io::Result<Histogram<u64>> {
         let mut latencies = Histogram::<u64>::new_with_max(60_000_000, 3)
             .expect("constant histogram bounds are valid");
         let mut message = vec![0u8; message_size];
@@ -196,10 +209,8 @@ pub fn raw_tcp_latency(
             );
         }
         Ok(latencies)
-    });
-    let sent = (|| -> std::io::Result<()> {
-        let mut stream = TcpStream::connect(address)?;
-        stream.set_nodelay(true)?;
+    };
+    let write = |mut stream: TcpStream| -> std::io::Result<()> {
         let mut message = vec![0x5au8; message_size];
         let interval = Duration::from_secs(1).div_f64(rate.max(1) as f64);
         let start = Instant::now();
@@ -214,10 +225,8 @@ pub fn raw_tcp_latency(
             stream.write_all(&message)?;
         }
         Ok(())
-    })();
-    let latencies = reader
-        .join()
-        .map_err(|_| anyhow!("the latency reader thread failed"))?;
+    };
+    let (latencies, sent) = over_loopback(read, write)?;
     sent.context("loopback TCP latency: sending")?;
     let latencies = latencies.context("loopback TCP latency: reading")?;
     LatencySummary::of(&latencies).ok_or_else(|| anyhow!("no latency was recorded"))
