@@ -117,9 +117,13 @@ async fn wait_for_balance(
         owned.iter().all(|set| set.len() == per_member) && all.len() == PARTITIONS as usize
     };
     let mut changes = assignments.subscribe();
-    let settled = tokio::time::timeout(Duration::from_secs(60), changes.wait_for(balanced)).await;
+    // `wait_for` returns a read guard on the map: let it go at once. Held while `borrow`
+    // takes a second read lock, a member's update waiting between the two blocks both forever.
+    let settled = tokio::time::timeout(Duration::from_secs(60), changes.wait_for(balanced))
+        .await
+        .is_ok_and(|changed| changed.is_ok());
     anyhow::ensure!(
-        matches!(settled, Ok(Ok(_))),
+        settled,
         "the group did not settle: {:?}",
         *assignments.borrow()
     );

@@ -105,7 +105,7 @@ async fn run_example(name: &str, expected: &[&str]) -> String {
     let config = Config::on_loopback(data_dir.path());
     let broker = Broker::start(config).await.expect("broker starts");
 
-    let child = tokio::process::Command::new(binary)
+    let mut child = tokio::process::Command::new(binary)
         .env("SLUICE_BROKER", format!("tcp://{}", broker.tcp_addr))
         .env_remove("SLUICE_CA_FILE")
         .stdin(Stdio::null())
@@ -114,22 +114,24 @@ async fn run_example(name: &str, expected: &[&str]) -> String {
         .kill_on_drop(true)
         .spawn()
         .expect("the example starts");
-    let output = tokio::time::timeout(EXAMPLE_TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "{name} did not finish within {} s",
-                EXAMPLE_TIMEOUT.as_secs()
-            )
-        })
-        .unwrap();
+    // Read as it prints, so an example that hangs still shows how far it got.
+    let stdout = collect(child.stdout.take().expect("stdout is piped"));
+    let stderr = collect(child.stderr.take().expect("stderr is piped"));
+    let status = tokio::time::timeout(EXAMPLE_TIMEOUT, child.wait()).await;
+    let Ok(status) = status else {
+        child.kill().await.expect("the example is killed");
+        let (stdout, stderr) = (stdout.await.unwrap(), stderr.await.unwrap());
+        panic!(
+            "{name} did not finish within {} s\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            EXAMPLE_TIMEOUT.as_secs()
+        );
+    };
+    let status = status.unwrap();
     broker.shutdown().await;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (stdout, stderr) = (stdout.await.unwrap(), stderr.await.unwrap());
     assert!(
-        output.status.success(),
-        "{name} failed with {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
+        status.success(),
+        "{name} failed with {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     for line in expected {
         assert!(
@@ -138,6 +140,18 @@ async fn run_example(name: &str, expected: &[&str]) -> String {
         );
     }
     stdout
+}
+
+/// Reads a child's output to its end, as text.
+fn collect(
+    mut output: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        // A read error ends the output early; what was read is still shown.
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut output, &mut bytes).await;
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
