@@ -303,9 +303,13 @@ fn baseline_prints_the_limits_and_sluice_beside_them() {
         "200",
         "--latency-duration",
         "1",
+        "--batch-bytes",
+        "8192",
     ]);
     let table = String::from_utf8_lossy(&output.stdout);
     for expected in [
+        "batches and writes of 8,192 B",
+        "batch_bytes=8192",
         "raw loopback TCP, null sink",
         "page-cache file append",
         "write + fdatasync per batch",
@@ -343,6 +347,7 @@ fn bad_flags_exit_2() {
         &["produce", "--embedded", "--broker", "tcp://127.0.0.1:7171"],
         &["latency", "--embedded", "--rate", "0"],
         &["baseline", "--acks", "leader"],
+        &["baseline", "--batch-bytes", "0"],
         &["bogus"],
         &[],
     ] {

@@ -2,11 +2,11 @@
 //! Sluice, so the broker's figures can be read as fractions of a physical limit.
 //!
 //! - Raw loopback TCP: one thread writes length-prefixed frames of `message_size` bytes
-//!   (`u32` length, then the payload), [`WRITE_BYTES`] at a time, as a producer's batches
+//!   (`u32` length, then the payload), `--batch-bytes` at a time, as a producer's batches
 //!   would go; another reads them through a null sink that walks every frame header and
 //!   discards the payload. Rate = frames the sink counted per second.
 //! - Page-cache append: the same writes appended to a file, never synced.
-//! - fdatasync per batch: write one [`WRITE_BYTES`] batch, `fdatasync`, repeat (at most
+//! - fdatasync per batch: write one `--batch-bytes` batch, `fdatasync`, repeat (at most
 //!   [`SYNC_BATCHES_MAX`] batches or [`SYNC_TIME_MAX`]): the rate of a log that syncs every batch
 //!   on its own, and the latency of one sync.
 //! - One-way latency over raw loopback TCP at [`LATENCY_RATE`] messages a second for
@@ -14,7 +14,7 @@
 //!   writes it; another reads and records its arrival. Two threads and one hop: what the
 //!   machine's scheduler and loopback add to any message's way, the floor under the latency
 //!   workload's three hops (producer, broker, consumer).
-//! - Sluice, embedded, 1 producer and 1 partition, default batching: produce with
+//! - Sluice, embedded, 1 producer and 1 partition, batches of `--batch-bytes`: produce with
 //!   `acks=leader`, produce with `acks=durable`, and a group of one consuming what a fill put
 //!   there; each beside the limits as ratios. Then the latency workload at the same rate and
 //!   for as long as the raw one, beside it.
@@ -30,8 +30,8 @@ use anyhow::{Context, Result, anyhow};
 use hdrhistogram::Histogram;
 
 use super::cli::{
-    BaselineArgs, DEFAULT_BATCH_BYTES, DEFAULT_LATENCY_RATE, DEFAULT_LINGER_MS,
-    DEFAULT_RECORDS_PER_SEND, Settings, Stop, Target, Transport, Workload,
+    BaselineArgs, DEFAULT_LATENCY_RATE, DEFAULT_LINGER_MS, DEFAULT_RECORDS_PER_SEND, Settings,
+    Stop, Target, Transport, Workload,
 };
 use super::machine::Machine;
 use super::metrics::LatencySummary;
@@ -41,8 +41,6 @@ use super::workloads::{self, RunResult};
 use sluice_broker::storage::FsyncPolicy;
 use sluice_client::producer::Acks;
 
-/// Bytes per write: the producer's default batch size.
-pub const WRITE_BYTES: usize = DEFAULT_BATCH_BYTES as usize;
 /// The fdatasync measurement stops after this many batches...
 pub const SYNC_BATCHES_MAX: u64 = 1_000;
 /// ...or this long, whichever comes first.
@@ -74,10 +72,10 @@ pub struct SyncRate {
     pub latency: Option<LatencySummary>,
 }
 
-/// Frames of `message_size` bytes, as many as fit in [`WRITE_BYTES`] (at least one).
-fn framed_batch(message_size: usize) -> (Vec<u8>, u64) {
+/// Frames of `message_size` bytes, as many as fit in `write_bytes` (at least one).
+fn framed_batch(message_size: usize, write_bytes: usize) -> (Vec<u8>, u64) {
     let frame_bytes = LENGTH_PREFIX_BYTES + message_size;
-    let frames = (WRITE_BYTES / frame_bytes).max(1);
+    let frames = (write_bytes / frame_bytes).max(1);
     let mut batch = Vec::with_capacity(frames * frame_bytes);
     let length = u32::try_from(message_size).expect("message_size is at most 1,000,000");
     for _ in 0..frames {
@@ -87,9 +85,14 @@ fn framed_batch(message_size: usize) -> (Vec<u8>, u64) {
     (batch, frames as u64)
 }
 
-/// Writes `messages` frames to `sink`, a batch at a time.
-fn write_frames(sink: &mut impl Write, message_size: usize, messages: u64) -> std::io::Result<()> {
-    let (batch, frames_per_batch) = framed_batch(message_size);
+/// Writes `messages` frames to `sink`, a batch of at most `write_bytes` at a time.
+fn write_frames(
+    sink: &mut impl Write,
+    message_size: usize,
+    write_bytes: usize,
+    messages: u64,
+) -> std::io::Result<()> {
+    let (batch, frames_per_batch) = framed_batch(message_size, write_bytes);
     let frame_bytes = LENGTH_PREFIX_BYTES + message_size;
     let mut left = messages;
     while left > 0 {
@@ -163,12 +166,12 @@ fn over_loopback<T: Send + 'static>(
 ///
 /// # Errors
 /// A socket error, or a sink that did not count every frame.
-pub fn raw_tcp(message_size: usize, messages: u64) -> Result<Rate> {
+pub fn raw_tcp(message_size: usize, write_bytes: usize, messages: u64) -> Result<Rate> {
     let start = Instant::now();
     let (counted, sent) = over_loopback(
         move |stream| null_sink(stream, message_size),
         |mut stream| {
-            write_frames(&mut stream, message_size, messages)?;
+            write_frames(&mut stream, message_size, write_bytes, messages)?;
             stream.shutdown(Shutdown::Write)
         },
     )?;
@@ -236,11 +239,16 @@ pub fn raw_tcp_latency(
 ///
 /// # Errors
 /// The file cannot be created or written.
-pub fn page_cache_append(directory: &Path, message_size: usize, messages: u64) -> Result<Rate> {
+pub fn page_cache_append(
+    directory: &Path,
+    message_size: usize,
+    write_bytes: usize,
+    messages: u64,
+) -> Result<Rate> {
     let mut file = tempfile::tempfile_in(directory)
         .with_context(|| format!("cannot create a file in {}", directory.display()))?;
     let start = Instant::now();
-    write_frames(&mut file, message_size, messages).context("page-cache append")?;
+    write_frames(&mut file, message_size, write_bytes, messages).context("page-cache append")?;
     Ok(Rate {
         messages,
         elapsed: start.elapsed(),
@@ -254,12 +262,13 @@ pub fn page_cache_append(directory: &Path, message_size: usize, messages: u64) -
 pub fn fdatasync_per_batch(
     directory: &Path,
     message_size: usize,
+    write_bytes: usize,
     messages: u64,
     frames_per_sync: u64,
 ) -> Result<SyncRate> {
     let mut file = tempfile::tempfile_in(directory)
         .with_context(|| format!("cannot create a file in {}", directory.display()))?;
-    let (batch, frames_per_batch) = framed_batch(message_size);
+    let (batch, frames_per_batch) = framed_batch(message_size, write_bytes);
     let frames_per_batch = frames_per_batch.min(frames_per_sync.max(1));
     let mut latencies =
         Histogram::<u64>::new_with_max(60_000_000, 3).expect("constant histogram bounds are valid");
@@ -300,7 +309,7 @@ fn sluice_settings(workload: Workload, arguments: &BaselineArgs, acks: Acks) -> 
         partitions: 1,
         message_size: arguments.message_size,
         stop: Stop::Messages(arguments.messages),
-        batch_bytes: DEFAULT_BATCH_BYTES,
+        batch_bytes: arguments.batch_bytes,
         linger: Duration::from_millis(DEFAULT_LINGER_MS),
         records_per_send: DEFAULT_RECORDS_PER_SEND,
         acks,
@@ -337,19 +346,22 @@ pub struct Baseline {
 /// Any measurement failing.
 pub fn measure_limits(arguments: &BaselineArgs) -> Result<Limits> {
     let message_size = arguments.message_size as usize;
+    let write_bytes = arguments.batch_bytes as usize;
     let directory = scratch_base();
     Ok(Limits {
-        tcp: raw_tcp(message_size, arguments.messages)?,
-        page_cache: page_cache_append(&directory, message_size, arguments.messages)?,
+        tcp: raw_tcp(message_size, write_bytes, arguments.messages)?,
+        page_cache: page_cache_append(&directory, message_size, write_bytes, arguments.messages)?,
         fdatasync_per_batch: fdatasync_per_batch(
             &directory,
             message_size,
+            write_bytes,
             arguments.messages,
             u64::MAX,
         )?,
         fdatasync_per_message: fdatasync_per_batch(
             &directory,
             message_size,
+            write_bytes,
             arguments.messages,
             1,
         )?,
@@ -405,10 +417,10 @@ impl Baseline {
         let synced = self.limits.fdatasync_per_batch.rate.messages_per_second();
         let mut lines = vec![
             format!(
-                "sluice-bench baseline: {} B messages, {} per measurement, writes of {} KiB",
+                "sluice-bench baseline: {} B messages, {} per measurement, batches and writes of {} B",
                 arguments.message_size,
                 group_digits(arguments.messages),
-                WRITE_BYTES / 1024
+                group_digits(u64::from(arguments.batch_bytes))
             ),
             format!("  machine: {machine}"),
             format!("  files in: {}", scratch_base().display()),
@@ -451,7 +463,7 @@ impl Baseline {
         lines.push(format!(
             "  Sluice: embedded, tcp, 1 producer, 1 partition, fsync={}, batch_bytes={}, linger_ms={}",
             FsyncPolicy::default(),
-            DEFAULT_BATCH_BYTES,
+            arguments.batch_bytes,
             DEFAULT_LINGER_MS
         ));
         let leader = self.produce_leader.messages_per_second();
@@ -534,23 +546,25 @@ impl Baseline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tool::cli::DEFAULT_BATCH_BYTES;
 
     #[test]
     fn batches_hold_whole_frames() {
-        let (batch, frames) = framed_batch(100);
+        const WRITE_BYTES: usize = DEFAULT_BATCH_BYTES as usize;
+        let (batch, frames) = framed_batch(100, WRITE_BYTES);
         assert_eq!(frames as usize, WRITE_BYTES / 104);
         assert_eq!(batch.len(), frames as usize * 104);
         assert_eq!(&batch[..4], &100u32.to_be_bytes());
         assert_eq!(&batch[104..108], &100u32.to_be_bytes());
         // A message bigger than a write still gets one frame per batch.
-        let (batch, frames) = framed_batch(WRITE_BYTES);
+        let (batch, frames) = framed_batch(WRITE_BYTES, WRITE_BYTES);
         assert_eq!((batch.len(), frames), (WRITE_BYTES + 4, 1));
     }
 
     #[test]
     fn the_null_sink_counts_every_frame() {
         for message_size in [8, 1_000, 600_000] {
-            let rate = raw_tcp(message_size, 1_001).unwrap();
+            let rate = raw_tcp(message_size, DEFAULT_BATCH_BYTES as usize, 1_001).unwrap();
             assert_eq!(rate.messages, 1_001);
         }
     }
@@ -572,16 +586,25 @@ mod tests {
     #[test]
     fn file_limits_write_what_they_say() {
         let directory = tempfile::tempdir().unwrap();
-        let append = page_cache_append(directory.path(), 100, 10_000).unwrap();
+        let append =
+            page_cache_append(directory.path(), 100, DEFAULT_BATCH_BYTES as usize, 10_000).unwrap();
         assert_eq!(append.messages, 10_000);
-        let synced = fdatasync_per_batch(directory.path(), 100_000, 5, u64::MAX).unwrap();
+        let synced = fdatasync_per_batch(
+            directory.path(),
+            100_000,
+            DEFAULT_BATCH_BYTES as usize,
+            5,
+            u64::MAX,
+        )
+        .unwrap();
         assert_eq!(synced.rate.messages, 5);
         assert_eq!(
             synced.batches, 3,
             "two 100 kB messages fit in a 256 KiB batch"
         );
         assert_eq!(synced.latency.unwrap().count, 3);
-        let one_each = fdatasync_per_batch(directory.path(), 100, 4, 1).unwrap();
+        let one_each =
+            fdatasync_per_batch(directory.path(), 100, DEFAULT_BATCH_BYTES as usize, 4, 1).unwrap();
         assert_eq!((one_each.rate.messages, one_each.batches), (4, 4));
         assert_eq!(ratio(1.0, 4.0), "0.25");
         assert_eq!(ratio(1.0, 40.0), "0.025");

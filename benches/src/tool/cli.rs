@@ -184,6 +184,11 @@ pub struct BaselineArgs {
     #[arg(long, value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub latency_duration: u64,
+    /// Size a producer's batch closes at, and the raw writes' size: 1048576 gives 1 KiB
+    /// messages batches of about 1,000 records.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BATCH_BYTES,
+          value_parser = clap::value_parser!(u32).range(1..=64 * 1024 * 1024))]
+    pub batch_bytes: u32,
 }
 
 /// Which workload runs.
