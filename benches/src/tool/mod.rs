@@ -129,10 +129,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 fn baseline(arguments: &cli::BaselineArgs) -> Result<(), Failure> {
     let machine = Machine::detect();
-    // The raw limits use plain threads and blocking calls: no runtime in the way.
-    let limits = baseline::measure_limits(arguments)?;
-    let [produce_leader, produce_durable, consume, latency] =
-        runtime()?.block_on(baseline::measure_sluice(arguments))?;
+    // The raw limits use plain threads and blocking calls: no runtime in the way. Latency
+    // first, raw and Sluice's, before anything writes and frees gigabytes.
+    let tcp_latency = baseline::measure_latency_floor(arguments)?;
+    let runtime = runtime()?;
+    let latency = runtime.block_on(baseline::measure_sluice_latency(arguments))?;
+    let limits = baseline::measure_limits(arguments, tcp_latency)?;
+    let [produce_leader, produce_durable, consume] =
+        runtime.block_on(baseline::measure_sluice(arguments))?;
     let measured = baseline::Baseline {
         limits,
         produce_leader,
