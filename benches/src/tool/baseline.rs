@@ -25,7 +25,7 @@
 //! freed gigabytes (on a virtual machine the host takes freed memory back over the next
 //! seconds and stalls the guest for milliseconds at a time). Before each throughput
 //! measurement that writes files (page-cache append, fdatasync, each of Sluice's) a scratch
-//! file of the size that measurement writes (at most [`WARM_UP_MAX_BYTES`]) is written and
+//! file of twice its messages' bytes (at most [`WARM_UP_MAX_BYTES`]) is written and
 //! deleted: the measurement then writes into page-cache pages the host backs, as a broker that
 //! has run for a while does, rather than into pages whose first touch costs a host fault (on
 //! the development VM a page-cache write ran at 1.15 GB/s into such pages and 5.2 GB/s into
@@ -377,9 +377,10 @@ pub fn warm_up(directory: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// The bytes a measurement of `messages` messages of `message_size` writes, about.
+/// What to warm up before a measurement of `messages` messages of `message_size`: twice their
+/// bytes, as a log's record and batch headers and the broker's other files add to them.
 fn written_bytes(message_size: usize, messages: u64) -> u64 {
-    messages.saturating_mul((message_size + LENGTH_PREFIX_BYTES) as u64)
+    messages.saturating_mul(2 * (message_size + LENGTH_PREFIX_BYTES) as u64)
 }
 
 /// Measures the one-way latency floor (blocking: call it outside the async runtime, and
