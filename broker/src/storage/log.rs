@@ -95,10 +95,6 @@ impl WalkChunk {
         }
     }
 
-    fn holds(&self, position: u64, len: usize) -> bool {
-        self.get(position, len).is_some()
-    }
-
     fn get(&self, position: u64, len: usize) -> Option<&[u8]> {
         let from = usize::try_from(position.checked_sub(self.start)?).ok()?;
         self.bytes[..self.len].get(from..from.checked_add(len)?)
@@ -112,18 +108,18 @@ impl WalkChunk {
         end: u64,
         read_exact: impl FnOnce(&mut [u8], u64) -> Result<()>,
     ) -> Result<[u8; HEADER_PROBE_BYTES]> {
-        if !self.holds(position, HEADER_PROBE_BYTES) {
-            let room = usize::try_from(end.saturating_sub(position)).unwrap_or(usize::MAX);
-            let len = room.clamp(HEADER_PROBE_BYTES, WALK_CHUNK_BYTES);
-            self.len = 0;
-            read_exact(&mut self.bytes[..len], position)?;
-            self.start = position;
-            self.len = len;
+        if let Some(header) = self.get(position, HEADER_PROBE_BYTES) {
+            return Ok(header.try_into().expect("a header probe"));
         }
-        let header = self
-            .get(position, HEADER_PROBE_BYTES)
-            .expect("the chunk holds the header");
-        Ok(header.try_into().expect("a header probe"))
+        let room = usize::try_from(end.saturating_sub(position)).unwrap_or(usize::MAX);
+        let len = room.clamp(HEADER_PROBE_BYTES, WALK_CHUNK_BYTES);
+        self.len = 0;
+        read_exact(&mut self.bytes[..len], position)?;
+        self.start = position;
+        self.len = len;
+        Ok(self.bytes[..HEADER_PROBE_BYTES]
+            .try_into()
+            .expect("a header probe"))
     }
 }
 
