@@ -323,6 +323,10 @@ fn baseline_prints_the_limits_and_sluice_beside_them() {
         "raw loopback TCP, 1 hop, 2 threads",
         "Sluice produce→consume, acks=leader",
         "Sluice ÷ raw TCP",
+        "cores spinning 1 s:",
+        "of 100+ µs,",
+        "of 500+ µs, longest",
+        "% of the time",
     ] {
         assert!(table.contains(expected), "{expected:?} in\n{table}");
     }

@@ -9,6 +9,9 @@
 //! - fdatasync per batch: write one `--batch-bytes` batch, `fdatasync`, repeat (at most
 //!   [`SYNC_BATCHES_MAX`] batches or [`SYNC_TIME_MAX`]): the rate of a log that syncs every batch
 //!   on its own, and the latency of one sync.
+//! - Machine stalls ([`super::stalls`]): a thread per core spins reading the clock for
+//!   `--latency-duration` seconds and counts the gaps of 100 µs or more, times no program ran
+//!   there; a latency tail is read beside them.
 //! - One-way latency over raw loopback TCP at [`LATENCY_RATE`] messages a second for
 //!   `--latency-duration` seconds: one thread sleeps until each message is due, stamps it with the time and
 //!   writes it; another reads and records its arrival. Two threads and one hop: what the
@@ -21,7 +24,7 @@
 //!
 //! Files go to `$SLUICE_BENCH_DIR` or the system temporary directory: the disk being measured.
 //!
-//! Order and warm-up: both latency measurements run first, before anything has written and
+//! Order and warm-up: the stall probe and both latency measurements run first, before anything has written and
 //! freed gigabytes (on a virtual machine the host takes freed memory back over the next
 //! seconds and stalls the guest for milliseconds at a time). Before each throughput
 //! measurement that writes files (page-cache append, fdatasync, each of Sluice's) a scratch
@@ -46,6 +49,7 @@ use super::cli::{
 use super::machine::Machine;
 use super::metrics::LatencySummary;
 use super::progress::group_digits;
+use super::stalls::{LONG_STALL, STALL_THRESHOLD, Stalls};
 use super::target::scratch_base;
 use super::workloads::{self, RunResult};
 use sluice_broker::storage::FsyncPolicy;
@@ -342,6 +346,8 @@ pub struct Limits {
     pub fdatasync_per_batch: SyncRate,
     pub fdatasync_per_message: SyncRate,
     pub tcp_latency: LatencySummary,
+    /// The cores' own stalls, probed while nothing else ran.
+    pub stalls: Stalls,
 }
 
 /// Everything `baseline` measured.
@@ -400,7 +406,11 @@ pub fn measure_latency_floor(arguments: &BaselineArgs) -> Result<LatencySummary>
 ///
 /// # Errors
 /// Any measurement failing.
-pub fn measure_limits(arguments: &BaselineArgs, tcp_latency: LatencySummary) -> Result<Limits> {
+pub fn measure_limits(
+    arguments: &BaselineArgs,
+    tcp_latency: LatencySummary,
+    stalls: Stalls,
+) -> Result<Limits> {
     let message_size = arguments.message_size as usize;
     let write_bytes = arguments.batch_bytes as usize;
     let directory = scratch_base();
@@ -424,6 +434,7 @@ pub fn measure_limits(arguments: &BaselineArgs, tcp_latency: LatencySummary) -> 
         fdatasync_per_batch: per_batch,
         fdatasync_per_message: per_message,
         tcp_latency,
+        stalls,
     })
 }
 
@@ -608,6 +619,18 @@ impl Baseline {
                 ratio(sluice.p999_us as f64, raw.p999_us as f64)
             ));
         }
+        let stalls = &self.limits.stalls;
+        lines.push(format!(
+            "  machine stalls, {} cores spinning {} s: {} of {}+ µs, {} of {}+ µs, longest {} µs, {:.2} % of the time",
+            stalls.cores,
+            stalls.duration.as_secs(),
+            group_digits(stalls.count),
+            STALL_THRESHOLD.as_micros(),
+            group_digits(stalls.long_count),
+            LONG_STALL.as_micros(),
+            group_digits(u64::try_from(stalls.longest.as_micros()).unwrap_or(u64::MAX)),
+            stalls.stalled_share() * 100.0
+        ));
         let mut table = lines.join("\n");
         table.push('\n');
         table

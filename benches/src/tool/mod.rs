@@ -23,6 +23,7 @@ pub mod machine;
 pub mod metrics;
 pub mod progress;
 pub mod report;
+pub mod stalls;
 pub mod target;
 pub mod workloads;
 
@@ -129,12 +130,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 fn baseline(arguments: &cli::BaselineArgs) -> Result<(), Failure> {
     let machine = Machine::detect();
-    // The raw limits use plain threads and blocking calls: no runtime in the way. Latency
-    // first, raw and Sluice's, before anything writes and frees gigabytes.
+    // The raw limits use plain threads and blocking calls: no runtime in the way. The machine's
+    // stalls and latency first, raw and Sluice's, before anything writes and frees gigabytes.
+    let stalls = stalls::measure(std::time::Duration::from_secs(arguments.latency_duration))?;
     let tcp_latency = baseline::measure_latency_floor(arguments)?;
     let runtime = runtime()?;
     let latency = runtime.block_on(baseline::measure_sluice_latency(arguments))?;
-    let limits = baseline::measure_limits(arguments, tcp_latency)?;
+    let limits = baseline::measure_limits(arguments, tcp_latency, stalls)?;
     let [produce_leader, produce_durable, consume] =
         runtime.block_on(baseline::measure_sluice(arguments))?;
     let measured = baseline::Baseline {
