@@ -24,11 +24,11 @@
 //!
 //! Files go to `$SLUICE_BENCH_DIR` or the system temporary directory: the disk being measured.
 //!
-//! Order and warm-up: the stall probe and both latency measurements run first, before anything has written and
-//! freed gigabytes (on a virtual machine the host takes freed memory back over the next
-//! seconds and stalls the guest for milliseconds at a time). Before each throughput
-//! measurement that writes files (page-cache append, fdatasync, each of Sluice's) a scratch
-//! file of twice its messages' bytes (at most [`WARM_UP_MAX_BYTES`]) is written and
+//! Order and warm-up: both latency measurements run first, then the stall probe, before
+//! anything has written and freed gigabytes (on a virtual machine the host takes freed memory
+//! back over the next seconds and stalls the guest for milliseconds at a time). Before each
+//! throughput measurement that writes files (page-cache append, fdatasync, each of Sluice's) a
+//! scratch file of twice its messages' bytes (at most [`WARM_UP_MAX_BYTES`]) is written and
 //! deleted: the measurement then writes into page-cache pages the host backs, as a broker that
 //! has run for a while does, rather than into pages whose first touch costs a host fault (on
 //! the development VM a page-cache write ran at 1.15 GB/s into such pages and 5.2 GB/s into

@@ -130,12 +130,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 fn baseline(arguments: &cli::BaselineArgs) -> Result<(), Failure> {
     let machine = Machine::detect();
-    // The raw limits use plain threads and blocking calls: no runtime in the way. The machine's
-    // stalls and latency first, raw and Sluice's, before anything writes and frees gigabytes.
-    let stalls = stalls::measure(std::time::Duration::from_secs(arguments.latency_duration))?;
+    // The raw limits use plain threads and blocking calls: no runtime in the way. Latency
+    // first, raw and Sluice's, before anything writes and frees gigabytes; then the machine's
+    // own stalls, whose probe keeps every core busy (on a virtual machine whose host caps its
+    // CPU time, that could cost the measurement after it).
     let tcp_latency = baseline::measure_latency_floor(arguments)?;
     let runtime = runtime()?;
     let latency = runtime.block_on(baseline::measure_sluice_latency(arguments))?;
+    let stalls = stalls::measure(std::time::Duration::from_secs(arguments.latency_duration))?;
     let limits = baseline::measure_limits(arguments, tcp_latency, stalls)?;
     let [produce_leader, produce_durable, consume] =
         runtime.block_on(baseline::measure_sluice(arguments))?;
