@@ -101,13 +101,21 @@ impl CoreStalls {
 /// # Errors
 /// A probe thread that could not be started or panicked.
 pub fn measure(duration: Duration) -> Result<Stalls> {
-    let cores = thread::available_parallelism().map_or(1, usize::from);
+    let allowed = allowed_cpus();
+    let cores = if allowed.is_empty() {
+        thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        allowed.len()
+    };
     let probes = (0..cores)
-        .map(|core| {
+        .map(|index| {
+            let cpu = allowed.get(index).copied();
             thread::Builder::new()
-                .name(format!("stall-probe-{core}"))
+                .name(format!("stall-probe-{index}"))
                 .spawn(move || {
-                    pin_to(core);
+                    if let Some(cpu) = cpu {
+                        pin_to(cpu);
+                    }
                     let start = Instant::now();
                     let deadline = start + duration;
                     let mut stalls = CoreStalls::new(STALL_THRESHOLD, start);
@@ -136,14 +144,30 @@ pub fn measure(duration: Duration) -> Result<Stalls> {
     Ok(stalls)
 }
 
-/// Keeps the calling thread on `core`, so each core gets one probe; where that is refused (a
-/// CPU set that leaves the core out), the thread runs where the scheduler puts it.
-fn pin_to(core: usize) {
+/// The CPUs this process may run on (its affinity mask: a container's CPU set, `taskset`),
+/// in order; empty when the mask cannot be read.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a live cpu_set_t whose size is passed with it; pid 0 is this thread,
+    // which has the process's mask (no thread here has changed its own yet).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+/// Keeps the calling thread on `cpu`, so each allowed CPU gets one probe; where that is
+/// refused, the thread runs where the scheduler puts it.
+fn pin_to(cpu: usize) {
     // SAFETY: `set` is a live cpu_set_t, zeroed then given one CPU, and its size is passed with
     // it; pid 0 is the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
@@ -200,10 +224,13 @@ mod tests {
     #[test]
     fn a_short_probe_covers_every_core() {
         let stalls = measure(Duration::from_millis(50)).unwrap();
-        assert_eq!(
-            stalls.cores,
-            thread::available_parallelism().map_or(1, usize::from)
-        );
+        // available_parallelism counts the CPUs of the affinity mask too (and any cgroup
+        // quota below them).
+        assert!(stalls.cores >= thread::available_parallelism().map_or(1, usize::from));
+        let allowed = allowed_cpus();
+        if !allowed.is_empty() {
+            assert_eq!(stalls.cores, allowed.len(), "a probe per allowed CPU");
+        }
         assert!(stalls.long_count <= stalls.count);
         assert!(stalls.longest <= stalls.total);
         assert!((0.0..=1.0).contains(&stalls.stalled_share()));
