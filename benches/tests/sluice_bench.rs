@@ -333,6 +333,22 @@ fn baseline_prints_the_limits_and_sluice_beside_them() {
 }
 
 #[test]
+fn stalls_prints_the_machines_stalls_in_one_line() {
+    let output = succeeded(&["stalls", "--duration", "1"]);
+    let line = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(line.lines().count(), 1, "{line}");
+    for expected in [
+        "machine stalls, ",
+        "cores spinning 1 s: ",
+        " of 100+ µs, ",
+        " of 500+ µs, longest ",
+        " % of the time",
+    ] {
+        assert!(line.contains(expected), "{expected:?} in {line}");
+    }
+}
+
+#[test]
 fn bad_flags_exit_2() {
     for arguments in [
         &["produce", "--embedded", "--bogus"][..],
@@ -352,6 +368,8 @@ fn bad_flags_exit_2() {
         &["latency", "--embedded", "--rate", "0"],
         &["baseline", "--acks", "leader"],
         &["baseline", "--batch-bytes", "0"],
+        &["stalls", "--duration", "0"],
+        &["stalls", "--duration", "soon"],
         &["bogus"],
         &[],
     ] {

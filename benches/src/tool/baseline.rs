@@ -49,7 +49,7 @@ use super::cli::{
 use super::machine::Machine;
 use super::metrics::LatencySummary;
 use super::progress::group_digits;
-use super::stalls::{LONG_STALL, STALL_THRESHOLD, Stalls};
+use super::stalls::Stalls;
 use super::target::scratch_base;
 use super::workloads::{self, RunResult};
 use sluice_broker::storage::FsyncPolicy;
@@ -619,18 +619,7 @@ impl Baseline {
                 ratio(sluice.p999_us as f64, raw.p999_us as f64)
             ));
         }
-        let stalls = &self.limits.stalls;
-        lines.push(format!(
-            "  machine stalls, {} cores spinning {} s: {} of {}+ µs, {} of {}+ µs, longest {} µs, {:.2} % of the time",
-            stalls.cores,
-            stalls.duration.as_secs(),
-            group_digits(stalls.count),
-            STALL_THRESHOLD.as_micros(),
-            group_digits(stalls.long_count),
-            LONG_STALL.as_micros(),
-            group_digits(u64::try_from(stalls.longest.as_micros()).unwrap_or(u64::MAX)),
-            stalls.stalled_share() * 100.0
-        ));
+        lines.push(format!("  {}", self.limits.stalls.summary()));
         let mut table = lines.join("\n");
         table.push('\n');
         table

@@ -65,6 +65,8 @@ pub enum Command {
     Latency(WorkloadArgs),
     /// Raw loopback TCP, page-cache append and fdatasync, with Sluice's figures as ratios.
     Baseline(BaselineArgs),
+    /// The machine's own stalls: a thread per CPU spins on the clock; gaps of 100 µs and more.
+    Stalls(StallsArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -189,6 +191,15 @@ pub struct BaselineArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BATCH_BYTES,
           value_parser = clap::value_parser!(u32).range(1..=64 * 1024 * 1024))]
     pub batch_bytes: u32,
+}
+
+/// The flags of `stalls`.
+#[derive(Clone, Debug, Args)]
+pub struct StallsArgs {
+    /// Seconds every CPU is probed for (all of them busy meanwhile).
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub duration: u64,
 }
 
 /// Which workload runs.
@@ -392,7 +403,7 @@ mod tests {
             Command::Consume(arguments) => (Workload::Consume, arguments),
             Command::Pubsub(arguments) => (Workload::Pubsub, arguments),
             Command::Latency(arguments) => (Workload::Latency, arguments),
-            Command::Baseline(_) => panic!("not a workload"),
+            Command::Baseline(_) | Command::Stalls(_) => panic!("not a workload"),
         };
         Settings::resolve(workload, arguments, environment.map(str::to_owned))
     }

@@ -99,6 +99,11 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), Failure> {
     let (workload, arguments) = match cli.command {
         Command::Baseline(arguments) => return baseline(&arguments),
+        Command::Stalls(arguments) => {
+            let stalls = stalls::measure(std::time::Duration::from_secs(arguments.duration))?;
+            println!("  {}", stalls.summary());
+            return Ok(());
+        }
         Command::Produce(arguments) => (Workload::Produce, arguments),
         Command::Consume(arguments) => (Workload::Consume, arguments),
         Command::Pubsub(arguments) => (Workload::Pubsub, arguments),

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 
+use super::progress::group_digits;
+
 /// A gap between two clock reads at least this long counts as a stall. Reading the clock takes
 /// tens of nanoseconds; a scheduler tick's interrupt a few microseconds.
 pub const STALL_THRESHOLD: Duration = Duration::from_micros(100);
@@ -44,6 +46,21 @@ impl Stalls {
         } else {
             (self.total.as_secs_f64() / probed).min(1.0)
         }
+    }
+
+    /// One line: how many stalls, how long the longest, what share of the time.
+    pub fn summary(&self) -> String {
+        format!(
+            "machine stalls, {} cores spinning {} s: {} of {}+ µs, {} of {}+ µs, longest {} µs, {:.2} % of the time",
+            self.cores,
+            self.duration.as_secs(),
+            group_digits(self.count),
+            STALL_THRESHOLD.as_micros(),
+            group_digits(self.long_count),
+            LONG_STALL.as_micros(),
+            group_digits(u64::try_from(self.longest.as_micros()).unwrap_or(u64::MAX)),
+            self.stalled_share() * 100.0
+        )
     }
 
     fn add(&mut self, core: &CoreStalls) {
