@@ -17,8 +17,6 @@ use super::progress::group_digits;
 pub const STALL_THRESHOLD: Duration = Duration::from_micros(100);
 /// Stalls this long or longer are counted apart: as long as several messages' whole trip.
 pub const LONG_STALL: Duration = Duration::from_micros(500);
-/// Stalls a core keeps, so a machine that stalls all the time cannot grow the probe's memory.
-const STALLS_KEPT_PER_CORE: usize = 100_000;
 
 /// What the probe saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,24 +62,22 @@ impl Stalls {
     }
 
     fn add(&mut self, core: &CoreStalls) {
-        for &gap in &core.gaps {
-            self.count += 1;
-            self.long_count += u64::from(gap >= LONG_STALL);
-            self.longest = self.longest.max(gap);
-        }
-        self.count += core.dropped;
+        self.count += core.count;
+        self.long_count += core.long_count;
+        self.longest = self.longest.max(core.longest);
         self.total += core.total;
     }
 }
 
-/// One core's stalls: the gaps between consecutive clock reads at or over the threshold.
+/// One core's stalls, summed as they come (a machine that stalls all the time costs the probe
+/// no memory): the gaps between consecutive clock reads at or over the threshold.
 #[derive(Debug)]
 pub struct CoreStalls {
     threshold: Duration,
     last: Instant,
-    gaps: Vec<Duration>,
-    /// Stalls past [`STALLS_KEPT_PER_CORE`]: counted and added to `total`, not kept.
-    dropped: u64,
+    count: u64,
+    long_count: u64,
+    longest: Duration,
     total: Duration,
 }
 
@@ -90,8 +86,9 @@ impl CoreStalls {
         CoreStalls {
             threshold,
             last: start,
-            gaps: Vec::new(),
-            dropped: 0,
+            count: 0,
+            long_count: 0,
+            longest: Duration::ZERO,
             total: Duration::ZERO,
         }
     }
@@ -103,12 +100,10 @@ impl CoreStalls {
         if gap < self.threshold {
             return;
         }
+        self.count += 1;
+        self.long_count += u64::from(gap >= LONG_STALL);
+        self.longest = self.longest.max(gap);
         self.total += gap;
-        if self.gaps.len() < STALLS_KEPT_PER_CORE {
-            self.gaps.push(gap);
-        } else {
-            self.dropped += 1;
-        }
     }
 }
 
@@ -216,26 +211,25 @@ mod tests {
     }
 
     #[test]
-    fn stalls_past_the_kept_number_are_still_counted() {
+    fn cores_add_up() {
         let start = Instant::now();
-        let mut core = CoreStalls::new(Duration::from_micros(1), start);
-        let mut at = start;
-        for _ in 0..STALLS_KEPT_PER_CORE + 5 {
-            at += Duration::from_micros(2);
-            core.observe(at);
-        }
-        assert_eq!(core.gaps.len(), STALLS_KEPT_PER_CORE);
+        let mut first = CoreStalls::new(Duration::from_micros(100), start);
+        first.observe(start + Duration::from_micros(300));
+        let mut second = CoreStalls::new(Duration::from_micros(100), start);
+        second.observe(start + Duration::from_micros(900));
+        second.observe(start + Duration::from_micros(950));
         let mut stalls = Stalls {
-            cores: 1,
-            duration: Duration::from_secs(1),
+            cores: 2,
+            duration: Duration::from_millis(1),
             ..Stalls::default()
         };
-        stalls.add(&core);
-        assert_eq!(stalls.count, STALLS_KEPT_PER_CORE as u64 + 5);
-        assert_eq!(
-            stalls.total,
-            Duration::from_micros(2) * (STALLS_KEPT_PER_CORE as u32 + 5)
-        );
+        stalls.add(&first);
+        stalls.add(&second);
+        assert_eq!(stalls.count, 2);
+        assert_eq!(stalls.long_count, 1);
+        assert_eq!(stalls.longest, Duration::from_micros(900));
+        assert_eq!(stalls.total, Duration::from_micros(1200));
+        assert!((stalls.stalled_share() - 0.6).abs() < 1e-9);
     }
 
     #[test]
