@@ -4,6 +4,7 @@
 //! ```text
 //! .index       entries of { relative_offset u32, position u32 }         8 bytes, big-endian
 //! .timeindex   entries of { max_timestamp_before i64, relative_offset u32 }  12 bytes
+//!              each file then ends with { crc32c u32 } of its entries
 //! ```
 //!
 //! An offset entry is added for the first batch written after `index_interval_bytes` have
@@ -14,7 +15,26 @@
 //! closes, a last time entry records its largest timestamp, which retention and recovery read.
 //!
 //! The active segment keeps its index in memory; the files are written durably when the
-//! segment rolls and at checkpoints, and rebuilt from the log when they disagree with it.
+//! segment rolls and at checkpoints, and rebuilt from the log when they disagree with it. The
+//! checksum catches what order and bounds checks cannot: a time entry whose timestamp changed
+//! by a bit still reads as ordered, and would start a timestamp lookup past its answer. A file
+//! without it (or written before it was added) is rebuilt like any damaged one.
+
+/// Bytes of the CRC-32C that ends each index file, over all of the file before it.
+const CHECKSUM_BYTES: usize = 4;
+
+/// `entries`, then their CRC-32C.
+fn with_checksum(mut entries: Vec<u8>) -> Vec<u8> {
+    let crc = crc32c::crc32c(&entries);
+    entries.extend_from_slice(&crc.to_be_bytes());
+    entries
+}
+
+/// The entries of an index file, if its checksum matches them.
+fn checked_entries(file: &[u8]) -> Option<&[u8]> {
+    let (entries, crc) = file.split_at(file.len().checked_sub(CHECKSUM_BYTES)?);
+    (crc32c::crc32c(entries).to_be_bytes()[..] == *crc).then_some(entries)
+}
 
 /// Where a batch starts, relative to its segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,33 +142,37 @@ impl SegmentIndex {
         &self.offsets
     }
 
+    /// The `.index` file: the offset entries and their checksum.
     pub fn encode_offsets(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.offsets.len() * OFFSET_ENTRY_BYTES);
+        let mut out = Vec::with_capacity(self.offsets.len() * OFFSET_ENTRY_BYTES + CHECKSUM_BYTES);
         for entry in &self.offsets {
             out.extend_from_slice(&entry.relative_offset.to_be_bytes());
             out.extend_from_slice(&entry.position.to_be_bytes());
         }
-        out
+        with_checksum(out)
     }
 
+    /// The `.timeindex` file: the time entries and their checksum.
     pub fn encode_times(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.times.len() * TIME_ENTRY_BYTES);
+        let mut out = Vec::with_capacity(self.times.len() * TIME_ENTRY_BYTES + CHECKSUM_BYTES);
         for entry in &self.times {
             out.extend_from_slice(&entry.max_timestamp_before.to_be_bytes());
             out.extend_from_slice(&entry.relative_offset.to_be_bytes());
         }
-        out
+        with_checksum(out)
     }
 
     /// Reads the index files of a closed segment and checks them against what is known of the
-    /// segment: `size_bytes` of log and `record_span` offsets. `None` when they are torn,
-    /// out of order or point past the segment: the caller rebuilds them from the log.
+    /// segment: `size_bytes` of log and `record_span` offsets. `None` when a checksum does not
+    /// match, or they are torn, out of order or point past the segment: the caller rebuilds
+    /// them from the log.
     pub fn decode_closed(
         offsets: &[u8],
         times: &[u8],
         size_bytes: u64,
         record_span: u64,
     ) -> Option<SegmentIndex> {
+        let (offsets, times) = (checked_entries(offsets)?, checked_entries(times)?);
         if !offsets.len().is_multiple_of(OFFSET_ENTRY_BYTES)
             || !times.len().is_multiple_of(TIME_ENTRY_BYTES)
         {
@@ -268,5 +292,32 @@ mod tests {
         let mut swapped = offsets.clone();
         swapped[..8].copy_from_slice(&offsets[8..16]);
         assert!(SegmentIndex::decode_closed(&swapped, &times, 1000, 100).is_none());
+        // Out of order behind a valid checksum: the order checks still refuse it.
+        let resigned = with_checksum(swapped[..swapped.len() - CHECKSUM_BYTES].to_vec());
+        assert!(SegmentIndex::decode_closed(&resigned, &times, 1000, 100).is_none());
+        // No checksum at all (an index written before it was added): rebuilt.
+        let bare = &times[..times.len() - CHECKSUM_BYTES];
+        assert!(SegmentIndex::decode_closed(&offsets, bare, 1000, 100).is_none());
+    }
+
+    #[test]
+    fn a_time_entry_off_by_a_bit_is_caught() {
+        let mut index = sample();
+        index.close(100);
+        let offsets = index.encode_offsets();
+        let times = index.encode_times();
+        // The second entry says the batches before offset 60 reach 1050; one bit less says
+        // 1048: still in order, but a lookup for 1049 or 1050 would start past its answer.
+        let mut damaged = times.clone();
+        assert_eq!(&damaged[12..20], &1050i64.to_be_bytes());
+        damaged[19] ^= 0x02;
+        let entries = &damaged[..damaged.len() - CHECKSUM_BYTES];
+        let still_ordered = entries.chunks_exact(TIME_ENTRY_BYTES).collect::<Vec<_>>();
+        assert!(
+            still_ordered
+                .windows(2)
+                .all(|pair| pair[0][..8] <= pair[1][..8])
+        );
+        assert!(SegmentIndex::decode_closed(&offsets, &damaged, 1000, 100).is_none());
     }
 }
