@@ -275,12 +275,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn closed_index_round_trips_and_rejects_damage() {
+    /// [`sample`] closed at offset 100, and its two files.
+    fn closed_sample() -> (SegmentIndex, Vec<u8>, Vec<u8>) {
         let mut index = sample();
         index.close(100);
-        let offsets = index.encode_offsets();
-        let times = index.encode_times();
+        let (offsets, times) = (index.encode_offsets(), index.encode_times());
+        (index, offsets, times)
+    }
+
+    #[test]
+    fn closed_index_round_trips_and_rejects_damage() {
+        let (index, offsets, times) = closed_sample();
         let decoded = SegmentIndex::decode_closed(&offsets, &times, 1000, 100).unwrap();
         assert_eq!(decoded.offset_entries(), index.offset_entries());
         assert_eq!(decoded.max_timestamp(), Some(1090));
@@ -302,13 +307,9 @@ mod tests {
 
     #[test]
     fn a_time_entry_off_by_a_bit_is_caught() {
-        let mut index = sample();
-        index.close(100);
-        let offsets = index.encode_offsets();
-        let times = index.encode_times();
+        let (_, offsets, mut damaged) = closed_sample();
         // The second entry says the batches before offset 60 reach 1050; one bit less says
         // 1048: still in order, but a lookup for 1049 or 1050 would start past its answer.
-        let mut damaged = times.clone();
         assert_eq!(&damaged[12..20], &1050i64.to_be_bytes());
         damaged[19] ^= 0x02;
         let entries = &damaged[..damaged.len() - CHECKSUM_BYTES];
