@@ -328,6 +328,13 @@ fn open_closed_segment(segment: &Segment, fs: &dyn FileSystem) -> Result<OpenSeg
     let file = fs.open(&segment.paths.log, false).map_err(|error| {
         StorageError::io(format!("open {}", segment.paths.log.display()), error)
     })?;
+    // A segment that has just rolled: the flusher has not written its index files yet (or
+    // failed to), and the copy it writes them from is the index. Reading the files instead
+    // would find none and cache an empty index, and every read of the segment would walk its
+    // batch headers from the start.
+    if let Some(index) = segment.pending_index() {
+        return Ok(OpenSegment { file, index });
+    }
     let offsets = read_file(fs, &segment.paths.index).unwrap_or_default();
     let times = read_file(fs, &segment.paths.time_index).unwrap_or_default();
     let span = segment.next_offset() - segment.base_offset;
@@ -344,6 +351,61 @@ fn open_closed_segment(segment: &Segment, fs: &dyn FileSystem) -> Result<OpenSeg
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::fs::RealFs;
+
+    /// A closed segment of `batches` batches of 100 bytes, with an offset entry for each but
+    /// the first, as `on_append` makes them at a 1-byte interval.
+    fn closed_with_index(dir: &Path, batches: u32) -> (Segment, SegmentIndex) {
+        let mut index = SegmentIndex::new();
+        for batch in 0..batches {
+            index.on_append(batch * 10, batch * 100, 100, 1_000, 1);
+        }
+        index.close(batches * 10);
+        std::fs::write(
+            SegmentPaths::new(dir, 0).log,
+            vec![0; batches as usize * 100],
+        )
+        .unwrap();
+        let segment = Segment::closed(
+            dir,
+            0,
+            u64::from(batches) * 100,
+            u64::from(batches) * 10,
+            Some(1_000),
+        );
+        (segment, index)
+    }
+
+    #[test]
+    fn a_closed_segment_whose_index_is_not_on_disk_yet_is_looked_up_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, index) = closed_with_index(dir.path(), 50);
+        segment.set_pending_index(index);
+        let cache = SegmentCache::new(4);
+        let (_, entry) = segment.lookup(&RealFs, &cache, 425).unwrap();
+        assert_eq!(
+            entry,
+            IndexEntry {
+                relative_offset: 420,
+                position: 4_200
+            }
+        );
+        let (_, entry) = segment.lookup_time(&RealFs, &cache, 1_000).unwrap();
+        assert_eq!(entry.position, 0, "every batch holds time 1,000");
+        // Cached as looked up: the flusher writing the files later changes nothing.
+        segment.clear_pending_index();
+        let (_, entry) = segment.lookup(&RealFs, &cache, 425).unwrap();
+        assert_eq!(entry.position, 4_200);
+        assert_eq!(cache.opens(), 1);
+    }
+
+    #[test]
+    fn a_closed_segment_without_index_files_or_pending_index_scans_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, _) = closed_with_index(dir.path(), 50);
+        let (_, entry) = segment.lookup(&RealFs, &SegmentCache::new(4), 425).unwrap();
+        assert_eq!(entry.position, 0);
+    }
 
     #[test]
     fn paths_are_zero_padded_and_parse_back() {
