@@ -197,6 +197,7 @@ over_both_transports!(
     restart_keeps_topics_and_records,
     hundred_topics_of_eight_partitions,
     fetches_read_ahead_answer_as_plain_reads_and_follow_seeks,
+    a_read_ahead_of_a_deleted_topic_is_not_served_for_the_topic_created_again,
     large_fetches_arrive_whole_and_in_order_among_other_answers,
 );
 
@@ -501,6 +502,54 @@ async fn fetches_read_ahead_answer_as_plain_reads_and_follow_seeks(transport: Tr
     assert_eq!(
         values(&fetch(&connection, "t", 0, 10, 0).await.records).len(),
         21
+    );
+    broker.shutdown().await;
+}
+
+/// A read ahead done before its topic was deleted is not the answer to the same fetch of a
+/// topic created again under that name: the consumer gets the new topic's records.
+async fn a_read_ahead_of_a_deleted_topic_is_not_served_for_the_topic_created_again(
+    transport: Transport,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    // Held for as long as the test could take: it must not expire on its own.
+    config.limits.fetch_read_ahead_ms = 600_000;
+    let broker = Broker::start(config).await.expect("broker starts");
+    let connection = connect(&broker, dir.path(), transport).await;
+    let one_batch = |from: u64| {
+        let connection = connection.clone();
+        async move {
+            let mut request = fetch_request("t", 0, from, 0);
+            request.topics[0].partitions[0].partition_max_bytes = 1;
+            let Response::Fetch(mut response) = connection.send(request).await.expect("fetch")
+            else {
+                panic!("wrong response")
+            };
+            values(&response.topics.remove(0).partitions.remove(0).records)
+        }
+    };
+    create(&connection, "t", 1).await;
+    produce(&connection, "t", 0, &["old0", "old1"], Acks::Leader).await;
+    produce(&connection, "t", 0, &["old2", "old3"], Acks::Leader).await;
+    // Answered, this starts reading the next batch (from offset 2) ahead.
+    assert_eq!(one_batch(0).await[0].1, "old0");
+    let Response::DeleteTopics(deleted) = connection
+        .send(DeleteTopicsRequest {
+            names: vec!["t".into()],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("wrong response")
+    };
+    assert_eq!(deleted.results[0].error_code, ErrorCode::None);
+    create(&connection, "t", 1).await;
+    produce(&connection, "t", 0, &["new0", "new1"], Acks::Leader).await;
+    produce(&connection, "t", 0, &["new2", "new3"], Acks::Leader).await;
+    assert_eq!(
+        one_batch(2).await,
+        [(2, "new2".to_owned()), (3, "new3".to_owned())]
     );
     broker.shutdown().await;
 }

@@ -50,8 +50,15 @@ pub fn fetch(
             Some(reading) => reading.await.ok().flatten(),
             None => None,
         };
+        // Read from the partitions the request names now, not from a topic deleted since
+        // (and perhaps created again under its name).
+        let read = read.filter(|read| same_logs(&state, &request, &read.logs));
         let (response, budget) = match read {
-            Some((mut response, budget)) => {
+            Some(ReadAheadOf {
+                mut response,
+                budget,
+                ..
+            }) => {
                 state.metrics.count_read_ahead_answer();
                 refresh_offsets(&state, &mut response);
                 (response, Some(budget))
@@ -86,8 +93,33 @@ struct Reading {
     claimed: Arc<Notify>,
 }
 
-/// A read ahead's answer and the budget its bytes hold.
-type ReadAheadOf = (FetchResponse, FetchBudgetPermit);
+/// A read ahead's answer, the budget its bytes hold, and the logs it read (in the request's
+/// order; `None` for a partition that had none).
+#[derive(Debug)]
+struct ReadAheadOf {
+    response: FetchResponse,
+    budget: FetchBudgetPermit,
+    logs: Vec<Option<Arc<PartitionLog>>>,
+}
+
+/// Whether `request` names the very logs `logs` were, in order: a topic deleted and created
+/// again under its name since has new ones.
+fn same_logs(
+    state: &BrokerState,
+    request: &FetchRequest,
+    logs: &[Option<Arc<PartitionLog>>],
+) -> bool {
+    let (_, targets) = resolve(state, request);
+    targets.len() == logs.len()
+        && targets
+            .iter()
+            .zip(logs)
+            .all(|(target, read)| match (&target.log, read) {
+                (Some(now), Some(read)) => Arc::ptr_eq(now, read),
+                (None, None) => true,
+                _ => false,
+            })
+}
 
 impl ReadAhead {
     /// The read ahead of `request`, if the last one read ahead was exactly it; any other is
@@ -200,7 +232,12 @@ fn read_now(state: &Arc<BrokerState>, request: &FetchRequest) -> Option<ReadAhea
         return None;
     }
     budget.shrink_to(usize::try_from(total_bytes).unwrap_or(usize::MAX));
-    Some((response, budget))
+    let logs = targets.into_iter().map(|target| target.log).collect();
+    Some(ReadAheadOf {
+        response,
+        budget,
+        logs,
+    })
 }
 
 /// The partitions of a request, resolved once.
