@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::error::{Result, StorageError};
@@ -48,6 +48,11 @@ impl SegmentPaths {
 /// a closed segment's file and index are opened on demand through the [`SegmentCache`].
 #[derive(Debug)]
 pub struct Segment {
+    /// Unique in this process: what the [`SegmentCache`] knows it by. A topic deleted and
+    /// created again has segments at the same paths, which must never be taken for the old.
+    id: u64,
+    /// Set when the segment is deleted or its log closed: the cache no longer keeps it open.
+    removed: AtomicBool,
     pub base_offset: u64,
     pub paths: SegmentPaths,
     /// Bytes of complete batches. Published (Release) after the bytes are in the file.
@@ -75,6 +80,11 @@ pub struct OpenSegment {
     pub index: Arc<SegmentIndex>,
 }
 
+fn next_segment_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 impl Segment {
     /// An active segment over an open file.
     pub fn active(
@@ -87,6 +97,8 @@ impl Segment {
     ) -> Segment {
         let max_timestamp = index.max_timestamp().unwrap_or(i64::MIN);
         Segment {
+            id: next_segment_id(),
+            removed: AtomicBool::new(false),
             base_offset,
             paths: SegmentPaths::new(dir, base_offset),
             size_bytes: AtomicU64::new(size_bytes),
@@ -106,6 +118,8 @@ impl Segment {
         max_timestamp: Option<i64>,
     ) -> Segment {
         Segment {
+            id: next_segment_id(),
+            removed: AtomicBool::new(false),
             base_offset,
             paths: SegmentPaths::new(dir, base_offset),
             size_bytes: AtomicU64::new(size_bytes),
@@ -251,7 +265,8 @@ pub struct SegmentCache {
 
 #[derive(Debug, Default)]
 struct CacheState {
-    entries: HashMap<PathBuf, (OpenSegment, u64)>,
+    /// By segment id.
+    entries: HashMap<u64, (OpenSegment, u64)>,
     clock: u64,
     opens: u64,
 }
@@ -282,13 +297,12 @@ impl SegmentCache {
         self.state.lock().expect("cache lock poisoned").opens
     }
 
-    /// Forgets a segment (deleted by retention, or its log closed).
-    pub fn evict(&self, path: &Path) {
-        self.state
-            .lock()
-            .expect("cache lock poisoned")
-            .entries
-            .remove(path);
+    /// Forgets a segment (deleted by retention, or its log closed), and keeps it from being
+    /// cached again by a read that is opening it right now.
+    pub fn evict(&self, segment: &Segment) {
+        let mut state = self.state.lock().expect("cache lock poisoned");
+        segment.removed.store(true, Ordering::Release);
+        state.entries.remove(&segment.id);
     }
 
     fn get_or_open(&self, segment: &Segment, fs: &dyn FileSystem) -> Result<OpenSegment> {
@@ -296,7 +310,7 @@ impl SegmentCache {
             let mut state = self.state.lock().expect("cache lock poisoned");
             state.clock += 1;
             let clock = state.clock;
-            if let Some((open, last_used)) = state.entries.get_mut(&segment.paths.log) {
+            if let Some((open, last_used)) = state.entries.get_mut(&segment.id) {
                 *last_used = clock;
                 return Ok(open.clone());
             }
@@ -305,21 +319,24 @@ impl SegmentCache {
         let open = open_closed_segment(segment, fs)?;
         let mut state = self.state.lock().expect("cache lock poisoned");
         state.opens += 1;
+        // Evicted while it was being opened (`evict` sets this under the same lock): this read
+        // may use it, but the cache must not hold a deleted file open.
+        if segment.removed.load(Ordering::Acquire) {
+            return Ok(open);
+        }
         while state.entries.len() >= self.capacity {
             let oldest = state
                 .entries
                 .iter()
                 .min_by_key(|(_, (_, last_used))| *last_used)
-                .map(|(path, _)| path.clone());
+                .map(|(id, _)| *id);
             match oldest {
-                Some(path) => state.entries.remove(&path),
+                Some(id) => state.entries.remove(&id),
                 None => break,
             };
         }
         let clock = state.clock;
-        state
-            .entries
-            .insert(segment.paths.log.clone(), (open.clone(), clock));
+        state.entries.insert(segment.id, (open.clone(), clock));
         Ok(open)
     }
 }
@@ -397,6 +414,46 @@ mod tests {
         let (_, entry) = segment.lookup(&RealFs, &cache, 425).unwrap();
         assert_eq!(entry.position, 4_200);
         assert_eq!(cache.opens(), 1);
+    }
+
+    #[test]
+    fn a_segment_created_again_at_the_same_path_is_not_served_from_the_old_ones_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SegmentCache::new(4);
+        let read = |segment: &Segment| {
+            let (file, _) = segment.lookup(&RealFs, &cache, 0).unwrap();
+            let mut byte = [0u8; 1];
+            file.read_at(&mut byte, 0).unwrap();
+            byte[0]
+        };
+        let log = SegmentPaths::new(dir.path(), 0).log;
+        std::fs::write(&log, [1u8; 100]).unwrap();
+        let old = Segment::closed(dir.path(), 0, 100, 10, None);
+        assert_eq!(read(&old), 1);
+        // The topic is deleted and created again: new files at the same paths, and a read of
+        // the old segment that was under way left its entry behind.
+        std::fs::remove_file(&log).unwrap();
+        std::fs::write(&log, [2u8; 100]).unwrap();
+        let new = Segment::closed(dir.path(), 0, 100, 10, None);
+        assert_eq!(read(&new), 2);
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn an_evicted_segment_is_not_cached_again_by_a_read_that_was_opening_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(SegmentPaths::new(dir.path(), 0).log, [1u8; 100]).unwrap();
+        let segment = Segment::closed(dir.path(), 0, 100, 10, None);
+        let cache = SegmentCache::new(4);
+        segment.lookup(&RealFs, &cache, 0).unwrap();
+        assert_eq!(cache.len(), 1);
+        cache.evict(&segment);
+        assert!(cache.is_empty());
+        // A read that found the segment before retention took it still gets its file...
+        let (file, _) = segment.lookup(&RealFs, &cache, 0).unwrap();
+        assert_eq!(file.len().unwrap(), 100);
+        // ...and the cache does not hold the deleted file open after it.
+        assert!(cache.is_empty());
     }
 
     #[test]
