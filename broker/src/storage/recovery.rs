@@ -155,8 +155,8 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
         let decoded = offsets.zip(times).and_then(|(offsets, times)| {
             SegmentIndex::decode_closed(&offsets, &times, size, next_base - base)
         });
-        let max_timestamp = match decoded {
-            Some(index) => index.max_timestamp(),
+        let (max_timestamp, unwritten) = match decoded {
+            Some(index) => (index.max_timestamp(), None),
             None => {
                 let scan = scan_segment(&file, &paths.log, *base, *base, config)?;
                 let problem = match &scan.error {
@@ -177,17 +177,19 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                     break;
                 }
                 tracing::warn!(segment = %paths.log.display(), "rebuilt segment indexes that disagreed with the log");
-                persist_closed_index(fs, &paths, scan.index.clone(), next_base - base);
-                scan.index.max_timestamp()
+                let max_timestamp = scan.index.max_timestamp();
+                let unwritten = persist_closed_index(fs, &paths, scan.index, next_base - base);
+                (max_timestamp, unwritten)
             }
         };
-        segments.push(Arc::new(Segment::closed(
+        segments.push(closed_segment(
             dir,
             *base,
             size,
             next_base,
             max_timestamp,
-        )));
+            unwritten,
+        ));
         expected_next = next_base;
     }
 
@@ -256,14 +258,16 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                 break;
             }
             let span = bases[position + 1] - base;
-            persist_closed_index(fs, &paths, scan.index.clone(), span);
-            segments.push(Arc::new(Segment::closed(
+            let max_timestamp = scan.index.max_timestamp();
+            let unwritten = persist_closed_index(fs, &paths, scan.index, span);
+            segments.push(closed_segment(
                 dir,
                 base,
                 size,
                 scan.next_offset,
-                scan.index.max_timestamp(),
-            )));
+                max_timestamp,
+                unwritten,
+            ));
         }
     }
 
@@ -351,14 +355,18 @@ fn describe(file: &Path, position: u64, detail: &str) -> String {
     )
 }
 
-/// Writes a closed segment's indexes when the files differ from what the log says.
+/// Writes a closed segment's indexes when the files differ from what the log says. Returns
+/// the index when a file could not be written: the segment then keeps it in memory, as it
+/// keeps a rolled segment's until the flusher has written it, so lookups never fall back to
+/// scanning the segment from its start for want of the files.
 fn persist_closed_index(
     fs: &dyn FileSystem,
     paths: &SegmentPaths,
     mut index: SegmentIndex,
     span: u64,
-) {
+) -> Option<SegmentIndex> {
     index.close(u32::try_from(span).unwrap_or(u32::MAX));
+    let mut written = true;
     for (path, contents) in [
         (&paths.index, index.encode_offsets()),
         (&paths.time_index, index.encode_times()),
@@ -367,9 +375,27 @@ fn persist_closed_index(
             continue;
         }
         if let Err(error) = write_file_durably(fs, path, &contents) {
-            tracing::warn!(path = %path.display(), %error, "could not rewrite segment index; lookups will scan");
+            tracing::warn!(path = %path.display(), %error, "could not rewrite segment index; it stays in memory");
+            written = false;
         }
     }
+    (!written).then_some(index)
+}
+
+/// A closed segment, holding `unwritten` (see [`persist_closed_index`]) when given.
+fn closed_segment(
+    dir: &Path,
+    base_offset: u64,
+    size_bytes: u64,
+    next_offset: u64,
+    max_timestamp: Option<i64>,
+    unwritten: Option<SegmentIndex>,
+) -> Arc<Segment> {
+    let segment = Segment::closed(dir, base_offset, size_bytes, next_offset, max_timestamp);
+    if let Some(index) = unwritten {
+        segment.set_pending_index(index);
+    }
+    Arc::new(segment)
 }
 
 #[derive(Debug)]
@@ -533,6 +559,59 @@ fn valid_batch_after(file: &FileHandle, invalid_at: u64, file_len: u64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::faultfs::{FaultFs, FaultKind};
+    use crate::storage::segment::SegmentCache;
+    use sluice_protocol::batch::RecordBatchBuilder;
+
+    /// Two segments without index files: offsets 0..20 in batches of two records, then 20.
+    fn two_segments_without_indexes(fs: &FaultFs, dir: &Path) {
+        fs.create_dir_all(dir).unwrap();
+        let mut first = Vec::new();
+        for base in (0..20).step_by(2) {
+            let mut builder = RecordBatchBuilder::new();
+            builder.append(1_000 + base as i64, None, b"value", &[]);
+            builder.append(1_001 + base as i64, None, b"value", &[]);
+            first.extend_from_slice(builder.build().stamped(base, 0).as_bytes());
+        }
+        let mut builder = RecordBatchBuilder::new();
+        builder.append(2_000, None, b"value", &[]);
+        let second = builder.build().stamped(20, 0);
+        for (base, contents) in [(0, first.as_slice()), (20, second.as_bytes().as_ref())] {
+            write_file_durably(fs, &SegmentPaths::new(dir, base).log, contents).unwrap();
+        }
+    }
+
+    fn is_not_an_index(path: &Path) -> bool {
+        let name = path.to_string_lossy();
+        !name.contains(".index") && !name.contains(".timeindex")
+    }
+
+    #[test]
+    fn a_rebuilt_index_that_cannot_be_written_stays_in_memory() {
+        let fs = FaultFs::new();
+        let dir = Path::new("/data/topics/t/0");
+        two_segments_without_indexes(&fs, dir);
+        let config = LogConfig {
+            index_interval_bytes: 1,
+            ..LogConfig::default()
+        };
+        fs.fail_writes_sparing(FaultKind::Enospc, is_not_an_index);
+        let recovered = recover(&fs, dir, &config).unwrap();
+        assert_eq!(recovered.next_offset, 21);
+        let closed = &recovered.segments[0];
+        assert!(!fs.exists(&closed.paths.index), "the write failed");
+        assert!(closed.pending_index().is_some());
+        // A lookup starts at the batch that holds the offset, not at the segment's start.
+        let (_, entry) = closed.lookup(&fs, &SegmentCache::new(4), 15).unwrap();
+        assert_eq!(entry.relative_offset, 14);
+        assert!(entry.position > 0);
+
+        // Once the files can be written, the next recovery writes them and keeps nothing.
+        fs.clear_faults();
+        let recovered = recover(&fs, dir, &config).unwrap();
+        assert!(fs.exists(&recovered.segments[0].paths.index));
+        assert!(recovered.segments[0].pending_index().is_none());
+    }
 
     #[test]
     fn recovery_point_round_trips_and_rejects_damage() {
