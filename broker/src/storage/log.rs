@@ -179,6 +179,9 @@ pub struct PartitionLog {
     last_checkpoint: Mutex<Option<u64>>,
     /// Serialises writes of producer snapshots (the flusher's and close's).
     snapshot_lock: Mutex<()>,
+    /// Serialises writing closed segments' index files: `close` and the flusher may both
+    /// write one, and two writers of the same temporary file would truncate each other's.
+    index_lock: Mutex<()>,
 }
 
 fn now_ms() -> u64 {
@@ -240,6 +243,7 @@ impl PartitionLog {
             fsyncs: AtomicU64::new(recovered.fsyncs),
             last_checkpoint: Mutex::new(None),
             snapshot_lock: Mutex::new(()),
+            index_lock: Mutex::new(()),
             shared,
         });
         if log.poison_reason().is_none() {
@@ -796,6 +800,7 @@ impl PartitionLog {
 
     /// Flusher only: writes a closed segment's indexes durably, then drops the in-memory copy.
     pub(crate) fn persist_index(&self, segment: &Segment) {
+        let _serialised = self.index_lock.lock().expect("index lock poisoned");
         let Some(index) = segment.pending_index() else {
             return;
         };
@@ -941,10 +946,13 @@ impl PartitionLog {
         let result = if self.is_poisoned.load(Ordering::Acquire) {
             Ok(())
         } else {
+            // What the sync covers is what was appended before it started: an append landing
+            // during it must not count as durable (as in `run_sync`).
+            let synced = self.high_watermark.get();
             self.sync_files()
                 .map_err(|reason| StorageError::Poisoned { reason })
                 .and_then(|()| {
-                    self.durability.mark_durable(self.high_watermark.get());
+                    self.durability.mark_durable(synced);
                     self.checkpoint_recovery_point()
                 })
                 // With a snapshot at the end of the log, the next open replays nothing.
@@ -959,7 +967,7 @@ impl PartitionLog {
         self.high_watermark.close();
         let segments = self.segments.read().expect("segments lock poisoned");
         for segment in segments.iter() {
-            self.shared.cache.evict(&segment.paths.log);
+            self.shared.cache.evict(segment);
         }
         result
     }
@@ -1300,7 +1308,7 @@ impl PartitionLog {
         };
         let fs = self.shared.fs.as_ref();
         for segment in &doomed {
-            self.shared.cache.evict(&segment.paths.log);
+            self.shared.cache.evict(segment);
             // The snapshot taken when this segment started describes only batches that are
             // now gone.
             for path in [
