@@ -914,11 +914,13 @@ impl PartitionLog {
     /// Writes the recovery point (the durable offset) durably, when it moved. Called by the
     /// flusher's ticker every `recovery_checkpoint_ms` and at close, never on the produce path.
     pub fn checkpoint_recovery_point(&self) -> Result<()> {
-        let durable = self.durable_offset();
         let mut last = self
             .last_checkpoint
             .lock()
             .expect("checkpoint lock poisoned");
+        // Read under the lock: two checkpoints at once (the ticker's and close's) write in the
+        // order they read, so the file never goes back to the older point.
+        let durable = self.durable_offset();
         if *last == Some(durable) {
             return Ok(());
         }
@@ -1204,6 +1206,9 @@ impl PartitionLog {
     /// The first offset whose record timestamp is at or after `timestamp_ms`, with that
     /// timestamp; `None` when every record is older.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(u64, i64)>> {
+        // Only what is published counts, as for `read`: a batch in the file a moment before
+        // the high watermark passes it is not an answer yet.
+        let high_watermark = self.high_watermark.get();
         let segments: Vec<Arc<Segment>> = self
             .segments
             .read()
@@ -1227,6 +1232,9 @@ impl PartitionLog {
                         position,
                         format!("batch size {size} out of bounds"),
                     ));
+                }
+                if u64::from_be_bytes(header[..8].try_into().expect("8 bytes")) >= high_watermark {
+                    return Ok(None);
                 }
                 let max_timestamp = i64::from_be_bytes(header[35..43].try_into().expect("8 bytes"));
                 if max_timestamp >= timestamp_ms {
