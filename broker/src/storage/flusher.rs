@@ -145,7 +145,9 @@ fn run_worker(receiver: &Receiver<Job>, jobs: &Sender<Job>) {
                 }
             }
             Job::PersistIndex(log, segment) => log.persist_index(&segment),
-            Job::PersistSnapshot(log, offset, contents) => log.persist_snapshot(offset, &contents),
+            Job::PersistSnapshot(log, offset, contents) => {
+                log.persist_rolled_snapshot(offset, &contents);
+            }
             Job::Stop => return,
         }
     }

@@ -182,6 +182,9 @@ pub struct PartitionLog {
     /// Serialises writing closed segments' index files: `close` and the flusher may both
     /// write one, and two writers of the same temporary file would truncate each other's.
     index_lock: Mutex<()>,
+    /// Set when `close` starts: snapshots the flusher still has queued are not written into
+    /// a directory that may be about to be deleted.
+    closing: AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -244,6 +247,7 @@ impl PartitionLog {
             last_checkpoint: Mutex::new(None),
             snapshot_lock: Mutex::new(()),
             index_lock: Mutex::new(()),
+            closing: AtomicBool::new(false),
             shared,
         });
         if log.poison_reason().is_none() {
@@ -591,10 +595,28 @@ impl PartitionLog {
         Ok(())
     }
 
-    /// Flusher (and close) only: writes a producer-state snapshot durably, then deletes all
-    /// but the newest [`SNAPSHOTS_KEPT`]. A failure costs only a longer scan on recovery.
-    pub(crate) fn persist_snapshot(&self, offset: u64, contents: &[u8]) {
-        let _serialised = self.snapshot_lock.lock().expect("snapshot lock poisoned");
+    /// Flusher only: [`persist_snapshot`](Self::persist_snapshot) of a snapshot taken at a
+    /// roll, unless the log is closing (`close` takes its own).
+    pub(crate) fn persist_rolled_snapshot(&self, offset: u64, contents: &[u8]) {
+        let serialised = self.snapshot_lock.lock().expect("snapshot lock poisoned");
+        if !self.closing.load(Ordering::Acquire) {
+            self.write_snapshot(&serialised, offset, contents);
+        }
+    }
+
+    /// Writes a producer-state snapshot durably, then deletes all but the newest
+    /// [`SNAPSHOTS_KEPT`]. A failure costs only a longer scan on recovery.
+    fn persist_snapshot(&self, offset: u64, contents: &[u8]) {
+        let serialised = self.snapshot_lock.lock().expect("snapshot lock poisoned");
+        self.write_snapshot(&serialised, offset, contents);
+    }
+
+    fn write_snapshot(
+        &self,
+        _serialised: &std::sync::MutexGuard<'_, ()>,
+        offset: u64,
+        contents: &[u8],
+    ) {
         let fs = self.shared.fs.as_ref();
         let path = SegmentPaths::new(&self.dir, offset).snapshot;
         if let Err(error) = write_file_durably(fs, &path, contents) {
@@ -798,9 +820,17 @@ impl PartitionLog {
             .entries()
     }
 
-    /// Flusher only: writes a closed segment's indexes durably, then drops the in-memory copy.
+    /// Flusher only: [`write_index`](Self::write_index) of a rolled segment, unless the log is
+    /// closing (`close` writes every pending index itself).
     pub(crate) fn persist_index(&self, segment: &Segment) {
-        let _serialised = self.index_lock.lock().expect("index lock poisoned");
+        let serialised = self.index_lock.lock().expect("index lock poisoned");
+        if !self.closing.load(Ordering::Acquire) {
+            self.write_index(&serialised, segment);
+        }
+    }
+
+    /// Writes a closed segment's pending indexes durably, then drops the in-memory copy.
+    fn write_index(&self, _serialised: &std::sync::MutexGuard<'_, ()>, segment: &Segment) {
         let Some(index) = segment.pending_index() else {
             return;
         };
@@ -937,13 +967,15 @@ impl PartitionLog {
 
     /// Syncs everything, checkpoints, and wakes every waiting fetch. Appends fail afterwards.
     pub fn close(self: &Arc<Self>) -> Result<()> {
+        self.closing.store(true, Ordering::Release);
         let closed: Vec<Arc<Segment>> = self
             .segments
             .read()
             .expect("segments lock poisoned")
             .clone();
         for segment in &closed {
-            self.persist_index(segment);
+            let serialised = self.index_lock.lock().expect("index lock poisoned");
+            self.write_index(&serialised, segment);
         }
         let result = if self.is_poisoned.load(Ordering::Acquire) {
             Ok(())
@@ -971,6 +1003,10 @@ impl PartitionLog {
         for segment in segments.iter() {
             self.shared.cache.evict(segment);
         }
+        // A snapshot the flusher began writing before `closing` was set is finished before
+        // this returns (and the directory can go); later ones see the flag and write nothing.
+        // Likewise for index files, whose writes the loop above already waited for.
+        drop(self.snapshot_lock.lock().expect("snapshot lock poisoned"));
         result
     }
 
