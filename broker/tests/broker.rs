@@ -444,6 +444,17 @@ async fn fetch_long_poll_answers_as_soon_as_a_produce_lands(transport: Transport
     broker.shutdown().await;
 }
 
+/// The first batch at or after `from` of topic `t`'s partition 0: a partition limit of one
+/// byte returns one whole batch per fetch.
+async fn one_batch_of_t(connection: &Connection, from: u64) -> FetchPartitionResponse {
+    let mut request = fetch_request("t", 0, from, 0);
+    request.topics[0].partitions[0].partition_max_bytes = 1;
+    let Response::Fetch(mut response) = connection.send(request).await.expect("fetch") else {
+        panic!("wrong response")
+    };
+    response.topics.remove(0).partitions.remove(0)
+}
+
 /// A fetch that returns records starts reading the connection's likely next fetch (the same
 /// request from where it ended). Whatever the consumer asks next, the answer is what a plain
 /// read gives: the read ahead when it asks exactly that, its own read when it sought elsewhere.
@@ -457,18 +468,7 @@ async fn fetches_read_ahead_answer_as_plain_reads_and_follow_seeks(transport: Tr
         produce(&connection, "t", 0, &chunk, Acks::Leader).await;
     }
     // A partition limit of one byte returns one whole batch (ten records) per fetch.
-    let one_batch = |from: u64| {
-        let connection = connection.clone();
-        async move {
-            let mut request = fetch_request("t", 0, from, 0);
-            request.topics[0].partitions[0].partition_max_bytes = 1;
-            let Response::Fetch(mut response) = connection.send(request).await.expect("fetch")
-            else {
-                panic!("wrong response")
-            };
-            response.topics.remove(0).partitions.remove(0)
-        }
-    };
+    let one_batch = |from: u64| one_batch_of_t(&connection, from);
     let expected = |from: u64| -> Vec<(u64, String)> {
         (from..from + 10)
             .map(|offset| (offset, all[offset as usize].clone()))
@@ -519,15 +519,7 @@ async fn a_read_ahead_of_a_deleted_topic_is_not_served_for_the_topic_created_aga
     let connection = connect(&broker, dir.path(), transport).await;
     let one_batch = |from: u64| {
         let connection = connection.clone();
-        async move {
-            let mut request = fetch_request("t", 0, from, 0);
-            request.topics[0].partitions[0].partition_max_bytes = 1;
-            let Response::Fetch(mut response) = connection.send(request).await.expect("fetch")
-            else {
-                panic!("wrong response")
-            };
-            values(&response.topics.remove(0).partitions.remove(0).records)
-        }
+        async move { values(&one_batch_of_t(&connection, from).await.records) }
     };
     create(&connection, "t", 1).await;
     produce(&connection, "t", 0, &["old0", "old1"], Acks::Leader).await;
