@@ -427,9 +427,10 @@ impl TopicRegistry {
         }
     }
 
-    /// Applies retention to every partition.
+    /// Applies retention to every partition of every topic but the internal ones, whose
+    /// owners delete what they no longer need (the offsets store: what its snapshot covers).
     pub fn enforce_retention(&self, now_ms: u64) {
-        for topic in self.list() {
+        for topic in self.list().into_iter().filter(|topic| !topic.internal) {
             for log in &topic.partitions {
                 match log.enforce_retention(now_ms) {
                     Ok(0) => {}

@@ -70,6 +70,11 @@ pub struct OffsetStore {
     fs: Fs,
     snapshot_path: PathBuf,
     state: Mutex<State>,
+    /// Held while a snapshot is written and the segments it covers deleted; the offset the
+    /// last written one covers. Snapshots are encoded under `state` but written after it is
+    /// let go, so two can be on their way at once: they go one at a time, and one older
+    /// than the snapshot already written is dropped (its segments may be gone).
+    snapshot_written: Mutex<u64>,
 }
 
 fn put_short_string(out: &mut BytesMut, value: &str) {
@@ -164,6 +169,15 @@ impl OffsetStore {
             }),
             Err(_) => (HashMap::new(), 0),
         };
+        if log.earliest_offset() > covered {
+            // Segments are deleted only once a snapshot covers them: that snapshot is lost.
+            tracing::error!(
+                path = %snapshot_path.display(),
+                covered,
+                earliest = log.earliest_offset(),
+                "the offsets snapshot does not cover the deleted start of {OFFSETS_TOPIC}: commits made before the earliest offset are lost"
+            );
+        }
         let mut position = covered.max(log.earliest_offset());
         let end = log.latest_offset();
         let mut replayed = 0usize;
@@ -222,6 +236,7 @@ impl OffsetStore {
                 pending: BTreeSet::new(),
                 segments_at_snapshot: segments,
             }),
+            snapshot_written: Mutex::new(covered),
         })
     }
 
@@ -293,22 +308,29 @@ impl OffsetStore {
                 .unwrap_or_else(|| self.log.latest_offset());
             let bytes = encode_snapshot(&state.committed, covered);
             drop(state);
+            let mut written = self
+                .snapshot_written
+                .lock()
+                .expect("offsets snapshot lock poisoned");
+            if covered < *written {
+                return;
+            }
             // Off the runtime's hot path in practice: a roll happens once per segment.
-            match write_file_durably(self.fs.as_ref(), &self.snapshot_path, &bytes) {
-                // The snapshot holds everything below `covered`: the segments before it go.
-                Ok(()) => match self.log.delete_segments_before(covered) {
-                    Ok(0) => {}
-                    Ok(deleted) => tracing::debug!(
-                        deleted,
-                        covered,
-                        "removed offsets segments covered by the snapshot"
-                    ),
-                    Err(error) => {
-                        tracing::warn!(%error, "removing covered offsets segments failed")
-                    }
-                },
+            if let Err(error) = write_file_durably(self.fs.as_ref(), &self.snapshot_path, &bytes) {
+                tracing::warn!(path = %self.snapshot_path.display(), %error, "offsets snapshot failed; start-up will replay more");
+                return;
+            }
+            *written = covered;
+            // The snapshot holds everything below `covered`: the segments before it go.
+            match self.log.delete_segments_before(covered) {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(
+                    deleted,
+                    covered,
+                    "removed offsets segments covered by the snapshot"
+                ),
                 Err(error) => {
-                    tracing::warn!(path = %self.snapshot_path.display(), %error, "offsets snapshot failed; start-up will replay more");
+                    tracing::warn!(%error, "removing covered offsets segments failed")
                 }
             }
         }
