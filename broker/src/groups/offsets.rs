@@ -130,7 +130,7 @@ fn encode_key(group: &str, topic: &str, partition: u32) -> BytesMut {
     key
 }
 
-pub(crate) fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64, Option<String>)> {
+fn decode_key(key: &[u8]) -> Option<OffsetKey> {
     let mut key = key;
     if key.first() != Some(&RECORD_VERSION) {
         return None;
@@ -141,7 +141,11 @@ pub(crate) fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64,
     if key.remaining() != 4 {
         return None;
     }
-    let partition = key.get_u32();
+    Some((group, topic, key.get_u32()))
+}
+
+pub(crate) fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64, Option<String>)> {
+    let (group, topic, partition) = decode_key(key)?;
     let mut value = value;
     if value.first() != Some(&RECORD_VERSION) || value.len() < 9 {
         return None;
@@ -197,9 +201,21 @@ impl OffsetStore {
                     if record_position < position {
                         continue;
                     }
-                    if let Some((key, offset, metadata)) =
-                        decode_record(record.key.unwrap_or_default(), record.value)
-                    {
+                    let key = record.key.unwrap_or_default();
+                    if record.value.is_empty() {
+                        // A tombstone: the topic was deleted, its commits with it.
+                        if let Some(key) = decode_key(key) {
+                            if committed
+                                .get(&key)
+                                .is_some_and(|existing| existing.log_position < record_position)
+                            {
+                                committed.remove(&key);
+                            }
+                            replayed += 1;
+                        }
+                        continue;
+                    }
+                    if let Some((key, offset, metadata)) = decode_record(key, record.value) {
                         // The snapshot may hold a later commit applied before an earlier one.
                         let newer = committed.get(&key).is_none_or(|existing: &Committed| {
                             existing.log_position < record_position
@@ -260,6 +276,40 @@ impl OffsetStore {
         let info = self.log.append(builder.build())?;
         state.pending.insert(info.base_offset);
         Ok((info.last_offset + 1, info.base_offset))
+    }
+
+    /// Forgets every group's commits on a deleted topic: a topic created again under its name
+    /// starts with none. Appends a tombstone (empty value) per commit, which replay applies,
+    /// and drops them from the table at once. Returns the offset to wait for durability of,
+    /// `None` when there was nothing to forget.
+    pub fn forget_topic(&self, topic: &str) -> Result<Option<u64>, StorageError> {
+        let mut state = self.state.lock().expect("offsets lock poisoned");
+        let keys: Vec<OffsetKey> = state
+            .committed
+            .keys()
+            .filter(|(_, committed_topic, _)| committed_topic == topic)
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        let mut builder = RecordBatchBuilder::new();
+        for (group, topic, partition) in &keys {
+            builder.append(
+                now_ms,
+                Some(&encode_key(group, topic, *partition)),
+                &[],
+                &[],
+            );
+        }
+        let info = self.log.append(builder.build())?;
+        for key in &keys {
+            state.committed.remove(key);
+        }
+        Ok(Some(info.last_offset + 1))
     }
 
     /// Forgets a commit whose durability failed: it is never applied.
@@ -343,6 +393,12 @@ impl OffsetStore {
             .committed
             .get(&(group.to_owned(), topic.to_owned(), partition))
             .cloned()
+    }
+
+    /// Whether a group has committed anything.
+    pub fn has_group(&self, group: &str) -> bool {
+        let state = self.state.lock().expect("offsets lock poisoned");
+        state.committed.keys().any(|(owner, _, _)| owner == group)
     }
 
     /// Every committed offset of a group, sorted.

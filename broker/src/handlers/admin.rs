@@ -50,25 +50,42 @@ pub fn create_topics(state: &Arc<BrokerState>, request: CreateTopicsRequest) -> 
 pub fn delete_topics(state: &Arc<BrokerState>, request: DeleteTopicsRequest) -> Outcome {
     let state = Arc::clone(state);
     Outcome::Later(Box::pin(async move {
-        let results = tokio::task::spawn_blocking(move || {
-            request
+        let blocking = Arc::clone(&state);
+        let (results, forgotten) = tokio::task::spawn_blocking(move || {
+            let state = blocking;
+            let mut forgotten = None;
+            let results = request
                 .names
                 .into_iter()
                 .map(|name| {
                     let error_code = match name.starts_with("__") {
                         true => ErrorCode::PolicyViolation,
-                        false => state
-                            .topics
-                            .delete(&name)
-                            .err()
-                            .map_or(ErrorCode::None, |error| error.code),
+                        false => match state.topics.delete(&name) {
+                            Ok(()) => {
+                                // The topic's committed offsets go with it.
+                                match state.groups.offsets().forget_topic(&name) {
+                                    Ok(next) => forgotten = forgotten.max(next),
+                                    Err(error) => tracing::error!(topic = %name, %error, "forgetting the deleted topic's committed offsets failed"),
+                                }
+                                ErrorCode::None
+                            }
+                            Err(error) => error.code,
+                        },
                     };
                     DeleteTopicResult { name, error_code }
                 })
-                .collect()
+                .collect();
+            (results, forgotten)
         })
         .await
         .unwrap_or_default();
+        // Answered once the commits' tombstones are durable: a crash cannot bring them back
+        // for a topic created again under the name.
+        if let Some(next_offset) = forgotten
+            && let Err(error) = state.groups.offsets().wait_durable(next_offset).await
+        {
+            tracing::error!(%error, "the deleted topics' committed offsets may come back after a crash");
+        }
         DeleteTopicsResponse { results }.into()
     }))
 }
