@@ -310,6 +310,100 @@ async fn committed_offsets_survive_a_restart() {
     broker.shutdown().await;
 }
 
+/// Deleting a topic deletes its committed offsets: a topic created again under the name is
+/// read from where the reset policy says, not from the deleted topic's positions, also after
+/// a restart. Other topics' commits stay.
+#[tokio::test]
+async fn a_deleted_topics_committed_offsets_go_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create_topic(&connection, "t", 1).await;
+    create_topic(&connection, "u", 1).await;
+    let member = heartbeat(
+        &connection,
+        ConsumerGroupHeartbeatRequest {
+            group_id: "g".into(),
+            topics: Some(vec!["t".into(), "u".into()]),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        commit(&connection, "g", &member, "t", 0, 7).await,
+        ErrorCode::None
+    );
+    assert_eq!(
+        commit(&connection, "g", &member, "u", 0, 9).await,
+        ErrorCode::None
+    );
+    let Response::DeleteTopics(deleted) = connection
+        .send(DeleteTopicsRequest {
+            names: vec!["t".into()],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(deleted.results[0].error_code, ErrorCode::None);
+    assert_eq!(committed(&connection, "g", "t", 0).await, -1);
+    create_topic(&connection, "t", 1).await;
+    assert_eq!(committed(&connection, "g", "t", 0).await, -1);
+    assert_eq!(committed(&connection, "g", "u", 0).await, 9);
+    drop(connection);
+    broker.shutdown().await;
+    let (broker, connection) = start(dir.path()).await;
+    assert_eq!(committed(&connection, "g", "t", 0).await, -1);
+    assert_eq!(committed(&connection, "g", "u", 0).await, 9);
+    broker.shutdown().await;
+}
+
+async fn leave(connection: &Connection, group: &str, member: &ConsumerGroupHeartbeatResponse) {
+    let Response::LeaveGroup(left) = connection
+        .send(LeaveGroupRequest {
+            group_id: group.into(),
+            member_id: member.member_id.clone(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(left.error_code, ErrorCode::None);
+}
+
+async fn listed_groups(connection: &Connection) -> Vec<String> {
+    let Response::ListGroups(list) = connection.send(ListGroupsRequest {}).await.unwrap() else {
+        panic!()
+    };
+    list.groups
+        .into_iter()
+        .map(|group| group.group_id)
+        .collect()
+}
+
+/// A group whose last member leaves and that never committed is forgotten, so group ids that
+/// come and go (a command line consumer's, a test's) do not pile up in the broker; one that
+/// committed stays, listed with its offsets.
+#[tokio::test]
+async fn a_group_that_never_committed_is_forgotten_when_its_last_member_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create_topic(&connection, "t", 1).await;
+    let passing = heartbeat(&connection, join("passing", "t")).await;
+    let staying = heartbeat(&connection, join("staying", "t")).await;
+    assert_eq!(
+        commit(&connection, "staying", &staying, "t", 0, 3).await,
+        ErrorCode::None
+    );
+    assert_eq!(listed_groups(&connection).await, ["passing", "staying"]);
+    leave(&connection, "passing", &passing).await;
+    leave(&connection, "staying", &staying).await;
+    assert_eq!(listed_groups(&connection).await, ["staying"]);
+    assert_eq!(committed(&connection, "staying", "t", 0).await, 3);
+    broker.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_group_requests_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -119,7 +119,7 @@ impl GroupManager {
                 release: TopicPartitions::group(&answer.release),
             },
             Err(error) => {
-                if group.members.is_empty() && self.offsets.group_offsets(&group.id).is_empty() {
+                if group.members.is_empty() && !self.offsets.has_group(&group.id) {
                     groups.remove(&request.group_id);
                 }
                 ConsumerGroupHeartbeatResponse {
@@ -139,6 +139,9 @@ impl GroupManager {
             Some(group) => match group.leave(&request.member_id, &count) {
                 Ok(()) => {
                     tracing::info!(group = %request.group_id, member = %request.member_id, "member left");
+                    if group.members.is_empty() && !self.offsets.has_group(&group.id) {
+                        groups.remove(&request.group_id);
+                    }
                     ErrorCode::None
                 }
                 Err(error) => error.code,
@@ -152,11 +155,15 @@ impl GroupManager {
         let now_ms = self.now_ms();
         let count = Self::partition_count(topics);
         let mut groups = self.groups.lock().expect("groups lock poisoned");
-        for group in groups.values_mut() {
-            for member in group.expire(now_ms, &count) {
+        // A group whose last member went, and that never committed, is forgotten: group ids
+        // that come and go must not pile up.
+        groups.retain(|_, group| {
+            let expired = group.expire(now_ms, &count);
+            for member in &expired {
                 tracing::info!(group = %group.id, %member, "member session expired");
             }
-        }
+            expired.is_empty() || !group.members.is_empty() || self.offsets.has_group(&group.id)
+        });
     }
 
     /// Checks each partition's commit against the group's membership and appends the accepted
@@ -171,8 +178,10 @@ impl GroupManager {
             error_code: ErrorCode::None,
             topics: Vec::with_capacity(request.topics.len()),
         };
+        // The groups lock is held until the accepted commits are appended: a member expired
+        // after its check must not have its commit land after its successor's.
+        let groups = self.groups.lock().expect("groups lock poisoned");
         {
-            let groups = self.groups.lock().expect("groups lock poisoned");
             let group = groups.get(&request.group_id);
             for topic in request.topics {
                 let mut results = Vec::with_capacity(topic.partitions.len());
@@ -211,7 +220,9 @@ impl GroupManager {
         if entries.is_empty() {
             return (response, None);
         }
-        match self.offsets.append(&request.group_id, &entries) {
+        let appended = self.offsets.append(&request.group_id, &entries);
+        drop(groups);
+        match appended {
             Ok((next_offset, first_position)) => (
                 response,
                 Some(PendingCommit {
