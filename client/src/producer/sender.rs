@@ -210,6 +210,9 @@ type RequestResult = (PlannedRequest, Result<Option<ProduceResponse>>);
 enum Action {
     Retry,
     FailBatch,
+    /// Fail the batch, but the broker may have written it (and recorded its sequences):
+    /// take a new epoch rather than reuse them.
+    FailOutcomeUnknown,
     Fatal,
 }
 
@@ -587,6 +590,22 @@ impl SenderState {
                                 window.retry_at = Some(now + window.backoff.next_delay());
                             }
                         }
+                        Action::FailOutcomeUnknown => {
+                            let sent = window.batches.remove(index).expect("index in range");
+                            tracing::warn!(topic, partition, %error, "batch failed, and may have been written");
+                            doom_from(shared, window, index, &error, topic, partition);
+                            if !self.epoch_bump_needed {
+                                self.epoch_bump_needed = true;
+                                self.epoch_bump_at = Some(now);
+                            }
+                            finish(
+                                shared,
+                                sent.id,
+                                &sent.completion,
+                                sent.reserved_bytes,
+                                Err(error),
+                            );
+                        }
                         Action::FailBatch => {
                             let sent = window.batches.remove(index).expect("index in range");
                             tracing::warn!(topic, partition, %error, "batch failed");
@@ -765,12 +784,13 @@ impl SenderState {
 fn classify(error: &Error, has_earlier: bool, idempotent: bool) -> Action {
     match error {
         Error::Broker {
-            code: ErrorCode::ProducerFenced | ErrorCode::UnknownProducerId,
+            code: ErrorCode::ProducerFenced,
             ..
         } if idempotent => Action::Fatal,
-        // A gap behind a batch that is being retried is part of that retry.
+        // A gap behind a batch that is being retried is part of that retry: the broker says
+        // `UnknownProducerId` for it when the earlier batch was this producer's first there.
         Error::Broker {
-            code: ErrorCode::OutOfOrderSequence,
+            code: ErrorCode::OutOfOrderSequence | ErrorCode::UnknownProducerId,
             ..
         } if idempotent => {
             if has_earlier {
@@ -779,6 +799,11 @@ fn classify(error: &Error, has_earlier: bool, idempotent: bool) -> Action {
                 Action::Fatal
             }
         }
+        // The broker fails a write it could not make durable after appending it.
+        Error::Broker {
+            code: ErrorCode::StorageError,
+            ..
+        } if idempotent => Action::FailOutcomeUnknown,
         error if error.is_retriable() => Action::Retry,
         _ => Action::FailBatch,
     }

@@ -406,3 +406,105 @@ async fn without_idempotence_batches_carry_no_producer() {
     state.handle(&shared, answer(request, &[(ErrorCode::None, 7)]), now);
     assert_eq!(offsets(futures), [Some(7), Some(8)]);
 }
+
+#[tokio::test]
+async fn unknown_producer_id_behind_a_retried_first_batch_is_part_of_the_retry() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let first = batch(&shared, 0, 2, now);
+    let second = batch(&shared, 0, 2, now);
+    let mut requests = plan(&mut state, &shared, now).into_iter();
+    let (first_request, second_request) = (requests.next().unwrap(), requests.next().unwrap());
+    // The first batch never reached the broker; the second did, and the broker, holding no
+    // state for this producer there, cannot tell its sequence from a gap.
+    state.handle(&shared, (first_request, Err(Error::ConnectionClosed)), now);
+    state.handle(
+        &shared,
+        answer(second_request, &[(ErrorCode::UnknownProducerId, 0)]),
+        now,
+    );
+    assert!(state.take_new_fatal().is_none());
+    let retry_at = state.next_deadline().expect("a resend is due");
+    let mut resent = plan(&mut state, &shared, retry_at).into_iter();
+    let (again_first, again_second) = (resent.next().unwrap(), resent.next().unwrap());
+    assert_eq!(contents(&again_first), [(0, 100, 2)]);
+    assert_eq!(contents(&again_second), [(0, 102, 2)]);
+    state.handle(
+        &shared,
+        answer(again_first, &[(ErrorCode::None, 0)]),
+        retry_at,
+    );
+    state.handle(
+        &shared,
+        answer(again_second, &[(ErrorCode::None, 2)]),
+        retry_at,
+    );
+    assert_eq!(offsets(first), [Some(0), Some(1)]);
+    assert_eq!(offsets(second), [Some(2), Some(3)]);
+}
+
+#[tokio::test]
+async fn unknown_producer_id_with_nothing_before_it_is_fatal() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let _futures = batch(&shared, 0, 1, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    state.handle(
+        &shared,
+        answer(request, &[(ErrorCode::UnknownProducerId, 0)]),
+        now,
+    );
+    assert!(state.take_new_fatal().is_some());
+}
+
+#[tokio::test]
+async fn a_storage_error_may_have_been_written_so_a_new_epoch_follows_not_a_rewind() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let first = batch(&shared, 0, 2, now);
+    let second = batch(&shared, 0, 2, now);
+    let mut requests = plan(&mut state, &shared, now).into_iter();
+    let (first_request, second_request) = (requests.next().unwrap(), requests.next().unwrap());
+    // Appended, then its fsync failed: the broker answers with a storage error, and the batch
+    // may be in the log after a restart with its sequences.
+    state.handle(
+        &shared,
+        answer(first_request, &[(ErrorCode::StorageError, 0)]),
+        now,
+    );
+    assert!(matches!(
+        first.into_iter().next().unwrap().now_or_never().unwrap(),
+        Err(Error::Broker {
+            code: ErrorCode::StorageError,
+            ..
+        })
+    ));
+    assert!(state.take_new_fatal().is_none());
+    assert!(!state.epoch_bump_due(now), "not while a batch is still out");
+    state.handle(
+        &shared,
+        answer(second_request, &[(ErrorCode::StorageError, 0)]),
+        now,
+    );
+    assert!(
+        second
+            .into_iter()
+            .next()
+            .unwrap()
+            .now_or_never()
+            .unwrap()
+            .is_err()
+    );
+    assert!(
+        state.epoch_bump_due(now),
+        "the sequences may be taken: a new epoch, not a rewind"
+    );
+    let _waiting = batch(&shared, 0, 1, now);
+    assert!(
+        plan(&mut state, &shared, now).is_empty(),
+        "nothing new before the new epoch"
+    );
+}
