@@ -471,3 +471,124 @@ async fn a_damaged_batch_is_reported_not_skipped_and_read_once_mended() {
     assert_eq!(rest, expected);
     broker.shutdown().await;
 }
+
+/// A consumer whose connection takes smaller frames than its fetch limits asks for no more
+/// than a frame holds: an answer over the limit would close the connection, and the same fetch
+/// would be asked again and again.
+#[tokio::test]
+async fn fetches_fit_in_the_frames_the_connection_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .expect("broker starts");
+    let options = sluice_client::ClientOptions::default()
+        .connection(sluice_client::ConnectionOptions::default().max_frame_bytes(64 * 1024));
+    let client = Client::connect_with(&format!("tcp://{}", broker.tcp_addr), options)
+        .await
+        .expect("connect");
+    create_topic(&client, "t", 2).await;
+    // 80 kB a partition, in batches of 4 kB: a whole fetch of both is over 64 KiB.
+    let values: Vec<String> = (0..800)
+        .map(|index| format!("{index:04}{}", "x".repeat(96)))
+        .collect();
+    for partition in 0..2 {
+        produce(&client, "t", partition, &values, 40).await;
+    }
+    let mut consumer = client.consumer().build().await.unwrap();
+    consumer
+        .assign(&[("t".into(), 0), ("t".into(), 1)], Seek::Earliest)
+        .await
+        .unwrap();
+    let records = take(&mut consumer, 1_600).await;
+    for partition in 0..2 {
+        let offsets: Vec<u64> = records
+            .iter()
+            .filter(|record| record.0 == partition)
+            .map(|record| record.1)
+            .collect();
+        assert_eq!(
+            offsets,
+            (0..800).collect::<Vec<u64>>(),
+            "partition {partition}"
+        );
+    }
+    broker.shutdown().await;
+}
+
+async fn committed_offset(client: &Client, group: &str, topic: &str, partition: u32) -> i64 {
+    let Response::FetchOffsets(offsets) = client
+        .send(FetchOffsetsRequest {
+            group_id: group.into(),
+            topics: Some(vec![TopicPartitions {
+                topic: topic.into(),
+                partitions: vec![partition],
+            }]),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    offsets.topics[0].partitions[0].committed_offset
+}
+
+/// After a seek back, what is committed follows the new position, as in Kafka: records read
+/// again are committed as they are read, not hidden behind the position before the seek.
+#[tokio::test]
+async fn commits_follow_a_seek_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start(dir.path()).await;
+    create_topic(&client, "t", 1).await;
+    let values: Vec<String> = (0..30).map(|index| format!("v{index}")).collect();
+    produce(&client, "t", 0, &values, 10).await;
+    let mut consumer = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .commit_mode(CommitMode::Manual)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(take(&mut consumer, 30).await.last().unwrap().1, 29);
+    consumer.commit().await.unwrap();
+    assert_eq!(committed_offset(&client, "g", "t", 0).await, 30);
+    consumer.seek("t", 0, Seek::Offset(10)).await.unwrap();
+    let again = take(&mut consumer, 5).await;
+    assert_eq!(
+        again.iter().map(|record| record.1).collect::<Vec<_>>(),
+        [10, 11, 12, 13, 14]
+    );
+    consumer.commit().await.unwrap();
+    assert_eq!(committed_offset(&client, "g", "t", 0).await, 15);
+    consumer.close().await.unwrap();
+    broker.shutdown().await;
+}
+
+/// Assigned partitions the consumer cannot find a start for (here: no committed offset and the
+/// reset policy is error) are not kept as owned and never read: the error reaches the stream,
+/// the member gives them back, and they are assigned and tried again.
+#[tokio::test]
+async fn assigned_partitions_that_cannot_be_started_are_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start(dir.path()).await;
+    create_topic(&client, "t", 1).await;
+    let mut consumer = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .reset_policy(ResetPolicy::Error)
+        .build()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for attempt in 0..2 {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, consumer.next()).await {
+            Ok(Some(Err(error))) => {
+                assert!(error.to_string().contains("reset policy"), "{error}")
+            }
+            other => panic!("attempt {attempt}: expected the reset error, got {other:?}"),
+        }
+    }
+    broker.shutdown().await;
+}

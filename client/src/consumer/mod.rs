@@ -736,6 +736,10 @@ impl Consumer {
             Some(entry) => {
                 entry.fetch_offset = positions[&key];
                 entry.generation = generation;
+                // What is committed follows the new position, backwards too: what was handed
+                // out or processed before the seek no longer counts.
+                entry.yielded = None;
+                entry.processed = None;
                 // A new position is fetched at once, whatever the old one's failures.
                 entry.fetch_again_at_once();
             }
@@ -846,13 +850,13 @@ impl Consumer {
             self.current = None; // released or lost: the next owner gets it
             return false;
         };
-        if let Some(processed) = chunk.unprocessed.take() {
-            entry.processed = entry.processed.max(Some(processed));
-        }
         if entry.generation != chunk.generation {
             drop(state);
             self.current = None; // sought elsewhere since it was fetched
             return false;
+        }
+        if let Some(processed) = chunk.unprocessed.take() {
+            entry.processed = entry.processed.max(Some(processed));
         }
         entry.yielded = entry.yielded.max(Some(next));
         drop(state);
@@ -866,7 +870,12 @@ impl Consumer {
         };
         if let Some(next) = chunk.unprocessed.take() {
             let mut state = self.shared.state();
-            if let Some(entry) = state.partitions.get_mut(&chunk.partition) {
+            // Not after a seek: the position is the new one's.
+            if let Some(entry) = state
+                .partitions
+                .get_mut(&chunk.partition)
+                .filter(|entry| entry.generation == chunk.generation)
+            {
                 entry.processed = entry.processed.max(Some(next));
             }
         }
@@ -1038,6 +1047,35 @@ impl PartitionState {
     }
 }
 
+/// Bytes of a fetch response frame besides its records, at most: the frame and response
+/// headers, and per topic its name and counts, per partition its offsets and error fields.
+fn fetch_response_overhead(topics: &BTreeMap<&str, Vec<FetchPartition>>) -> u64 {
+    const FRAME_BYTES: u64 = 64;
+    const TOPIC_BYTES: u64 = 16;
+    const PARTITION_BYTES: u64 = 64;
+    FRAME_BYTES
+        + topics
+            .iter()
+            .map(|(name, partitions)| {
+                TOPIC_BYTES + name.len() as u64 + PARTITION_BYTES * partitions.len() as u64
+            })
+            .sum::<u64>()
+}
+
+/// The records a fetch may ask for: `max_bytes`, less when the answer would not fit in a
+/// frame the connection accepts (a frame over the limit closes the connection, and the same
+/// fetch would be asked again and again).
+fn fetch_max_bytes(
+    max_bytes: u32,
+    max_frame_bytes: u32,
+    topics: &BTreeMap<&str, Vec<FetchPartition>>,
+) -> u32 {
+    let room = u64::from(max_frame_bytes).saturating_sub(fetch_response_overhead(topics));
+    max_bytes
+        .min(u32::try_from(room).unwrap_or(u32::MAX))
+        .max(1)
+}
+
 /// Queues a fetch of `targets` on the connection (it goes out at once; the answer is awaited
 /// later).
 async fn queue_fetch(
@@ -1052,10 +1090,11 @@ async fn queue_fetch(
             partition_max_bytes: shared.settings.partition_max_bytes,
         });
     }
+    let frame_limit = shared.client.options().connection.max_frame_bytes;
     let request = FetchRequest {
         max_wait_ms: u32::try_from(shared.settings.max_wait.as_millis()).unwrap_or(u32::MAX),
         min_bytes: 1,
-        max_bytes: shared.settings.max_bytes,
+        max_bytes: fetch_max_bytes(shared.settings.max_bytes, frame_limit, &topics),
         topics: topics
             .into_iter()
             .map(|(name, partitions)| FetchTopic {
@@ -1315,7 +1354,15 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 MemberAction::Assign(partitions) => match shared.resolve(&partitions, None).await {
                     Ok(positions) => shared.start(positions),
                     Err(error) => {
-                        let _ = sender.send(Err(error)).await;
+                        // Not owned after all: the next heartbeat says so, and the broker
+                        // assigns them again, so they are tried again instead of never read.
+                        if let Some(member) = shared.state().member.as_mut() {
+                            member.released(&partitions);
+                        }
+                        tracing::warn!(%error, partitions = partitions.len(), "could not find where to start reading assigned partitions; they will be assigned again");
+                        // Told without waiting: a stream the application is behind on must
+                        // not hold back the heartbeats.
+                        let _ = sender.try_send(Err(error));
                     }
                 },
                 MemberAction::Release(partitions) => {
