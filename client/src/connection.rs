@@ -241,6 +241,11 @@ struct PendingEntry {
     /// Which body type the response carries.
     api_key: ApiKey,
     response_sender: oneshot::Sender<Result<Response>>,
+    /// The in-flight slot of a request queued with [`Connection::enqueue`]: free again as
+    /// soon as the answer is in (or the request is given up), not when its caller gets round
+    /// to reading it. A caller queueing more before it reads its answers (the producer's
+    /// sender) would otherwise wait for slots its own unread answers hold.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Connection {
@@ -441,7 +446,7 @@ impl Connection {
             .acquire()
             .await
             .map_err(|_closed| Error::ConnectionClosed)?;
-        let (registration, response_receiver) = shared.register(request.api_key())?;
+        let (registration, response_receiver) = shared.register(request.api_key(), None)?;
         let frame = encode_frame(
             request,
             registration.correlation_id,
@@ -487,7 +492,7 @@ impl Connection {
                 .acquire_owned()
                 .await
                 .map_err(|_closed| Error::ConnectionClosed)?;
-            let (registration, receiver) = shared.register(request.api_key())?;
+            let (registration, receiver) = shared.register(request.api_key(), Some(slot))?;
             let correlation_id = registration.correlation_id;
             // Hand the entry's cleanup to an owned guard that outlives this call.
             std::mem::forget(registration);
@@ -506,7 +511,6 @@ impl Connection {
                 deadline,
                 timeout_ms,
                 _registration: registration,
-                _slot: slot,
             })
         };
         match tokio::time::timeout_at(deadline, queued).await {
@@ -601,7 +605,6 @@ pub struct PendingResponse {
     deadline: tokio::time::Instant,
     timeout_ms: u64,
     _registration: OwnedRegistration,
-    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for PendingResponse {
@@ -643,6 +646,7 @@ impl Shared {
     fn register(
         &self,
         api_key: ApiKey,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<(Registration<'_>, oneshot::Receiver<Result<Response>>)> {
         let (response_sender, response_receiver) = oneshot::channel();
         let mut state = self.lock_state();
@@ -658,6 +662,7 @@ impl Shared {
                 vacant.insert(PendingEntry {
                     api_key,
                     response_sender,
+                    _slot: slot,
                 });
                 break candidate;
             }

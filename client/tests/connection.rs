@@ -499,6 +499,50 @@ async fn sends_beyond_max_in_flight_wait_for_a_slot() {
     }
 }
 
+/// A request queued with `enqueue` frees its slot when its answer arrives, not when its
+/// caller reads the answer: a caller that queues more before it reads (as the producer's
+/// sender does) never waits for slots only its own unread answers hold.
+#[tokio::test]
+async fn an_answered_enqueued_request_frees_its_slot_before_it_is_read() {
+    const MAX_IN_FLIGHT: usize = 2;
+    let options = ConnectionOptions::default().max_in_flight(MAX_IN_FLIGHT);
+    let (_server, connection, mut peer) = connected(options).await;
+    let mut unread = Vec::new();
+    for index in 0..MAX_IN_FLIGHT {
+        unread.push(
+            within(connection.enqueue(delete_topic(&format!("topic-{index}"))))
+                .await
+                .expect("queued"),
+        );
+    }
+    for (header, request) in peer.read_requests(MAX_IN_FLIGHT).await {
+        peer.respond(header.correlation_id, deleted(topic_name(&request)))
+            .await;
+    }
+    // The answers are in (nothing is pending), none read: a third request goes out.
+    within(async {
+        while connection.in_flight_count() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let third = within(connection.enqueue(delete_topic("topic-2")))
+        .await
+        .expect("a slot was free");
+    let (header, request) = within(peer.read_request())
+        .await
+        .expect("the third request");
+    peer.respond(header.correlation_id, deleted(topic_name(&request)))
+        .await;
+    unread.push(third);
+    for (index, pending) in unread.into_iter().enumerate() {
+        assert_eq!(
+            within(pending.response()).await.expect("answered"),
+            Response::DeleteTopics(deleted(format!("topic-{index}")))
+        );
+    }
+}
+
 #[tokio::test]
 async fn request_over_max_frame_bytes_is_refused_without_sending() {
     // Room for the ApiVersions response below, not for 200 bytes of records.
