@@ -351,11 +351,14 @@ impl OffsetStore {
         let segments = self.log.segment_count();
         if segments != state.segments_at_snapshot {
             state.segments_at_snapshot = segments;
+            // Only what is durable: a commit whose fsync failed is in the log but may be lost
+            // in a crash, and commits made after would then sit below a covered offset that
+            // replay skips.
+            let durable = self.log.durable_offset();
             let covered = state
                 .pending
                 .first()
-                .copied()
-                .unwrap_or_else(|| self.log.latest_offset());
+                .map_or(durable, |first| (*first).min(durable));
             let bytes = encode_snapshot(&state.committed, covered);
             drop(state);
             let mut written = self
