@@ -1249,7 +1249,8 @@ impl AsyncWrite for AcknowledgedSendStream {
     }
 }
 
-fn duration_ms(duration: Duration) -> u64 {
+/// Whole milliseconds of `duration`, as error messages and the wire carry them.
+pub(crate) fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 

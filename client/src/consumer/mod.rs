@@ -49,7 +49,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::client::Client;
-use crate::connection::PendingResponse;
+use crate::connection::{PendingResponse, duration_ms};
 use crate::error::{Error, Result};
 use crate::resilience::Backoff;
 use group::{MemberAction, MemberState, TopicPartition};
@@ -1349,25 +1349,45 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             }
         };
         let mut again_now = false;
+        // What the loop waits for between heartbeats (finding where to start, committing) is
+        // cut off well within the session timeout: a member that stops heartbeating is expired
+        // while it goes on handing out records, which its partitions' next owner reads again.
+        let within_session = shared.settings.session_timeout / 3;
         for action in actions {
             match action {
-                MemberAction::Assign(partitions) => match shared.resolve(&partitions, None).await {
-                    Ok(positions) => shared.start(positions),
-                    Err(error) => {
-                        // Not owned after all: the next heartbeat says so, and the broker
-                        // assigns them again, so they are tried again instead of never read.
-                        if let Some(member) = shared.state().member.as_mut() {
-                            member.released(&partitions);
+                MemberAction::Assign(partitions) => {
+                    match tokio::time::timeout(within_session, shared.resolve(&partitions, None))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Error::Timeout {
+                                timeout_ms: duration_ms(within_session),
+                            })
+                        }) {
+                        Ok(positions) => shared.start(positions),
+                        Err(error) => {
+                            // Not owned after all: the next heartbeat says so, and the broker
+                            // assigns them again, so they are tried again instead of never read.
+                            if let Some(member) = shared.state().member.as_mut() {
+                                member.released(&partitions);
+                            }
+                            tracing::warn!(%error, partitions = partitions.len(), "could not find where to start reading assigned partitions; they will be assigned again");
+                            // Told without waiting: a stream the application is behind on must
+                            // not hold back the heartbeats.
+                            let _ = sender.try_send(Err(error));
                         }
-                        tracing::warn!(%error, partitions = partitions.len(), "could not find where to start reading assigned partitions; they will be assigned again");
-                        // Told without waiting: a stream the application is behind on must
-                        // not hold back the heartbeats.
-                        let _ = sender.try_send(Err(error));
                     }
-                },
+                }
                 MemberAction::Release(partitions) => {
-                    if let Err(error) = shared.commit(Some(&partitions), false).await {
-                        tracing::warn!(%error, "commit before release failed; the next owner may see records again");
+                    let committed = tokio::time::timeout(
+                        within_session,
+                        shared.commit(Some(&partitions), false),
+                    )
+                    .await;
+                    if !matches!(committed, Ok(Ok(_))) {
+                        tracing::warn!(
+                            ?committed,
+                            "commit before release failed or took too long; the next owner may see records again"
+                        );
                     }
                     let mut state = shared.state();
                     for partition in &partitions {
@@ -1395,8 +1415,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             && last_commit.elapsed() >= interval
         {
             last_commit = Instant::now();
-            if let Err(error) = shared.commit(None, false).await {
-                tracing::debug!(%error, "auto commit failed");
+            match tokio::time::timeout(within_session, shared.commit(None, false)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "auto commit failed"),
+                Err(_) => tracing::debug!("auto commit took too long; trying again later"),
             }
         }
         if again_now {

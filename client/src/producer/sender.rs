@@ -65,6 +65,7 @@ use super::Shared;
 use super::accumulator::{Accumulator, OpenBatch};
 use super::delivery::{BatchCompletion, BatchOutcome, copy_error};
 use crate::client::Client;
+use crate::connection::duration_ms;
 use crate::error::{Error, Result};
 use crate::resilience::Backoff;
 
@@ -913,10 +914,6 @@ pub(crate) fn finish(
     completion.complete(outcome);
     shared.release_buffer(reserved_bytes);
     shared.progress.finished(id);
-}
-
-fn duration_ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 type RequestFuture = Pin<Box<dyn Future<Output = RequestResult> + Send>>;
