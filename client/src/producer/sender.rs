@@ -162,6 +162,8 @@ struct SentBatch {
     /// Set when an earlier batch of the partition failed for good: this one cannot be written
     /// without a gap, and fails with this error when its answer comes back.
     doomed: Option<Arc<Error>>,
+    /// The how-manieth batch of its window this is (see [`Window::taken`]).
+    taken_as: u64,
 }
 
 /// One partition's unacknowledged batches, in sequence order.
@@ -174,6 +176,11 @@ struct Window {
     backoff: Backoff,
     /// After a definite failure: where the sequence continues once the window is empty.
     rewind_to: Option<u64>,
+    /// Batches taken into the window so far. The broker recognises a retry among the last
+    /// `max_in_flight_per_partition` batches it wrote, whose answers may overtake each other:
+    /// so no more batches may follow the oldest unacknowledged one than fit in that span, or a
+    /// resend of it would be refused as out of order though it was written.
+    taken: u64,
 }
 
 impl Window {
@@ -273,10 +280,15 @@ impl SenderState {
             .and_then(|windows| windows.get(&partition))
         {
             None => self.options.max_in_flight_per_partition,
-            Some(window) if window.is_clean() => self
-                .options
-                .max_in_flight_per_partition
-                .saturating_sub(window.batches.len()),
+            Some(window) if window.is_clean() => {
+                let since_oldest = window
+                    .batches
+                    .front()
+                    .map_or(0, |oldest| window.taken - oldest.taken_as);
+                self.options
+                    .max_in_flight_per_partition
+                    .saturating_sub(usize::try_from(since_oldest).unwrap_or(usize::MAX))
+            }
             Some(_) => 0,
         }
     }
@@ -303,6 +315,7 @@ impl SenderState {
                 retry_at: None,
                 backoff,
                 rewind_to: None,
+                taken: 0,
             })
     }
 
@@ -379,7 +392,9 @@ impl SenderState {
                 attempts: 0,
                 last_error: None,
                 doomed: None,
+                taken_as: window.taken,
             });
+            window.taken += 1;
             match sendable.last_mut() {
                 Some((last_topic, last_partition, ids))
                     if *last_topic == topic && *last_partition == partition =>

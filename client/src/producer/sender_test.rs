@@ -508,3 +508,33 @@ async fn a_storage_error_may_have_been_written_so_a_new_epoch_follows_not_a_rewi
         "nothing new before the new epoch"
     );
 }
+
+#[tokio::test]
+async fn no_more_batches_follow_the_oldest_unacknowledged_one_than_the_broker_remembers() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let mut futures: Vec<Vec<DeliveryFuture>> = (0..6).map(|_| batch(&shared, 0, 1, now)).collect();
+    let mut requests = plan(&mut state, &shared, now).into_iter();
+    let oldest = requests.next().unwrap();
+    // The other four are answered first: the oldest is still out, perhaps written.
+    for (index, request) in requests.enumerate() {
+        state.handle(
+            &shared,
+            answer(request, &[(ErrorCode::None, 1 + index as u64)]),
+            now,
+        );
+    }
+    // The broker keeps the last five batches it wrote: a sixth after the oldest would push it
+    // out, and its resend would then be refused as out of order.
+    assert!(plan(&mut state, &shared, now).is_empty());
+    state.handle(&shared, answer(oldest, &[(ErrorCode::None, 0)]), now);
+    let requests = plan(&mut state, &shared, now);
+    assert_eq!(contents(&requests[0]), [(0, 105, 1)]);
+    let sixth = futures.pop().unwrap();
+    assert_eq!(
+        offsets(futures.into_iter().flatten().collect()),
+        [Some(0), Some(1), Some(2), Some(3), Some(4)]
+    );
+    drop(sixth);
+}
