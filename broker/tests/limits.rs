@@ -626,3 +626,42 @@ async fn garbage_on_the_tcp_port_closes_that_connection_and_harms_no_other_clien
     still_served(&connection, "t").await;
     broker.shutdown().await;
 }
+
+/// A fetch asking for more than a frame holds is answered within `limits.max_frame_bytes`,
+/// records, headers and all: a client that holds the broker's limit never gets a frame it
+/// must refuse (and close its connection over).
+#[tokio::test]
+async fn a_fetch_answer_fits_in_a_frame_whatever_max_bytes_asks() {
+    const FRAME: u32 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    config.limits.max_frame_bytes = FRAME;
+    config.limits.max_batch_bytes = FRAME / 2;
+    config.log.max_message_bytes = u64::from(FRAME / 2);
+    let broker = Broker::start(config).await.expect("broker starts");
+    let connection = Connection::connect_with(
+        &format!("tcp://{}", broker.tcp_addr),
+        sluice_client::ConnectionOptions::default().max_frame_bytes(FRAME),
+    )
+    .await
+    .expect("connect");
+    assert_eq!(
+        create(&connection, "t", 1, vec![]).await.error_code,
+        ErrorCode::None
+    );
+    // Batches of exactly half a frame: two of them are a whole frame of records, with no
+    // room left for the answer's headers.
+    let half = batch(33, 982);
+    assert_eq!(half.len(), FRAME as usize / 2);
+    for _ in 0..4 {
+        assert_eq!(
+            produce(&connection, "t", half.clone()).await.error_code,
+            ErrorCode::None
+        );
+    }
+    let fetched = fetch(&connection, "t", 0, u32::MAX).await;
+    assert_eq!(fetched.error_code, ErrorCode::None);
+    assert_eq!(fetched.records.len(), FRAME as usize / 2, "one whole batch");
+    still_served(&connection, "t").await;
+    broker.shutdown().await;
+}

@@ -221,12 +221,11 @@ fn next_fetch(request: &FetchRequest, response: &FetchResponse) -> Option<FetchR
 /// nothing read ahead then reads for itself.
 fn read_now(state: &Arc<BrokerState>, request: &FetchRequest) -> Option<ReadAheadOf> {
     let (names, targets) = resolve(state, request);
+    let request_max_bytes = frame_max_bytes(state, &names, &targets, request.max_bytes);
     let mut budget = state
         .fetch_budget
-        .try_acquire(reservation_bytes(&targets, request.max_bytes))?;
-    let max_bytes = request
-        .max_bytes
-        .min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
+        .try_acquire(reservation_bytes(&targets, request_max_bytes))?;
+    let max_bytes = request_max_bytes.min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
     let (response, total_bytes, any_error) = read_once(&names, &targets, max_bytes);
     if any_error || total_bytes < u64::from(request.min_bytes.max(1)) {
         return None;
@@ -262,7 +261,8 @@ async fn fetch_with_wait(
     ));
     let deadline = tokio::time::Instant::now() + max_wait;
     let (names, targets) = resolve(state, request);
-    let reservation_bytes = reservation_bytes(&targets, request.max_bytes);
+    let request_max_bytes = frame_max_bytes(state, &names, &targets, request.max_bytes);
+    let reservation_bytes = reservation_bytes(&targets, request_max_bytes);
     let nothing_to_wait_for = targets.iter().all(|target| target.log.is_none());
     loop {
         let budget_deadline = deadline.max(tokio::time::Instant::now() + BUDGET_MIN_WAIT);
@@ -277,9 +277,7 @@ async fn fetch_with_wait(
             );
             return (throttled(&names, &targets), None);
         };
-        let max_bytes = request
-            .max_bytes
-            .min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
+        let max_bytes = request_max_bytes.min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
         let (response, total_bytes, any_error) = read_once(&names, &targets, max_bytes);
         let now = tokio::time::Instant::now();
         if total_bytes >= u64::from(request.min_bytes.max(1))
@@ -338,6 +336,31 @@ fn resolve(state: &BrokerState, request: &FetchRequest) -> (Vec<String>, Vec<Tar
         names.push(topic_request.name.clone());
     }
     (names, targets)
+}
+
+/// A request's `max_bytes`, less when its answer would not fit in a frame of
+/// `limits.max_frame_bytes` with its headers (a client refuses a larger frame and drops the
+/// connection): the records' room is the frame less the response's own bytes, at most a frame
+/// header and per topic and partition their names and fields.
+fn frame_max_bytes(
+    state: &BrokerState,
+    names: &[String],
+    targets: &[Target],
+    max_bytes: u32,
+) -> u32 {
+    const FRAME_BYTES: u64 = 64;
+    const TOPIC_BYTES: u64 = 16;
+    const PARTITION_BYTES: u64 = 64;
+    let overhead = FRAME_BYTES
+        + names
+            .iter()
+            .map(|name| TOPIC_BYTES + name.len() as u64)
+            .sum::<u64>()
+        + PARTITION_BYTES * targets.len() as u64;
+    let room = u64::from(state.config.limits.max_frame_bytes).saturating_sub(overhead);
+    max_bytes
+        .min(u32::try_from(room).unwrap_or(u32::MAX))
+        .max(1)
 }
 
 /// Budget one read pass reserves: what the response may hold (`max_bytes`, or less when the
