@@ -68,7 +68,9 @@ impl Admin {
             }],
             validate_only: false,
         };
-        let Response::CreateTopics(response) = self.call(request).await? else {
+        let (Response::CreateTopics(response), repeated) =
+            self.client.send_with_retry_telling(request).await?
+        else {
             return Err(Error::Usage("unexpected response to CreateTopics".into()));
         };
         let result = response
@@ -76,14 +78,19 @@ impl Admin {
             .into_iter()
             .next()
             .ok_or_else(|| Error::Usage("empty CreateTopics response".into()))?;
+        // A repeat finding the topic there: the attempt whose answer was lost created it.
+        if repeated && result.error_code == ErrorCode::TopicAlreadyExists {
+            return Ok(());
+        }
         check(result.error_code, result.error_message, || {
             format!("create topic {name}")
         })
     }
 
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let Response::DeleteTopics(response) = self
-            .call(DeleteTopicsRequest {
+        let (Response::DeleteTopics(response), repeated) = self
+            .client
+            .send_with_retry_telling(DeleteTopicsRequest {
                 names: vec![name.to_owned()],
             })
             .await?
@@ -95,6 +102,10 @@ impl Admin {
             .into_iter()
             .next()
             .ok_or_else(|| Error::Usage("empty DeleteTopics response".into()))?;
+        // A repeat finding no topic: the attempt whose answer was lost deleted it.
+        if repeated && result.error_code == ErrorCode::UnknownTopic {
+            return Ok(());
+        }
         check(result.error_code, None, || format!("delete topic {name}"))
     }
 

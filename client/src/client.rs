@@ -159,18 +159,23 @@ impl Client {
         {
             return Err(Error::CircuitOpen { broker: url });
         }
-        match Connection::connect_with(&url, self.inner.options.connection.clone()).await {
+        // Whatever ends this attempt (an answer, an error, or this future being dropped), the
+        // breaker learns of it: a half-open probe that vanished would keep it open for good.
+        let attempt = Attempt {
+            breaker: &self.inner.breaker,
+        };
+        let connected = Connection::connect_with(&url, self.inner.options.connection.clone()).await;
+        let mut breaker = attempt.settle();
+        match connected {
             Ok(connection) => {
-                self.inner
-                    .breaker
-                    .lock()
-                    .expect("breaker lock poisoned")
-                    .on_success();
+                breaker.on_success();
+                drop(breaker);
                 *current = Some(connection.clone());
                 Ok(connection)
             }
+            // Any way of not connecting (a bad address or CA file too) is a failed attempt.
             Err(error) => {
-                self.record_failure(&error);
+                breaker.on_failure(Instant::now());
                 Err(error)
             }
         }
@@ -239,6 +244,18 @@ impl Client {
     /// Only use it for requests that are safe to repeat (reads, admin calls, idempotent
     /// produces, commits): a request whose answer was lost may have taken effect.
     pub async fn send_with_retry(&self, request: impl Into<Request>) -> Result<Response> {
+        self.send_with_retry_telling(request)
+            .await
+            .map(|(response, _)| response)
+    }
+
+    /// [`send_with_retry`](Self::send_with_retry), also telling whether the answer is to a
+    /// repeat: an earlier attempt may then have taken effect already (a topic created by an
+    /// attempt whose answer was lost is "already there" to the next).
+    pub(crate) async fn send_with_retry_telling(
+        &self,
+        request: impl Into<Request>,
+    ) -> Result<(Response, bool)> {
         let request = request.into();
         let deadline = Instant::now() + self.inner.options.retry_deadline;
         let mut backoff = Backoff::new(
@@ -247,7 +264,7 @@ impl Client {
         );
         loop {
             let error = match self.send(request.clone()).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => return Ok((response, backoff.attempts() > 0)),
                 Err(error) => error,
             };
             let delay = backoff.next_delay();
@@ -276,5 +293,28 @@ impl Client {
         if let Some(connection) = self.inner.current.lock().await.take() {
             connection.close().await;
         }
+    }
+}
+
+/// A connection attempt the breaker let through, until its outcome is known.
+struct Attempt<'a> {
+    breaker: &'a std::sync::Mutex<CircuitBreaker>,
+}
+
+impl<'a> Attempt<'a> {
+    /// The breaker, to record the outcome in.
+    fn settle(self) -> std::sync::MutexGuard<'a, CircuitBreaker> {
+        let breaker = self.breaker;
+        std::mem::forget(self);
+        breaker.lock().expect("breaker lock poisoned")
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.breaker
+            .lock()
+            .expect("breaker lock poisoned")
+            .on_abandoned();
     }
 }

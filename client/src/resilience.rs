@@ -131,6 +131,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// A call let through by [`allow`](Self::allow) ended without an outcome (it was dropped
+    /// or cancelled): a probe in half-open state is not under way any more, so the next call
+    /// may probe.
+    pub fn on_abandoned(&mut self) {
+        if self.state == (BreakerState::HalfOpen { probing: true }) {
+            self.state = BreakerState::HalfOpen { probing: false };
+        }
+    }
+
     /// The broker answered.
     pub fn on_success(&mut self) {
         self.state = BreakerState::Closed { failures: 0 };
@@ -189,6 +198,27 @@ mod tests {
         assert_eq!(backoff.attempts(), 8);
         backoff.reset();
         assert_eq!(backoff.next_ceiling(), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_probe_that_ends_without_an_outcome_lets_the_next_call_probe() {
+        let start = Instant::now();
+        let mut breaker = CircuitBreaker::new(BreakerOptions {
+            failure_threshold: 1,
+            open_for: Duration::from_secs(5),
+        });
+        breaker.on_failure(start);
+        let later = start + Duration::from_secs(5);
+        assert!(breaker.allow(later), "the probe");
+        assert!(!breaker.allow(later), "one probe at a time");
+        // The probe's call was dropped before it connected or failed.
+        breaker.on_abandoned();
+        assert!(breaker.allow(later), "the next call probes");
+        breaker.on_success();
+        assert_eq!(breaker.state(), BreakerState::Closed { failures: 0 });
+        // Outside a probe it changes nothing.
+        breaker.on_abandoned();
+        assert_eq!(breaker.state(), BreakerState::Closed { failures: 0 });
     }
 
     #[test]
