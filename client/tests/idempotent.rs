@@ -745,3 +745,31 @@ async fn a_second_relay_of_the_same_name_fences_the_first_and_nothing_is_duplica
     assert!(matches!(other, Err(Error::Usage(_))), "{other:?}");
     broker.shutdown().await;
 }
+
+/// A batch published but never marked sent (the mark failed, or the application published
+/// again before marking) is not sent a second time: the next publish takes a new epoch and
+/// finds those rows in the topic first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_published_but_not_marked_are_not_published_again() {
+    let directory = tempfile::tempdir().unwrap();
+    let (broker, client) = start(&directory.path().join("broker")).await;
+    client.admin().create_topic("orders", 2, &[]).await.unwrap();
+    let database = directory.path().join("shop.sqlite");
+    place_orders(&database, 1, 4);
+    let mut relay = OutboxRelay::builder(&client, &database, "orders-relay")
+        .build()
+        .await
+        .unwrap();
+    let published = relay.publish_pending().await.unwrap();
+    assert_eq!(published.rows.len(), 4);
+    // Not marked: the same relay publishes again.
+    let again = relay.publish_pending().await.unwrap();
+    assert!(again.rows.is_empty(), "{:?}", again.rows);
+    assert_eq!(relay.unsent_count().await.unwrap(), 0, "found and marked");
+    place_orders(&database, 5, 2);
+    assert_eq!(relay.relay_once().await.unwrap(), 2);
+    relay.close().await.unwrap();
+    let records = read_topic(&client, "orders").await;
+    assert_each_row_once_in_order(&records, "orders-relay", 6);
+    broker.shutdown().await;
+}

@@ -271,8 +271,8 @@ mod persistent {
 
     /// A [`DedupStore`] in a SQLite file: survives restarts and crashes (each insert is a
     /// committed, fsynced transaction). Keys are remembered for `retention` (expired ones are
-    /// deleted every 1000 inserts), so the file holds about `retention` times the message
-    /// rate. Several stores may share a file under different scopes.
+    /// deleted at the first insert after opening and every 1000 inserts after), so the file
+    /// holds about `retention` times the message rate. Several stores may share a file under different scopes.
     ///
     /// Cheap to clone: clones share one connection.
     #[derive(Clone, Debug)]
@@ -302,7 +302,10 @@ mod persistent {
                 connection: Arc::new(Mutex::new(connection)),
                 scope: scope.into().into(),
                 retention: Duration::from_secs(7 * 24 * 3600),
-                inserts_until_cleanup: INSERTS_PER_CLEANUP,
+                // The first insert cleans up too: a process that inserts fewer than
+                // `INSERTS_PER_CLEANUP` keys a run (a short job, a service that restarts
+                // often) would otherwise never delete anything.
+                inserts_until_cleanup: 1,
             })
         }
 

@@ -109,8 +109,24 @@ impl Inbox {
         .await
     }
 
+    /// Deletes this scope's keys processed more than `age` ago, so the table does not grow
+    /// forever (nothing expires by itself: a key is kept until deleted). Choose `age` longer
+    /// than any redelivery can come late (the topic's retention is safe). Returns how many.
+    pub async fn delete_processed_older_than(&self, age: std::time::Duration) -> Result<usize> {
+        let scope = Arc::clone(&self.scope);
+        let processed_before_ms = sqlite::ms_before(sqlite::now_ms(), age);
+        sqlite::blocking(&self.connection, move |connection| {
+            Ok(sqlite::forget_expired(
+                connection,
+                &scope,
+                processed_before_ms,
+            )?)
+        })
+        .await
+    }
+
     /// Runs `call` with the inbox's connection on the blocking pool: to read the application's
-    /// tables, or delete old processed keys, through the same connection.
+    /// tables through the same connection.
     pub async fn with_connection<T, F>(&self, call: F) -> Result<T>
     where
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -277,5 +293,27 @@ mod tests {
         let connection = Connection::open(directory.path().join("bank.sqlite")).unwrap();
         let audit = Inbox::from_connection(connection, "audit").unwrap();
         assert!(!audit.is_processed(&MessageKey::of(&deposit)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn old_processed_keys_can_be_deleted_and_recent_ones_stay() {
+        let directory = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(directory.path().join("bank.sqlite"), "ledger")
+            .await
+            .unwrap();
+        let deposit = record("deposit-1");
+        let nothing = |_: &Transaction<'_>, _: &ConsumerRecord| Ok::<(), BoxError>(());
+        inbox.handle(&deposit, nothing).await.unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        assert_eq!(inbox.delete_processed_older_than(hour).await.unwrap(), 0);
+        assert!(inbox.is_processed(&MessageKey::of(&deposit)).await.unwrap());
+        assert_eq!(
+            inbox
+                .delete_processed_older_than(std::time::Duration::ZERO)
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(!inbox.is_processed(&MessageKey::of(&deposit)).await.unwrap());
     }
 }

@@ -146,7 +146,7 @@ pub fn insert(connection: &Connection, message: &OutboxMessage) -> rusqlite::Res
             message.topic,
             message.key,
             message.value,
-            encode_headers(&message.headers),
+            encode_headers(&message.headers)?,
             sqlite::now_ms()
         ],
     )?;
@@ -155,17 +155,20 @@ pub fn insert(connection: &Connection, message: &OutboxMessage) -> rusqlite::Res
 
 /// Headers as stored: for each, the name's length (u16, big-endian), the name, the value's
 /// length (u32, big-endian), the value.
-fn encode_headers(headers: &[(String, Vec<u8>)]) -> Vec<u8> {
+/// A header too long to store is refused, as a value SQLite cannot take: the application's
+/// transaction gets the error (no panic), and can roll back.
+fn encode_headers(headers: &[(String, Vec<u8>)]) -> rusqlite::Result<Vec<u8>> {
+    let too_long = |error| rusqlite::Error::ToSqlConversionFailure(Box::new(error));
     let mut bytes = Vec::new();
     for (name, value) in headers {
-        let name_length = u16::try_from(name.len()).expect("a header name under 64 KiB");
-        let value_length = u32::try_from(value.len()).expect("a header value under 4 GiB");
+        let name_length = u16::try_from(name.len()).map_err(too_long)?;
+        let value_length = u32::try_from(value.len()).map_err(too_long)?;
         bytes.extend_from_slice(&name_length.to_be_bytes());
         bytes.extend_from_slice(name.as_bytes());
         bytes.extend_from_slice(&value_length.to_be_bytes());
         bytes.extend_from_slice(value);
     }
-    bytes
+    Ok(bytes)
 }
 
 fn decode_headers(mut bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
@@ -286,6 +289,7 @@ impl OutboxRelayBuilder {
             max_batch_rows: self.max_batch_rows,
             read_back_timeout: self.read_back_timeout,
             producer: None,
+            published_by: None,
             known_topics: HashSet::new(),
         };
         relay.producer().await?;
@@ -322,9 +326,14 @@ pub struct OutboxRelay {
     name: Arc<str>,
     max_batch_rows: usize,
     read_back_timeout: Duration,
-    /// `None` at first and after a publishing error: the next publish takes a new producer
-    /// epoch and reads back before it sends anything.
+    /// `None` at first, and from the moment a publish starts until its rows are marked sent:
+    /// whatever comes between (an error, a failed mark, a publish dropped half-way, another
+    /// publish before the mark) leaves rows that may be in the topic unmarked, and the next
+    /// publish must take a new producer epoch and read back before it sends anything, or it
+    /// would send those rows again.
     producer: Option<Producer>,
+    /// The producer of the last publish, back in `producer` once its rows are marked sent.
+    published_by: Option<Producer>,
     /// Topics whose partitions all have a `scan_from` row.
     known_topics: HashSet<String>,
 }
@@ -561,13 +570,13 @@ impl OutboxRelay {
         }
         self.ensure_scan_positions(rows.iter().map(|row| row.message.topic.clone()).collect())
             .await?;
-        let published = self.send(&producer, &rows).await;
-        if published.is_err() {
-            // Whatever of the batch got through is found by the read-back the next call does
-            // after fencing this producer.
-            self.producer = None;
-        }
-        Ok(PublishedBatch { rows: published? })
+        // Until the rows are marked, the next publish starts with a new epoch and a read-back
+        // (see `producer`): what of the batch got through is found there, not sent again.
+        self.producer = None;
+        self.published_by = None;
+        let published = self.send(&producer, &rows).await?;
+        self.published_by = Some(producer);
+        Ok(PublishedBatch { rows: published })
     }
 
     async fn send(&self, producer: &Producer, rows: &[UnsentRow]) -> Result<Vec<PublishedRow>> {
@@ -613,7 +622,7 @@ impl OutboxRelay {
     /// `scan_from` past them, in one transaction. Returns how many rows changed.
     pub async fn mark_sent(&mut self, batch: &PublishedBatch) -> Result<usize> {
         let rows = batch.rows.clone();
-        sqlite::blocking(&self.connection, move |connection| {
+        let marked = sqlite::blocking(&self.connection, move |connection| {
             let transaction = connection.transaction()?;
             let marked = mark_rows(&transaction, &rows)?;
             for row in &rows {
@@ -626,7 +635,12 @@ impl OutboxRelay {
             transaction.commit()?;
             Ok(marked)
         })
-        .await
+        .await?;
+        // Every row published is marked: the producer may go on without a read-back.
+        if let Some(producer) = self.published_by.take() {
+            self.producer = Some(producer);
+        }
+        Ok(marked)
     }
 
     /// Publishes one batch and marks it sent. Returns how many rows were sent (0 when the
@@ -668,7 +682,7 @@ impl OutboxRelay {
 
     /// Closes the producer (delivering anything still buffered).
     pub async fn close(self) -> Result<()> {
-        if let Some(producer) = self.producer {
+        for producer in [self.producer, self.published_by].into_iter().flatten() {
             producer.close().await?;
         }
         Ok(())
@@ -710,8 +724,10 @@ mod tests {
             ("empty".to_owned(), Vec::new()),
             ("ünïcode".to_owned(), vec![0, 255]),
         ];
-        let bytes = encode_headers(&headers);
+        let bytes = encode_headers(&headers).unwrap();
         assert_eq!(decode_headers(&bytes).unwrap(), headers);
+        // A name over 64 KiB is an error for the caller's transaction, not a panic.
+        assert!(encode_headers(&[("n".repeat(70_000), Vec::new())]).is_err());
         assert_eq!(decode_headers(&[]).unwrap(), Vec::new());
         // Cutting anywhere inside a header leaves an incomplete one; cutting between headers
         // leaves fewer, whole ones.
