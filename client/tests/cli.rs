@@ -184,6 +184,38 @@ fn usage_errors_exit_2_and_an_unreachable_broker_exits_1() {
         .output()
         .unwrap();
     assert_eq!(no_ca.status.code(), Some(2));
+    // A bad --from, and --from OFFSET with --group, are usage errors found before connecting.
+    for args in [
+        &[
+            "--broker",
+            "tcp://127.0.0.1:1",
+            "consume",
+            "t",
+            "--from",
+            "bogus",
+        ][..],
+        &[
+            "--broker",
+            "tcp://127.0.0.1:1",
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--from",
+            "5",
+        ],
+    ] {
+        let bad_from = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            bad_from.status.code(),
+            Some(2),
+            "{}",
+            text(&bad_from.stderr)
+        );
+    }
     assert!(
         text(&no_ca.stderr).contains("ca-file"),
         "{}",
@@ -257,5 +289,104 @@ async fn ten_thousand_keyed_lines_round_trip_as_json() {
         }
     }
     assert_eq!(seen.len(), 10_000);
+    broker.shutdown().await;
+}
+
+/// Produces `values` to partition 0 of `topic`, one batch.
+async fn produce_values(client: &Client, topic: &str, values: &[String]) {
+    let mut builder = RecordBatchBuilder::new();
+    for value in values {
+        builder.append(1_700_000_000_000, None, value.as_bytes(), &[]);
+    }
+    let Response::Produce(response) = client
+        .send(ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: topic.into(),
+                partitions: vec![ProducePartition {
+                    partition: 0,
+                    records: builder.build().into_bytes(),
+                }],
+            }],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        response.topics[0].partitions[0].error_code,
+        sluice_client::protocol::ErrorCode::None
+    );
+}
+
+/// `sluice consume` shows records as they arrive (it does not hold them until its output
+/// buffer fills or it exits), and a reader that goes away (`| head -1`) ends it as `--count`
+/// would: the group commits what was consumed, leaves, and the command exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_shows_records_as_they_come_and_ends_cleanly_when_its_reader_goes() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    produce_values(&client, "t", &["first".to_owned()]).await;
+    let url = format!("tcp://{}", broker.tcp_addr);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env_remove("SLUICE_CA_FILE")
+        .env("SLUICE_BROKER", url)
+        .args(["consume", "t", "--group", "g", "--format", "value"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // The first record is printed while the command runs on, waiting for more.
+    let first = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout);
+            let mut line = String::new();
+            lines.read_line(&mut line).unwrap();
+            (line, lines)
+        }),
+    )
+    .await
+    .expect("the first record shows while the command runs")
+    .unwrap();
+    assert_eq!(first.0, "first\n");
+    // The reader goes away; the next record's write fails and the command ends.
+    drop(first.1);
+    let values: Vec<String> = (0..1_000).map(|index| format!("later-{index}")).collect();
+    produce_values(&client, "t", &values).await;
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("consumed"), "{stderr}");
+    let Response::FetchOffsets(offsets) = client
+        .send(FetchOffsetsRequest {
+            group_id: "g".into(),
+            topics: Some(vec![TopicPartitions {
+                topic: "t".into(),
+                partitions: vec![0],
+            }]),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(
+        offsets.topics[0].partitions[0].committed_offset >= 1,
+        "what was consumed is committed: {offsets:?}"
+    );
     broker.shutdown().await;
 }

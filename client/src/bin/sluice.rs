@@ -54,8 +54,8 @@ enum Command {
         #[arg(long)]
         group: Option<String>,
         /// Where to start when no committed offset exists: earliest, latest or an offset.
-        #[arg(long, default_value = "earliest")]
-        from: String,
+        #[arg(long, default_value = "earliest", value_parser = parse_from)]
+        from: StartFrom,
         /// Exit after N records.
         #[arg(long)]
         count: Option<u64>,
@@ -108,6 +108,26 @@ enum Format {
 }
 
 /// A failure: one line on stderr, exit 1 (runtime) or 2 (usage or configuration).
+/// `consume --from`.
+#[derive(Clone, Copy, Debug)]
+enum StartFrom {
+    Earliest,
+    Latest,
+    Offset(u64),
+}
+
+/// Parsed with the other flags, so a bad value is a usage error before anything connects.
+fn parse_from(value: &str) -> Result<StartFrom, String> {
+    match value {
+        "earliest" => Ok(StartFrom::Earliest),
+        "latest" => Ok(StartFrom::Latest),
+        offset => offset
+            .parse()
+            .map(StartFrom::Offset)
+            .map_err(|_| format!("{offset:?}: expected earliest, latest or an offset")),
+    }
+}
+
 struct Failure(String, u8);
 
 impl Failure {
@@ -172,6 +192,16 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Consume {
+        group: Some(_),
+        from: StartFrom::Offset(_),
+        ..
+    } = &cli.command
+    {
+        return Err(Failure::usage(
+            "--from OFFSET applies to a consumer without --group; a group starts from its committed offsets (use earliest or latest)",
+        ));
+    }
     let client = connect(&cli).await?;
     let result = match &cli.command {
         Command::Topic(command) => topic(&client, command).await,
@@ -192,7 +222,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 &client,
                 topic,
                 group.as_deref(),
-                from,
+                *from,
                 *count,
                 *timeout_ms,
                 *format,
@@ -355,27 +385,16 @@ async fn consume(
     client: &Client,
     topic: &str,
     group: Option<&str>,
-    from: &str,
+    from: StartFrom,
     count: Option<u64>,
     timeout_ms: Option<u64>,
     format: Format,
 ) -> Result<(), Failure> {
+    // (`run` refused --from OFFSET with --group before connecting.)
     let (reset, seek) = match from {
-        "earliest" => (ResetPolicy::Earliest, Seek::Earliest),
-        "latest" => (ResetPolicy::Latest, Seek::Latest),
-        offset => match offset.parse::<u64>() {
-            Ok(offset) if group.is_none() => (ResetPolicy::Earliest, Seek::Offset(offset)),
-            Ok(_) => {
-                return Err(Failure::usage(
-                    "--from OFFSET applies to a consumer without --group; a group starts from its committed offsets (use earliest or latest)",
-                ));
-            }
-            Err(_) => {
-                return Err(Failure::usage(format!(
-                    "--from {offset:?}: expected earliest, latest or an offset"
-                )));
-            }
-        },
+        StartFrom::Earliest => (ResetPolicy::Earliest, Seek::Earliest),
+        StartFrom::Latest => (ResetPolicy::Latest, Seek::Latest),
+        StartFrom::Offset(offset) => (ResetPolicy::Earliest, Seek::Offset(offset)),
     };
     let partitions = client.admin().partition_count(topic).await?;
     let builder = client
@@ -409,22 +428,41 @@ async fn consume(
                 None => Some(consumer.next().await),
             }
         };
-        let record = tokio::select! {
-            record = next => record,
-            _ = &mut interrupted => break Ok(()),
+        tokio::pin!(next);
+        // What is printed shows as soon as no further record is ready: a live tail is seen
+        // as it comes, a backlog is written in large writes.
+        let record = match futures::poll!(next.as_mut()) {
+            std::task::Poll::Ready(record) => {
+                if futures::poll!(&mut interrupted).is_ready() {
+                    break Ok(());
+                }
+                record
+            }
+            std::task::Poll::Pending => {
+                if let Err(error) = out.flush() {
+                    break written(error);
+                }
+                tokio::select! {
+                    record = &mut next => record,
+                    _ = &mut interrupted => break Ok(()),
+                }
+            }
         };
         match record {
             None => break Ok(()),       // idle timeout
             Some(None) => break Ok(()), // stream ended
             Some(Some(Err(error))) => break Err(Failure::runtime(error.to_string())),
             Some(Some(Ok(record))) => {
-                print_record(&mut out, &record, format)?;
+                if let Err(error) = print_record(&mut out, &record, format) {
+                    break written(error);
+                }
                 consumed += 1;
                 progress.update("consumed", consumed);
             }
         }
     };
-    out.flush()?;
+    let flushed = out.flush().or_else(written);
+    let outcome = outcome.and(flushed);
     drop(out);
     progress.finish();
     // Everything printed is processed: close commits it (in a group) before exiting.
@@ -460,11 +498,24 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// A failed write of consumed records: the reader of the output went away (`| head`) ends
+/// the command as reaching `--count` would; any other error fails it. Either way the consumer
+/// is closed after, so a group commits and leaves.
+fn written(error: std::io::Error) -> Result<(), Failure> {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(Failure::runtime(format!(
+            "writing the records failed: {error}"
+        )))
+    }
+}
+
 fn print_record(
     out: &mut impl Write,
     record: &ConsumerRecord,
     format: Format,
-) -> Result<(), Failure> {
+) -> std::io::Result<()> {
     match format {
         Format::Value => {
             out.write_all(&record.value)?;
@@ -485,7 +536,7 @@ fn print_record(
                 "value": text_or_base64(&record.value),
                 "headers": headers,
             });
-            serde_json::to_writer(&mut *out, &object)?;
+            serde_json::to_writer(&mut *out, &object).map_err(std::io::Error::from)?;
             out.write_all(b"\n")?;
         }
     }
