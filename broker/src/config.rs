@@ -352,6 +352,10 @@ pub struct Limits {
     /// Longest a partially received frame may take to arrive, in milliseconds; a slower
     /// sender is cut off. Default 30000.
     pub frame_read_timeout_ms: u64,
+    /// Longest the broker waits to write one answer to a connection that does not read it, in
+    /// milliseconds; the connection is then closed, and the fetch budget its unsent answers
+    /// held goes back to everyone else. Default 60000.
+    pub response_write_timeout_ms: u64,
     /// Shortest session timeout a consumer-group member may ask for, in milliseconds.
     /// Default 6000.
     pub group_min_session_timeout_ms: u64,
@@ -378,6 +382,7 @@ impl Default for Limits {
             fetch_response_budget_bytes: 256 * u64::from(MIB),
             fetch_read_ahead_ms: 500,
             frame_read_timeout_ms: 30_000,
+            response_write_timeout_ms: 60_000,
             group_min_session_timeout_ms: 6_000,
             group_max_session_timeout_ms: 300_000,
             producer_expiry_ms: 7 * DAY_MS,
@@ -756,6 +761,10 @@ impl Limits {
             ));
         }
         at_least_one("limits.frame_read_timeout_ms", self.frame_read_timeout_ms)?;
+        at_least_one(
+            "limits.response_write_timeout_ms",
+            self.response_write_timeout_ms,
+        )?;
         at_least_one(
             "limits.group_min_session_timeout_ms",
             self.group_min_session_timeout_ms,

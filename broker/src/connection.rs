@@ -57,11 +57,17 @@ pub async fn serve_with<S>(
     let limits = &state.config.limits;
     let max_in_flight = limits.max_in_flight_requests.max(1);
     let (responses, outgoing) = mpsc::channel::<OutgoingFrame>(max_in_flight);
+    // Resolves when the writer stops (a peer that does not read its answers): the reader
+    // then stops too, so the connection closes instead of idling with its slot.
+    let (writer_alive, mut writer_gone) = tokio::sync::oneshot::channel::<()>();
     let writer_task = tokio::spawn(write_responses(
         writer,
         outgoing,
         state.metrics.sent_bytes().clone(),
         zero_copy,
+        Duration::from_millis(limits.response_write_timeout_ms),
+        writer_alive,
+        peer.clone(),
     ));
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let read_ahead = Arc::new(handlers::ReadAhead::default());
@@ -185,7 +191,11 @@ pub async fn serve_with<S>(
             // half-way or by sending slowly, is cut off.
             let deadline = *frame_deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + frame_read_timeout);
-            match tokio::time::timeout_at(deadline, reader.read_buf(&mut buffer)).await {
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(deadline, reader.read_buf(&mut buffer)) => read,
+                _ = &mut writer_gone => break,
+            };
+            match read {
                 Ok(read) => read,
                 Err(_) => {
                     tracing::warn!(%peer, timeout_ms = limits.frame_read_timeout_ms, "closing connection stalled mid-frame");
@@ -203,6 +213,7 @@ pub async fn serve_with<S>(
             tokio::select! {
                 read = reader.read_buf(&mut buffer) => read,
                 _ = shutdown.wait_for(|stopping| *stopping) => break,
+                _ = &mut writer_gone => break,
             }
         };
         match read {
@@ -387,30 +398,44 @@ fn stalled_correlation_id(buffer: &BytesMut) -> u32 {
     }
 }
 
+/// Writes answers as they come until the reader is done, or the peer stops reading: a frame
+/// (or a flush) not written within `write_timeout` ends it, and the frames still queued go
+/// with their fetch budget. `_alive` is dropped on return, which tells the reader.
 async fn write_responses<W>(
     writer: W,
     mut outgoing: mpsc::Receiver<OutgoingFrame>,
     sent_bytes: Counter,
     zero_copy: Option<ZeroCopySocket>,
+    write_timeout: Duration,
+    _alive: tokio::sync::oneshot::Sender<()>,
+    peer: String,
 ) where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut writer = BufWriter::with_capacity(READ_CHUNK_BYTES, writer);
     let zero_copy = zero_copy.as_ref();
+    let stalled = || {
+        tracing::warn!(%peer, timeout_ms = write_timeout.as_millis() as u64, "closing connection that does not read its answers");
+    };
     while let Some(frame) = outgoing.recv().await {
-        let Ok(written) = frame.write_to(&mut writer, zero_copy).await else {
-            return;
+        match tokio::time::timeout(write_timeout, frame.write_to(&mut writer, zero_copy)).await {
+            Ok(Ok(written)) => sent_bytes.inc_by(written),
+            Ok(Err(_)) => return,
+            Err(_) => return stalled(),
         };
-        sent_bytes.inc_by(written);
         // Batch whatever else is ready into the same flush.
         while let Ok(frame) = outgoing.try_recv() {
-            let Ok(written) = frame.write_to(&mut writer, zero_copy).await else {
-                return;
+            match tokio::time::timeout(write_timeout, frame.write_to(&mut writer, zero_copy)).await
+            {
+                Ok(Ok(written)) => sent_bytes.inc_by(written),
+                Ok(Err(_)) => return,
+                Err(_) => return stalled(),
             };
-            sent_bytes.inc_by(written);
         }
-        if writer.flush().await.is_err() {
-            return;
+        match tokio::time::timeout(write_timeout, writer.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => return stalled(),
         }
     }
     let _ = writer.shutdown().await;

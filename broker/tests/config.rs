@@ -369,6 +369,9 @@ const SETTINGS: &[Setting] = &[
     ("limits.frame_read_timeout_ms", "5000", |c| {
         c.limits.frame_read_timeout_ms == 5000
     }),
+    ("limits.response_write_timeout_ms", "5000", |c| {
+        c.limits.response_write_timeout_ms == 5000
+    }),
     ("limits.group_min_session_timeout_ms", "1", |c| {
         c.limits.group_min_session_timeout_ms == 1
     }),

@@ -665,3 +665,59 @@ async fn a_fetch_answer_fits_in_a_frame_whatever_max_bytes_asks() {
     still_served(&connection, "t").await;
     broker.shutdown().await;
 }
+
+/// A consumer that asks for answers and never reads them holds fetch budget only until
+/// `response_write_timeout_ms`: its connection is then closed, and the others' fetches, which
+/// found the budget taken (`Throttled`), are served again.
+#[tokio::test]
+async fn a_connection_that_does_not_read_its_answers_is_closed_and_gives_the_budget_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    config.limits.fetch_response_budget_bytes = u64::from(config.limits.max_frame_bytes);
+    config.limits.response_write_timeout_ms = 1_000;
+    config.limits.fetch_max_wait_ms = 100;
+    let (broker, connection) = start(config).await;
+    assert_eq!(
+        create(&connection, "t", 1, vec![]).await.error_code,
+        ErrorCode::None
+    );
+    // 24 batches of about 1 MB.
+    for _ in 0..24 {
+        assert_eq!(
+            produce(&connection, "t", batch(1_000, 1_000))
+                .await
+                .error_code,
+            ErrorCode::None
+        );
+    }
+    // A raw client with a small receive buffer asks for all of it and reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut stalled = socket.connect(broker.tcp_addr).await.unwrap();
+    for index in 0..24u32 {
+        let mut request = fetch_request("t", u64::from(index) * 1_000, 0, 1 << 20);
+        request.topics[0].partitions[0].partition_max_bytes = 1 << 20;
+        stalled
+            .write_all(&frame(index, request))
+            .await
+            .expect("the requests go out");
+    }
+    // Whatever the others see meanwhile (throttled while the budget is held), within the
+    // write timeout and a bit their fetches are served again.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let fetched = fetch(&connection, "t", 0, 1 << 20).await;
+        if fetched.error_code == ErrorCode::None && !fetched.records.is_empty() {
+            break;
+        }
+        assert_eq!(fetched.error_code, ErrorCode::Throttled);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled connection kept the fetch budget"
+        );
+    }
+    // And the stalled connection was closed: reading it finds the end (after what the
+    // socket buffers held).
+    read_until_closed(&mut stalled).await;
+    broker.shutdown().await;
+}
