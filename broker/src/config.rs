@@ -326,7 +326,7 @@ pub struct Limits {
     /// Default 1024.
     pub max_connections: usize,
     /// Requests of one connection (or QUIC stream) being handled at once; the broker stops
-    /// reading from it until one completes. Default 256.
+    /// reading from it until one completes. At most 65536. Default 256.
     pub max_in_flight_requests: usize,
     /// Bidirectional streams a QUIC client may open on one connection. Default 64.
     pub max_quic_streams: u32,
@@ -350,11 +350,11 @@ pub struct Limits {
     /// milliseconds. 0 reads nothing ahead. Default 500.
     pub fetch_read_ahead_ms: u64,
     /// Longest a partially received frame may take to arrive, in milliseconds; a slower
-    /// sender is cut off. Default 30000.
+    /// sender is cut off. At most 86400000 (a day). Default 30000.
     pub frame_read_timeout_ms: u64,
     /// Longest the broker waits to write one answer to a connection that does not read it, in
     /// milliseconds; the connection is then closed, and the fetch budget its unsent answers
-    /// held goes back to everyone else. Default 60000.
+    /// held goes back to everyone else. At most 86400000 (a day). Default 60000.
     pub response_write_timeout_ms: u64,
     /// Shortest session timeout a consumer-group member may ask for, in milliseconds.
     /// Default 6000.
@@ -739,9 +739,10 @@ impl Limits {
             ));
         }
         at_least_one("limits.max_connections", self.max_connections as u64)?;
-        at_least_one(
+        in_range(
             "limits.max_in_flight_requests",
             self.max_in_flight_requests as u64,
+            MAX_IN_FLIGHT_REQUESTS,
         )?;
         at_least_one("limits.max_quic_streams", u64::from(self.max_quic_streams))?;
         at_least_one(
@@ -760,10 +761,15 @@ impl Limits {
                 ),
             ));
         }
-        at_least_one("limits.frame_read_timeout_ms", self.frame_read_timeout_ms)?;
-        at_least_one(
+        in_range(
+            "limits.frame_read_timeout_ms",
+            self.frame_read_timeout_ms,
+            MAX_TIMEOUT_MS,
+        )?;
+        in_range(
             "limits.response_write_timeout_ms",
             self.response_write_timeout_ms,
+            MAX_TIMEOUT_MS,
         )?;
         at_least_one(
             "limits.group_min_session_timeout_ms",
@@ -788,6 +794,24 @@ impl Logging {
             ConfigError::invalid("logging.filter", format!("{:?}: {error}", self.filter))
         })
     }
+}
+
+/// The longest connection timeout (a day): a deadline this far off is as good as none, and
+/// one much further would overflow the clock's arithmetic.
+const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// The most requests one connection may have in flight (each holds a semaphore permit and a
+/// response slot).
+const MAX_IN_FLIGHT_REQUESTS: u64 = 65_536;
+
+fn in_range(option: &str, value: u64, max: u64) -> Result<(), ConfigError> {
+    at_least_one(option, value)?;
+    if value > max {
+        return Err(ConfigError::invalid(
+            option,
+            format!("must be at most {max}"),
+        ));
+    }
+    Ok(())
 }
 
 fn at_least_one(option: &str, value: u64) -> Result<(), ConfigError> {

@@ -544,6 +544,30 @@ fn bad_values_in_the_file_are_named() {
     }
 }
 
+/// Limits the broker's own arithmetic cannot take (a deadline past what the clock adds up, more
+/// permits than a semaphore holds) are refused by name instead of panicking later.
+#[test]
+fn out_of_range_limits_are_named() {
+    for (text, option) in [
+        (
+            "[limits]\nframe_read_timeout_ms = 100000000000\n",
+            "limits.frame_read_timeout_ms",
+        ),
+        (
+            "[limits]\nresponse_write_timeout_ms = 0\n",
+            "limits.response_write_timeout_ms",
+        ),
+        (
+            "[limits]\nmax_in_flight_requests = 10000000000\n",
+            "limits.max_in_flight_requests",
+        ),
+    ] {
+        let error = load_file(text).unwrap_err();
+        assert_eq!(error.option(), Some(option), "{text}");
+        assert_one_line_naming(&error, option);
+    }
+}
+
 #[test]
 fn unknown_variables_are_named() {
     for variable in [
