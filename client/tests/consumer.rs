@@ -173,20 +173,7 @@ async fn commits_on_close_and_a_new_member_resumes_after_them() {
     let first = take(&mut consumer, 40).await;
     assert_eq!(first.last().unwrap().1, 39);
     consumer.close().await.unwrap();
-    let Response::FetchOffsets(offsets) = client
-        .send(FetchOffsetsRequest {
-            group_id: "g".into(),
-            topics: Some(vec![TopicPartitions {
-                topic: "t".into(),
-                partitions: vec![0],
-            }]),
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert_eq!(offsets.topics[0].partitions[0].committed_offset, 40);
+    assert_eq!(committed_offset(&client, "g", "t", 0).await, 40);
     let mut consumer = client
         .consumer()
         .group("g")

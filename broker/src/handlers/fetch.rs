@@ -340,23 +340,20 @@ fn resolve(state: &BrokerState, request: &FetchRequest) -> (Vec<String>, Vec<Tar
 
 /// A request's `max_bytes`, less when its answer would not fit in a frame of
 /// `limits.max_frame_bytes` with its headers (a client refuses a larger frame and drops the
-/// connection): the records' room is the frame less the response's own bytes, at most a frame
-/// header and per topic and partition their names and fields.
+/// connection).
 fn frame_max_bytes(
     state: &BrokerState,
     names: &[String],
     targets: &[Target],
     max_bytes: u32,
 ) -> u32 {
-    const FRAME_BYTES: u64 = 64;
-    const TOPIC_BYTES: u64 = 16;
-    const PARTITION_BYTES: u64 = 64;
-    let overhead = FRAME_BYTES
-        + names
+    let overhead = FetchResponse::overhead_bytes(names.iter().enumerate().map(|(index, name)| {
+        let partitions = targets
             .iter()
-            .map(|name| TOPIC_BYTES + name.len() as u64)
-            .sum::<u64>()
-        + PARTITION_BYTES * targets.len() as u64;
+            .filter(|target| target.topic_index == index)
+            .count();
+        (name.as_str(), partitions)
+    }));
     let room = u64::from(state.config.limits.max_frame_bytes).saturating_sub(overhead);
     max_bytes
         .min(u32::try_from(room).unwrap_or(u32::MAX))

@@ -42,8 +42,8 @@ use sluice_protocol::Response;
 use sluice_protocol::batch::RecordBatchRef;
 use sluice_protocol::messages::{
     CommitOffsetsRequest, CommitPartition, CommitTopic, FetchOffsetsRequest, FetchPartition,
-    FetchRequest, FetchTopic, LeaveGroupRequest, ListOffsetsPartition, ListOffsetsRequest,
-    ListOffsetsTopic, OffsetSpec,
+    FetchRequest, FetchResponse, FetchTopic, LeaveGroupRequest, ListOffsetsPartition,
+    ListOffsetsRequest, ListOffsetsTopic, OffsetSpec,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -1047,21 +1047,6 @@ impl PartitionState {
     }
 }
 
-/// Bytes of a fetch response frame besides its records, at most: the frame and response
-/// headers, and per topic its name and counts, per partition its offsets and error fields.
-fn fetch_response_overhead(topics: &BTreeMap<&str, Vec<FetchPartition>>) -> u64 {
-    const FRAME_BYTES: u64 = 64;
-    const TOPIC_BYTES: u64 = 16;
-    const PARTITION_BYTES: u64 = 64;
-    FRAME_BYTES
-        + topics
-            .iter()
-            .map(|(name, partitions)| {
-                TOPIC_BYTES + name.len() as u64 + PARTITION_BYTES * partitions.len() as u64
-            })
-            .sum::<u64>()
-}
-
 /// The records a fetch may ask for: `max_bytes`, less when the answer would not fit in a
 /// frame the connection accepts (a frame over the limit closes the connection, and the same
 /// fetch would be asked again and again).
@@ -1070,7 +1055,12 @@ fn fetch_max_bytes(
     max_frame_bytes: u32,
     topics: &BTreeMap<&str, Vec<FetchPartition>>,
 ) -> u32 {
-    let room = u64::from(max_frame_bytes).saturating_sub(fetch_response_overhead(topics));
+    let overhead = FetchResponse::overhead_bytes(
+        topics
+            .iter()
+            .map(|(name, partitions)| (*name, partitions.len())),
+    );
+    let room = u64::from(max_frame_bytes).saturating_sub(overhead);
     max_bytes
         .min(u32::try_from(room).unwrap_or(u32::MAX))
         .max(1)

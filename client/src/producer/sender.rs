@@ -606,29 +606,22 @@ impl SenderState {
                                 window.retry_at = Some(now + window.backoff.next_delay());
                             }
                         }
-                        Action::FailOutcomeUnknown => {
+                        action @ (Action::FailBatch | Action::FailOutcomeUnknown) => {
                             let sent = window.batches.remove(index).expect("index in range");
-                            tracing::warn!(topic, partition, %error, "batch failed, and may have been written");
-                            doom_from(shared, window, index, &error, topic, partition);
-                            if !self.epoch_bump_needed {
-                                self.epoch_bump_needed = true;
-                                self.epoch_bump_at = Some(now);
-                            }
-                            finish(
-                                shared,
-                                sent.id,
-                                &sent.completion,
-                                sent.reserved_bytes,
-                                Err(error),
-                            );
-                        }
-                        Action::FailBatch => {
-                            let sent = window.batches.remove(index).expect("index in range");
-                            tracing::warn!(topic, partition, %error, "batch failed");
+                            tracing::warn!(topic, partition, %error, ?action, "batch failed");
                             if idempotent {
-                                let rewind = sent.base_sequence;
-                                window.rewind_to =
-                                    Some(window.rewind_to.map_or(rewind, |at| at.min(rewind)));
+                                if action == Action::FailOutcomeUnknown {
+                                    // It may have been written with its sequences: a new
+                                    // epoch before anything more goes out, not a rewind.
+                                    if !self.epoch_bump_needed {
+                                        self.epoch_bump_needed = true;
+                                        self.epoch_bump_at = Some(now);
+                                    }
+                                } else {
+                                    let rewind = sent.base_sequence;
+                                    window.rewind_to =
+                                        Some(window.rewind_to.map_or(rewind, |at| at.min(rewind)));
+                                }
                                 doom_from(shared, window, index, &error, topic, partition);
                             }
                             finish(

@@ -138,6 +138,26 @@ pub struct FetchResponse {
 }
 
 impl FetchResponse {
+    /// Bytes of a response frame besides its records (after the length prefix, as
+    /// `max_frame_bytes` counts): the response header, and per topic (its name, its number
+    /// of partitions) their fields. A fetch asking for `max_bytes` of records gets a frame of
+    /// at most that plus this.
+    pub fn overhead_bytes<'a>(topics: impl IntoIterator<Item = (&'a str, usize)>) -> u64 {
+        // Topic count; per topic its name (u16 length) and partition count; per partition
+        // partition, error code, high watermark, log start offset and the records' length.
+        const TOPICS_BYTES: u64 = 4;
+        const TOPIC_BYTES: u64 = 2 + 4;
+        const PARTITION_BYTES: u64 = 4 + 2 + 8 + 8 + 4;
+        crate::frame::RESPONSE_HEADER_BYTES as u64
+            + TOPICS_BYTES
+            + topics
+                .into_iter()
+                .map(|(name, partitions)| {
+                    TOPIC_BYTES + name.len() as u64 + PARTITION_BYTES * partitions as u64
+                })
+                .sum::<u64>()
+    }
+
     fn encode_into(&self, dst: &mut impl BodySink) {
         put_count(dst.small(), self.topics.len());
         for topic in &self.topics {
@@ -191,6 +211,34 @@ mod tests {
     use crate::messages::test_support::{encoded, round_trip_tests};
 
     round_trip_tests!(request: FetchRequest, response: FetchResponse);
+
+    #[test]
+    fn a_response_frame_is_its_records_plus_the_overhead() {
+        let partition = |records: &'static [u8]| FetchPartitionResponse {
+            partition: 0,
+            error_code: ErrorCode::None,
+            high_watermark: 9,
+            log_start_offset: 0,
+            records: Bytes::from_static(records),
+        };
+        let response = FetchResponse {
+            topics: vec![
+                FetchTopicResponse {
+                    name: "orders".into(),
+                    partitions: vec![partition(b"abc"), partition(b"")],
+                },
+                FetchTopicResponse {
+                    name: "t".into(),
+                    partitions: vec![partition(b"0123456789")],
+                },
+            ],
+        };
+        let mut frame = BytesMut::new();
+        crate::Response::Fetch(response).encode_frame(7, &mut frame);
+        let after_prefix = frame.len() as u64 - crate::frame::LENGTH_PREFIX_BYTES as u64;
+        let overhead = FetchResponse::overhead_bytes([("orders", 2), ("t", 1)]);
+        assert_eq!(after_prefix, overhead + 13);
+    }
 
     #[test]
     fn exact_request_bytes() {
