@@ -142,7 +142,19 @@ impl Client {
             .as_ref()
             .filter(|connection| !connection.is_closed())
         {
-            return Ok(connection.clone());
+            let breaker = self
+                .inner
+                .breaker
+                .lock()
+                .expect("breaker lock poisoned")
+                .state();
+            if matches!(breaker, BreakerState::Closed { .. }) {
+                return Ok(connection.clone());
+            }
+            // The breaker opened while this connection stayed up (a broker that takes
+            // requests and answers none): stop using it, and connect again through the
+            // breaker like any new connection, failing fast while it is open.
+            *current = None;
         }
         let url = {
             let mut next = self.inner.next_url.lock().expect("url lock poisoned");

@@ -76,3 +76,35 @@ async fn the_breaker_opens_while_the_broker_is_down_and_closes_after_it_returns(
     client.send_with_retry(ListTopicsRequest {}).await.unwrap();
     broker.shutdown().await;
 }
+
+/// A broker that takes connections and requests and answers nothing: once timeouts have
+/// opened the breaker, calls fail at once with `CircuitOpen` instead of each waiting out the
+/// request timeout on the connection that stayed up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_stops_calls_on_a_connection_that_stays_up_but_never_answers() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let options = ClientOptions::default()
+        .connection(ConnectionOptions::default().request_timeout(Duration::from_millis(200)))
+        .breaker(BreakerOptions {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(600),
+        });
+    let client = Client::connect_with(&format!("tcp://{address}"), options)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let error = client.send(ListTopicsRequest {}).await.unwrap_err();
+        assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    }
+    assert!(matches!(client.breaker_state(), BreakerState::Open { .. }));
+    // Not another Timeout: the call did not go out on the silent connection.
+    let error = client.send(ListTopicsRequest {}).await.unwrap_err();
+    assert!(matches!(error, Error::CircuitOpen { .. }), "{error:?}");
+}
