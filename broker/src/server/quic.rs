@@ -157,6 +157,9 @@ fn transport_config(config: &Config) -> quinn::TransportConfig {
     transport
 }
 
+/// Longest a QUIC handshake may take before its connection slot is given back.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts connections until shutdown, then lets them drain and closes the endpoint.
 pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<BrokerState>) {
     let mut connections = JoinSet::new();
@@ -169,6 +172,14 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<BrokerState>) {
         };
         // None: the endpoint was closed, which only this function does.
         let Some(incoming) = incoming else { break };
+        // A first Initial from an address not yet shown to be the sender's gets a stateless
+        // Retry (no state, no slot): a flood of Initials from spoofed addresses then costs
+        // nothing, instead of holding every connection slot (TCP's too) in half-open
+        // handshakes. A real client answers the Retry and comes back validated.
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
         let Ok(slot) = Arc::clone(&state.connection_slots).try_acquire_owned() else {
             // Refused before the handshake: an over-limit client costs no TLS work or state.
             tracing::warn!(
@@ -206,11 +217,15 @@ async fn serve_connection(
     slot: OwnedSemaphorePermit,
 ) {
     let remote = incoming.remote_address();
-    // The handshake is bounded by quinn's idle timeout.
-    let quic_connection = match incoming.await {
-        Ok(quic_connection) => quic_connection,
-        Err(error) => {
+    // A peer that starts a handshake and never finishes it holds its slot this long at most.
+    let quic_connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(quic_connection)) => quic_connection,
+        Ok(Err(error)) => {
             tracing::debug!(%remote, %error, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "QUIC handshake not finished in time");
             return;
         }
     };
