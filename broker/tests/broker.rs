@@ -3,6 +3,8 @@
 //! QUIC (as `<test>::tcp` and `<test>::quic`, see [`over_both_transports!`]). QUIC is real QUIC
 //! with TLS: the client trusts the certificate the broker wrote to its data directory.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -526,16 +528,7 @@ async fn a_read_ahead_of_a_deleted_topic_is_not_served_for_the_topic_created_aga
     produce(&connection, "t", 0, &["old2", "old3"], Acks::Leader).await;
     // Answered, this starts reading the next batch (from offset 2) ahead.
     assert_eq!(one_batch(0).await[0].1, "old0");
-    let Response::DeleteTopics(deleted) = connection
-        .send(DeleteTopicsRequest {
-            names: vec!["t".into()],
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("wrong response")
-    };
-    assert_eq!(deleted.results[0].error_code, ErrorCode::None);
+    support::delete_topic(&connection, "t").await;
     create(&connection, "t", 1).await;
     produce(&connection, "t", 0, &["new0", "new1"], Acks::Leader).await;
     produce(&connection, "t", 0, &["new2", "new3"], Acks::Leader).await;

@@ -10,7 +10,7 @@ use sluice_broker::{Broker, BrokerHandle, Config};
 use sluice_client::Connection;
 use sluice_protocol::messages::*;
 use sluice_protocol::{ErrorCode, RecordBatchBuilder, Response};
-use support::create_topic;
+use support::{create_topic, delete_topic};
 
 async fn start(data_dir: &Path) -> (BrokerHandle, Connection) {
     let broker = Broker::start(Config::on_loopback(data_dir))
@@ -336,16 +336,7 @@ async fn a_deleted_topics_committed_offsets_go_with_it() {
         commit(&connection, "g", &member, "u", 0, 9).await,
         ErrorCode::None
     );
-    let Response::DeleteTopics(deleted) = connection
-        .send(DeleteTopicsRequest {
-            names: vec!["t".into()],
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert_eq!(deleted.results[0].error_code, ErrorCode::None);
+    delete_topic(&connection, "t").await;
     assert_eq!(committed(&connection, "g", "t", 0).await, -1);
     create_topic(&connection, "t", 1).await;
     assert_eq!(committed(&connection, "g", "t", 0).await, -1);

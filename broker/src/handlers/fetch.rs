@@ -50,17 +50,13 @@ pub fn fetch(
             Some(reading) => reading.await.ok().flatten(),
             None => None,
         };
-        // Read from the partitions the request names now, not from a topic deleted since
-        // (and perhaps created again under its name).
-        let read = read.filter(|read| same_logs(&state, &request, &read.logs));
+        let read = read.and_then(|mut read| {
+            refresh_offsets(&state, &mut read.response, &read.logs)
+                .then_some((read.response, read.budget))
+        });
         let (response, budget) = match read {
-            Some(ReadAheadOf {
-                mut response,
-                budget,
-                ..
-            }) => {
+            Some((response, budget)) => {
                 state.metrics.count_read_ahead_answer();
-                refresh_offsets(&state, &mut response);
                 (response, Some(budget))
             }
             None => fetch_with_wait(&state, &request).await,
@@ -100,25 +96,6 @@ struct ReadAheadOf {
     response: FetchResponse,
     budget: FetchBudgetPermit,
     logs: Vec<Option<Arc<PartitionLog>>>,
-}
-
-/// Whether `request` names the very logs `logs` were, in order: a topic deleted and created
-/// again under its name since has new ones.
-fn same_logs(
-    state: &BrokerState,
-    request: &FetchRequest,
-    logs: &[Option<Arc<PartitionLog>>],
-) -> bool {
-    let (_, targets) = resolve(state, request);
-    targets.len() == logs.len()
-        && targets
-            .iter()
-            .zip(logs)
-            .all(|(target, read)| match (&target.log, read) {
-                (Some(now), Some(read)) => Arc::ptr_eq(now, read),
-                (None, None) => true,
-                _ => false,
-            })
 }
 
 impl ReadAhead {
@@ -176,19 +153,32 @@ impl Drop for ReadAhead {
 }
 
 /// Sets each partition's high watermark and log start offset of an answer read ahead to what
-/// they are now: the records were read a moment ago, the offsets say where the log is.
-fn refresh_offsets(state: &BrokerState, response: &mut FetchResponse) {
+/// they are now: the records were read a moment ago, the offsets say where the log is. False,
+/// and the answer must not be served, when a partition's log is not the one read (`read`, in
+/// the answer's order): its topic was deleted since, perhaps created again under its name.
+fn refresh_offsets(
+    state: &BrokerState,
+    response: &mut FetchResponse,
+    read: &[Option<Arc<PartitionLog>>],
+) -> bool {
+    let mut read = read.iter();
     for topic in &mut response.topics {
-        let Some(logs) = state.topics.get(&topic.name) else {
-            continue;
-        };
+        let logs = state.topics.get(&topic.name);
         for partition in &mut topic.partitions {
-            if let Some(log) = logs.partition(partition.partition) {
-                partition.high_watermark = log.latest_offset();
-                partition.log_start_offset = log.earliest_offset();
+            let now = logs
+                .as_ref()
+                .and_then(|logs| logs.partition(partition.partition));
+            match (now, read.next()) {
+                (Some(now), Some(Some(read))) if Arc::ptr_eq(now, read) => {
+                    partition.high_watermark = now.latest_offset();
+                    partition.log_start_offset = now.earliest_offset();
+                }
+                (None, Some(None)) => {}
+                _ => return false,
             }
         }
     }
+    read.next().is_none()
 }
 
 /// The fetch a consumer sends next if it goes on reading: the same request, each partition

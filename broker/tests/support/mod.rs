@@ -173,6 +173,24 @@ pub async fn create_topic(connection: &Connection, name: &str, partitions: u32) 
     );
 }
 
+/// Deletes a topic, asserting the broker did.
+pub async fn delete_topic(connection: &Connection, name: &str) {
+    let response = connection
+        .send(DeleteTopicsRequest {
+            names: vec![name.into()],
+        })
+        .await
+        .expect("delete topics");
+    let Response::DeleteTopics(response) = response else {
+        panic!("wrong response {response:?}")
+    };
+    assert_eq!(
+        response.results[0].error_code,
+        ErrorCode::None,
+        "{response:?}"
+    );
+}
+
 pub fn produce_request(topic: &str, partition: u32, records: Bytes, acks: Acks) -> ProduceRequest {
     ProduceRequest {
         acks,
