@@ -293,6 +293,57 @@ async fn ten_thousand_keyed_lines_round_trip_as_json() {
 }
 
 /// Produces `values` to partition 0 of `topic`, one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_that_are_not_utf8_are_produced_as_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let created = sluice(&broker, &["topic", "create", "raw"], b"").await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    // A Latin-1 value, a key that is not UTF-8, a CRLF ending, and a last line with no ending.
+    let produced = sluice(
+        &broker,
+        &["produce", "raw", "--key-separator", ":"],
+        b"caf\xe9\n\xff\xfe:v\r\nplain",
+    )
+    .await;
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    assert!(
+        text(&produced.stderr).contains("sent 3 records, 3 acknowledged"),
+        "{}",
+        text(&produced.stderr)
+    );
+    let consumed = sluice(&broker, &["consume", "raw", "--count", "3"], b"").await;
+    assert!(consumed.status.success(), "{}", text(&consumed.stderr));
+    let lines: Vec<serde_json::Value> = text(&consumed.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0]["key"], serde_json::Value::Null);
+    assert_eq!(lines[0]["value"]["base64"], "Y2Fm6Q==");
+    assert_eq!(lines[1]["key"]["base64"], "//4=");
+    assert_eq!(lines[1]["value"], "v");
+    assert_eq!(lines[2]["value"], "plain");
+
+    // An empty separator is a usage error, found before connecting.
+    let empty = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "--broker",
+            "tcp://127.0.0.1:1",
+            "produce",
+            "raw",
+            "--key-separator",
+            "",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(empty.status.code(), Some(2), "{}", text(&empty.stderr));
+    broker.shutdown().await;
+}
+
 async fn produce_values(client: &Client, topic: &str, values: &[String]) {
     let mut builder = RecordBatchBuilder::new();
     for value in values {

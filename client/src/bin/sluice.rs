@@ -42,7 +42,7 @@ enum Command {
     Produce {
         topic: String,
         /// The text before the first SEP is the key; without it, lines have no key.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         key_separator: Option<String>,
         #[arg(long, value_enum, default_value_t = AcksArg::Durable)]
         acks: AcksArg,
@@ -544,10 +544,45 @@ fn print_record(
 }
 
 /// Reads stdin lines and yields (key, value) pairs.
-fn split_line(line: &str, key_separator: Option<&str>) -> (Option<String>, String) {
-    match key_separator.and_then(|separator| line.split_once(separator)) {
-        Some((key, value)) => (Some(key.to_owned()), value.to_owned()),
-        None => (None, line.to_owned()),
+/// Splits a line at the first `key_separator` into key and value. Lines are bytes, not text:
+/// a value need not be UTF-8 (`consume --format json` shows such a one as base64).
+fn split_line(line: &[u8], key_separator: Option<&str>) -> (Option<Vec<u8>>, Vec<u8>) {
+    let separator = key_separator.map(str::as_bytes).filter(|s| !s.is_empty());
+    let at = separator.and_then(|separator| {
+        line.windows(separator.len())
+            .position(|window| window == separator)
+            .map(|at| (at, separator.len()))
+    });
+    match at {
+        Some((at, length)) => (Some(line[..at].to_vec()), line[at + length..].to_vec()),
+        None => (None, line.to_vec()),
+    }
+}
+
+/// Reads stdin's lines as bytes on this (blocking) thread into `lines`, each without its
+/// `\n` or `\r\n`, as `BufRead::lines` would end them.
+fn read_lines(lines: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>) {
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let mut line = Vec::new();
+        let line = match stdin.read_until(b'\n', &mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                }
+                Ok(line)
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => Err(error),
+        };
+        let failed = line.is_err();
+        if lines.blocking_send(line).is_err() || failed {
+            return;
+        }
     }
 }
 
@@ -586,14 +621,8 @@ async fn produce_with_producer(
         (acknowledged, first_error)
     });
     // stdin is read on a blocking thread and handed over line by line.
-    let (lines_sender, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4096);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            if lines_sender.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (lines_sender, mut lines) = tokio::sync::mpsc::channel(4096);
+    std::thread::spawn(move || read_lines(lines_sender));
     let mut sent = 0u64;
     let mut progress = Progress::new();
     let mut failure = None;
@@ -606,9 +635,9 @@ async fn produce_with_producer(
             }
         };
         let (key, value) = split_line(&line, key_separator);
-        let mut record = Record::new(topic, value.into_bytes());
+        let mut record = Record::new(topic, value);
         if let Some(key) = key {
-            record = record.key(key.into_bytes());
+            record = record.key(key);
         }
         match producer.enqueue(record).await {
             Ok(delivery) => {
@@ -661,10 +690,19 @@ mod tests {
     #[test]
     fn key_separator_splits_at_the_first() {
         assert_eq!(
-            split_line("a:b:c", Some(":")),
-            (Some("a".into()), "b:c".into())
+            split_line(b"a:b:c", Some(":")),
+            (Some(b"a".to_vec()), b"b:c".to_vec())
         );
-        assert_eq!(split_line("abc", Some(":")), (None, "abc".into()));
-        assert_eq!(split_line("a:b", None), (None, "a:b".into()));
+        assert_eq!(
+            split_line(b"k=>v=>w", Some("=>")),
+            (Some(b"k".to_vec()), b"v=>w".to_vec())
+        );
+        assert_eq!(split_line(b"abc", Some(":")), (None, b"abc".to_vec()));
+        assert_eq!(split_line(b"a:b", None), (None, b"a:b".to_vec()));
+        assert_eq!(split_line(b"a:b", Some("")), (None, b"a:b".to_vec()));
+        assert_eq!(
+            split_line(b"\xff:\xfe", Some(":")),
+            (Some(vec![0xff]), vec![0xfe])
+        );
     }
 }
