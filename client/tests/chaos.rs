@@ -37,9 +37,13 @@ impl Rng {
 /// Processed record values, shared by every member.
 type Seen = Arc<Mutex<BTreeMap<String, u32>>>;
 
-fn spawn_member(client: &Client, seen: &Seen) -> tokio::task::JoinHandle<()> {
+/// Errors the members' streams yielded, shared by every member.
+type Errors = Arc<Mutex<Vec<sluice_client::Error>>>;
+
+fn spawn_member(client: &Client, seen: &Seen, errors: &Errors) -> tokio::task::JoinHandle<()> {
     let client = client.clone();
     let seen = Arc::clone(seen);
+    let errors = Arc::clone(errors);
     tokio::spawn(async move {
         let mut consumer = client
             .consumer()
@@ -52,7 +56,13 @@ fn spawn_member(client: &Client, seen: &Seen) -> tokio::task::JoinHandle<()> {
             .await
             .expect("consumer");
         while let Some(record) = consumer.next().await {
-            let Ok(record) = record else { continue };
+            let record = match record {
+                Ok(record) => record,
+                Err(error) => {
+                    errors.lock().unwrap().push(error);
+                    continue;
+                }
+            };
             let value = String::from_utf8(record.value.to_vec()).unwrap();
             *seen.lock().unwrap().entry(value).or_insert(0) += 1;
         }
@@ -95,11 +105,14 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
     assert_eq!(created.results[0].error_code, ErrorCode::None);
 
     let acknowledged: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    // Only members are killed: the broker stays up, so every produce must be acknowledged.
+    let failed_produces: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut producers = Vec::new();
     for producer in 0..3u32 {
         let client = client.clone();
         let acknowledged = Arc::clone(&acknowledged);
+        let failed_produces = Arc::clone(&failed_produces);
         let stop = Arc::clone(&stop);
         producers.push(tokio::spawn(async move {
             let mut sequence = 0u64;
@@ -125,10 +138,13 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
                         }],
                     })
                     .await;
-                if let Ok(Response::Produce(response)) = sent
-                    && response.topics[0].partitions[0].error_code == ErrorCode::None
-                {
-                    acknowledged.lock().unwrap().extend(values);
+                match sent {
+                    Ok(Response::Produce(response))
+                        if response.topics[0].partitions[0].error_code == ErrorCode::None =>
+                    {
+                        acknowledged.lock().unwrap().extend(values);
+                    }
+                    other => failed_produces.lock().unwrap().push(format!("{other:?}")),
                 }
                 sequence += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -137,9 +153,11 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
     }
 
     let seen: Seen = Arc::default();
+    let errors: Errors = Arc::default();
     let mut rng = Rng(seed);
-    let mut members: Vec<tokio::task::JoinHandle<()>> =
-        (0..4).map(|_| spawn_member(&client, &seen)).collect();
+    let mut members: Vec<tokio::task::JoinHandle<()>> = (0..4)
+        .map(|_| spawn_member(&client, &seen, &errors))
+        .collect();
     let mut kills = 0;
     let until = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < until {
@@ -147,13 +165,27 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
         let victim = rng.below(members.len() as u64) as usize;
         members[victim].abort(); // a crash: no commit, no leave
         kills += 1;
-        members[victim] = spawn_member(&client, &seen);
+        members[victim] = spawn_member(&client, &seen, &errors);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for producer in producers {
         producer.await.unwrap();
     }
     let acknowledged = acknowledged.lock().unwrap().clone();
+    let failed_produces = failed_produces.lock().unwrap().clone();
+    assert!(
+        failed_produces.is_empty(),
+        "{} produces failed with the broker up, the first: {}",
+        failed_produces.len(),
+        failed_produces[0]
+    );
+    // At least a few seconds of 3 producers sending 10 records every few ms, and chaos.
+    assert!(
+        acknowledged.len() >= 1_000,
+        "only {} records acknowledged",
+        acknowledged.len()
+    );
+    assert!(kills > 0, "no member was killed");
     // With the chaos over, the surviving members must catch up on everything acknowledged.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -173,10 +205,22 @@ async fn members_killed_at_random_lose_no_acknowledged_record() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A killed member's partitions move: a survivor may be told its fetch or commit came
+    // from an old generation, and retries. A damaged or undecodable batch is never expected.
+    let errors = std::mem::take(&mut *errors.lock().unwrap());
+    let damaged: Vec<_> = errors
+        .iter()
+        .filter(|error| matches!(error, sluice_client::Error::Protocol(_)))
+        .collect();
+    assert!(
+        damaged.is_empty(),
+        "members read damaged batches: {damaged:?}"
+    );
     let duplicates: u32 = seen.lock().unwrap().values().map(|count| count - 1).sum();
     println!(
-        "chaos: {} acknowledged records, all processed; {kills} members killed; {duplicates} duplicate deliveries",
-        acknowledged.len()
+        "chaos: {} acknowledged records, all processed; {kills} members killed; {duplicates} duplicate deliveries; {} stream errors",
+        acknowledged.len(),
+        errors.len()
     );
     for member in members {
         member.abort();
