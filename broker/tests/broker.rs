@@ -201,7 +201,82 @@ over_both_transports!(
     fetches_read_ahead_answer_as_plain_reads_and_follow_seeks,
     a_read_ahead_of_a_deleted_topic_is_not_served_for_the_topic_created_again,
     large_fetches_arrive_whole_and_in_order_among_other_answers,
+    names_too_long_for_an_error_message_still_get_their_answers,
 );
+
+/// A name of 40,000 bytes fits a request's `string` field, but not an error message's
+/// `nullable string` (32,767 bytes) once the broker names it there: each request is still
+/// answered, with its error, and the connection goes on serving.
+async fn names_too_long_for_an_error_message_still_get_their_answers(transport: Transport) {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), transport).await;
+    let long = "a".repeat(40_000);
+    let answer = |request: sluice_protocol::Request| {
+        let connection = &connection;
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), connection.send(request))
+                .await
+                .expect("an answer, not silence")
+                .expect("an answer, not a closed connection")
+        }
+    };
+
+    let Response::Produce(produced) =
+        answer(produce_request(&long, 0, &["x"], Acks::Leader).into()).await
+    else {
+        panic!("wrong response")
+    };
+    let partition = &produced.topics[0].partitions[0];
+    assert_eq!(partition.error_code, ErrorCode::UnknownTopic);
+    assert!(
+        partition
+            .error_message
+            .as_ref()
+            .is_some_and(|m| m.len() <= 32_767)
+    );
+
+    let Response::CreateTopics(created) = answer(
+        CreateTopicsRequest {
+            topics: vec![CreateTopic {
+                name: long.clone(),
+                partitions: 1,
+                configs: vec![],
+            }],
+            validate_only: false,
+        }
+        .into(),
+    )
+    .await
+    else {
+        panic!("wrong response")
+    };
+    assert_eq!(created.results[0].error_code, ErrorCode::InvalidTopicName);
+
+    let Response::ConsumerGroupHeartbeat(heartbeat) = answer(
+        ConsumerGroupHeartbeatRequest {
+            group_id: "g".into(),
+            member_id: long.clone(),
+            member_epoch: 3,
+            session_timeout_ms: 10_000,
+            assignor: None,
+            topics: None,
+            owned: None,
+        }
+        .into(),
+    )
+    .await
+    else {
+        panic!("wrong response")
+    };
+    assert_eq!(heartbeat.error_code, ErrorCode::UnknownMember);
+
+    assert_eq!(
+        create(&connection, "after", 1).await.error_code,
+        ErrorCode::None
+    );
+    connection.close().await;
+    broker.shutdown().await;
+}
 
 async fn api_versions_metadata_and_topic_admin(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();

@@ -202,24 +202,42 @@ fn utf8(bytes: &[u8], what: &'static str) -> Result<String, WireError> {
         .map_err(|_| WireError::invalid(what, "not UTF-8"))
 }
 
-/// Writes a `string`. Longer than `u16::MAX` bytes is a caller bug: names are validated first.
+/// Writes a `string`. A value over `u16::MAX` bytes is cut at the last character boundary
+/// that fits (see [`fitting`]).
 pub fn put_string(dst: &mut BytesMut, value: &str) {
-    let length = u16::try_from(value.len()).expect("string field longer than 65535 bytes");
-    dst.put_u16(length);
+    let value = fitting(value, usize::from(u16::MAX));
+    dst.put_u16(value.len() as u16);
     dst.put_slice(value.as_bytes());
 }
 
-/// Writes a `nullable string`.
+/// Writes a `nullable string`. A value over `i16::MAX` bytes is cut at the last character
+/// boundary that fits (see [`fitting`]).
 pub fn put_nullable_string(dst: &mut BytesMut, value: Option<&str>) {
     match value {
         None => dst.put_i16(-1),
         Some(value) => {
-            let length =
-                i16::try_from(value.len()).expect("nullable string longer than 32767 bytes");
-            dst.put_i16(length);
+            let value = fitting(value, i16::MAX as usize);
+            dst.put_i16(value.len() as i16);
             dst.put_slice(value.as_bytes());
         }
     }
+}
+
+/// `value`, or its longest prefix of at most `limit` bytes that ends at a character boundary.
+///
+/// Every string read from the wire fits its field, so a value passed through comes back whole;
+/// what can be longer is text composed around one, an error message naming a 40,000-byte topic
+/// say. Cutting it loses the tail of a message a person reads; the alternative was a panic in
+/// whichever task encoded the answer.
+fn fitting(value: &str, limit: usize) -> &str {
+    if value.len() <= limit {
+        return value;
+    }
+    let mut end = limit;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
 }
 
 /// Writes a `bytes` field.
@@ -387,6 +405,24 @@ mod tests {
             reader.array_count("topics", 4),
             Err(WireError::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn strings_too_long_for_their_field_are_cut_at_a_character_boundary() {
+        // 'é' is two bytes: 16,383 of them and one more byte make 32,767; one more 'é' would
+        // straddle the limit and is left out whole.
+        let long = format!("x{}", "é".repeat(20_000));
+        let mut buf = BytesMut::new();
+        put_nullable_string(&mut buf, Some(&long));
+        put_string(&mut buf, &"ü".repeat(40_000));
+        let mut reader = Reader::new(buf.freeze());
+        let cut = reader.nullable_string("message").unwrap().unwrap();
+        assert_eq!(cut.len(), 32_767);
+        assert!(long.starts_with(&cut));
+        let cut = reader.string("name").unwrap();
+        assert_eq!(cut.len(), 65_534);
+        assert_eq!(cut, "ü".repeat(32_767));
+        reader.finish().unwrap();
     }
 
     #[test]
