@@ -523,6 +523,67 @@ async fn fetch_long_poll_answers_as_soon_as_a_produce_lands(transport: Transport
 
 /// The first batch at or after `from` of topic `t`'s partition 0: a partition limit of one
 /// byte returns one whole batch per fetch.
+/// A fetch that finds some data, but less than its `min_bytes`, waits for more instead of reading
+/// again and again until `max_wait` (the watermark is already past its fetch offset).
+#[tokio::test]
+async fn a_fetch_short_of_min_bytes_waits_for_more_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
+    assert_eq!(
+        create(&connection, "t", 1).await.error_code,
+        ErrorCode::None
+    );
+    produce(&connection, "t", 0, &["small"], Acks::Leader).await;
+    let log = std::sync::Arc::clone(
+        broker
+            .state()
+            .topics
+            .get("t")
+            .unwrap()
+            .partition(0)
+            .unwrap(),
+    );
+    let waiting = |log: &sluice_broker::storage::PartitionLog| log.high_watermark().waiter_count();
+
+    let mut request = fetch_request("t", 0, 0, 20_000);
+    request.min_bytes = 64 * 1024;
+    let fetcher = {
+        let connection = connection.clone();
+        tokio::spawn(async move { connection.send(request).await })
+    };
+    let registered = |expected: usize| {
+        let log = &log;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while waiting(log) != expected {
+                assert!(
+                    Instant::now() < deadline,
+                    "the fetch never waited on the partition"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    registered(1).await;
+    // More, still short of min_bytes: it reads and waits again.
+    produce(&connection, "t", 0, &["still small"], Acks::Leader).await;
+    registered(1).await;
+    let big = "x".repeat(70 * 1024);
+    produce(&connection, "t", 0, &[big.as_str()], Acks::Leader).await;
+    let Response::Fetch(mut answer) = fetcher.await.unwrap().expect("fetch answered") else {
+        panic!("wrong response")
+    };
+    let got = values(&answer.topics.remove(0).partitions.remove(0).records);
+    assert_eq!(
+        got.len(),
+        3,
+        "every record up to the one that filled min_bytes"
+    );
+    assert_eq!(got[1], (1, "still small".to_owned()));
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 async fn one_batch_of_t(connection: &Connection, from: u64) -> FetchPartitionResponse {
     let mut request = fetch_request("t", 0, from, 0);
     request.topics[0].partitions[0].partition_max_bytes = 1;

@@ -268,6 +268,17 @@ async fn fetch_with_wait(
             return (throttled(&names, &targets), None);
         };
         let max_bytes = request_max_bytes.min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
+        // Each partition's high watermark before it is read: a fetch that found too little
+        // waits for it to move on from here (what was read included at least this much).
+        let seen: Vec<u64> = targets
+            .iter()
+            .map(|target| {
+                target
+                    .log
+                    .as_ref()
+                    .map_or(0, |log| log.high_watermark().get())
+            })
+            .collect();
         let (response, total_bytes, any_error) = read_once(&names, &targets, max_bytes);
         let now = tokio::time::Instant::now();
         if total_bytes >= u64::from(request.min_bytes.max(1))
@@ -281,14 +292,18 @@ async fn fetch_with_wait(
         }
         // Nothing is held while waiting for data.
         drop(budget);
-        // Wait for any partition's high watermark to pass its fetch offset.
+        // Wait for any partition's high watermark to pass both its fetch offset and where it
+        // stood at the read: with some data but less than `min_bytes`, the fetch offset is
+        // already passed, and waiting on it alone would read again at once until `max_wait`.
         let waits: Vec<_> = targets
             .iter()
-            .filter_map(|target| {
+            .zip(&seen)
+            .filter_map(|(target, seen)| {
                 let log = target.log.as_ref()?;
-                Some(Box::pin(
-                    log.high_watermark().wait_beyond(target.fetch_offset),
-                ))
+                // The watermark is the next offset to be written: beyond `seen` means a record
+                // at `seen` was published since.
+                let beyond = target.fetch_offset.max(*seen);
+                Some(Box::pin(log.high_watermark().wait_beyond(beyond)))
             })
             .collect();
         let mut shutdown = state.shutdown_receiver();
