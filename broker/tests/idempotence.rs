@@ -60,6 +60,7 @@ async fn init(connection: &Connection, name: Option<&str>) -> InitProducerIdResp
     let response = connection
         .send(InitProducerIdRequest {
             producer_name: name.map(str::to_owned),
+            current: None,
         })
         .await
         .expect("init producer id");

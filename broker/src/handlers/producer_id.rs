@@ -43,7 +43,12 @@ fn init(state: &BrokerState, request: InitProducerIdRequest) -> InitProducerIdRe
     let registry = &state.producers;
     let allocated = match &request.producer_name {
         None => registry.allocate_id().map(|id| (id, 0)),
-        Some(name) => registry.init_named(name),
+        Some(name) => registry.init_named(
+            name,
+            request
+                .current
+                .map(|current| (current.producer_id, current.producer_epoch)),
+        ),
     };
     let (producer_id, producer_epoch) = match allocated {
         Ok(allocated) => allocated,

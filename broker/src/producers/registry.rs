@@ -248,11 +248,20 @@ impl ProducerRegistry {
     /// persisted before it is returned. From the moment it returns, batches of the id with an
     /// older epoch are fenced on every partition. Blocking.
     ///
+    /// `current` is the id and epoch a running instance holds when it asks for a new epoch of
+    /// its own; `None` for an instance starting. A running instance whose name has moved on
+    /// (a newer instance started since) is fenced instead of taking the name back.
+    ///
     /// # Errors
-    /// `InvalidRequest` for an empty name or one over [`MAX_NAME_BYTES`]; `LimitExceeded` for a
-    /// new name when `max_producers` names are held; `StorageError` when the table cannot be
-    /// written (nothing changes then).
-    pub fn init_named(&self, name: &str) -> Result<(u64, u16), ProducerIdError> {
+    /// `InvalidRequest` for an empty name or one over [`MAX_NAME_BYTES`]; `ProducerFenced` when
+    /// `current` is not the name's id and epoch; `LimitExceeded` for a new name when
+    /// `max_producers` names are held; `StorageError` when the table cannot be written (nothing
+    /// changes then).
+    pub fn init_named(
+        &self,
+        name: &str,
+        current: Option<(u64, u16)>,
+    ) -> Result<(u64, u16), ProducerIdError> {
         if name.is_empty() || name.len() > MAX_NAME_BYTES {
             return Err(ProducerIdError::new(
                 ErrorCode::InvalidRequest,
@@ -264,6 +273,18 @@ impl ProducerRegistry {
         }
         let mut names = self.names.lock().expect("producer names lock poisoned");
         let previous = names.get(name).copied();
+        if let (Some(held), Some(named)) = (current, previous)
+            && held != (named.producer_id, named.producer_epoch)
+        {
+            return Err(ProducerIdError::new(
+                ErrorCode::ProducerFenced,
+                format!(
+                    "producer {name} holds id {} epoch {}, but the name has moved on to id {} \
+                     epoch {}: a newer instance started",
+                    held.0, held.1, named.producer_id, named.producer_epoch
+                ),
+            ));
+        }
         let next = match previous {
             // NO_PRODUCER_EPOCH (u16::MAX) is never handed out.
             Some(named) if named.producer_epoch < NO_PRODUCER_EPOCH - 1 => NamedProducer {
@@ -380,48 +401,74 @@ mod tests {
     fn a_name_keeps_its_id_and_bumps_its_epoch_durably() {
         let fs = FaultFs::new();
         let registry = open(&fs, 2).unwrap();
-        let (id, epoch) = registry.init_named("relay").unwrap();
+        let (id, epoch) = registry.init_named("relay", None).unwrap();
         assert_eq!(epoch, 0);
-        assert_eq!(registry.init_named("relay").unwrap(), (id, 1));
+        assert_eq!(registry.init_named("relay", None).unwrap(), (id, 1));
         assert_eq!(registry.current_epoch(id), 1);
         assert!(
             registry.check_issued(id, 2).is_err(),
             "epoch 2 not issued yet"
         );
         registry.check_issued(id, 1).unwrap();
-        let (other, _) = registry.init_named("other").unwrap();
+        let (other, _) = registry.init_named("other", None).unwrap();
         assert_ne!(other, id);
-        let error = registry.init_named("third").unwrap_err();
+        let error = registry.init_named("third", None).unwrap_err();
         assert_eq!(error.code, ErrorCode::LimitExceeded);
         assert_eq!(
-            registry.init_named("").unwrap_err().code,
+            registry.init_named("", None).unwrap_err().code,
             ErrorCode::InvalidRequest
         );
         assert_eq!(
-            registry.init_named(&"n".repeat(256)).unwrap_err().code,
+            registry
+                .init_named(&"n".repeat(256), None)
+                .unwrap_err()
+                .code,
             ErrorCode::InvalidRequest
         );
         fs.crash();
         drop(registry);
         let registry = open(&fs, 2).unwrap();
         assert_eq!(registry.current_epoch(id), 1);
-        assert_eq!(registry.init_named("relay").unwrap(), (id, 2));
+        assert_eq!(registry.init_named("relay", None).unwrap(), (id, 2));
         assert!(registry.allocate_id().unwrap() > other);
+    }
+
+    #[test]
+    fn a_running_instance_whose_name_moved_on_is_fenced_not_given_the_name_back() {
+        let fs = FaultFs::new();
+        let registry = open(&fs, 10).unwrap();
+        let first = registry.init_named("relay", None).unwrap();
+        // Its own new epoch: granted.
+        let bumped = registry.init_named("relay", Some(first)).unwrap();
+        assert_eq!(bumped, (first.0, first.1 + 1));
+        // A newer instance starts; the older one, back from a partition, asks for a new epoch.
+        let newer = registry.init_named("relay", None).unwrap();
+        let error = registry.init_named("relay", Some(bumped)).unwrap_err();
+        assert_eq!(error.code, ErrorCode::ProducerFenced);
+        assert_eq!(
+            registry.current_epoch(newer.0),
+            newer.1,
+            "the newer one keeps it"
+        );
+        assert_eq!(
+            registry.init_named("relay", Some(newer)).unwrap(),
+            (newer.0, newer.1 + 1)
+        );
     }
 
     #[test]
     fn a_failed_write_changes_nothing() {
         let fs = FaultFs::new();
         let registry = open(&fs, 10).unwrap();
-        let (id, _) = registry.init_named("relay").unwrap();
+        let (id, _) = registry.init_named("relay", None).unwrap();
         fs.fail_syncs(FaultKind::Eio);
         assert_eq!(
-            registry.init_named("relay").unwrap_err().code,
+            registry.init_named("relay", None).unwrap_err().code,
             ErrorCode::StorageError
         );
         fs.clear_faults();
         assert_eq!(registry.current_epoch(id), 0);
-        assert_eq!(registry.init_named("relay").unwrap(), (id, 1));
+        assert_eq!(registry.init_named("relay", None).unwrap(), (id, 1));
     }
 
     #[test]
@@ -429,7 +476,7 @@ mod tests {
         for file in [ID_BLOCK_FILE, NAMES_FILE] {
             let fs = FaultFs::new();
             let registry = open(&fs, 10).unwrap();
-            registry.init_named("relay").unwrap();
+            registry.init_named("relay", None).unwrap();
             drop(registry);
             let path = Path::new("/data").join(PRODUCERS_DIR).join(file);
             let mut bytes = read_file(&fs, &path).unwrap();

@@ -400,7 +400,7 @@ impl ProducerBuilder {
     pub async fn build(self) -> Result<Producer> {
         self.validate()?;
         let identity = if self.idempotence {
-            Some(sender::init_producer_id(&self.client, self.producer_name.as_deref()).await?)
+            Some(sender::init_producer_id(&self.client, self.producer_name.as_deref(), None).await?)
         } else {
             None
         };

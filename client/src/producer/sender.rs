@@ -58,6 +58,7 @@ use std::time::{Duration, Instant};
 
 use sluice_protocol::messages::{
     Acks, InitProducerIdRequest, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
+    ProducerIdAndEpoch,
 };
 use sluice_protocol::{ErrorCode, RecordBatch, Response, WireError};
 
@@ -84,10 +85,21 @@ pub(crate) struct Identity {
 }
 
 /// Asks the broker for a producer id (InitProducerId), retrying retriable errors.
-pub(crate) async fn init_producer_id(client: &Client, name: Option<&str>) -> Result<Identity> {
+/// An id and epoch from the broker. `current` is the identity a running producer holds when it
+/// asks for a new epoch of its own: a named one whose name has moved on to a newer instance
+/// is then told `ProducerFenced` instead of taking the name back.
+pub(crate) async fn init_producer_id(
+    client: &Client,
+    name: Option<&str>,
+    current: Option<&Identity>,
+) -> Result<Identity> {
     let response = client
         .send_with_retry(InitProducerIdRequest {
             producer_name: name.map(str::to_owned),
+            current: current.map(|identity| ProducerIdAndEpoch {
+                producer_id: identity.producer_id,
+                producer_epoch: identity.producer_epoch,
+            }),
         })
         .await?;
     let Response::InitProducerId(response) = response else {
@@ -763,7 +775,8 @@ impl SenderState {
 
     /// Takes a new producer id or epoch: the sequences start again from what the broker says.
     pub(crate) async fn bump_epoch(&mut self, client: &Client) {
-        match init_producer_id(client, self.options.producer_name.as_deref()).await {
+        let name = self.options.producer_name.as_deref();
+        match init_producer_id(client, name, self.identity.as_ref()).await {
             Ok(identity) => {
                 tracing::info!(
                     producer_id = identity.producer_id,

@@ -538,3 +538,47 @@ async fn no_more_batches_follow_the_oldest_unacknowledged_one_than_the_broker_re
     );
     drop(sixth);
 }
+
+#[tokio::test]
+async fn a_new_epoch_for_a_name_taken_over_by_a_newer_instance_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    let older = init_producer_id(&client, Some("relay"), None)
+        .await
+        .unwrap();
+    // Its batches' outcome became unknown (say, cut off from the broker) while a newer instance
+    // of the same name started.
+    let newer = init_producer_id(&client, Some("relay"), None)
+        .await
+        .unwrap();
+    let older_epoch = older.producer_epoch;
+    assert_eq!(newer.producer_epoch, older_epoch + 1);
+    let mut state = SenderState::new(options(), Some(older));
+    state.bump_epoch(&client).await;
+    let fatal = state
+        .take_new_fatal()
+        .expect("the older instance is fenced");
+    assert!(
+        matches!(
+            *fatal,
+            Error::Broker {
+                code: ErrorCode::ProducerFenced,
+                ..
+            }
+        ),
+        "{fatal:?}"
+    );
+    // The newer instance keeps the name: its own new epoch is granted.
+    let mut state = SenderState::new(options(), Some(newer));
+    state.bump_epoch(&client).await;
+    assert!(state.take_new_fatal().is_none());
+    let bumped = state.identity.as_ref().unwrap();
+    assert_eq!(bumped.producer_epoch, older_epoch + 2);
+    drop(client);
+    broker.shutdown().await;
+}

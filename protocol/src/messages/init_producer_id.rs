@@ -2,7 +2,10 @@
 //!
 //! ```text
 //! request v0:   producer_name nullable string
-//! response v0:  error_code u16, producer_id u64, producer_epoch u16
+//! request v1:   producer_name nullable string,
+//!               has_current bool, then if true: producer_id u64, producer_epoch u16
+//! response v0, v1:
+//!               error_code u16, producer_id u64, producer_epoch u16
 //!               sequences array { topic string,
 //!                                 partitions array { partition u32, next_sequence u64 } }
 //! ```
@@ -11,6 +14,12 @@
 //! its epoch bumped, which fences any older instance (`ProducerFenced`), and `sequences` says
 //! where each partition's sequence continues, so a restarted producer neither duplicates nor
 //! leaves a gap.
+//!
+//! v1 adds `current`: a running producer that needs a new epoch (a batch's outcome became
+//! unknown) says which id and epoch it holds, and is answered `ProducerFenced` if the name has
+//! moved on since. Without it the broker could not tell that call from a new instance starting,
+//! and a stale instance coming back from a network partition would take the name back from its
+//! successor.
 
 use bytes::{BufMut, BytesMut};
 
@@ -26,16 +35,45 @@ pub struct InitProducerIdRequest {
         proptest(strategy = "proptest::option::of(crate::messages::test_support::name())")
     )]
     pub producer_name: Option<String>,
+    /// The id and epoch the caller holds, when it asks for a new epoch of its own (v1).
+    pub current: Option<ProducerIdAndEpoch>,
+}
+
+/// A producer id with one of its epochs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct ProducerIdAndEpoch {
+    pub producer_id: u64,
+    pub producer_epoch: u16,
 }
 
 impl Body for InitProducerIdRequest {
     fn encode(&self, dst: &mut BytesMut) {
         put_nullable_string(dst, self.producer_name.as_deref());
+        dst.put_u8(u8::from(self.current.is_some()));
+        if let Some(current) = self.current {
+            dst.put_u64(current.producer_id);
+            dst.put_u16(current.producer_epoch);
+        }
     }
 
     fn decode(src: &mut Reader) -> Result<Self, WireError> {
+        Self::decode_version(src, 1)
+    }
+
+    fn decode_version(src: &mut Reader, version: u16) -> Result<Self, WireError> {
+        let producer_name = src.nullable_string("producer_name")?;
+        let current = if version >= 1 && src.bool("has_current")? {
+            Some(ProducerIdAndEpoch {
+                producer_id: src.u64("producer_id")?,
+                producer_epoch: src.u16("producer_epoch")?,
+            })
+        } else {
+            None
+        };
         Ok(InitProducerIdRequest {
-            producer_name: src.nullable_string("producer_name")?,
+            producer_name,
+            current,
         })
     }
 }
@@ -124,13 +162,33 @@ mod tests {
     fn exact_request_bytes() {
         assert_eq!(
             encoded(&InitProducerIdRequest {
-                producer_name: None
+                producer_name: None,
+                current: None,
             }),
-            [0xff, 0xff]
+            [0xff, 0xff, 0]
         );
         let named = InitProducerIdRequest {
             producer_name: Some("relay".into()),
+            current: Some(ProducerIdAndEpoch {
+                producer_id: 7,
+                producer_epoch: 2,
+            }),
         };
-        assert_eq!(encoded(&named), [0, 5, b'r', b'e', b'l', b'a', b'y']);
+        assert_eq!(
+            encoded(&named),
+            [
+                0, 5, b'r', b'e', b'l', b'a', b'y', 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 2
+            ]
+        );
+    }
+
+    #[test]
+    fn a_version_0_request_has_no_current_id() {
+        let body = bytes::Bytes::from_static(&[0, 5, b'r', b'e', b'l', b'a', b'y']);
+        let request = InitProducerIdRequest::decode_exact_version(body.clone(), 0).unwrap();
+        assert_eq!(request.producer_name.as_deref(), Some("relay"));
+        assert_eq!(request.current, None);
+        // The same bytes are short of a version 1 body.
+        assert!(InitProducerIdRequest::decode_exact_version(body, 1).is_err());
     }
 }

@@ -42,7 +42,8 @@ pub use groups::{
     TopicResults,
 };
 pub use init_producer_id::{
-    InitProducerIdRequest, InitProducerIdResponse, PartitionSequence, TopicSequences,
+    InitProducerIdRequest, InitProducerIdResponse, PartitionSequence, ProducerIdAndEpoch,
+    TopicSequences,
 };
 pub use list_offsets::{
     ListOffsetsPartition, ListOffsetsPartitionResponse, ListOffsetsRequest, ListOffsetsResponse,
@@ -70,10 +71,26 @@ pub trait Body: Sized {
     /// Reads the body; the caller checks that nothing is left over.
     fn decode(src: &mut Reader) -> Result<Self, WireError>;
 
+    /// Reads the body as `version` of its api wrote it. [`encode`](Body::encode) and
+    /// [`decode`](Body::decode) are the current version; a body whose api has older versions
+    /// still spoken reads those here.
+    fn decode_version(src: &mut Reader, version: u16) -> Result<Self, WireError> {
+        let _ = version;
+        Self::decode(src)
+    }
+
     /// Decodes a whole body, refusing trailing bytes.
     fn decode_exact(body: Bytes) -> Result<Self, WireError> {
         let mut reader = Reader::new(body);
         let value = Self::decode(&mut reader)?;
+        reader.finish()?;
+        Ok(value)
+    }
+
+    /// Decodes a whole body of `version`, refusing trailing bytes.
+    fn decode_exact_version(body: Bytes, version: u16) -> Result<Self, WireError> {
+        let mut reader = Reader::new(body);
+        let value = Self::decode_version(&mut reader, version)?;
         reader.finish()?;
         Ok(value)
     }
@@ -143,9 +160,15 @@ macro_rules! apis {
                 }
             }
 
-            fn decode_body(api_key: ApiKey, body: Bytes) -> Result<Request, WireError> {
+            fn decode_body(
+                api_key: ApiKey,
+                version: u16,
+                body: Bytes,
+            ) -> Result<Request, WireError> {
                 match api_key {
-                    $(ApiKey::$name => <$request>::decode_exact(body).map(Request::$name),)*
+                    $(ApiKey::$name => {
+                        <$request>::decode_exact_version(body, version).map(Request::$name)
+                    })*
                 }
             }
         }
@@ -218,7 +241,7 @@ apis! {
     /// Earliest, latest or by-timestamp offsets.
     ListOffsets = 8, ListOffsetsRequest, ListOffsetsResponse, 0..=0;
     /// An id and epoch for an idempotent producer.
-    InitProducerId = 9, InitProducerIdRequest, InitProducerIdResponse, 0..=0;
+    InitProducerId = 9, InitProducerIdRequest, InitProducerIdResponse, 0..=1;
     /// Join, stay in, and learn the assignment of a consumer group.
     ConsumerGroupHeartbeat = 10, ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, 0..=0;
     /// Leave a consumer group.
@@ -438,7 +461,7 @@ pub fn decode_request(frame: Bytes) -> Result<(RequestHeader, Request), RequestE
         }));
     }
     let body = reader.bytes_rest();
-    let request = Request::decode_body(api_key, body).map_err(fail)?;
+    let request = Request::decode_body(api_key, header.api_version, body).map_err(fail)?;
     Ok((header, request))
 }
 
