@@ -76,9 +76,11 @@
 //!
 //! Failures: [`Error::Broker`] with the broker's code for a batch it refused
 //! (`UnknownTopic`, `MessageTooLarge`, ...), [`Error::RetriesExhausted`] when retries ran past
-//! `delivery_timeout`, [`Error::Timeout`] when a batch never got to be sent within it, and a
-//! fatal `ProducerFenced`, `OutOfOrderSequence` or `UnknownProducerId` that stops the producer:
-//! every pending record fails with it and later calls return it.
+//! `delivery_timeout`, [`Error::Timeout`] when a batch never got to be sent within it,
+//! `UnknownProducerId` for a batch sent where the broker no longer holds the producer's state
+//! (retention deleted it or it expired; the producer goes on under a new epoch), and a fatal
+//! `ProducerFenced` or `OutOfOrderSequence` that stops the producer: every pending record
+//! fails with it and later calls return it.
 
 mod accumulator;
 mod delivery;

@@ -230,8 +230,8 @@ type RequestResult = (PlannedRequest, Result<Option<ProduceResponse>>);
 enum Action {
     Retry,
     FailBatch,
-    /// Fail the batch, but the broker may have written it (and recorded its sequences):
-    /// take a new epoch rather than reuse them.
+    /// Fail the batch, but the broker may have written it (and recorded its sequences), or
+    /// holds no state to continue them from: take a new epoch rather than reuse them.
     FailOutcomeUnknown,
     Fatal,
 }
@@ -814,13 +814,22 @@ fn classify(error: &Error, has_earlier: bool, idempotent: bool) -> Action {
         Error::Broker {
             code: ErrorCode::OutOfOrderSequence | ErrorCode::UnknownProducerId,
             ..
-        } if idempotent => {
-            if has_earlier {
-                Action::Retry
-            } else {
-                Action::Fatal
-            }
-        }
+        } if idempotent && has_earlier => Action::Retry,
+        // The broker holds no state for this producer on the partition although everything
+        // sent there before was acknowledged: retention deleted the segments that held it, or
+        // it expired after `producer_expiry_ms` idle. Nothing of the batch was written; a new
+        // epoch starts the partition's sequences again (as Kafka's KIP-360 does), instead of
+        // stopping the producer for good.
+        Error::Broker {
+            code: ErrorCode::UnknownProducerId,
+            ..
+        } if idempotent => Action::FailOutcomeUnknown,
+        // Acknowledged records missing from the broker (lost with an unsynced write, say):
+        // going on would hide the loss.
+        Error::Broker {
+            code: ErrorCode::OutOfOrderSequence,
+            ..
+        } if idempotent => Action::Fatal,
         // The broker fails a write it could not make durable after appending it.
         Error::Broker {
             code: ErrorCode::StorageError,

@@ -445,7 +445,35 @@ async fn unknown_producer_id_behind_a_retried_first_batch_is_part_of_the_retry()
 }
 
 #[tokio::test]
-async fn unknown_producer_id_with_nothing_before_it_is_fatal() {
+async fn unknown_producer_id_with_nothing_before_it_fails_the_batch_and_takes_a_new_epoch() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let futures = batch(&shared, 0, 1, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    // Everything before was acknowledged, yet the broker holds no state for the producer
+    // there: retention deleted it, or it expired.
+    state.handle(
+        &shared,
+        answer(request, &[(ErrorCode::UnknownProducerId, 0)]),
+        now,
+    );
+    assert!(state.take_new_fatal().is_none(), "the producer goes on");
+    assert!(matches!(
+        futures.into_iter().next().unwrap().now_or_never().unwrap(),
+        Err(Error::Broker {
+            code: ErrorCode::UnknownProducerId,
+            ..
+        })
+    ));
+    assert!(
+        state.epoch_bump_due(now),
+        "sequences start again under a new epoch"
+    );
+}
+
+#[tokio::test]
+async fn out_of_order_sequence_with_nothing_before_it_is_fatal() {
     let shared = shared().await;
     let now = Instant::now();
     let mut state = SenderState::new(options(), Some(identity()));
@@ -453,7 +481,7 @@ async fn unknown_producer_id_with_nothing_before_it_is_fatal() {
     let request = plan(&mut state, &shared, now).pop().unwrap();
     state.handle(
         &shared,
-        answer(request, &[(ErrorCode::UnknownProducerId, 0)]),
+        answer(request, &[(ErrorCode::OutOfOrderSequence, 0)]),
         now,
     );
     assert!(state.take_new_fatal().is_some());
