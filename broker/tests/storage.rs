@@ -508,7 +508,7 @@ fn bit_flip_below_the_recovery_point_refuses_writes_and_names_the_file() {
         "{reason}"
     );
     match log.append(batch(9, 1, 5, 9)) {
-        Err(StorageError::Poisoned { reason }) => {
+        Err(StorageError::Refused { reason }) => {
             assert!(reason.contains("00000000000000000000.log"))
         }
         other => panic!("append to a corrupt partition: {other:?}"),
@@ -591,7 +591,7 @@ async fn failed_fsync_refuses_writes_and_never_acknowledges() {
     ));
     assert!(matches!(
         log.append(batch(1, 1, 10, 2)),
-        Err(StorageError::Poisoned { .. })
+        Err(StorageError::Refused { .. })
     ));
     assert_eq!(log.durable_offset(), 0);
     storage.shutdown();

@@ -352,7 +352,7 @@ async fn bit_flips_in_closed_and_active_segments_are_detected_and_never_served()
             other => panic!("{context}: not detected as it should be: {other:?}"),
         }
         match log.append(batch(1_000_000, 1, 0)) {
-            Err(StorageError::Poisoned { reason }) => {
+            Err(StorageError::Refused { reason }) => {
                 assert!(reason.contains(&file_name), "{context}: {reason}")
             }
             other => panic!("{context}: a damaged partition took a write: {other:?}"),
@@ -600,7 +600,7 @@ async fn full_disks_and_io_errors_fail_produces_never_acknowledge_and_clear() ->
             let refused_after = produce(&client, partition, batch(tag, 1, 0)).await?;
             tag += 1;
             assert!(
-                matches!(refused_after, Err((ErrorCode::StorageError, _))),
+                matches!(refused_after, Err((ErrorCode::PartitionReadOnly, _))),
                 "{context}: a partition whose fsync failed took a write: {refused_after:?}"
             );
             broker.shutdown().await;

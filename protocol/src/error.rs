@@ -64,7 +64,8 @@ pub enum ErrorCode {
     Unauthorized = 23,
     /// The caller is over a quota or a limit that frees up with time; retry later.
     Throttled = 24,
-    /// A disk error stopped the partition from accepting writes.
+    /// A disk error: a write or fsync failed (the batch may or may not be on disk, and the
+    /// partition now refuses writes), or a read found damaged data.
     StorageError = 25,
     /// The request did not complete within its timeout.
     RequestTimedOut = 26,
@@ -76,11 +77,15 @@ pub enum ErrorCode {
     UnknownGroup = 29,
     /// The session timeout is outside the broker's configured range.
     InvalidSessionTimeout = 30,
+    /// The partition refuses writes since a disk error or corruption (named in the broker's
+    /// log) and nothing of this request's batch was written; reads go on. Until an operator
+    /// repairs the partition and restarts the broker, sending again is refused the same way.
+    PartitionReadOnly = 31,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order. Tests use it to check that numbers round-trip.
-    pub const ALL: [ErrorCode; 31] = [
+    pub const ALL: [ErrorCode; 32] = [
         ErrorCode::None,
         ErrorCode::UnknownServerError,
         ErrorCode::CorruptMessage,
@@ -112,6 +117,7 @@ impl ErrorCode {
         ErrorCode::BrokerShuttingDown,
         ErrorCode::UnknownGroup,
         ErrorCode::InvalidSessionTimeout,
+        ErrorCode::PartitionReadOnly,
     ];
 
     /// The stable wire number.

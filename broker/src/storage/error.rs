@@ -23,6 +23,11 @@ pub enum StorageError {
     /// the damage still work.
     #[error("partition refuses writes: {reason}")]
     Poisoned { reason: String },
+    /// A write refused before anything of it was written, because the partition is
+    /// [`Poisoned`](StorageError::Poisoned): unlike a failed write or fsync, the caller knows
+    /// the batch is not in the log.
+    #[error("partition refuses writes: {reason}")]
+    Refused { reason: String },
     /// A read or lookup asked for an offset outside the log.
     #[error("offset {requested} is outside the log [{log_start_offset}, {log_end_offset}]")]
     OffsetOutOfRange {
@@ -66,6 +71,7 @@ impl StorageError {
             StorageError::BatchTooLarge { .. } => ErrorCode::MessageTooLarge,
             StorageError::Closed => ErrorCode::UnknownTopic,
             StorageError::Producer(error) => error.error_code(),
+            StorageError::Refused { .. } => ErrorCode::PartitionReadOnly,
             StorageError::Io { .. }
             | StorageError::Poisoned { .. }
             | StorageError::Corrupt { .. } => ErrorCode::StorageError,

@@ -337,12 +337,21 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// [`check_writable`](Self::check_writable) for a write about to be made: its refusal says
+    /// that nothing of it was written.
+    fn check_appendable(&self) -> Result<()> {
+        self.check_writable().map_err(|error| match error {
+            StorageError::Poisoned { reason } => StorageError::Refused { reason },
+            other => other,
+        })
+    }
+
     /// Appends a batch the caller has validated (`RecordBatch::validate`), stamping its base
     /// offset. The bytes are in the page cache when this returns; call
     /// [`PartitionLog::wait_durable`] for fsync.
     ///
     /// # Errors
-    /// `BatchTooLarge` over `max_message_bytes`; `Poisoned` once the partition refuses writes;
+    /// `BatchTooLarge` over `max_message_bytes`; `Refused` once the partition refuses writes;
     /// `Io` when the write failed, in which case nothing of the batch is visible and the log is
     /// as it was.
     pub fn append(self: &Arc<Self>, batch: RecordBatch) -> Result<AppendInfo> {
@@ -354,7 +363,7 @@ impl PartitionLog {
         self.check_batch(&batch)?;
         let info = {
             let mut writer = self.writer.lock().expect("writer lock poisoned");
-            self.check_writable()?;
+            self.check_appendable()?;
             self.write_batch(&mut writer, batch, now_ms)?
         };
         self.after_append();
@@ -398,7 +407,7 @@ impl PartitionLog {
         let max_timestamp_ms = view.max_timestamp();
         let appended = {
             let mut writer = self.writer.lock().expect("writer lock poisoned");
-            self.check_writable()?;
+            self.check_appendable()?;
             let floor = fence_epoch(incoming.producer_id);
             match writer.producers.check(&incoming, floor, now_ms)? {
                 Verdict::Duplicate(original) => {

@@ -600,7 +600,8 @@ impl SenderState {
                         Err(doomed),
                     );
                 } else {
-                    let action = classify(&error, index > 0, idempotent);
+                    let first_attempt = window.batches[index].attempts <= 1;
+                    let action = classify(&error, index > 0, first_attempt, idempotent);
                     match action {
                         Action::Retry => {
                             let sent = &mut window.batches[index];
@@ -802,9 +803,17 @@ impl SenderState {
 }
 
 /// What to do with a batch that failed with `error`; `has_earlier` when an earlier batch of
-/// its partition is still unacknowledged.
-fn classify(error: &Error, has_earlier: bool, idempotent: bool) -> Action {
+/// its partition is still unacknowledged, `first_attempt` when this answer is to the batch's
+/// first send.
+fn classify(error: &Error, has_earlier: bool, first_attempt: bool, idempotent: bool) -> Action {
     match error {
+        // Refused before anything was written: its sequences are free again, unless an earlier
+        // send of it (whose answer was lost) reached the broker before the partition began
+        // refusing writes, and was written.
+        Error::Broker {
+            code: ErrorCode::PartitionReadOnly,
+            ..
+        } if idempotent && !first_attempt => Action::FailOutcomeUnknown,
         Error::Broker {
             code: ErrorCode::ProducerFenced,
             ..

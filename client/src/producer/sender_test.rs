@@ -610,3 +610,54 @@ async fn a_new_epoch_for_a_name_taken_over_by_a_newer_instance_is_refused() {
     drop(client);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_partition_refusing_writes_fails_the_batch_and_frees_its_sequences() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let refused = batch(&shared, 0, 2, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    assert_eq!(contents(&request), [(0, 100, 2)]);
+    state.handle(
+        &shared,
+        answer(request, &[(ErrorCode::PartitionReadOnly, 0)]),
+        now,
+    );
+    assert!(matches!(
+        refused.into_iter().next().unwrap().now_or_never().unwrap(),
+        Err(Error::Broker {
+            code: ErrorCode::PartitionReadOnly,
+            ..
+        })
+    ));
+    assert!(state.take_new_fatal().is_none());
+    assert!(
+        !state.epoch_bump_due(now),
+        "nothing was written: no new epoch"
+    );
+    let _next = batch(&shared, 0, 1, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    assert_eq!(contents(&request), [(0, 100, 1)], "the sequence is reused");
+}
+
+#[tokio::test]
+async fn a_refused_resend_may_follow_a_written_first_send_so_a_new_epoch_follows() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let _futures = batch(&shared, 0, 1, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    // The first send's answer is lost: it may have been written before the partition began
+    // refusing writes.
+    state.handle(&shared, (request, Err(Error::ConnectionClosed)), now);
+    let retry_at = state.next_deadline().expect("a resend is due");
+    let request = plan(&mut state, &shared, retry_at).pop().unwrap();
+    state.handle(
+        &shared,
+        answer(request, &[(ErrorCode::PartitionReadOnly, 0)]),
+        retry_at,
+    );
+    assert!(state.take_new_fatal().is_none());
+    assert!(state.epoch_bump_due(retry_at), "its sequences may be taken");
+}
