@@ -71,7 +71,8 @@ pub async fn serve_with<S>(
     ));
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let read_ahead = Arc::new(handlers::ReadAhead::default());
-    let mut decoder = FrameDecoder::for_requests(limits.max_frame_bytes);
+    let max_frame_bytes = limits.max_frame_bytes;
+    let mut decoder = FrameDecoder::for_requests(max_frame_bytes);
     let frame_read_timeout = Duration::from_millis(limits.frame_read_timeout_ms);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     // When the frame being received must be complete: set when its first bytes arrive, so a
@@ -137,8 +138,8 @@ pub async fn serve_with<S>(
                 // Each request is counted as its answer is handed over, so a client that has
                 // its answer finds it counted.
                 Outcome::Ready(response) => {
-                    let answer = encode(correlation_id, &response);
-                    timer.finish(ErrorCode::None);
+                    let (answer, code) = encode(correlation_id, &response, max_frame_bytes);
+                    timer.finish(code);
                     if responses.send(answer).await.is_err() {
                         break 'connection;
                     }
@@ -163,8 +164,8 @@ pub async fn serve_with<S>(
                     let responses = responses.clone();
                     tokio::spawn(async move {
                         let response = pending.await;
-                        let answer = encode(correlation_id, &response);
-                        timer.finish(ErrorCode::None);
+                        let (answer, code) = encode(correlation_id, &response, max_frame_bytes);
+                        timer.finish(code);
                         let _ = responses.send(answer).await;
                         drop(permit);
                     });
@@ -173,11 +174,11 @@ pub async fn serve_with<S>(
                     let responses = responses.clone();
                     tokio::spawn(async move {
                         let (response, budget) = pending.await;
-                        let mut frame = encode(correlation_id, &response);
+                        let (mut frame, code) = encode(correlation_id, &response, max_frame_bytes);
                         drop(response);
                         // The budget goes back when the writer has written and dropped the frame.
                         frame._budget = budget;
-                        timer.finish(ErrorCode::None);
+                        timer.finish(code);
                         let _ = responses.send(frame).await;
                         drop(permit);
                     });
@@ -368,11 +369,33 @@ impl ZeroCopySocket {
     }
 }
 
-fn encode(correlation_id: u32, response: &Response) -> OutgoingFrame {
-    OutgoingFrame {
-        parts: response.encode_frame_parts(correlation_id),
-        _budget: None,
+/// The answer's frame, and the code it is counted under. An answer over `max_frame_bytes`
+/// (metadata for thousands of partitions, say) becomes a `MessageTooLarge` error instead: a
+/// client holding that limit would otherwise drop the connection on reading it. Fetch answers
+/// are sized to fit before they are read.
+fn encode(
+    correlation_id: u32,
+    response: &Response,
+    max_frame_bytes: u32,
+) -> (OutgoingFrame, ErrorCode) {
+    let parts = response.encode_frame_parts(correlation_id);
+    let length = parts.iter().map(Bytes::len).sum::<usize>() - LENGTH_PREFIX_BYTES;
+    if length > max_frame_bytes as usize {
+        tracing::warn!(
+            api = ?response.api_key(),
+            length,
+            max_frame_bytes,
+            "answer over max_frame_bytes; sending MessageTooLarge instead"
+        );
+        let mut answer = BytesMut::new();
+        encode_error_response(correlation_id, ErrorCode::MessageTooLarge, &mut answer);
+        return (answer.freeze().into(), ErrorCode::MessageTooLarge);
     }
+    let frame = OutgoingFrame {
+        parts,
+        _budget: None,
+    };
+    (frame, ErrorCode::None)
 }
 
 /// The correlation id of a frame still in the buffer (with its length prefix), so even a
@@ -439,4 +462,58 @@ async fn write_responses<W>(
         }
     }
     let _ = writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_protocol::messages::{MetadataResponse, PartitionMetadata, TopicMetadata};
+    use sluice_protocol::{ResponseHeader, decode_response_header};
+
+    use super::*;
+
+    fn metadata_of(partitions: u32) -> Response {
+        Response::Metadata(MetadataResponse {
+            brokers: Vec::new(),
+            topics: vec![TopicMetadata {
+                error_code: ErrorCode::None,
+                name: "t".into(),
+                internal: false,
+                partitions: (0..partitions)
+                    .map(|partition| PartitionMetadata {
+                        partition,
+                        error_code: ErrorCode::None,
+                        leader_id: 0,
+                    })
+                    .collect(),
+            }],
+        })
+    }
+
+    fn header(frame: &OutgoingFrame) -> (ResponseHeader, usize) {
+        let bytes: Vec<u8> = frame
+            .parts
+            .iter()
+            .flat_map(|part| part.iter().copied())
+            .collect();
+        let length = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(length, bytes.len() - LENGTH_PREFIX_BYTES);
+        let (header, _) = decode_response_header(Bytes::from(bytes[4..].to_vec())).unwrap();
+        (header, length)
+    }
+
+    #[test]
+    fn an_answer_over_max_frame_bytes_becomes_message_too_large() {
+        let (frame, code) = encode(7, &metadata_of(10), 1024);
+        assert_eq!(code, ErrorCode::None);
+        assert_eq!(header(&frame).0.error_code, ErrorCode::None);
+        // 12 bytes a partition: 1,000 of them are over a 1 KiB limit.
+        let (frame, code) = encode(7, &metadata_of(1_000), 1024);
+        assert_eq!(code, ErrorCode::MessageTooLarge);
+        let (header, length) = header(&frame);
+        assert_eq!(
+            (header.correlation_id, header.error_code),
+            (7, ErrorCode::MessageTooLarge)
+        );
+        assert!(length <= 1024);
+    }
 }

@@ -334,6 +334,37 @@ async fn api_versions_metadata_and_topic_admin(transport: Transport) {
         panic!()
     };
     assert_eq!(metadata.topics[0].error_code, ErrorCode::UnknownTopic);
+    // A name asked for again and again is answered once (the answer does not grow with the
+    // repeats: 100,000 of them would be over 3.6 MB of partitions).
+    let mut names: Vec<String> = vec!["orders".into(); 100_000];
+    names.insert(1, "nope".into());
+    let Response::Metadata(metadata) = connection
+        .send(MetadataRequest {
+            topics: Some(names),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let answered: Vec<_> = metadata
+        .topics
+        .iter()
+        .map(|topic| {
+            (
+                topic.name.as_str(),
+                topic.error_code,
+                topic.partitions.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        answered,
+        [
+            ("orders", ErrorCode::None, 3),
+            ("nope", ErrorCode::UnknownTopic, 0)
+        ]
+    );
 
     let Response::ListTopics(list) = connection.send(ListTopicsRequest {}).await.unwrap() else {
         panic!()

@@ -43,18 +43,24 @@ pub fn metadata(state: &Arc<BrokerState>, request: MetadataRequest) -> MetadataR
             .filter(|topic| !topic.internal)
             .map(|topic| describe(topic))
             .collect(),
-        Some(names) => names
-            .into_iter()
-            .map(|name| match state.topics.get(&name) {
-                Some(topic) => describe(&topic),
-                None => TopicMetadata {
-                    error_code: ErrorCode::UnknownTopic,
-                    name,
-                    internal: false,
-                    partitions: Vec::new(),
-                },
-            })
-            .collect(),
+        // A name asked for twice is answered once: a request naming one topic of a thousand
+        // partitions a million times would otherwise build gigabytes of answer.
+        Some(mut names) => {
+            let mut seen = std::collections::HashSet::with_capacity(names.len());
+            names.retain(|name| seen.insert(name.clone()));
+            names
+                .into_iter()
+                .map(|name| match state.topics.get(&name) {
+                    Some(topic) => describe(&topic),
+                    None => TopicMetadata {
+                        error_code: ErrorCode::UnknownTopic,
+                        name,
+                        internal: false,
+                        partitions: Vec::new(),
+                    },
+                })
+                .collect()
+        }
     };
     MetadataResponse {
         brokers: vec![BrokerMetadata {
