@@ -773,3 +773,88 @@ async fn outbox_rows_published_but_not_marked_are_not_published_again() {
     assert_each_row_once_in_order(&records, "orders-relay", 6);
     broker.shutdown().await;
 }
+
+/// Marking an older batch after a newer one was published must not hand the newer batch's
+/// producer back: its rows are unmarked, and a publish on that producer (no new epoch, no
+/// read-back) would send them a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marking_an_older_batch_does_not_skip_the_read_back_of_a_newer_one() {
+    let directory = tempfile::tempdir().unwrap();
+    let (broker, client) = start(&directory.path().join("broker")).await;
+    client.admin().create_topic("orders", 2, &[]).await.unwrap();
+    let database = directory.path().join("shop.sqlite");
+    place_orders(&database, 1, 2);
+    let mut relay = OutboxRelay::builder(&client, &database, "orders-relay")
+        .max_batch_rows(1)
+        .build()
+        .await
+        .unwrap();
+    let older = relay.publish_pending().await.unwrap();
+    assert_eq!(older.rows.len(), 1);
+    // Published before `older` was marked: a new epoch, whose read-back marks row 1.
+    let newer = relay.publish_pending().await.unwrap();
+    assert_eq!(newer.rows.len(), 1);
+    assert_eq!(relay.unsent_count().await.unwrap(), 1, "row 2 is unmarked");
+    assert_eq!(relay.mark_sent(&older).await.unwrap(), 0, "marked already");
+    assert_eq!(
+        relay.relay_once().await.unwrap(),
+        0,
+        "row 2 is found in the topic, not published again"
+    );
+    assert_eq!(relay.unsent_count().await.unwrap(), 0);
+    // The newer batch marked late changes nothing, and the relay goes on publishing.
+    assert_eq!(relay.mark_sent(&newer).await.unwrap(), 0);
+    place_orders(&database, 3, 1);
+    assert_eq!(relay.relay_once().await.unwrap(), 1);
+    assert_eq!(relay.relay_once().await.unwrap(), 0);
+    relay.close().await.unwrap();
+    let records = read_topic(&client, "orders").await;
+    assert_each_row_once_in_order(&records, "orders-relay", 3);
+    broker.shutdown().await;
+}
+
+/// Two relays of different names starting together on a fresh outbox: exactly one may claim
+/// it, or both would publish every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_relay_names_starting_together_exactly_one_claims_the_outbox() {
+    const ROUNDS: usize = 20;
+    let directory = tempfile::tempdir().unwrap();
+    let (broker, client) = start(&directory.path().join("broker")).await;
+    for round in 0..ROUNDS {
+        let database = directory.path().join(format!("shop-{round}.sqlite"));
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let starts: Vec<_> = ["relay-a", "relay-b"]
+            .into_iter()
+            .map(|name| {
+                let (client, database, barrier) =
+                    (client.clone(), database.clone(), Arc::clone(&barrier));
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    OutboxRelay::builder(&client, &database, name).build().await
+                })
+            })
+            .collect();
+        let mut claimed = Vec::new();
+        let mut refused = 0;
+        for start in starts {
+            match tokio::time::timeout(DEADLINE, start)
+                .await
+                .expect("the relay starts in time")
+                .unwrap()
+            {
+                Ok(relay) => claimed.push(relay),
+                Err(Error::Usage(_)) => refused += 1,
+                Err(other) => panic!("round {round}: unexpected error {other}"),
+            }
+        }
+        assert_eq!(
+            (claimed.len(), refused),
+            (1, 1),
+            "round {round}: exactly one relay name claims the outbox"
+        );
+        for relay in claimed {
+            relay.close().await.unwrap();
+        }
+    }
+    broker.shutdown().await;
+}

@@ -1,4 +1,4 @@
-//! Idempotent consumer: each payment is charged once, although the broker delivers some twice.
+//! Idempotent consumer: a payment the broker delivers again is skipped, not charged again.
 //!
 //! ```sh
 //! cargo run -p sluice-examples --example idempotent_consumer
@@ -11,6 +11,12 @@
 //! none), skips keys its `DedupStore` remembers, runs the handler for the others, remembers
 //! them, and only then commits the offset. Here the store is a SQLite file, so it survives the
 //! crash of the member that wrote it.
+//!
+//! The key is written after the handler returned: a process that dies between the charge and
+//! that write charges the payment again when it is delivered again. Outside that window each
+//! payment is charged once. An effect that is a write to a SQLite database has no such window
+//! with the inbox (`sluice_client::idempotent::inbox::InboxConsumer`), which commits the write
+//! and the key in one transaction. Member A below stops only after its keys are written.
 //!
 //! What to watch: member A charges three payments and crashes without committing. Member B
 //! (after the 6 s session timeout moves the partition) gets those three again and prints

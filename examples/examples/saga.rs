@@ -18,7 +18,10 @@
 //!
 //! Every service and the orchestrator is a consumer group member reading its topic through an
 //! `IdempotentConsumer`, so a command or reply delivered twice (at-least-once) is acted on once:
-//! each message carries a `message-id` of the form `order:step`.
+//! each message carries a `message-id` of the form `order:step`. That is not the whole story:
+//! a handler whose reply fails to send is run again on the same command, so each service
+//! answers a repeated command as it did the first time (same reply, same `message-id`), and
+//! the orchestrator acts only on the reply its saga waits for, ignoring late or repeated ones.
 //!
 //! What to watch: order-1 completes; order-2's card is declined, so its inventory reservation
 //! is released; order-3 cannot be shipped, so its payment is refunded and then its inventory
@@ -114,6 +117,15 @@ fn inventory_service(command: &[&str], inventory: &mut Inventory) -> (String, St
     const STOCK: u32 = 10;
     match command {
         ["reserve", order, quantity] => {
+            // Already reserved: this is the same command run again (its reply failed to
+            // send). Answering from the stock would count the order's own reservation against
+            // it and say "out-of-stock" while keeping the reservation.
+            if let Some(held) = inventory.reserved.get(*order) {
+                return (
+                    "reserved".into(),
+                    format!("inventory reserved {order} {held}"),
+                );
+            }
             let quantity: u32 = quantity.parse().unwrap_or(u32::MAX);
             let taken: u32 = inventory.reserved.values().sum();
             if taken + quantity <= STOCK {
@@ -201,6 +213,10 @@ fn shipping_service(command: &[&str], shipping: &mut Shipping) -> (String, Strin
 
 /// Runs a service: reads commands from `topic` as a group member, applies each once with
 /// `apply`, and sends the reply.
+///
+/// `apply` changes the state before the reply is sent; when the send fails, the handler
+/// fails and the same command is applied again. So `apply` must answer a command it already
+/// applied as it did the first time, without applying it twice.
 #[allow(clippy::too_many_arguments)]
 async fn start_service<S: Send + 'static>(
     client: &Client,
@@ -257,67 +273,147 @@ async fn start_service<S: Send + 'static>(
     }))
 }
 
+/// A command the orchestrator sends, whose reply a saga waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Reserve,
+    Charge,
+    Ship,
+    Refund,
+    Release,
+}
+
 /// Where one order's saga stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum SagaState {
-    Running,
+    /// Waiting for the reply to `awaiting`.
+    Running {
+        awaiting: Step,
+    },
     Completed,
-    /// Failed at a step; compensating.
+    /// Failed at a step; undoing the steps done, waiting for the reply to `awaiting`.
     Compensating {
         reason: String,
+        awaiting: Step,
     },
     Cancelled {
         reason: String,
     },
 }
 
+impl SagaState {
+    /// A saga whose first command, the reservation, was sent.
+    const STARTED: SagaState = SagaState::Running {
+        awaiting: Step::Reserve,
+    };
+}
+
 /// What the orchestrator does with a reply: the next command to send, if any.
+///
+/// Only the reply the saga waits for moves it; any other is ignored. Replies come late or
+/// twice (a service whose reply failed to send answers again), and acting on one regardless
+/// of the state would, say, charge an order that was cancelled meanwhile.
 fn next_step(
     order: &Order,
     reply: &[&str],
     state: &mut SagaState,
     compensations: &mut Vec<String>,
 ) -> Option<(&'static str, String)> {
+    use SagaState::{Cancelled, Compensating, Completed, Running};
     let id = order.id;
-    match reply {
-        ["inventory", "reserved", ..] => {
+    match (&*state, reply) {
+        (
+            Running {
+                awaiting: Step::Reserve,
+            },
+            ["inventory", "reserved", ..],
+        ) => {
+            *state = Running {
+                awaiting: Step::Charge,
+            };
             Some(("payment", format!("charge {id} {}", order.amount_cents)))
         }
-        ["payment", "charged", ..] => Some(("shipping", format!("ship {id} {}", order.address))),
-        ["shipping", "shipped", ..] => {
-            *state = SagaState::Completed;
-            None
-        }
-        ["inventory", "out-of-stock", ..] => {
-            *state = SagaState::Cancelled {
+        (
+            Running {
+                awaiting: Step::Reserve,
+            },
+            ["inventory", "out-of-stock", ..],
+        ) => {
+            *state = Cancelled {
                 reason: "out of stock".into(),
             };
             None
         }
-        ["payment", "declined", _, reason] => {
-            *state = SagaState::Compensating {
+        (
+            Running {
+                awaiting: Step::Charge,
+            },
+            ["payment", "charged", ..],
+        ) => {
+            *state = Running {
+                awaiting: Step::Ship,
+            };
+            Some(("shipping", format!("ship {id} {}", order.address)))
+        }
+        (
+            Running {
+                awaiting: Step::Charge,
+            },
+            ["payment", "declined", _, reason],
+        ) => {
+            *state = Compensating {
                 reason: format!("payment declined ({reason})"),
+                awaiting: Step::Release,
             };
             compensations.push("release inventory".into());
             Some(("inventory", format!("release {id}")))
         }
-        ["shipping", "failed", _, reason] => {
-            *state = SagaState::Compensating {
+        (
+            Running {
+                awaiting: Step::Ship,
+            },
+            ["shipping", "shipped", ..],
+        ) => {
+            *state = Completed;
+            None
+        }
+        (
+            Running {
+                awaiting: Step::Ship,
+            },
+            ["shipping", "failed", _, reason],
+        ) => {
+            *state = Compensating {
                 reason: format!("shipping failed ({reason})"),
+                awaiting: Step::Refund,
             };
             compensations.push("refund payment".into());
             Some(("payment", format!("refund {id}")))
         }
-        ["payment", "refunded", ..] => {
+        (
+            Compensating {
+                reason,
+                awaiting: Step::Refund,
+            },
+            ["payment", "refunded", ..],
+        ) => {
+            *state = Compensating {
+                reason: reason.clone(),
+                awaiting: Step::Release,
+            };
             compensations.push("release inventory".into());
             Some(("inventory", format!("release {id}")))
         }
-        ["inventory", "released", ..] => {
-            if let SagaState::Compensating { reason } = state {
-                *state = SagaState::Cancelled {
-                    reason: reason.clone(),
-                };
-            }
+        (
+            Compensating {
+                reason,
+                awaiting: Step::Release,
+            },
+            ["inventory", "released", ..],
+        ) => {
+            *state = Cancelled {
+                reason: reason.clone(),
+            };
             None
         }
         _ => None,
@@ -402,7 +498,7 @@ async fn main() -> anyhow::Result<()> {
             "orchestrator starts the saga of {} ({} items, {} cents, to {})",
             order.id, order.quantity, order.amount_cents, order.address
         );
-        sagas.insert(order.id, (SagaState::Running, Vec::new()));
+        sagas.insert(order.id, (SagaState::STARTED, Vec::new()));
         send(
             &producer,
             &topics.inventory,
@@ -414,10 +510,12 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|error| anyhow::anyhow!(error))?;
     }
     let deadline = deadline_in(60);
-    while sagas
-        .values()
-        .any(|(state, _)| matches!(state, SagaState::Running | SagaState::Compensating { .. }))
-    {
+    while sagas.values().any(|(state, _)| {
+        matches!(
+            state,
+            SagaState::Running { .. } | SagaState::Compensating { .. }
+        )
+    }) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let (producer, topics, sagas) = (&producer, &topics, &mut sagas);
         let handler = move |record: ConsumerRecord| async move {
@@ -429,7 +527,12 @@ async fn main() -> anyhow::Result<()> {
                 .ok_or("a reply for an unknown order")?;
             let (state, compensations) =
                 sagas.get_mut(order.id).ok_or("an order without a saga")?;
-            if let Some((service, command)) = next_step(order, &words, state, compensations) {
+            // Worked out on copies, kept once the command is sent: when the send fails, the
+            // reply is handed over again and must find the saga still waiting for it.
+            let (mut next_state, mut next_compensations) = (state.clone(), compensations.clone());
+            if let Some((service, command)) =
+                next_step(order, &words, &mut next_state, &mut next_compensations)
+            {
                 let step = command.split(' ').next().unwrap_or_default().to_owned();
                 send(
                     producer,
@@ -440,6 +543,8 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await?;
             }
+            *state = next_state;
+            *compensations = next_compensations;
             Ok::<(), BoxError>(())
         };
         let handled = tokio::time::timeout(left, replies.process_next(handler)).await;
@@ -497,4 +602,199 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("saga done: 1 completed, 2 cancelled and compensated");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands `reply` to the orchestrator; returns the command it sends, as `service: command`.
+    fn on_reply(
+        order: &Order,
+        reply: &str,
+        state: &mut SagaState,
+        compensations: &mut Vec<String>,
+    ) -> Option<String> {
+        let words: Vec<&str> = reply.split(' ').collect();
+        next_step(order, &words, state, compensations)
+            .map(|(service, command)| format!("{service}: {command}"))
+    }
+
+    #[test]
+    fn a_repeated_reserve_answers_as_the_first_did_and_reserves_once() {
+        let mut inventory = Inventory::default();
+        let first = inventory_service(&["reserve", "order-1", "8"], &mut inventory);
+        assert_eq!(
+            first,
+            (
+                "reserved".to_owned(),
+                "inventory reserved order-1 8".to_owned()
+            )
+        );
+        // The reply failed to send: the same command is applied again. The same step gives
+        // the reply the same message id, so the orchestrator takes it once.
+        let repeat = inventory_service(&["reserve", "order-1", "8"], &mut inventory);
+        assert_eq!(repeat, first);
+        assert_eq!(
+            inventory.reserved,
+            BTreeMap::from([("order-1".to_owned(), 8)])
+        );
+        // Other orders still see the stock order-1 holds.
+        let over = inventory_service(&["reserve", "order-2", "3"], &mut inventory);
+        assert_eq!(over.0, "out-of-stock");
+        let fits = inventory_service(&["reserve", "order-2", "2"], &mut inventory);
+        assert_eq!(fits.0, "reserved");
+        assert_eq!(inventory.reserved.values().sum::<u32>(), 10);
+    }
+
+    #[test]
+    fn a_late_reserved_reply_does_not_charge_a_cancelled_order() {
+        let order = &ORDERS[1];
+        let (mut state, mut compensations) = (SagaState::STARTED, Vec::new());
+        assert_eq!(
+            on_reply(
+                order,
+                "inventory reserved order-2 1",
+                &mut state,
+                &mut compensations
+            ),
+            Some("payment: charge order-2 500000".to_owned())
+        );
+        assert_eq!(
+            on_reply(
+                order,
+                "payment declined order-2 card-limit",
+                &mut state,
+                &mut compensations
+            ),
+            Some("inventory: release order-2".to_owned())
+        );
+        assert_eq!(
+            on_reply(
+                order,
+                "inventory released order-2",
+                &mut state,
+                &mut compensations
+            ),
+            None
+        );
+        let cancelled = SagaState::Cancelled {
+            reason: "payment declined (card-limit)".into(),
+        };
+        assert_eq!(state, cancelled);
+        for late in [
+            "inventory reserved order-2 1",
+            "payment charged order-2 500000",
+            "shipping shipped order-2",
+        ] {
+            assert_eq!(
+                on_reply(order, late, &mut state, &mut compensations),
+                None,
+                "{late}"
+            );
+        }
+        assert_eq!(state, cancelled);
+        assert_eq!(compensations, ["release inventory"]);
+    }
+
+    #[test]
+    fn replies_out_of_turn_move_a_running_saga_nowhere() {
+        let order = &ORDERS[0];
+        let (mut state, mut compensations) = (SagaState::STARTED, Vec::new());
+        // Not what the saga waits for: ignored.
+        for early in ["payment charged order-1 2500", "shipping shipped order-1"] {
+            assert_eq!(on_reply(order, early, &mut state, &mut compensations), None);
+            assert_eq!(state, SagaState::STARTED, "{early}");
+        }
+        assert_eq!(
+            on_reply(
+                order,
+                "inventory reserved order-1 2",
+                &mut state,
+                &mut compensations
+            ),
+            Some("payment: charge order-1 2500".to_owned())
+        );
+        // The same reply again (answered twice under another message id, say): charged once.
+        assert_eq!(
+            on_reply(
+                order,
+                "inventory reserved order-1 2",
+                &mut state,
+                &mut compensations
+            ),
+            None
+        );
+        assert_eq!(
+            on_reply(
+                order,
+                "payment charged order-1 2500",
+                &mut state,
+                &mut compensations
+            ),
+            Some("shipping: ship order-1 12 Main St".to_owned())
+        );
+        assert_eq!(
+            on_reply(
+                order,
+                "shipping shipped order-1",
+                &mut state,
+                &mut compensations
+            ),
+            None
+        );
+        assert_eq!(state, SagaState::Completed);
+        assert_eq!(
+            on_reply(
+                order,
+                "shipping failed order-1 no-route",
+                &mut state,
+                &mut compensations
+            ),
+            None,
+            "a completed saga is not compensated"
+        );
+        assert_eq!(state, SagaState::Completed);
+        assert!(compensations.is_empty());
+    }
+
+    #[test]
+    fn a_failed_shipment_refunds_then_releases_once_each() {
+        let order = &ORDERS[2];
+        let (mut state, mut compensations) = (SagaState::STARTED, Vec::new());
+        for (reply, command) in [
+            (
+                "inventory reserved order-3 4",
+                Some("payment: charge order-3 800"),
+            ),
+            (
+                "payment charged order-3 800",
+                Some("shipping: ship order-3 nowhere"),
+            ),
+            (
+                "shipping failed order-3 no-route",
+                Some("payment: refund order-3"),
+            ),
+            (
+                "payment refunded order-3",
+                Some("inventory: release order-3"),
+            ),
+            // Refunded again while the release is awaited: not a second release.
+            ("payment refunded order-3", None),
+            ("inventory released order-3", None),
+        ] {
+            assert_eq!(
+                on_reply(order, reply, &mut state, &mut compensations).as_deref(),
+                command,
+                "{reply}"
+            );
+        }
+        assert_eq!(
+            state,
+            SagaState::Cancelled {
+                reason: "shipping failed (no-route)".into()
+            }
+        );
+        assert_eq!(compensations, ["refund payment", "release inventory"]);
+    }
 }

@@ -8,7 +8,7 @@
 //! |-----------------------|-------------------------------------------------------------------|
 //! | `quickstart`          | create a topic, produce, consume with a group                     |
 //! | `consumer_group`      | three members share partitions; one dies, the others take over    |
-//! | `idempotent_consumer` | redelivered and duplicate messages are handled once               |
+//! | `idempotent_consumer` | duplicates and redeliveries skipped once their key is stored      |
 //! | `outbox`              | database rows published exactly once, even across a relay crash   |
 //! | `saga`                | an orchestrated order saga with compensations                     |
 //! | `event_sourcing`      | an aggregate rebuilt from its events, and a CQRS read model       |

@@ -6,7 +6,8 @@
 //!   the key, and only a documented bound makes it forget: the in-memory store's capacity and
 //!   TTL (and a restart), the SQLite store's retention. A forgotten key's message is handled
 //!   again if it is delivered again.
-//! - `insert` of a key already there changes nothing.
+//! - `insert` of a key still remembered changes nothing. A key past its TTL or retention counts
+//!   as absent even while it is still stored, so inserting it again remembers it afresh.
 //! - A persistent store's `insert` is durable when it returns.
 //! - Memory is bounded: no store grows with the number of messages seen.
 
@@ -373,13 +374,10 @@ mod persistent {
             let retention = self.retention;
             sqlite::blocking(&self.connection, move |connection| {
                 let now_ms = sqlite::now_ms();
-                sqlite::record_processed(connection, &scope, &key, now_ms)?;
+                let expired_until_ms = sqlite::ms_before(now_ms, retention);
+                sqlite::record_processed(connection, &scope, &key, now_ms, expired_until_ms)?;
                 if cleanup {
-                    sqlite::forget_expired(
-                        connection,
-                        &scope,
-                        sqlite::ms_before(now_ms, retention),
-                    )?;
+                    sqlite::forget_expired(connection, &scope, expired_until_ms)?;
                 }
                 Ok(())
             })
@@ -504,6 +502,49 @@ mod tests {
         assert!(!store.contains_at(&id("later"), start + Duration::from_secs(15)));
         assert!(store.is_empty());
         assert_eq!(store.key_bytes(), 0);
+    }
+
+    #[test]
+    fn in_memory_store_remembers_an_expired_key_inserted_again() {
+        let start = Instant::now();
+        let mut store = InMemoryDedupStore::new().ttl(Duration::from_secs(10));
+        store.insert_at(&id("late"), start);
+        let expired = start + Duration::from_secs(10);
+        assert!(!store.contains_at(&id("late"), expired));
+        // Processed again (it was delivered again after it expired): remembered from now.
+        store.insert_at(&id("late"), expired);
+        assert!(store.contains_at(&id("late"), expired));
+        assert!(store.contains_at(&id("late"), expired + Duration::from_millis(9_999)));
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn sqlite_store_remembers_an_expired_key_inserted_again_before_cleanup() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("dedup.sqlite");
+        let retention = Duration::from_secs(3600);
+        let mut store = SqliteDedupStore::open(&path, "billing")
+            .await
+            .unwrap()
+            .retention(retention);
+        // The first insert runs the cleanup; the next 999 do not, so the aged row stays.
+        store.insert(&id("late")).await.unwrap();
+        use crate::idempotent::sqlite::{ms_before, now_ms};
+        let aged_ms = ms_before(now_ms(), retention + Duration::from_secs(60));
+        let aged = rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE sluice_processed_messages SET processed_at_ms = ?1",
+                [aged_ms],
+            )
+            .unwrap();
+        assert_eq!(aged, 1);
+        assert!(!store.contains(&id("late")).await.unwrap(), "expired");
+        assert_eq!(store.len().await.unwrap(), 1, "but not deleted yet");
+        // Delivered again and processed again: after insert, contains answers true.
+        store.insert(&id("late")).await.unwrap();
+        assert!(store.contains(&id("late")).await.unwrap());
+        assert_eq!(store.len().await.unwrap(), 1);
     }
 
     #[cfg(feature = "sqlite")]

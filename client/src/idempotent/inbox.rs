@@ -92,7 +92,7 @@ impl Inbox {
                 key: key.clone(),
                 source: error.into(),
             })?;
-            sqlite::record_processed(&transaction, &scope, &key, sqlite::now_ms())?;
+            sqlite::record_processed(&transaction, &scope, &key, sqlite::now_ms(), i64::MIN)?;
             transaction.commit()?;
             Ok(Outcome::Processed(value))
         })

@@ -23,7 +23,8 @@
 //!   bounded [`InMemoryDedupStore`] and, with the `sqlite` feature, the persistent
 //!   [`SqliteDedupStore`].
 //! - [`IdempotentConsumer`] (here): a group [`Consumer`] plus a [`DedupStore`]; runs an async
-//!   handler once per key and commits offsets only after it succeeded.
+//!   handler for the keys the store does not remember, and commits offsets only after it
+//!   succeeded.
 //! - [`inbox`] (`sqlite`): the handler gets a SQLite transaction, and the processed key is
 //!   written in that same transaction, so the handler's effect and "processed" commit together.
 //! - [`outbox`] (`sqlite`): the transactional outbox: an application writes business rows and

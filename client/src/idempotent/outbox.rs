@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sluice_protocol::messages::OffsetSpec;
 
 use super::sqlite::{self, SharedConnection};
@@ -218,6 +218,9 @@ pub struct PublishedRow {
 #[must_use = "rows stay unsent until mark_sent"]
 pub struct PublishedBatch {
     pub rows: Vec<PublishedRow>,
+    /// Which publish of its relay this was (1, 2, ...; 0 for an empty batch), so that marking
+    /// it re-arms the producer only when no later publish may have left rows unmarked.
+    publish: u64,
 }
 
 /// Settings of an [`OutboxRelay`].
@@ -257,14 +260,19 @@ impl OutboxRelayBuilder {
         let path = self.database_path.clone();
         let name = self.name.clone();
         let connection = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let connection = sqlite::open(&path)?;
-            create_schema(&connection)?;
-            let owner: Option<String> = connection
+            let mut connection = sqlite::open(&path)?;
+            // The check and the claim in one transaction that takes the write lock first:
+            // as two statements, two relays of different names starting together could both
+            // find no owner and both claim the outbox, and publish every row twice.
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            create_schema(&transaction)?;
+            let owner: Option<String> = transaction
                 .query_row("SELECT name FROM sluice_outbox_relay", [], |row| row.get(0))
                 .optional()?;
             match owner {
                 None => {
-                    connection.execute(
+                    transaction.execute(
                         "INSERT INTO sluice_outbox_relay (name) VALUES (?1)",
                         [&name],
                     )?;
@@ -278,6 +286,7 @@ impl OutboxRelayBuilder {
                     )));
                 }
             }
+            transaction.commit()?;
             Ok(connection)
         })
         .await
@@ -290,6 +299,7 @@ impl OutboxRelayBuilder {
             read_back_timeout: self.read_back_timeout,
             producer: None,
             published_by: None,
+            publishes: 0,
             known_topics: HashSet::new(),
         };
         relay.producer().await?;
@@ -332,8 +342,12 @@ pub struct OutboxRelay {
     /// publish must take a new producer epoch and read back before it sends anything, or it
     /// would send those rows again.
     producer: Option<Producer>,
-    /// The producer of the last publish, back in `producer` once its rows are marked sent.
+    /// The producer of the last publish, back in `producer` once that publish's rows are
+    /// marked sent. Marking an earlier batch does not bring it back: the last publish's rows
+    /// are still unmarked. Dropped when a new producer is taken (that fenced it).
     published_by: Option<Producer>,
+    /// Publishes with rows so far; the last one's number is in its [`PublishedBatch`].
+    publishes: u64,
     /// Topics whose partitions all have a `scan_from` row.
     known_topics: HashSet<String>,
 }
@@ -370,6 +384,8 @@ impl OutboxRelay {
             .linger(Duration::ZERO)
             .build()
             .await?;
+        // The last publish's producer is fenced now: marking its batch must not re-arm it.
+        self.published_by = None;
         self.read_back().await?;
         self.producer = Some(producer.clone());
         Ok(producer)
@@ -574,9 +590,13 @@ impl OutboxRelay {
         // (see `producer`): what of the batch got through is found there, not sent again.
         self.producer = None;
         self.published_by = None;
+        self.publishes += 1;
         let published = self.send(&producer, &rows).await?;
         self.published_by = Some(producer);
-        Ok(PublishedBatch { rows: published })
+        Ok(PublishedBatch {
+            rows: published,
+            publish: self.publishes,
+        })
     }
 
     async fn send(&self, producer: &Producer, rows: &[UnsentRow]) -> Result<Vec<PublishedRow>> {
@@ -620,6 +640,10 @@ impl OutboxRelay {
 
     /// Marks published rows sent (with their partition and offset) and moves each partition's
     /// `scan_from` past them, in one transaction. Returns how many rows changed.
+    ///
+    /// Marking the last batch published lets the next publish go on with the same producer;
+    /// after marking an earlier one (a later publish came first), the next publish takes a new
+    /// producer epoch and reads back what the later publish sent.
     pub async fn mark_sent(&mut self, batch: &PublishedBatch) -> Result<usize> {
         let rows = batch.rows.clone();
         let marked = sqlite::blocking(&self.connection, move |connection| {
@@ -636,8 +660,11 @@ impl OutboxRelay {
             Ok(marked)
         })
         .await?;
-        // Every row published is marked: the producer may go on without a read-back.
-        if let Some(producer) = self.published_by.take() {
+        // The last publish is marked, so every row published is (the read-back before that
+        // publish marked the earlier ones): the producer may go on without a read-back.
+        if batch.publish == self.publishes
+            && let Some(producer) = self.published_by.take()
+        {
             self.producer = Some(producer);
         }
         Ok(marked)

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
 use super::{Error, MessageKey, Result};
 
@@ -28,10 +28,32 @@ pub(crate) fn open(path: &Path) -> rusqlite::Result<Connection> {
 /// The settings [`open`] applies, for connections the application opened itself.
 pub(crate) fn configure(connection: &Connection) -> rusqlite::Result<()> {
     connection.busy_timeout(BUSY_TIMEOUT)?;
-    // journal_mode answers with the mode now in force; an in-memory database stays "memory".
-    let _mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    enable_wal(connection)?;
     connection.pragma_update(None, "synchronous", "FULL")?;
     Ok(())
+}
+
+/// Switches the database to write-ahead logging. Two connections switching a new file at once
+/// both hold a shared lock and want the exclusive one; waiting would deadlock, so SQLite
+/// answers one of them `SQLITE_BUSY` at once, without the busy timeout (two relays or stores
+/// opening one new file together failed so). That one tries again until the busy timeout:
+/// the other's switch takes milliseconds.
+fn enable_wal(connection: &Connection) -> rusqlite::Result<()> {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    loop {
+        // journal_mode answers with the mode now in force; an in-memory database stays "memory".
+        match connection.query_row("PRAGMA journal_mode = WAL", [], |row| {
+            row.get::<_, String>(0)
+        }) {
+            Ok(_mode) => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == ErrorCode::DatabaseBusy && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Runs `call` with the connection on tokio's blocking pool.
@@ -93,17 +115,23 @@ pub(crate) fn is_processed(
         .map(|found| found.is_some())
 }
 
-/// Records `key` for `scope`; recording it again changes nothing.
+/// Records `key` for `scope` at `now_ms`. Recording a key still remembered (recorded after
+/// `expired_until_ms`) changes nothing; a key that expired but was not deleted yet counts as
+/// absent for [`is_processed`], so it is recorded afresh: kept at its old time, it would stay
+/// expired, and the message would be handled again at every delivery.
 pub(crate) fn record_processed(
     connection: &Connection,
     scope: &str,
     key: &MessageKey,
     now_ms: i64,
+    expired_until_ms: i64,
 ) -> rusqlite::Result<()> {
     connection.execute(
-        "INSERT OR IGNORE INTO sluice_processed_messages (scope, message_key, processed_at_ms)
-         VALUES (?1, ?2, ?3)",
-        params![scope, key.to_bytes(), now_ms],
+        "INSERT INTO sluice_processed_messages (scope, message_key, processed_at_ms)
+         VALUES (?1, ?2, ?3)
+         ON CONFLICT (scope, message_key) DO UPDATE SET processed_at_ms = excluded.processed_at_ms
+         WHERE processed_at_ms <= ?4",
+        params![scope, key.to_bytes(), now_ms, expired_until_ms],
     )?;
     Ok(())
 }
