@@ -554,6 +554,41 @@ async fn fetch_long_poll_answers_as_soon_as_a_produce_lands(transport: Transport
 
 /// The first batch at or after `from` of topic `t`'s partition 0: a partition limit of one
 /// byte returns one whole batch per fetch.
+/// A partition named twice in one fetch is read once; the repeat is refused, not read again.
+#[tokio::test]
+async fn a_partition_named_twice_in_a_fetch_is_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
+    create(&connection, "t", 1).await;
+    produce(&connection, "t", 0, &["a", "b"], Acks::Leader).await;
+    let mut request = fetch_request("t", 0, 0, 0);
+    let again = request.topics[0].partitions[0].clone();
+    request.topics[0].partitions.push(again.clone());
+    request.topics.push(FetchTopic {
+        name: "t".into(),
+        partitions: vec![again],
+    });
+    let Response::Fetch(response) = connection.send(request).await.unwrap() else {
+        panic!("wrong response")
+    };
+    let answered: Vec<(ErrorCode, usize)> = response
+        .topics
+        .iter()
+        .flat_map(|topic| &topic.partitions)
+        .map(|partition| (partition.error_code, values(&partition.records).len()))
+        .collect();
+    assert_eq!(
+        answered,
+        [
+            (ErrorCode::None, 2),
+            (ErrorCode::InvalidRequest, 0),
+            (ErrorCode::InvalidRequest, 0)
+        ]
+    );
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 /// A fetch that finds some data, but less than its `min_bytes`, waits for more instead of reading
 /// again and again until `max_wait` (the watermark is already past its fetch offset).
 #[tokio::test]
@@ -810,30 +845,53 @@ async fn list_offsets_earliest_latest_and_by_timestamp(transport: Transport) {
         OffsetSpec::Timestamp(1_700_000_000_001),
         OffsetSpec::Timestamp(1_800_000_000_000),
     ];
-    let response = connection
-        .send(ListOffsetsRequest {
-            topics: vec![ListOffsetsTopic {
-                name: "t".into(),
-                partitions: specs
-                    .iter()
-                    .map(|spec| ListOffsetsPartition {
-                        partition: 0,
-                        spec: *spec,
-                    })
-                    .collect(),
-            }],
-        })
-        .await
-        .unwrap();
-    let Response::ListOffsets(response) = response else {
-        panic!()
+    let lookup = |partitions: Vec<ListOffsetsPartition>| {
+        let connection = &connection;
+        async move {
+            let response = connection
+                .send(ListOffsetsRequest {
+                    topics: vec![ListOffsetsTopic {
+                        name: "t".into(),
+                        partitions,
+                    }],
+                })
+                .await
+                .unwrap();
+            let Response::ListOffsets(mut response) = response else {
+                panic!()
+            };
+            response.topics.remove(0).partitions
+        }
     };
-    let offsets: Vec<(u64, i64)> = response.topics[0]
-        .partitions
-        .iter()
-        .map(|p| (p.offset, p.timestamp))
-        .collect();
+    let mut offsets = Vec::new();
+    for spec in specs {
+        let answer = lookup(vec![ListOffsetsPartition { partition: 0, spec }]).await;
+        assert_eq!(answer[0].error_code, ErrorCode::None);
+        offsets.push((answer[0].offset, answer[0].timestamp));
+    }
     assert_eq!(offsets, [(0, -1), (3, -1), (1, 1_700_000_000_001), (3, -1)]);
+    // A partition named twice in one request is looked up once; the repeat is refused.
+    let answer = lookup(
+        specs
+            .iter()
+            .map(|spec| ListOffsetsPartition {
+                partition: 0,
+                spec: *spec,
+            })
+            .collect(),
+    )
+    .await;
+    let codes: Vec<ErrorCode> = answer.iter().map(|p| p.error_code).collect();
+    assert_eq!(
+        codes,
+        [
+            ErrorCode::None,
+            ErrorCode::InvalidRequest,
+            ErrorCode::InvalidRequest,
+            ErrorCode::InvalidRequest
+        ]
+    );
+    assert_eq!(answer[0].offset, 0);
     broker.shutdown().await;
 }
 

@@ -316,14 +316,21 @@ async fn fetch_with_wait(
 }
 
 /// The topic names of a request and its partitions, resolved once.
+///
+/// A partition named twice in one request is read once: its repeats are answered
+/// `InvalidRequest` without a read (a request could otherwise list one partition hundreds of
+/// thousands of times and have the broker read and checksum its first batch each time).
 fn resolve(state: &BrokerState, request: &FetchRequest) -> (Vec<String>, Vec<Target>) {
     let mut names = Vec::with_capacity(request.topics.len());
     let mut targets = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (topic_index, topic_request) in request.topics.iter().enumerate() {
         let topic = state.topics.get(&topic_request.name);
         for partition in &topic_request.partitions {
+            let first = seen.insert((topic_request.name.as_str(), partition.partition));
             let (log, error) = match &topic {
                 None => (None, Some(ErrorCode::UnknownTopic)),
+                Some(_) if !first => (None, Some(ErrorCode::InvalidRequest)),
                 Some(topic) => match topic.partition(partition.partition) {
                     Some(log) => (Some(Arc::clone(log)), None),
                     None => (None, Some(ErrorCode::UnknownPartition)),

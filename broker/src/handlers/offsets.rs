@@ -10,7 +10,11 @@ use sluice_protocol::messages::{
 
 use crate::BrokerState;
 
+/// A partition named twice in one request is looked up once: its repeats are answered
+/// `InvalidRequest` (as Kafka does), so a request cannot make the broker read and decode a
+/// batch from disk hundreds of thousands of times for one lookup.
 pub fn list_offsets(state: &Arc<BrokerState>, request: ListOffsetsRequest) -> ListOffsetsResponse {
+    let mut seen = std::collections::HashSet::new();
     let topics = request
         .topics
         .into_iter()
@@ -30,6 +34,10 @@ pub fn list_offsets(state: &Arc<BrokerState>, request: ListOffsetsRequest) -> Li
                         entry.error_code = ErrorCode::UnknownTopic;
                         return entry;
                     };
+                    if !seen.insert((topic.name.clone(), partition.partition)) {
+                        entry.error_code = ErrorCode::InvalidRequest;
+                        return entry;
+                    }
                     let Some(log) = topic.partition(partition.partition) else {
                         entry.error_code = ErrorCode::UnknownPartition;
                         return entry;
