@@ -48,7 +48,7 @@ const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 const MIB: u32 = 1024 * 1024;
 
 /// Longest topic name, in bytes (DESIGN.md: `[A-Za-z0-9._-]{1,249}`).
-const MAX_TOPIC_NAME_BYTES: u32 = 249;
+const MAX_TOPIC_NAME_BYTES: u32 = crate::topics::MAX_TOPIC_NAME_BYTES as u32;
 
 /// Bytes a produce request adds around one record batch for one partition of a topic with the
 /// longest possible name: request header, `acks u8`, `timeout_ms u32`, topic count `u32`, name

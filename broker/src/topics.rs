@@ -117,6 +117,9 @@ pub struct TopicRegistry {
     changes: Mutex<()>,
 }
 
+/// The longest topic name, in bytes.
+pub const MAX_TOPIC_NAME_BYTES: usize = 249;
+
 /// Checks a user topic name: `[A-Za-z0-9._-]{1,249}`, not `.` or `..`, not starting with `__`
 /// (kept for internal topics).
 pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
@@ -126,7 +129,7 @@ pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
             format!("invalid topic name {name:?}: {why}"),
         ))
     };
-    if name.is_empty() || name.len() > 249 {
+    if name.is_empty() || name.len() > MAX_TOPIC_NAME_BYTES {
         return invalid("must be 1 to 249 characters");
     }
     if name == "." || name == ".." {
@@ -262,6 +265,11 @@ impl TopicRegistry {
             self.topics.iter().map(|topic| Arc::clone(&topic)).collect();
         topics.sort_by(|a, b| a.name.cmp(&b.name));
         topics
+    }
+
+    /// The most topics this broker holds (`limits.max_topics`, internal ones aside).
+    pub fn max_topics(&self) -> usize {
+        self.limits.max_topics
     }
 
     pub fn len(&self) -> usize {

@@ -417,6 +417,25 @@ async fn bad_group_requests_get_clear_errors() {
     )
     .await;
     assert_eq!(bad_timeout.error_code, ErrorCode::InvalidSessionTimeout);
+    // A subscription no broker could serve: more topics than max_topics (10,000 by default),
+    // or a name no topic can have. Nothing of it is kept.
+    for topics in [
+        (0..10_001).map(|index| format!("t{index}")).collect(),
+        vec!["t".to_owned(), "n".repeat(250)],
+        vec![String::new()],
+    ] {
+        let refused = heartbeat(
+            &connection,
+            ConsumerGroupHeartbeatRequest {
+                topics: Some(topics),
+                ..join("big", "t")
+            },
+        )
+        .await;
+        assert_eq!(refused.error_code, ErrorCode::InvalidRequest);
+        assert!(refused.member_id.is_empty());
+    }
+    assert!(!listed_groups(&connection).await.contains(&"big".to_owned()));
     let Response::DescribeGroup(described) = connection
         .send(DescribeGroupRequest {
             group_id: "ghost".into(),

@@ -22,7 +22,7 @@ use sluice_protocol::messages::{
     ListGroupsResponse, PartitionResult, TopicPartitions, TopicResults,
 };
 
-use crate::topics::TopicRegistry;
+use crate::topics::{MAX_TOPIC_NAME_BYTES, TopicRegistry};
 use assignor::TopicPartition;
 use coordinator::{Group, GroupSettings, Heartbeat};
 use offsets::{CommitEntry, OffsetStore};
@@ -90,6 +90,17 @@ impl GroupManager {
             return ConsumerGroupHeartbeatResponse {
                 error_code: ErrorCode::InvalidRequest,
                 error_message: Some("group id must not be empty".into()),
+                ..Default::default()
+            };
+        }
+        if let Some(problem) = request
+            .topics
+            .as_deref()
+            .and_then(|names| subscription_problem(names, topics.max_topics()))
+        {
+            return ConsumerGroupHeartbeatResponse {
+                error_code: ErrorCode::InvalidRequest,
+                error_message: Some(problem),
                 ..Default::default()
             };
         }
@@ -445,4 +456,26 @@ fn mark_accepted(response: &mut CommitOffsetsResponse, code: ErrorCode) {
             }
         }
     }
+}
+
+/// Why a member's subscription is refused, if it is: more topics than the broker may ever
+/// hold, or a name no topic can have. A member keeps its subscription for its whole session and
+/// every heartbeat and rebalance walks it under the groups lock, so one member listing
+/// hundreds of thousands of names would slow every group on the broker.
+fn subscription_problem(names: &[String], max_topics: usize) -> Option<String> {
+    if names.len() > max_topics {
+        return Some(format!(
+            "a subscription of {} topics is over max_topics ({max_topics})",
+            names.len()
+        ));
+    }
+    names
+        .iter()
+        .find(|name| name.is_empty() || name.len() > MAX_TOPIC_NAME_BYTES)
+        .map(|name| {
+            format!(
+                "subscribed topic name of {} bytes: names are 1 to {MAX_TOPIC_NAME_BYTES}",
+                name.len()
+            )
+        })
 }
