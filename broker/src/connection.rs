@@ -192,8 +192,10 @@ pub async fn serve_with<S>(
             // half-way or by sending slowly, is cut off.
             let deadline = *frame_deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + frame_read_timeout);
+            // Shutdown does not wait for the rest of a frame: nothing of it was acknowledged.
             let read = tokio::select! {
                 read = tokio::time::timeout_at(deadline, reader.read_buf(&mut buffer)) => read,
+                _ = shutdown.wait_for(|stopping| *stopping) => break,
                 _ = &mut writer_gone => break,
             };
             match read {

@@ -554,6 +554,36 @@ async fn fetch_long_poll_answers_as_soon_as_a_produce_lands(transport: Transport
 
 /// The first batch at or after `from` of topic `t`'s partition 0: a partition limit of one
 /// byte returns one whole batch per fetch.
+/// Shutdown does not wait for a peer to finish a frame it started: the half-sent request was
+/// never acknowledged, and `frame_read_timeout_ms` (here two minutes) may be long.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_half_sent_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    config.limits.frame_read_timeout_ms = 120_000;
+    let broker = Broker::start(config).await.expect("broker starts");
+    let received = || broker.state().metrics.received_bytes().get();
+    let before = received();
+    let mut stream = tokio::net::TcpStream::connect(broker.tcp_addr)
+        .await
+        .unwrap();
+    // A length prefix of 100 bytes, then 2 of them.
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &[0, 0, 0, 100, 0, 1])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received() < before + 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the broker never read the half frame"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(20), broker.shutdown())
+        .await
+        .expect("shutdown waited for the rest of the frame");
+}
+
 /// A partition named twice in one fetch is read once; the repeat is refused, not read again.
 #[tokio::test]
 async fn a_partition_named_twice_in_a_fetch_is_read_once() {
