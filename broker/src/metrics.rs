@@ -13,7 +13,7 @@
 //!                                        sluice_partition_log_size_bytes{topic,partition}
 //!                                        sluice_fetch_response_budget_in_use_bytes
 //! handlers/fetch.rs ─ read ahead used ─▶ sluice_fetch_read_ahead_answers_total
-//! consumer groups ─ group_lag() ───────▶ sluice_group_lag{group,topic,partition}
+//! /metrics      ─ render, group lags ──▶ sluice_group_lag{group,topic,partition}
 //! ```
 //!
 //! Recording stays cheap on the request path: the counter and histogram of each (api, error
@@ -381,17 +381,15 @@ impl Metrics {
     }
 
     /// Consumer-group lag per (group, topic, partition): log end offset minus committed
-    /// offset. The group coordinator owns these values: it sets one with
-    /// `metrics.group_lag().get_or_create(&labels).set(lag)` whenever a commit or an append
-    /// moves it (or computes them all before a scrape), and removes a label set with
-    /// `metrics.group_lag().remove(&labels)` when the group or its assignment goes away, so
-    /// that a dead group stops being reported.
+    /// offset, as [`render`](Self::render) was last given it.
     pub fn group_lag(&self) -> &Family<GroupLagLabels, Gauge> {
         &self.group_lag
     }
 
     /// Refreshes the gauges read from the broker (partition offsets and sizes, the fetch
-    /// budget) and encodes every metric in the OpenMetrics text format.
+    /// budget, consumer-group lag as `(group, topic, partition, lag)`) and encodes every metric
+    /// in the OpenMetrics text format. Lag is computed at scrape time from committed offsets
+    /// and log ends, so it is never stale and costs nothing on the commit or produce path.
     ///
     /// # Errors
     /// Only if encoding into a `String` fails, which it does not.
@@ -399,11 +397,25 @@ impl Metrics {
         &self,
         topics: &TopicRegistry,
         fetch_budget: &FetchBudget,
+        lags: Vec<(String, String, u32, u64)>,
     ) -> Result<String, std::fmt::Error> {
+        // Held from the clearing of the gauges to the encoding, so a concurrent scrape cannot
+        // clear them between another's refill and its encoding.
         let _scrape = self
             .scrape
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
+        // A group or partition gone since the last scrape disappears.
+        self.group_lag.clear();
+        for (group, topic, partition, lag) in lags {
+            self.group_lag
+                .get_or_create(&GroupLagLabels {
+                    group,
+                    topic,
+                    partition,
+                })
+                .set(saturating_i64(lag));
+        }
         // Cleared and refilled, so a deleted topic's partitions disappear.
         self.log_end_offset.clear();
         self.log_size.clear();

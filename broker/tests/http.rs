@@ -370,6 +370,15 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
     let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
         .await
         .unwrap();
+    let quic = Connection::connect_with(
+        &support::quic_url(&broker),
+        support::quic_options(dir.path()),
+    )
+    .await
+    .unwrap();
+    let Response::ApiVersions(_) = quic.send(ApiVersionsRequest {}).await.unwrap() else {
+        panic!("wrong response")
+    };
     support::create_topic(&connection, "orders", 2).await;
     // A durable produce is answered only after its fsync.
     let Response::Produce(produced) = connection
@@ -470,6 +479,14 @@ async fn metrics_are_valid_text_and_count_requests_fsyncs_and_offsets() {
     );
     assert_eq!(
         value(&samples, "sluice_open_connections", &[("transport", "tcp")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_open_connections",
+            &[("transport", "quic")]
+        ),
         Some(1.0)
     );
     assert!(value(&samples, "sluice_network_received_bytes_total", &[]).unwrap() > 0.0);

@@ -111,19 +111,11 @@ async fn readyz(State(state): State<Arc<BrokerState>>) -> (StatusCode, &'static 
 }
 
 async fn metrics(State(state): State<Arc<BrokerState>>) -> Response {
-    // Group lag is computed at scrape time from committed offsets and log ends, so it is
-    // never stale and needs no bookkeeping on the commit or produce path.
-    let lag = state.metrics.group_lag();
-    lag.clear();
-    for (group, topic, partition, value) in state.groups.lags(&state.topics) {
-        lag.get_or_create(&crate::metrics::GroupLagLabels {
-            group,
-            topic,
-            partition,
-        })
-        .set(i64::try_from(value).unwrap_or(i64::MAX));
-    }
-    match state.metrics.render(&state.topics, &state.fetch_budget) {
+    let lags = state.groups.lags(&state.topics);
+    match state
+        .metrics
+        .render(&state.topics, &state.fetch_budget, lags)
+    {
         Ok(text) => ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text).into_response(),
         Err(error) => {
             tracing::warn!(%error, "cannot encode metrics");

@@ -35,6 +35,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::connection;
+use crate::metrics::TRANSPORT_QUIC;
 use crate::tls::{self, TlsError};
 use crate::{BrokerState, StartError};
 
@@ -230,6 +231,7 @@ async fn serve_connection(
         }
     };
     tracing::debug!(%remote, "QUIC connection opened");
+    let _open = state.metrics.open_connection(TRANSPORT_QUIC);
     let mut streams = JoinSet::new();
     let mut shutdown = state.shutdown_receiver();
     let shutting_down = loop {
