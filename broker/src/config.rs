@@ -212,10 +212,11 @@ pub struct Storage {
     pub flusher_threads: usize,
     /// Closed segment files kept open at once, across all partitions. Default 256.
     pub open_segments_max: usize,
-    /// How often each partition's recovery point is checkpointed, in milliseconds.
-    /// Default 60000.
+    /// How often each partition's recovery point is checkpointed, in milliseconds. At most
+    /// 86400000. Default 60000.
     pub recovery_checkpoint_ms: u64,
-    /// How often retention looks for segments to delete, in milliseconds. Default 300000.
+    /// How often retention looks for segments to delete, in milliseconds. At most 86400000.
+    /// Default 300000.
     pub retention_check_ms: u64,
 }
 
@@ -328,7 +329,7 @@ pub struct Limits {
     /// Requests of one connection (or QUIC stream) being handled at once; the broker stops
     /// reading from it until one completes. At most 65536. Default 256.
     pub max_in_flight_requests: usize,
-    /// Bidirectional streams a QUIC client may open on one connection. Default 64.
+    /// Bidirectional streams a QUIC client may open on one connection. At most 4096. Default 64.
     pub max_quic_streams: u32,
     /// Partitions one topic may have. Default 1024.
     pub max_partitions_per_topic: u32,
@@ -347,7 +348,7 @@ pub struct Limits {
     pub fetch_response_budget_bytes: u64,
     /// Longest a fetch's read ahead (the connection's likely next fetch, read while the last
     /// answer goes out) holds its share of the budget waiting to be asked for, in
-    /// milliseconds. 0 reads nothing ahead. Default 500.
+    /// milliseconds. 0 reads nothing ahead. At most 86400000. Default 500.
     pub fetch_read_ahead_ms: u64,
     /// Longest a partially received frame may take to arrive, in milliseconds; a slower
     /// sender is cut off. At most 86400000 (a day). Default 30000.
@@ -359,11 +360,11 @@ pub struct Limits {
     /// Shortest session timeout a consumer-group member may ask for, in milliseconds.
     /// Default 6000.
     pub group_min_session_timeout_ms: u64,
-    /// Longest session timeout a consumer-group member may ask for, in milliseconds.
-    /// Default 300000.
+    /// Longest session timeout a consumer-group member may ask for, in milliseconds. At most
+    /// 86400000. Default 300000.
     pub group_max_session_timeout_ms: u64,
     /// Idle time after which an idempotent producer's state is forgotten, in milliseconds.
-    /// Default 604800000 (7 days).
+    /// At most 31536000000 (a year). Default 604800000 (7 days).
     pub producer_expiry_ms: u64,
 }
 
@@ -701,20 +702,25 @@ impl Listeners {
 impl Storage {
     fn validate(&self) -> Result<(), ConfigError> {
         if let FsyncPolicy::Interval(every) = self.fsync
-            && every < Duration::from_millis(1)
+            && (every < Duration::from_millis(1) || every > Duration::from_millis(MAX_TIMEOUT_MS))
         {
             return Err(ConfigError::invalid(
                 "storage.fsync",
-                "the interval must be at least 1 ms",
+                format!("the interval must be 1 to {MAX_TIMEOUT_MS} ms"),
             ));
         }
         at_least_one("storage.flusher_threads", self.flusher_threads as u64)?;
         at_least_one("storage.open_segments_max", self.open_segments_max as u64)?;
-        at_least_one(
+        in_range(
             "storage.recovery_checkpoint_ms",
             self.recovery_checkpoint_ms,
+            MAX_TIMEOUT_MS,
         )?;
-        at_least_one("storage.retention_check_ms", self.retention_check_ms)
+        in_range(
+            "storage.retention_check_ms",
+            self.retention_check_ms,
+            MAX_TIMEOUT_MS,
+        )
     }
 }
 
@@ -744,7 +750,11 @@ impl Limits {
             self.max_in_flight_requests as u64,
             MAX_IN_FLIGHT_REQUESTS,
         )?;
-        at_least_one("limits.max_quic_streams", u64::from(self.max_quic_streams))?;
+        in_range(
+            "limits.max_quic_streams",
+            u64::from(self.max_quic_streams),
+            MAX_QUIC_STREAMS,
+        )?;
         at_least_one(
             "limits.max_partitions_per_topic",
             u64::from(self.max_partitions_per_topic),
@@ -775,6 +785,17 @@ impl Limits {
             "limits.group_min_session_timeout_ms",
             self.group_min_session_timeout_ms,
         )?;
+        in_range(
+            "limits.group_max_session_timeout_ms",
+            self.group_max_session_timeout_ms,
+            MAX_TIMEOUT_MS,
+        )?;
+        if self.fetch_read_ahead_ms > MAX_TIMEOUT_MS {
+            return Err(ConfigError::invalid(
+                "limits.fetch_read_ahead_ms",
+                format!("must be at most {MAX_TIMEOUT_MS}"),
+            ));
+        }
         if self.group_min_session_timeout_ms > self.group_max_session_timeout_ms {
             return Err(ConfigError::invalid(
                 "limits.group_min_session_timeout_ms",
@@ -784,7 +805,11 @@ impl Limits {
                 ),
             ));
         }
-        at_least_one("limits.producer_expiry_ms", self.producer_expiry_ms)
+        in_range(
+            "limits.producer_expiry_ms",
+            self.producer_expiry_ms,
+            MAX_PRODUCER_EXPIRY_MS,
+        )
     }
 }
 
@@ -802,6 +827,12 @@ const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// The most requests one connection may have in flight (each holds a semaphore permit and a
 /// response slot).
 const MAX_IN_FLIGHT_REQUESTS: u64 = 65_536;
+/// The most concurrent streams a QUIC connection may open: quinn keeps state for each one a
+/// connection is allowed from its start.
+const MAX_QUIC_STREAMS: u64 = 4_096;
+/// The longest an idle producer's state may be kept (a year): past that a deadline in
+/// milliseconds is as good as none.
+const MAX_PRODUCER_EXPIRY_MS: u64 = 365 * DAY_MS;
 
 fn in_range(option: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     at_least_one(option, value)?;

@@ -561,6 +561,36 @@ fn out_of_range_limits_are_named() {
             "[limits]\nmax_in_flight_requests = 10000000000\n",
             "limits.max_in_flight_requests",
         ),
+        // Cast to u32 for the coordinator: 2^32 became 0 and every join was refused.
+        (
+            "[limits]\ngroup_max_session_timeout_ms = 4294967296\n",
+            "limits.group_max_session_timeout_ms",
+        ),
+        // quinn keeps state for every stream a connection may open.
+        (
+            "[limits]\nmax_quic_streams = 4294967295\n",
+            "limits.max_quic_streams",
+        ),
+        (
+            "[limits]\nfetch_read_ahead_ms = 100000000000000000\n",
+            "limits.fetch_read_ahead_ms",
+        ),
+        (
+            "[limits]\nproducer_expiry_ms = 100000000000000000\n",
+            "limits.producer_expiry_ms",
+        ),
+        (
+            "[storage]\nrecovery_checkpoint_ms = 100000000000000000\n",
+            "storage.recovery_checkpoint_ms",
+        ),
+        (
+            "[storage]\nretention_check_ms = 100000000000000000\n",
+            "storage.retention_check_ms",
+        ),
+        (
+            "[storage]\nfsync = \"interval:100000000000000000\"\n",
+            "storage.fsync",
+        ),
     ] {
         let error = load_file(text).unwrap_err();
         assert_eq!(error.option(), Some(option), "{text}");
