@@ -554,6 +554,42 @@ async fn fetch_long_poll_answers_as_soon_as_a_produce_lands(transport: Transport
 
 /// The first batch at or after `from` of topic `t`'s partition 0: a partition limit of one
 /// byte returns one whole batch per fetch.
+/// A producer cannot store a batch claiming its timestamps were set by the broker.
+#[tokio::test]
+async fn a_batch_claiming_log_append_time_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
+    create(&connection, "t", 1).await;
+    let mut claimed = batch(&["x"]).to_vec();
+    claimed[22] |= sluice_protocol::batch::ATTRIBUTE_LOG_APPEND_TIME as u8;
+    let crc = crc32c::crc32c(&claimed[21..]);
+    claimed[17..21].copy_from_slice(&crc.to_be_bytes());
+    let response = connection
+        .send(ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: "t".into(),
+                partitions: vec![ProducePartition {
+                    partition: 0,
+                    records: claimed.into(),
+                }],
+            }],
+        })
+        .await
+        .unwrap();
+    let Response::Produce(response) = response else {
+        panic!("wrong response")
+    };
+    assert_eq!(
+        response.topics[0].partitions[0].error_code,
+        ErrorCode::InvalidRequest
+    );
+    assert!(fetch(&connection, "t", 0, 0, 0).await.records.is_empty());
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 /// Shutdown does not wait for a peer to finish a frame it started: the half-sent request was
 /// never acknowledged, and `frame_read_timeout_ms` (here two minutes) may be long.
 #[tokio::test]

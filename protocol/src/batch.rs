@@ -877,12 +877,14 @@ impl RecordBatchBuilder {
         self.append_sized(body, timestamp_ms, key, value, headers);
     }
 
-    /// Appends a record if the batch then takes at most `max_size_bytes`; returns whether it
-    /// did. The same as [`record_size_bytes`](Self::record_size_bytes) followed by
-    /// [`append`](Self::append), with the record sized once: the producer's per-record path.
+    /// Appends a record if the batch then takes at most `max_size_bytes`, and its timestamp's
+    /// distance from the batch's first fits the format; returns whether it did. The same as
+    /// [`record_size_bytes`](Self::record_size_bytes) followed by [`append`](Self::append),
+    /// with the record sized once: the producer's per-record path. A record refused for its
+    /// timestamp fits a new batch, whose first it is.
     ///
     /// # Panics
-    /// As [`append`](Self::append).
+    /// When the batch passes `u32::MAX` records.
     pub fn try_append(
         &mut self,
         max_size_bytes: usize,
@@ -891,6 +893,11 @@ impl RecordBatchBuilder {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> bool {
+        if let Some(base) = self.base_timestamp
+            && timestamp_ms.checked_sub(base).is_none()
+        {
+            return false;
+        }
         let body = self.record_body_bytes(timestamp_ms, key, value, headers);
         if self.buf.len() + varint_len(body as i64) + body > max_size_bytes {
             return false;

@@ -366,3 +366,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn try_append_refuses_a_timestamp_too_far_from_the_batch_first_and_a_new_batch_takes_it() {
+    let mut builder = RecordBatchBuilder::new();
+    builder.append(i64::MIN, None, b"oldest", &[]);
+    assert!(!builder.try_append(usize::MAX, 1, None, b"now", &[]));
+    assert!(builder.try_append(usize::MAX, i64::MIN + 5, None, b"near", &[]));
+    let batch = builder.build();
+    batch.validate().unwrap();
+    assert_eq!(batch.view().record_count(), 2);
+    let mut fresh = RecordBatchBuilder::new();
+    assert!(fresh.try_append(usize::MAX, 1, None, b"now", &[]));
+    fresh.build().validate().unwrap();
+}

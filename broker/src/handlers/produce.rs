@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sluice_protocol::batch::ATTRIBUTE_LOG_APPEND_TIME;
 use sluice_protocol::messages::{
     Acks, ProducePartitionResponse, ProduceRequest, ProduceResponse, ProduceTopicResponse,
 };
@@ -112,6 +113,19 @@ pub fn produce(state: &Arc<BrokerState>, request: ProduceRequest) -> Outcome {
                     continue;
                 }
             };
+            // The log-append-time bit says the broker stamped the timestamps; this broker keeps
+            // the producer's, so a batch claiming otherwise would be stored saying something
+            // untrue.
+            if batch.view().attributes() & ATTRIBUTE_LOG_APPEND_TIME != 0 {
+                partitions.push(failed(
+                    index,
+                    ErrorCode::InvalidRequest,
+                    "the log-append-time attribute is the broker's to set, and this broker keeps \
+                     the producer's timestamps"
+                        .to_owned(),
+                ));
+                continue;
+            }
             let appended = if batch.view().has_producer_id() {
                 append_idempotent(state, log, batch)
             } else {
