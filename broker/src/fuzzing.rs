@@ -367,11 +367,19 @@ mod seeds {
             "offsets_snapshot",
             "topic_metadata",
         ] {
-            let Ok(entries) = std::fs::read_dir(seeds_dir().join(target)) else {
-                continue;
-            };
-            for entry in entries {
-                let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            let dir = seeds_dir().join(target);
+            let entries: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|error| panic!("the seed directory {}: {error}", dir.display()))
+                .map(|entry| entry.unwrap().path())
+                .collect();
+            assert!(
+                entries.iter().any(|path| path.is_file()),
+                "no seed file in {}: run write_seed_files",
+                dir.display()
+            );
+            for path in entries {
+                let bytes = std::fs::read(&path)
+                    .unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
                 match target {
                     "segment_recovery" => {
                         let fs = FaultFs::new();

@@ -57,6 +57,15 @@ fn bad_flag_and_bad_config_exit_2_with_one_line() {
 
 /// Starts the binary on an ephemeral port and returns it with the address it logged.
 fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String, mpsc::Receiver<String>) {
+    let (child, address, _seen, lines) = spawn_logging(data_dir, extra);
+    (child, address, lines)
+}
+
+/// As [`spawn`], also returning the lines read up to the start line, that one included.
+fn spawn_logging(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+) -> (Child, String, Vec<String>, mpsc::Receiver<String>) {
     let mut child = broker()
         .args([
             "--tcp",
@@ -83,11 +92,13 @@ fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String, mpsc::Re
         }
     });
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
     let address = loop {
         let Ok(line) = receiver.recv_timeout(deadline.saturating_duration_since(Instant::now()))
         else {
             break None;
         };
+        seen.push(line.clone());
         if line.contains("broker started") {
             break line
                 .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
@@ -99,7 +110,7 @@ fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String, mpsc::Re
         }
     };
     match address {
-        Some(address) => (child, address.to_string(), receiver),
+        Some(address) => (child, address.to_string(), seen, receiver),
         None => {
             let _ = child.kill();
             let _ = child.wait();
@@ -195,18 +206,39 @@ fn serves_produce_and_fetch_then_exits_0_on_sigterm() {
 #[test]
 fn json_log_format_writes_json_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, _address, lines) = spawn(dir.path(), &["--log-format", "json"]);
+    let (mut child, _address, mut all, lines) =
+        spawn_logging(dir.path(), &["--log-format", "json"]);
     terminate(&child);
     let status = wait_with_deadline(&mut child, Duration::from_secs(30)).expect("exits");
     assert_eq!(status.code(), Some(0));
-    let rest: Vec<String> = lines.try_iter().collect();
-    assert!(!rest.is_empty());
-    for line in rest {
+    // Everything the broker wrote to stderr: the reader stops at its end, once the process
+    // has exited.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => all.push(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("stderr did not end after the exit; read so far: {all:#?}")
+            }
+        }
+    }
+    for line in &all {
+        assert!(is_json_object(line), "not a JSON object: {line}");
+    }
+    // From the start to the end of the run: the start line, and the last line of a shutdown.
+    for message in ["broker started", "broker stopped"] {
         assert!(
-            line.starts_with('{') && line.ends_with('}'),
-            "not JSON: {line}"
+            all.iter()
+                .any(|line| line.contains(&format!("\"message\":\"{message}\""))),
+            "no {message:?} line in {all:#?}"
         );
     }
+}
+
+/// Whether `text` is exactly one JSON object.
+fn is_json_object(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text).is_ok_and(|value| value.is_object())
 }
 
 #[test]

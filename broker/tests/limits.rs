@@ -674,7 +674,9 @@ async fn a_connection_that_does_not_read_its_answers_is_closed_and_gives_the_bud
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::on_loopback(dir.path());
     config.limits.fetch_response_budget_bytes = u64::from(config.limits.max_frame_bytes);
-    config.limits.response_write_timeout_ms = 1_000;
+    // Well over the second a fetch waits for budget before it is answered Throttled, so
+    // the others' fetches are turned away while the stalled connection holds the budget.
+    config.limits.response_write_timeout_ms = 3_000;
     config.limits.fetch_max_wait_ms = 100;
     let (broker, connection) = start(config).await;
     assert_eq!(
@@ -702,8 +704,22 @@ async fn a_connection_that_does_not_read_its_answers_is_closed_and_gives_the_bud
             .await
             .expect("the requests go out");
     }
-    // Whatever the others see meanwhile (throttled while the budget is held), within the
-    // write timeout and a bit their fetches are served again.
+    // Once the broker has read the stalled requests, the answer it cannot write holds the
+    // whole budget: the others' fetches are turned away with Throttled (served, until then).
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let fetched = fetch(&connection, "t", 0, 1 << 20).await;
+        if fetched.error_code == ErrorCode::Throttled {
+            assert!(fetched.records.is_empty());
+            break;
+        }
+        assert_eq!(fetched.error_code, ErrorCode::None);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unread answers never held the fetch budget"
+        );
+    }
+    // Within the write timeout and a bit, their fetches are served again.
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
         let fetched = fetch(&connection, "t", 0, 1 << 20).await;
@@ -717,7 +733,8 @@ async fn a_connection_that_does_not_read_its_answers_is_closed_and_gives_the_bud
         );
     }
     // And the stalled connection was closed: reading it finds the end (after what the
-    // socket buffers held).
+    // socket buffers held), and every byte of the budget came back.
     read_until_closed(&mut stalled).await;
+    wait_for_budget_to_return(&broker).await;
     broker.shutdown().await;
 }

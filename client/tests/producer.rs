@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use sluice_broker::{Broker, BrokerHandle, Config};
+use sluice_broker::{Broker, BrokerHandle};
 use sluice_client::producer::partitioner::partition_for_key;
 use sluice_client::producer::{Acks, Delivery, DeliveryFuture, Record};
 use sluice_client::protocol::batch::split_batches;
@@ -27,11 +27,9 @@ use tokio::task::JoinHandle;
 /// How long any one test may take before it counts as hung.
 const TEST_DEADLINE: Duration = Duration::from_secs(120);
 
-fn config(data_dir: &Path, tcp: SocketAddr) -> Config {
-    let mut config = Config::on_loopback(data_dir);
-    config.listeners.tcp = tcp;
-    config
-}
+mod support;
+
+use support::{config, restart};
 
 async fn start(data_dir: &Path) -> (BrokerHandle, Client) {
     let broker = Broker::start(config(data_dir, "127.0.0.1:0".parse().unwrap()))
@@ -43,11 +41,15 @@ async fn start(data_dir: &Path) -> (BrokerHandle, Client) {
     (broker, client)
 }
 
-/// Starts a broker again on the same data directory and TCP port.
-async fn restart(data_dir: &Path, tcp: SocketAddr) -> BrokerHandle {
-    Broker::start(config(data_dir, tcp))
+/// As [`start`], on a port below the ephemeral range, for a test that restarts the broker on
+/// the same port (see [`free_port_below_the_ephemeral_range`]). A port taken between the probe
+/// and the broker's bind is given up for another.
+async fn start_on_a_fixed_port(data_dir: &Path) -> (BrokerHandle, Client) {
+    let broker = support::start_on_a_fixed_port(data_dir).await;
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
         .await
-        .expect("broker restarts on the same port")
+        .expect("connect");
+    (broker, client)
 }
 
 async fn create_topic(client: &Client, name: &str, partitions: u32) {
@@ -380,7 +382,7 @@ async fn flush_and_close_deliver_everything_buffered() {
 async fn a_full_buffer_makes_enqueue_wait_instead_of_growing() {
     within_deadline(async {
         let dir = tempfile::tempdir().unwrap();
-        let (broker, client) = start(dir.path()).await;
+        let (broker, client) = start_on_a_fixed_port(dir.path()).await;
         let tcp = broker.tcp_addr;
         create_topic(&client, "pressure", 1).await;
         const BATCH_BYTES: usize = 1_024;
@@ -401,15 +403,18 @@ async fn a_full_buffer_makes_enqueue_wait_instead_of_growing() {
         broker.shutdown().await;
         let value = "x".repeat(100);
         let mut futures = Vec::new();
-        let blocked = loop {
+        // An enqueue that finds room completes when first polled (it takes no lock it must
+        // wait for); one that finds the buffer full waits for space, which nothing gives back
+        // while the broker is down.
+        let (blocked, mut waiting) = loop {
             assert!(futures.len() < 1_000, "the buffer never filled up");
-            let enqueue = producer.enqueue(Record::new(
+            let mut enqueue = Box::pin(producer.enqueue(Record::new(
                 "pressure",
                 format!("{:04}{value}", futures.len()),
-            ));
-            match tokio::time::timeout(Duration::from_millis(500), enqueue).await {
-                Ok(future) => futures.push(future.expect("enqueue")),
-                Err(_elapsed) => break futures.len(),
+            )));
+            match (&mut enqueue).now_or_never() {
+                Some(future) => futures.push(future.expect("enqueue")),
+                None => break (futures.len(), enqueue),
             }
             assert!(
                 producer.buffered_bytes() <= BUFFER_BYTES,
@@ -417,6 +422,15 @@ async fn a_full_buffer_makes_enqueue_wait_instead_of_growing() {
                 producer.buffered_bytes()
             );
         };
+        // It keeps waiting while the sender and everything else run, and the buffer does not
+        // grow past its limit meanwhile.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            assert!(
+                (&mut waiting).now_or_never().is_none(),
+                "an enqueue went through with the buffer full and the broker down"
+            );
+        }
         // About 9 records of 110 bytes fit a 1 KiB batch, and 4 batches the buffer.
         assert!(
             (20..=40).contains(&blocked),
@@ -425,9 +439,16 @@ async fn a_full_buffer_makes_enqueue_wait_instead_of_growing() {
         assert!(producer.buffered_bytes() <= BUFFER_BYTES);
         assert!(producer.buffered_bytes() > BUFFER_BYTES - BATCH_BYTES);
 
-        // Once the broker is back, the waiting records go out, and later ones too.
+        // Once the broker is back, the waiting enqueue goes through, the records go out, and
+        // later ones too.
         let _broker = restart(dir.path(), tcp).await;
-        for index in blocked..blocked + 20 {
+        futures.push(
+            waiting
+                .await
+                .expect("the waiting enqueue goes through once the broker is back"),
+        );
+        assert!(producer.buffered_bytes() <= BUFFER_BYTES);
+        for index in blocked + 1..blocked + 20 {
             futures.push(
                 producer
                     .enqueue(Record::new("pressure", format!("{index:04}{value}")))
@@ -450,7 +471,7 @@ async fn a_full_buffer_makes_enqueue_wait_instead_of_growing() {
 async fn retries_across_a_broker_restart_leave_no_duplicate_and_no_gap() {
     within_deadline(async {
         let dir = tempfile::tempdir().unwrap();
-        let (broker, client) = start(dir.path()).await;
+        let (broker, client) = start_on_a_fixed_port(dir.path()).await;
         let tcp = broker.tcp_addr;
         const PARTITIONS: u32 = 4;
         const RECORDS: usize = 3_000;
