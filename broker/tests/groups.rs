@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::Duration;
 
 use sluice_broker::{Broker, BrokerHandle, Config};
 use sluice_client::Connection;
@@ -338,14 +339,40 @@ async fn a_deleted_topics_committed_offsets_go_with_it() {
     );
     delete_topic(&connection, "t").await;
     assert_eq!(committed(&connection, "g", "t", 0).await, -1);
+    // The member still holds t-0 until its next heartbeat tells it otherwise, and commits what
+    // it processed before releasing it: refused, or the offset would outlive the topic.
+    assert_eq!(
+        commit(&connection, "g", &member, "t", 0, 8).await,
+        ErrorCode::UnknownTopic
+    );
     create_topic(&connection, "t", 1).await;
     assert_eq!(committed(&connection, "g", "t", 0).await, -1);
     assert_eq!(committed(&connection, "g", "u", 0).await, 9);
+    // A group whose only offsets went with a deleted topic, and that has no members, is
+    // forgotten.
+    let lone = heartbeat(&connection, join("lone", "u")).await;
+    assert_eq!(
+        commit(&connection, "lone", &lone, "u", 0, 1).await,
+        ErrorCode::None
+    );
+    leave(&connection, "lone", &lone).await;
+    assert!(
+        listed_groups(&connection)
+            .await
+            .contains(&"lone".to_owned())
+    );
+    delete_topic(&connection, "u").await;
+    assert!(
+        !listed_groups(&connection)
+            .await
+            .contains(&"lone".to_owned())
+    );
+    assert_eq!(listed_groups(&connection).await, ["g"], "g has a member");
     drop(connection);
     broker.shutdown().await;
     let (broker, connection) = start(dir.path()).await;
     assert_eq!(committed(&connection, "g", "t", 0).await, -1);
-    assert_eq!(committed(&connection, "g", "u", 0).await, 9);
+    assert_eq!(committed(&connection, "g", "u", 0).await, -1);
     broker.shutdown().await;
 }
 
@@ -392,6 +419,53 @@ async fn a_group_that_never_committed_is_forgotten_when_its_last_member_leaves()
     leave(&connection, "staying", &staying).await;
     assert_eq!(listed_groups(&connection).await, ["staying"]);
     assert_eq!(committed(&connection, "staying", "t", 0).await, 3);
+    broker.shutdown().await;
+}
+
+/// A group forgotten (its last member expired, nothing committed) and created again never
+/// hands out an id an earlier member may still hold: that member, back from a network cut past
+/// its session, is told it is unknown instead of being taken for its successor and sharing its
+/// partitions.
+#[tokio::test]
+async fn a_group_created_again_does_not_reuse_an_expired_members_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    config.limits.group_min_session_timeout_ms = 100;
+    let broker = Broker::start(config).await.expect("broker starts");
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .expect("connect");
+    create_topic(&connection, "t", 1).await;
+    let short = |group: &str| ConsumerGroupHeartbeatRequest {
+        session_timeout_ms: 100,
+        ..join(group, "t")
+    };
+    let cut_off = heartbeat(&connection, short("g")).await;
+    assert_eq!(cut_off.error_code, ErrorCode::None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while listed_groups(&connection).await.contains(&"g".to_owned()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the member never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let successor = heartbeat(&connection, short("g")).await;
+    assert_eq!(successor.error_code, ErrorCode::None);
+    assert_ne!(successor.member_id, cut_off.member_id);
+    let back = heartbeat(
+        &connection,
+        ConsumerGroupHeartbeatRequest {
+            group_id: "g".into(),
+            member_id: cut_off.member_id.clone(),
+            member_epoch: cut_off.member_epoch,
+            session_timeout_ms: 100,
+            topics: Some(vec!["t".into()]),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(back.error_code, ErrorCode::UnknownMember);
     broker.shutdown().await;
 }
 

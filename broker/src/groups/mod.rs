@@ -22,6 +22,7 @@ use sluice_protocol::messages::{
     ListGroupsResponse, PartitionResult, TopicPartitions, TopicResults,
 };
 
+use crate::storage::StorageError;
 use crate::topics::{MAX_TOPIC_NAME_BYTES, TopicRegistry};
 use assignor::TopicPartition;
 use coordinator::{Group, GroupSettings, Heartbeat};
@@ -35,6 +36,10 @@ pub struct GroupManager {
     offsets: OffsetStore,
     /// Distinguishes member ids of this broker run from earlier ones.
     incarnation: String,
+    /// Groups created in this run: part of each group's member ids, so that a group forgotten
+    /// and created again never hands out an id one of its earlier members may still hold (a
+    /// member cut off past its session would otherwise be taken for its successor).
+    groups_created: std::sync::atomic::AtomicU64,
     started: Instant,
 }
 
@@ -60,6 +65,7 @@ impl GroupManager {
             settings,
             offsets,
             incarnation,
+            groups_created: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
         }
     }
@@ -106,9 +112,12 @@ impl GroupManager {
         }
         let now_ms = self.now_ms();
         let mut groups = self.groups.lock().expect("groups lock poisoned");
-        let group = groups
-            .entry(request.group_id.clone())
-            .or_insert_with(|| Group::new(&request.group_id, &self.incarnation));
+        let group = groups.entry(request.group_id.clone()).or_insert_with(|| {
+            let serial = self
+                .groups_created
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Group::new(&request.group_id, &format!("{}.{serial}", self.incarnation))
+        });
         let heartbeat = Heartbeat {
             member_id: request.member_id,
             member_epoch: request.member_epoch,
@@ -177,12 +186,32 @@ impl GroupManager {
         });
     }
 
+    /// Forgets every group's committed offsets on `topic`, which was just deleted (see
+    /// [`OffsetStore::forget_topic`]); returns the offset to wait for durability of. Under the
+    /// groups lock, as commits are checked and appended: a commit checked while the topic
+    /// still existed is appended before the tombstones (which then cover it), and one checked
+    /// after finds no topic. A group left with no members and no offsets is forgotten.
+    ///
+    /// # Errors
+    /// The tombstones could not be appended.
+    pub fn forget_topic(&self, topic: &str) -> Result<Option<u64>, StorageError> {
+        let mut groups = self.groups.lock().expect("groups lock poisoned");
+        let forgotten = self.offsets.forget_topic(topic)?;
+        groups.retain(|_, group| !group.members.is_empty() || self.offsets.has_group(&group.id));
+        Ok(forgotten)
+    }
+
     /// Checks each partition's commit against the group's membership and appends the accepted
     /// ones. The response carries a code per partition; the accepted commits are acknowledged
     /// once [`GroupManager::finish_commit`] has made them durable and visible.
+    ///
+    /// A partition its topic no longer has (deleted, say, while the member still held it) is
+    /// refused: its offset would outlive the topic and apply to one created again under the
+    /// name.
     pub fn start_commit(
         &self,
         request: CommitOffsetsRequest,
+        topics: &TopicRegistry,
     ) -> (CommitOffsetsResponse, Option<PendingCommit>) {
         let mut entries = Vec::new();
         let mut response = CommitOffsetsResponse {
@@ -196,10 +225,17 @@ impl GroupManager {
             let group = groups.get(&request.group_id);
             for topic in request.topics {
                 let mut results = Vec::with_capacity(topic.partitions.len());
+                let partition_count = topics
+                    .get(&topic.name)
+                    .map(|existing| existing.partitions.len());
                 for partition in topic.partitions {
-                    let verdict = match group {
-                        None => Err(ErrorCode::UnknownMember),
-                        Some(group) => group.check_commit(
+                    let verdict = match (group, partition_count) {
+                        (_, None) => Err(ErrorCode::UnknownTopic),
+                        (_, Some(count)) if partition.partition as usize >= count => {
+                            Err(ErrorCode::UnknownPartition)
+                        }
+                        (None, _) => Err(ErrorCode::UnknownMember),
+                        (Some(group), _) => group.check_commit(
                             &request.member_id,
                             request.member_epoch,
                             &(topic.name.clone(), partition.partition),

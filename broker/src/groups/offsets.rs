@@ -14,7 +14,7 @@
 //! Whenever the log rolls a segment, a snapshot of the whole table is written durably; start-up
 //! then replays only what follows the snapshot.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -57,9 +57,13 @@ pub struct CommitEntry {
 #[derive(Debug)]
 struct State {
     committed: HashMap<OffsetKey, Committed>,
-    /// First log positions of commits appended but not yet applied: a snapshot must not claim
-    /// to cover them.
-    pending: BTreeSet<u64>,
+    /// Commits appended but not yet applied, by first log position, with the keys they
+    /// commit: a snapshot must not claim to cover them, and a topic forgotten meanwhile must
+    /// forget them too.
+    pending: BTreeMap<u64, Vec<OffsetKey>>,
+    /// Log position of each forgotten topic's tombstones: a commit of it appended before them,
+    /// still pending when they were written, must not come back when it is applied.
+    forgotten: HashMap<String, u64>,
     segments_at_snapshot: usize,
 }
 
@@ -249,7 +253,8 @@ impl OffsetStore {
             snapshot_path,
             state: Mutex::new(State {
                 committed,
-                pending: BTreeSet::new(),
+                pending: BTreeMap::new(),
+                forgotten: HashMap::new(),
                 segments_at_snapshot: segments,
             }),
             snapshot_written: Mutex::new(covered),
@@ -271,22 +276,28 @@ impl OffsetStore {
             put_metadata(&mut value, entry.metadata.as_deref());
             builder.append(now_ms, Some(&key), &value, &[]);
         }
+        let keys = entries
+            .iter()
+            .map(|entry| (group.to_owned(), entry.topic.clone(), entry.partition))
+            .collect();
         // Under the lock, so a snapshot never sees the log position without the pending mark.
         let mut state = self.state.lock().expect("offsets lock poisoned");
         let info = self.log.append(builder.build())?;
-        state.pending.insert(info.base_offset);
+        state.pending.insert(info.base_offset, keys);
         Ok((info.last_offset + 1, info.base_offset))
     }
 
     /// Forgets every group's commits on a deleted topic: a topic created again under its name
     /// starts with none. Appends a tombstone (empty value) per commit, which replay applies,
-    /// and drops them from the table at once. Returns the offset to wait for durability of,
-    /// `None` when there was nothing to forget.
+    /// and drops them from the table at once. Commits of the topic appended before and applied
+    /// after (still waiting for their fsync) are forgotten as well. Returns the offset to wait
+    /// for durability of, `None` when there was nothing to forget.
     pub fn forget_topic(&self, topic: &str) -> Result<Option<u64>, StorageError> {
         let mut state = self.state.lock().expect("offsets lock poisoned");
-        let keys: Vec<OffsetKey> = state
+        let keys: BTreeSet<OffsetKey> = state
             .committed
             .keys()
+            .chain(state.pending.values().flatten())
             .filter(|(_, committed_topic, _)| committed_topic == topic)
             .cloned()
             .collect();
@@ -309,6 +320,7 @@ impl OffsetStore {
         for key in &keys {
             state.committed.remove(key);
         }
+        state.forgotten.insert(topic.to_owned(), info.base_offset);
         Ok(Some(info.last_offset + 1))
     }
 
@@ -332,6 +344,13 @@ impl OffsetStore {
         state.pending.remove(&first_position);
         for (index, entry) in entries.iter().enumerate() {
             let log_position = first_position + index as u64;
+            if state
+                .forgotten
+                .get(&entry.topic)
+                .is_some_and(|tombstones| log_position < *tombstones)
+            {
+                continue; // its topic was deleted after this was appended
+            }
             let key = (group.to_owned(), entry.topic.clone(), entry.partition);
             let newer = state
                 .committed
@@ -348,6 +367,11 @@ impl OffsetStore {
                 );
             }
         }
+        // Tombstones older than every commit still pending can stop nothing any more.
+        let oldest_pending = state.pending.first_key_value().map(|(first, _)| *first);
+        state
+            .forgotten
+            .retain(|_, tombstones| oldest_pending.is_some_and(|oldest| oldest < *tombstones));
         let segments = self.log.segment_count();
         if segments != state.segments_at_snapshot {
             state.segments_at_snapshot = segments;
@@ -357,8 +381,8 @@ impl OffsetStore {
             let durable = self.log.durable_offset();
             let covered = state
                 .pending
-                .first()
-                .map_or(durable, |first| (*first).min(durable));
+                .first_key_value()
+                .map_or(durable, |(first, _)| (*first).min(durable));
             let bytes = encode_snapshot(&state.committed, covered);
             drop(state);
             let mut written = self
@@ -535,5 +559,81 @@ mod tests {
             damaged[position] ^= 0x20;
             assert!(decode_snapshot(&damaged).is_none(), "flip at {position}");
         }
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::storage::faultfs::FaultFs;
+    use crate::storage::{LogConfig, Storage, StorageOptions};
+
+    fn open(storage: &Storage, fs: &Fs) -> OffsetStore {
+        let log = storage
+            .open_log(
+                Path::new("/data/topics/__consumer_offsets/0"),
+                LogConfig::default(),
+            )
+            .unwrap();
+        OffsetStore::open(Arc::clone(fs), "/data/groups".into(), log).unwrap()
+    }
+
+    fn entry(topic: &str, offset: u64) -> CommitEntry {
+        CommitEntry {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+            metadata: None,
+        }
+    }
+
+    /// A commit appended before its topic was deleted, and applied after (it waited for its
+    /// fsync meanwhile), does not bring the deleted topic's offset back: not when it is
+    /// applied, not on replay after a restart.
+    #[tokio::test]
+    async fn a_commit_pending_while_its_topic_is_forgotten_stays_forgotten() {
+        let fs: Fs = Arc::new(FaultFs::new());
+        let storage = Storage::new(Arc::clone(&fs), StorageOptions::default());
+        let store = open(&storage, &fs);
+        let kept = [entry("u", 9)];
+        let (next, first) = store.append("g", &kept).unwrap();
+        store.wait_durable(next).await.unwrap();
+        store.apply("g", &kept, first);
+
+        let late = [entry("t", 5)];
+        let (next, first) = store.append("g", &late).unwrap();
+        let tombstones = store
+            .forget_topic("t")
+            .unwrap()
+            .expect("the pending commit");
+        store.wait_durable(next.max(tombstones)).await.unwrap();
+        store.apply("g", &late, first);
+        let offsets = |store: &OffsetStore| -> Vec<(String, u64)> {
+            store
+                .group_offsets("g")
+                .into_iter()
+                .map(|(topic, _, committed)| (topic, committed.offset))
+                .collect()
+        };
+        assert_eq!(offsets(&store), [("u".to_owned(), 9)]);
+
+        // A topic created again under the name takes commits as usual.
+        let again = [entry("t", 2)];
+        let (next, first) = store.append("g", &again).unwrap();
+        store.wait_durable(next).await.unwrap();
+        store.apply("g", &again, first);
+        assert_eq!(offsets(&store), [("t".to_owned(), 2), ("u".to_owned(), 9)]);
+        drop(store);
+        storage.shutdown();
+
+        let storage = Storage::new(Arc::clone(&fs), StorageOptions::default());
+        let replayed = open(&storage, &fs);
+        assert_eq!(
+            offsets(&replayed),
+            [("t".to_owned(), 2), ("u".to_owned(), 9)]
+        );
+        storage.shutdown();
     }
 }

@@ -63,7 +63,7 @@ pub fn delete_topics(state: &Arc<BrokerState>, request: DeleteTopicsRequest) -> 
                         false => match state.topics.delete(&name) {
                             Ok(()) => {
                                 // The topic's committed offsets go with it.
-                                match state.groups.offsets().forget_topic(&name) {
+                                match state.groups.forget_topic(&name) {
                                     Ok(next) => forgotten = forgotten.max(next),
                                     Err(error) => tracing::error!(topic = %name, %error, "forgetting the deleted topic's committed offsets failed"),
                                 }

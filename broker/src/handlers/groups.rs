@@ -20,7 +20,7 @@ pub fn leave(state: &Arc<BrokerState>, request: LeaveGroupRequest) -> Outcome {
 
 /// Commits are answered once durable: an acknowledged commit survives a crash.
 pub fn commit(state: &Arc<BrokerState>, request: CommitOffsetsRequest) -> Outcome {
-    let (response, pending) = state.groups.start_commit(request);
+    let (response, pending) = state.groups.start_commit(request, &state.topics);
     match pending {
         None => Outcome::Ready(response.into()),
         Some(pending) => {
