@@ -580,3 +580,122 @@ async fn assigned_partitions_that_cannot_be_started_are_tried_again() {
     }
     broker.shutdown().await;
 }
+
+/// A position the log no longer has (the topic was deleted and created again, or truncated)
+/// is reset by the reset policy as a seek is: what was read before does not count, and nothing
+/// of it is committed over the new position.
+#[tokio::test]
+async fn a_reset_out_of_range_position_is_committed_from_where_it_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start(dir.path()).await;
+    create_topic(&client, "t", 1).await;
+    let first: Vec<String> = (0..10).map(|index| format!("old{index}")).collect();
+    produce(&client, "t", 0, &first, 10).await;
+    let mut consumer = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .commit_mode(CommitMode::Manual)
+        .reset_policy(ResetPolicy::Earliest)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(take(&mut consumer, 10).await.last().unwrap().1, 9);
+    consumer.commit().await.unwrap();
+    assert_eq!(committed_offset(&client, "g", "t", 0).await, 10);
+    client.admin().delete_topic("t").await.unwrap();
+    create_topic(&client, "t", 1).await;
+    let second: Vec<String> = (0..3).map(|index| format!("new{index}")).collect();
+    produce(&client, "t", 0, &second, 3).await;
+    let again = take(&mut consumer, 3).await;
+    assert_eq!(
+        again
+            .iter()
+            .map(|(_, offset, value)| (*offset, value.as_str()))
+            .collect::<Vec<_>>(),
+        [(0, "new0"), (1, "new1"), (2, "new2")]
+    );
+    consumer.commit().await.unwrap();
+    assert_eq!(committed_offset(&client, "g", "t", 0).await, 3);
+    consumer.close().await.unwrap();
+    broker.shutdown().await;
+}
+
+/// With `ResetPolicy::Error`, a committed offset outside the log reaches the stream as an
+/// error, again while nothing moves it, instead of being asked for again and again unseen.
+#[tokio::test]
+async fn a_committed_offset_out_of_range_with_reset_policy_error_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start(dir.path()).await;
+    create_topic(&client, "t", 1).await;
+    produce(&client, "t", 0, &["only".to_owned()], 1).await;
+    // A member commits an offset past the log's end, then leaves.
+    let Response::ConsumerGroupHeartbeat(joined) = client
+        .send(ConsumerGroupHeartbeatRequest {
+            group_id: "g".into(),
+            topics: Some(vec!["t".into()]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let Response::CommitOffsets(committed) = client
+        .send(CommitOffsetsRequest {
+            group_id: "g".into(),
+            member_id: joined.member_id.clone(),
+            member_epoch: joined.member_epoch,
+            topics: vec![CommitTopic {
+                name: "t".into(),
+                partitions: vec![CommitPartition {
+                    partition: 0,
+                    offset: 1_000,
+                    metadata: None,
+                }],
+            }],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        committed.topics[0].partitions[0].error_code,
+        ErrorCode::None
+    );
+    let Response::LeaveGroup(_) = client
+        .send(LeaveGroupRequest {
+            group_id: "g".into(),
+            member_id: joined.member_id,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let mut consumer = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .reset_policy(ResetPolicy::Error)
+        .build()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for attempt in 0..2 {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, consumer.next()).await {
+            Ok(Some(Err(sluice_client::Error::Broker {
+                code: ErrorCode::OffsetOutOfRange,
+                ..
+            }))) => {}
+            other => panic!("attempt {attempt}: expected OffsetOutOfRange, got {other:?}"),
+        }
+    }
+    // A seek moves it on.
+    consumer.seek("t", 0, Seek::Earliest).await.unwrap();
+    assert_eq!(take(&mut consumer, 1).await[0].2, "only");
+    consumer.close().await.unwrap();
+    broker.shutdown().await;
+}

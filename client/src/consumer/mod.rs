@@ -1258,16 +1258,48 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             }
         }
         if !out_of_range.is_empty() {
-            match shared
-                .resolve(&out_of_range, reset_seek(shared.settings.reset))
-                .await
-            {
+            let Some(seek) = reset_seek(shared.settings.reset) else {
+                // `ResetPolicy::Error`: the application is told, and decides (a seek moves the
+                // partition on). Until then the partition is fetched again only after a
+                // backoff, and told again: resolving "where to start" anew would find the
+                // group's committed offset, the very one out of range, and ask it again and
+                // again without a word.
+                for partition in &out_of_range {
+                    let _ = sender
+                        .send(Err(Error::Broker {
+                            code: ErrorCode::OffsetOutOfRange,
+                            message: Some(format!(
+                                "{}/{}: the position is outside the log and the reset policy is Error; seek to go on",
+                                partition.0, partition.1
+                            )),
+                        }))
+                        .await;
+                    let generation = shared
+                        .state()
+                        .partitions
+                        .get(partition)
+                        .map(|entry| entry.generation);
+                    if let Some(generation) = generation {
+                        fetch_went(&shared, partition, generation, true);
+                    }
+                }
+                continue;
+            };
+            match shared.resolve(&out_of_range, Some(seek)).await {
                 Ok(positions) => {
                     let mut state = shared.state();
+                    let generation = state.next_generation;
+                    state.next_generation += 1;
                     for (partition, offset) in positions {
                         if let Some(entry) = state.partitions.get_mut(&partition) {
                             tracing::info!(topic = %partition.0, partition = partition.1, offset, "offset out of range: reset");
+                            // As a seek: what was handed out or processed before no longer
+                            // counts (the log was truncated or the topic created again), so
+                            // nothing of it is committed over the new position.
                             entry.fetch_offset = offset;
+                            entry.generation = generation;
+                            entry.yielded = None;
+                            entry.processed = None;
                         }
                     }
                 }
@@ -1276,6 +1308,11 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                     let mut state = shared.state();
                     for partition in &out_of_range {
                         state.partitions.remove(partition);
+                    }
+                    // No longer consumed here: the group may give them to someone (this
+                    // member too) and where to start is found again.
+                    if let Some(member) = state.member.as_mut() {
+                        member.released(&out_of_range);
                     }
                 }
             }
