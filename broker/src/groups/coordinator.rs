@@ -221,13 +221,19 @@ impl Group {
             })?;
             if request.member_epoch != member.epoch && request.member_epoch != member.previous_epoch
             {
-                return Err(error(
+                let fenced = error(
                     ErrorCode::FencedMemberEpoch,
                     format!(
                         "member epoch {} is stale (current {})",
                         request.member_epoch, member.epoch
                     ),
-                ));
+                );
+                // A fenced member drops its partitions and joins again under a new id: its
+                // old entry goes now, so its partitions move at once instead of staying with
+                // nobody until its session would have expired.
+                self.remove(&request.member_id);
+                self.rebalance(partition_count);
+                return Err(fenced);
             }
             member.deadline_ms = now_ms + u64::from(member.session_timeout_ms);
             if let Some(topics) = &request.topics {

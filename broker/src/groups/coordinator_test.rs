@@ -313,3 +313,35 @@ fn session_timeout_outside_bounds_is_refused() {
     assert_eq!(error.code, ErrorCode::InvalidSessionTimeout);
     assert!(group.members.is_empty());
 }
+
+/// A member fenced for a stale epoch drops its partitions and joins again under a new id (as
+/// the client does): its old entry goes at once, so its partitions move now instead of waiting
+/// for a session timeout with nobody reading them.
+#[test]
+fn a_fenced_member_gives_its_partitions_up_at_once() {
+    let mut simulation = Simulation::new();
+    let keys: Vec<usize> = (0..3).map(|_| simulation.join()).collect();
+    simulation.settle();
+    assert_eq!(simulation.sizes(), [4, 4, 4]);
+    let fenced = simulation.clients.remove(&keys[0]).unwrap();
+    let refused = simulation
+        .group
+        .heartbeat(
+            Heartbeat {
+                member_id: fenced.id.clone(),
+                member_epoch: fenced.epoch + 5,
+                owned: Some(fenced.holds.clone()),
+                ..Heartbeat::default()
+            },
+            simulation.now_ms,
+            &simulation.settings,
+            &counts,
+        )
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::FencedMemberEpoch);
+    assert!(!simulation.group.members.contains_key(&fenced.id));
+    // Its replacement joins; the group settles without waiting for any session to expire.
+    simulation.join();
+    simulation.settle();
+    assert_eq!(simulation.sizes().iter().sum::<usize>(), 12);
+}
