@@ -185,15 +185,20 @@ fn over_loopback<T: Send + 'static>(
 /// # Errors
 /// A socket error, or a sink that did not count every frame.
 pub fn raw_tcp(message_size: usize, write_bytes: usize, messages: u64) -> Result<Rate> {
-    let start = Instant::now();
+    // From the first write, once connected (as Sluice's runs start with their connections
+    // made), to the sink's count of the last frame.
+    let started = std::cell::Cell::new(None);
     let (counted, sent) = over_loopback(
         move |stream| null_sink(stream, message_size),
         |mut stream| {
+            started.set(Some(Instant::now()));
             write_frames(&mut stream, message_size, write_bytes, messages)?;
             stream.shutdown(Shutdown::Write)
         },
     )?;
-    let elapsed = start.elapsed();
+    let elapsed = started
+        .get()
+        .map_or(Duration::ZERO, |start| start.elapsed());
     sent.context("loopback TCP: sending")?;
     let counted = counted.context("loopback TCP: the null sink")?;
     if counted != messages {
@@ -234,6 +239,7 @@ pub fn raw_tcp_latency(
     let write = |mut stream: TcpStream| -> std::io::Result<()> {
         let mut message = vec![0x5au8; message_size];
         let interval = Duration::from_secs(1).div_f64(rate.max(1) as f64);
+        super::workloads::precise_sleeps();
         let start = Instant::now();
         for index in 0..messages {
             let due = start + interval.mul_f64(index as f64);
@@ -241,7 +247,9 @@ pub fn raw_tcp_latency(
             if due > now {
                 std::thread::sleep(due - now);
             }
-            let stamp = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            // From when it was due, as the latency workload times its records.
+            let stamp =
+                u64::try_from(due.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
             message[..8].copy_from_slice(&stamp.to_be_bytes());
             stream.write_all(&message)?;
         }

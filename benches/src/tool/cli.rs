@@ -33,7 +33,8 @@ limits beside it.
 Workloads (each on a fresh topic):
   produce   producers send as fast as they can (or at --rate); send->ack latency.
   consume   the topic is filled first (not measured), then a consumer group reads it all back;
-            the read is measured, from the consumers' start to the last record.
+            the read is measured, from the first records' arrival to the last record
+            (those first records not counted; joining the group is reported as startup).
   pubsub    producers and a consumer group at once; send->ack and produce->consume latency.
   latency   producers at a fixed --rate (default 10000 msgs/s, linger 0) and a tailing group;
             produce->consume percentiles from the send time carried in each payload.

@@ -77,8 +77,9 @@ pub struct Meter {
     pub acked: AtomicU64,
     pub failed: AtomicU64,
     pub consumed: AtomicU64,
-    /// When the first records were consumed, and the CPU counters then.
-    first_consumed: OnceLock<(Instant, CpuCounters)>,
+    /// When the first records were consumed, the CPU counters then, and how many records
+    /// arrived with them (they came before that instant, so a rate from it leaves them out).
+    first_consumed: OnceLock<(Instant, CpuCounters, u64)>,
     send_to_ack: Mutex<LatencyHistograms>,
     produce_to_consume: Mutex<LatencyHistograms>,
 }
@@ -97,15 +98,26 @@ impl Meter {
     }
 
     /// Notes that records were consumed at `at`, if none were before.
-    pub fn consumed_at(&self, at: Instant) {
+    /// Notes that `records` records were consumed at `at`: the first call starts the clock of
+    /// a consume run.
+    pub fn consumed_at(&self, at: Instant, records: u64) {
         if self.first_consumed.get().is_none() {
-            let _ = self.first_consumed.set((at, CpuCounters::read()));
+            let _ = self.first_consumed.set((at, CpuCounters::read(), records));
         }
     }
 
     /// When the first records were consumed, and the CPU counters then.
     pub fn first_consumed(&self) -> Option<(Instant, CpuCounters)> {
-        self.first_consumed.get().copied()
+        self.first_consumed
+            .get()
+            .map(|(at, counters, _)| (*at, *counters))
+    }
+
+    /// The records that arrived with the first ones consumed, before the clock started.
+    pub fn consumed_before_the_clock(&self) -> u64 {
+        self.first_consumed
+            .get()
+            .map_or(0, |(_, _, records)| *records)
     }
 
     /// Nanoseconds from the epoch to `at`, as carried in a payload.

@@ -172,6 +172,12 @@ impl Report<'_> {
         put(
             "latency",
             json!(match result.headline {
+                // With acks=none a future resolves when its request is queued.
+                Some(LatencyKind::SendToAck)
+                    if settings.acks == sluice_client::producer::Acks::None =>
+                {
+                    "send_to_queued"
+                }
                 Some(LatencyKind::SendToAck) => "send_to_ack",
                 Some(LatencyKind::ProduceToConsume) => "produce_to_consume",
                 None => "none",

@@ -11,7 +11,8 @@
 //! - Each producer and each consumer has a client, hence a connection, of its own.
 //! - Producers are built (InitProducerId) and consumers have joined their group before the clock
 //!   starts for `produce`, `pubsub` and `latency`. For `consume` the clock starts when the
-//!   consumers are created: joining the group is part of reading a backlog.
+//!   first records arrive, and the records that arrived with them are not counted: joining
+//!   the group and the first fetch's round trip are reported apart, as startup.
 //! - Unpaced producers hand the client `records_per_send` records (1,000 by default) per
 //!   `Producer::enqueue_many` call, borrowed from one payload (the records of a call share a
 //!   send time); with `--records-per-send 1` each record goes through `Producer::enqueue`.
@@ -24,8 +25,11 @@
 //!   call) and after every wait; consumers once per batch and every 16 records while measuring
 //!   latency: a time can be off by what 16 records' handling takes, microseconds.
 //! - With `--rate`, each producer runs on a thread of its own and sleeps between sends:
-//!   tokio's timer has millisecond granularity, far too coarse for 10,000 msgs/s. The send time
-//!   carried in the payload is the actual one, not the scheduled one.
+//!   tokio's timer has millisecond granularity, far too coarse for 10,000 msgs/s. Its timer
+//!   slack is 1 ns (Linux's default 50 µs would be added to every sleep). The time carried in
+//!   the payload, and the start of send→ack, is when the record was due, not when it was sent:
+//!   a sender held up sends late, and what it owed meanwhile shows the wait (no coordinated
+//!   omission).
 //! - With `acks=none` a delivery future resolves when its request is queued, so "send→ack"
 //!   is send→queued, and the count is of records sent.
 
@@ -217,8 +221,15 @@ async fn consume(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) ->
     }
     .await;
     // Measured from the first records: joining the group and being assigned the partitions
-    // is reported apart, as `startup`.
-    let (first, cpu) = meter.first_consumed().unwrap_or((start, cpu));
+    // is reported apart, as `startup`. The records that came with the first ones arrived
+    // before the clock started and are not counted; when they were all there is (a run small
+    // enough to arrive at once), the run is timed from the consumers' start instead.
+    let before_the_clock = meter.consumed_before_the_clock();
+    let all = Meter::count(&meter.consumed);
+    let (first, cpu, measured) = match meter.first_consumed() {
+        Some((first, cpu)) if all > before_the_clock => (first, cpu, all - before_the_clock),
+        _ => (start, cpu, all),
+    };
     let elapsed = first.elapsed();
     let cpu = cpu_used(cpu, elapsed);
     let startup = first.saturating_duration_since(start);
@@ -228,14 +239,7 @@ async fn consume(broker: &BenchBroker, settings: &Settings, topic: &Arc<str>) ->
     let stopped = join_consumer_loops(loops).await;
     waited?;
     stopped?;
-    let mut result = result_of(
-        &meter,
-        Meter::count(&meter.consumed),
-        (elapsed, cpu),
-        None,
-        samples,
-        Some(fill),
-    );
+    let mut result = result_of(&meter, measured, (elapsed, cpu), None, samples, Some(fill));
     result.startup = Some(startup);
     Ok(result)
 }
@@ -731,6 +735,7 @@ impl SendJob {
         let seconds_per_message = 1.0 / rate;
         let mut pending = PendingAcks::new();
         let mut sent = 0u64;
+        precise_sleeps();
         let sending: Result<()> = loop {
             let due = start + Duration::from_secs_f64(sent as f64 * seconds_per_message);
             let mut now = Instant::now();
@@ -745,7 +750,10 @@ impl SendJob {
             if self.quota.is_reached(sent, now) {
                 break Ok(());
             }
-            let value = self.payloads.next(self.meter.timestamp_nanos(now));
+            // Timed from when the record was due, not from when this thread got to send it:
+            // a sender held up (a stall, a full buffer) sends late, and the records it owed
+            // meanwhile must show that wait, or the tail hides it (coordinated omission).
+            let value = self.payloads.next(self.meter.timestamp_nanos(due));
             let future =
                 match runtime.block_on(self.producer.enqueue(Record::new(&self.topic, value))) {
                     Ok(future) => future,
@@ -753,7 +761,7 @@ impl SendJob {
                 };
             sent += 1;
             let sent = Sent {
-                at: now,
+                at: due,
                 records: 1,
                 future: Acknowledgement::One(future),
             };
@@ -835,6 +843,10 @@ struct Finish {
     target: AtomicU64,
     reached: Notify,
     stop: watch::Sender<bool>,
+    /// Per partition, the offset after the last record counted, across every consumer: a
+    /// record read again (a partition moving between members) is not counted twice, and one
+    /// past a gap fails the run.
+    positions: std::sync::Mutex<std::collections::HashMap<u32, u64>>,
 }
 
 impl Finish {
@@ -842,6 +854,7 @@ impl Finish {
         Arc::new(Finish {
             target: AtomicU64::new(u64::MAX),
             reached: Notify::new(),
+            positions: std::sync::Mutex::default(),
             stop: watch::channel(false).0,
         })
     }
@@ -897,8 +910,11 @@ async fn consume_loop(
         // records of a batch arrive together) and every few records while they are handled.
         let mut now = Instant::now();
         let mut records = 0u64;
+        let mut offsets = None;
         for record in batch.records() {
             records += 1;
+            let offset = record.offset();
+            offsets = Some(offsets.map_or((offset, offset), |(first, _)| (first, offset)));
             if let Some(recorder) = recorder.as_mut() {
                 if records.is_multiple_of(CLOCK_EVERY_RECORDS) {
                     now = Instant::now();
@@ -908,7 +924,31 @@ async fn consume_loop(
                 }
             }
         }
-        meter.consumed_at(now);
+        let Some((first, last)) = offsets else {
+            continue;
+        };
+        // Counted once each, in order: the first records seen of a partition set where it
+        // starts (a tailing consumer starts at the end).
+        let records = {
+            let mut positions = finish
+                .positions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let next = positions.entry(batch.partition()).or_insert(first);
+            if first > *next {
+                result = Err(anyhow!(
+                    "partition {}: records from offset {first} arrived after offset {} was the next due: {} records skipped",
+                    batch.partition(),
+                    *next,
+                    first - *next
+                ));
+                break;
+            }
+            let new = (last + 1).saturating_sub(first.max(*next));
+            *next = (*next).max(last + 1);
+            new
+        };
+        meter.consumed_at(now, records);
         // SeqCst with the target's store in `wait_until_consumed`: either this sees the
         // target, or the waiter sees this count.
         let consumed = meter.consumed.fetch_add(records, Ordering::SeqCst) + records;
@@ -960,6 +1000,16 @@ async fn join_consumer_loops(loops: Vec<JoinHandle<Result<()>>>) -> Result<()> {
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Asks the kernel to wake this thread from its sleeps on time: Linux lets a sleep run up to
+/// the thread's timer slack (50 µs by default) late, to batch wake-ups. Best effort.
+pub(crate) fn precise_sleeps() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_TIMERSLACK takes one unsigned long and touches only this thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
+    }
 }
 
 #[cfg(test)]
