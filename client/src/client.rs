@@ -73,6 +73,9 @@ struct Inner {
     current: tokio::sync::Mutex<Option<Connection>>,
     breaker: Mutex<CircuitBreaker>,
     next_url: Mutex<usize>,
+    /// The last connection whose breaking was counted as a failure: the calls in flight on one
+    /// connection that breaks all fail together, and count once.
+    broken_counted: Mutex<Option<usize>>,
 }
 
 /// A handle to a Sluice cluster (today: one broker). Cheap to clone.
@@ -108,6 +111,7 @@ impl Client {
                 options,
                 current: tokio::sync::Mutex::new(None),
                 next_url: Mutex::new(0),
+                broken_counted: Mutex::new(None),
             }),
         };
         client.connection().await?;
@@ -156,48 +160,75 @@ impl Client {
             // breaker like any new connection, failing fast while it is open.
             *current = None;
         }
-        let url = {
-            let mut next = self.inner.next_url.lock().expect("url lock poisoned");
-            let url = self.inner.urls[*next % self.inner.urls.len()].clone();
-            *next = next.wrapping_add(1);
-            url
-        };
-        if !self
-            .inner
-            .breaker
-            .lock()
-            .expect("breaker lock poisoned")
-            .allow(Instant::now())
-        {
-            return Err(Error::CircuitOpen { broker: url });
-        }
-        // Whatever ends this attempt (an answer, an error, or this future being dropped), the
-        // breaker learns of it: a half-open probe that vanished would keep it open for good.
-        let attempt = Attempt {
-            breaker: &self.inner.breaker,
-        };
-        let connected = Connection::connect_with(&url, self.inner.options.connection.clone()).await;
-        let mut breaker = attempt.settle();
-        match connected {
-            Ok(connection) => {
-                breaker.on_success();
-                drop(breaker);
-                *current = Some(connection.clone());
-                Ok(connection)
+        // Each URL once, starting where the last attempt left off: the first that connects is
+        // the connection, else the last error.
+        let mut last_error = None;
+        for _ in 0..self.inner.urls.len() {
+            let url = {
+                let mut next = self.inner.next_url.lock().expect("url lock poisoned");
+                let url = self.inner.urls[*next % self.inner.urls.len()].clone();
+                *next = next.wrapping_add(1);
+                url
+            };
+            if !self
+                .inner
+                .breaker
+                .lock()
+                .expect("breaker lock poisoned")
+                .allow(Instant::now())
+            {
+                return Err(last_error.unwrap_or(Error::CircuitOpen { broker: url }));
             }
-            // Any way of not connecting (a bad address or CA file too) is a failed attempt.
-            Err(error) => {
-                breaker.on_failure(Instant::now());
-                Err(error)
+            // Whatever ends this attempt (an answer, an error, or this future being dropped),
+            // the breaker learns of it: a half-open probe that vanished would keep it open.
+            let attempt = Attempt {
+                breaker: &self.inner.breaker,
+            };
+            let connected =
+                Connection::connect_with(&url, self.inner.options.connection.clone()).await;
+            let mut breaker = attempt.settle();
+            match connected {
+                Ok(connection) => {
+                    // Connected is not answered: a broker (or a proxy in front of it) that
+                    // accepts and then drops every connection must still open the breaker, so
+                    // only a probe is settled here; answers close the breaker.
+                    breaker.on_connected();
+                    drop(breaker);
+                    *current = Some(connection.clone());
+                    return Ok(connection);
+                }
+                // Any way of not connecting (a bad address or CA file too) is a failed attempt.
+                Err(error) => {
+                    breaker.on_failure(Instant::now());
+                    last_error = Some(error);
+                }
             }
         }
+        Err(last_error.expect("at least one URL"))
     }
 
-    fn record_failure(&self, error: &Error) {
-        if matches!(
-            error,
-            Error::Connect { .. } | Error::ConnectionClosed | Error::Io(_) | Error::Timeout { .. }
-        ) {
+    /// Counts `error` against the breaker if it says the broker is unreachable or silent.
+    /// `on` is the connection it happened on, when known: the calls in flight on a connection
+    /// that breaks all fail with it, and count as one failure, not one each.
+    fn record_failure(&self, error: &Error, on: Option<&Connection>) {
+        let counts = match error {
+            Error::ConnectionClosed | Error::Io(_) => match on {
+                Some(connection) => {
+                    let mut counted = self
+                        .inner
+                        .broken_counted
+                        .lock()
+                        .expect("breaker lock poisoned");
+                    let first = *counted != Some(connection.identity());
+                    *counted = Some(connection.identity());
+                    first
+                }
+                None => true,
+            },
+            Error::Connect { .. } | Error::Timeout { .. } => true,
+            _ => false,
+        };
+        if counts {
             self.inner
                 .breaker
                 .lock()
@@ -210,21 +241,27 @@ impl Client {
     pub async fn send(&self, request: impl Into<Request>) -> Result<Response> {
         let connection = self.connection().await?;
         let result = connection.send(request).await;
-        self.record_outcome(&result);
+        match &result {
+            Ok(_) => self.record_success(),
+            Err(error) => self.record_failure(error, Some(&connection)),
+        }
         result
+    }
+
+    fn record_success(&self) {
+        self.inner
+            .breaker
+            .lock()
+            .expect("breaker lock poisoned")
+            .on_success();
     }
 
     /// Tells the circuit breaker how a request ended: an answer closes it, a broken or silent
     /// connection counts as a failure.
     pub(crate) fn record_outcome(&self, result: &Result<Response>) {
         match result {
-            Ok(_) => self
-                .inner
-                .breaker
-                .lock()
-                .expect("breaker lock poisoned")
-                .on_success(),
-            Err(error) => self.record_failure(error),
+            Ok(_) => self.record_success(),
+            Err(error) => self.record_failure(error, None),
         }
     }
 
@@ -235,7 +272,7 @@ impl Client {
         let connection = self.connection().await?;
         let result = connection.enqueue(request).await;
         if let Err(error) = &result {
-            self.record_failure(error);
+            self.record_failure(error, Some(&connection));
         }
         result
     }
@@ -245,7 +282,7 @@ impl Client {
         let connection = self.connection().await?;
         let result = connection.send_without_response(request).await;
         if let Err(error) = &result {
-            self.record_failure(error);
+            self.record_failure(error, Some(&connection));
         }
         result
     }
@@ -274,11 +311,19 @@ impl Client {
             self.inner.options.retry_initial_backoff,
             self.inner.options.retry_max_backoff,
         );
+        // Whether an earlier attempt may have taken effect: only one whose answer was lost (a
+        // timeout, a connection that broke) might have; a refusal or a failure to connect
+        // did not.
+        let mut maybe_applied = false;
         loop {
             let error = match self.send(request.clone()).await {
-                Ok(response) => return Ok((response, backoff.attempts() > 0)),
+                Ok(response) => return Ok((response, maybe_applied)),
                 Err(error) => error,
             };
+            maybe_applied |= matches!(
+                error,
+                Error::Timeout { .. } | Error::ConnectionClosed | Error::Io(_)
+            );
             let delay = backoff.next_delay();
             if !error.is_retriable() || Instant::now() + delay >= deadline {
                 return Err(if backoff.attempts() > 1 {
@@ -328,5 +373,38 @@ impl Drop for Attempt<'_> {
             .lock()
             .expect("breaker lock poisoned")
             .on_abandoned();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calls in flight on a connection that breaks all fail with `ConnectionClosed`; they
+    /// count as one failure, so a broker restart with a few calls out does not open the
+    /// breaker by itself. Another connection breaking counts again.
+    #[tokio::test]
+    async fn calls_failing_with_one_broken_connection_count_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(dir.path()))
+            .await
+            .unwrap();
+        let url = format!("tcp://{}", broker.tcp_addr);
+        let options = ClientOptions::default().breaker(BreakerOptions {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(60),
+        });
+        let client = Client::connect_with(&url, options).await.unwrap();
+        let connection = client.connection().await.unwrap();
+        for _ in 0..5 {
+            client.record_failure(&Error::ConnectionClosed, Some(&connection));
+        }
+        assert_eq!(client.breaker_state(), BreakerState::Closed { failures: 1 });
+        let other = Connection::connect(&url).await.unwrap();
+        client.record_failure(&Error::ConnectionClosed, Some(&other));
+        assert!(matches!(client.breaker_state(), BreakerState::Open { .. }));
+        other.close().await;
+        connection.close().await;
+        broker.shutdown().await;
     }
 }

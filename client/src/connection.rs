@@ -372,7 +372,7 @@ impl Connection {
             options,
             state: Mutex::new(State {
                 closed: false,
-                next_correlation_id: 0,
+                next_correlation_id: 1,
                 pending: HashMap::new(),
             }),
             in_flight_slots: Arc::new(Semaphore::new(in_flight_limit)),
@@ -428,7 +428,7 @@ impl Connection {
         if self.is_closed() {
             return Err(Error::ConnectionClosed);
         }
-        let request_timeout = self.inner.shared.options.request_timeout;
+        let request_timeout = answer_within(&request, self.inner.shared.options.request_timeout);
         match tokio::time::timeout(request_timeout, self.send_and_await(&request)).await {
             Ok(result) => result,
             // The timeout dropped the inner future, whose guard removed the pending entry.
@@ -484,7 +484,7 @@ impl Connection {
         if self.is_closed() {
             return Err(Error::ConnectionClosed);
         }
-        let request_timeout = shared.options.request_timeout;
+        let request_timeout = answer_within(&request, shared.options.request_timeout);
         let deadline = tokio::time::Instant::now() + request_timeout;
         let timeout_ms = duration_ms(request_timeout);
         let queued = async {
@@ -538,6 +538,11 @@ impl Connection {
     /// [`Error::ConnectionClosed`].
     pub fn is_closed(&self) -> bool {
         self.inner.shared.lock_state().closed
+    }
+
+    /// Tells this connection from others (its clones share it) while it is open.
+    pub(crate) fn identity(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
     }
 
     /// The URL this connection was opened with.
@@ -654,10 +659,17 @@ impl Shared {
             return Err(Error::ConnectionClosed);
         }
         // Ids wrap after 2^32 requests; skipping the ones still pending keeps matching exact.
-        // The loop ends within `pending.len() + 1` steps, and the semaphore bounds `pending`.
+        // The loop ends within `pending.len() + 2` steps, and the semaphore bounds `pending`.
+        // Id 0 is never used: it is what a broker answers when it cannot tell which request a
+        // frame was (a connection refused over `max_connections`, a frame it could not read),
+        // and such an answer, followed by the connection closing, must fail every request
+        // alike, as a lost connection, rather than be taken for the first request's answer.
         let correlation_id = loop {
             let candidate = state.next_correlation_id;
             state.next_correlation_id = candidate.wrapping_add(1);
+            if candidate == 0 {
+                continue;
+            }
             if let Entry::Vacant(vacant) = state.pending.entry(candidate) {
                 vacant.insert(PendingEntry {
                     api_key,
@@ -686,7 +698,7 @@ impl Shared {
         loop {
             let candidate = state.next_correlation_id;
             state.next_correlation_id = candidate.wrapping_add(1);
-            if !state.pending.contains_key(&candidate) {
+            if candidate != 0 && !state.pending.contains_key(&candidate) {
                 return Ok(candidate);
             }
         }
@@ -750,6 +762,17 @@ impl Shared {
 /// An encoded request frame, in parts written back to back: a produce request's record
 /// batches are parts of their own, the producer's buffers, not copies.
 type Frame = Vec<Bytes>;
+
+/// How long `request` may wait for its answer: `request_timeout`, plus the time a fetch asks
+/// the broker to hold it when there is nothing to read (a long poll is not a silent broker).
+fn answer_within(request: &Request, request_timeout: Duration) -> Duration {
+    match request {
+        Request::Fetch(fetch) => {
+            request_timeout.saturating_add(Duration::from_millis(u64::from(fetch.max_wait_ms)))
+        }
+        _ => request_timeout,
+    }
+}
 
 /// Encodes a request frame, refusing one the broker would refuse.
 fn encode_frame(request: &Request, correlation_id: u32, max_frame_bytes: u32) -> Result<Frame> {

@@ -140,6 +140,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// A connection was made. That ends a half-open probe (the broker is back); otherwise it
+    /// changes nothing, since only an answer shows the broker works: one that accepts
+    /// connections and drops them still opens the breaker.
+    pub fn on_connected(&mut self) {
+        if matches!(self.state, BreakerState::HalfOpen { .. }) {
+            self.state = BreakerState::Closed { failures: 0 };
+        }
+    }
+
     /// The broker answered.
     pub fn on_success(&mut self) {
         self.state = BreakerState::Closed { failures: 0 };

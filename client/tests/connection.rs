@@ -1,6 +1,7 @@
 //! `Connection` against a scripted server: a `TcpListener` on `127.0.0.1:0` that speaks the
 //! wire format through `sluice-protocol` and answers exactly what each test tells it to, when
-//! it tells it to. Every wait has a deadline; nothing synchronises by sleeping.
+//! it tells it to (and, for a long poll's timing, against a real broker). Every wait has a
+//! deadline; nothing synchronises by sleeping.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -644,4 +645,40 @@ async fn connects_by_host_name_and_by_ipv6_address() {
         .expect("connect over IPv6");
     let mut peer = server.accept().await;
     assert_round_trip(&connection, &mut peer).await;
+}
+
+/// A long-poll fetch may take its `max_wait_ms` on top of `request_timeout` before it is
+/// answered: the broker holding it is not the broker being silent.
+#[tokio::test]
+async fn a_long_poll_fetch_is_not_timed_out_by_the_request_timeout() {
+    use sluice_client::protocol::messages::{FetchPartition, FetchRequest, FetchTopic};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let url = format!("tcp://{}", broker.tcp_addr);
+    let admin = sluice_client::Client::connect(&url).await.unwrap();
+    admin.admin().create_topic("idle", 1, &[]).await.unwrap();
+    let options = ConnectionOptions::default().request_timeout(Duration::from_millis(300));
+    let connection = Connection::connect_with(&url, options).await.unwrap();
+    let started = Instant::now();
+    let answer = within(connection.send(FetchRequest {
+        max_wait_ms: 1_000,
+        min_bytes: 1,
+        max_bytes: 1 << 20,
+        topics: vec![FetchTopic {
+            name: "idle".into(),
+            partitions: vec![FetchPartition {
+                partition: 0,
+                fetch_offset: 0,
+                partition_max_bytes: 1 << 20,
+            }],
+        }],
+    }))
+    .await;
+    assert!(matches!(answer, Ok(Response::Fetch(_))), "{answer:?}");
+    // It was a long poll indeed: answered when the broker's wait ran out.
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    connection.close().await;
+    broker.shutdown().await;
 }

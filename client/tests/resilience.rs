@@ -97,3 +97,56 @@ async fn an_open_breaker_stops_calls_on_a_connection_that_stays_up_but_never_ans
     let error = client.send(ListTopicsRequest {}).await.unwrap_err();
     assert!(matches!(error, Error::CircuitOpen { .. }), "{error:?}");
 }
+
+/// Of a comma-separated list, the first URL that connects is used: a broker down at the head
+/// of the list does not make the client fail.
+#[tokio::test]
+async fn the_first_reachable_url_of_a_list_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    // Nothing listens on port 1.
+    let client = Client::connect(&format!("tcp://127.0.0.1:1,tcp://{}", broker.tcp_addr))
+        .await
+        .expect("the second URL connects");
+    client.send(ListTopicsRequest {}).await.unwrap();
+    broker.shutdown().await;
+}
+
+/// A broker that takes connections and drops them before answering (here: it is at
+/// `max_connections`, so it answers LimitExceeded and closes) opens the breaker: connecting is
+/// not answering, and the client stops reconnecting at once for every call.
+#[tokio::test]
+async fn a_broker_that_accepts_and_drops_every_connection_opens_the_breaker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = sluice_broker::Config::on_loopback(dir.path());
+    config.limits.max_connections = 1;
+    let broker = sluice_broker::Broker::start(config).await.unwrap();
+    let url = format!("tcp://{}", broker.tcp_addr);
+    // The one slot, held.
+    let holder = sluice_client::Connection::connect(&url).await.unwrap();
+    holder
+        .send(sluice_client::protocol::messages::ApiVersionsRequest {})
+        .await
+        .unwrap();
+    let options = ClientOptions::default().breaker(BreakerOptions {
+        failure_threshold: 2,
+        open_for: Duration::from_secs(60),
+    });
+    let client = Client::connect_with(&url, options).await.unwrap();
+    let mut outcomes = Vec::new();
+    for _ in 0..10 {
+        match client.send(ListTopicsRequest {}).await {
+            Err(Error::CircuitOpen { .. }) => break,
+            other => outcomes.push(format!("{other:?}")),
+        }
+    }
+    assert!(
+        matches!(client.breaker_state(), BreakerState::Open { .. }),
+        "never opened: {outcomes:?}"
+    );
+    assert!(outcomes.len() <= 2, "{outcomes:?}");
+    holder.close().await;
+    broker.shutdown().await;
+}
