@@ -326,6 +326,16 @@ impl BrokerHandle {
 
     /// Stops accepting, lets in-flight requests finish, syncs and checkpoints every partition.
     pub async fn shutdown(self) {
+        let _ = self.shutdown_reporting().await;
+    }
+
+    /// [`shutdown`](Self::shutdown), telling whether everything was closed cleanly: an error
+    /// names how many partitions could not be fsynced or checkpointed at the end (what they
+    /// held since their last fsync may be lost), or that closing them failed outright.
+    ///
+    /// # Errors
+    /// As above; the broker is stopped either way.
+    pub async fn shutdown_reporting(self) -> Result<(), String> {
         tracing::info!("broker shutting down");
         self.state.shutdown.send_replace(true);
         for task in self.tasks {
@@ -333,11 +343,20 @@ impl BrokerHandle {
         }
         self.http.stop().await;
         let state = Arc::clone(&self.state);
-        let _ = tokio::task::spawn_blocking(move || {
-            state.topics.close_all();
+        let closed = tokio::task::spawn_blocking(move || {
+            let failed = state.topics.close_all();
             state.storage.shutdown();
+            failed
         })
         .await;
+        let outcome = match closed {
+            Ok(0) => Ok(()),
+            Ok(failed) => Err(format!(
+                "{failed} partitions could not be fsynced or checkpointed at shutdown"
+            )),
+            Err(error) => Err(format!("closing the partitions failed: {error}")),
+        };
         tracing::info!("broker stopped");
+        outcome
     }
 }

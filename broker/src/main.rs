@@ -51,6 +51,7 @@ async fn run(config: sluice_broker::Config) -> ExitCode {
         Ok(signals) => signals,
         Err(error) => {
             tracing::error!(%error, "cannot listen for signals");
+            eprintln!("sluice-broker: cannot listen for signals: {error}");
             return ExitCode::from(1);
         }
     };
@@ -58,6 +59,8 @@ async fn run(config: sluice_broker::Config) -> ExitCode {
         Ok(broker) => broker,
         Err(error) => {
             tracing::error!(%error, "broker failed to start");
+            // Also as the one line a script reads, whatever the log filter or format.
+            eprintln!("sluice-broker: cannot start: {error}");
             return ExitCode::from(1);
         }
     };
@@ -66,10 +69,16 @@ async fn run(config: sluice_broker::Config) -> ExitCode {
     tokio::spawn(async move {
         signals.next().await;
         tracing::warn!("second signal: exiting at once");
-        std::process::exit(130);
+        eprintln!("sluice-broker: exited at once on a second signal; unsynced writes may be lost");
+        std::process::exit(1);
     });
-    broker.shutdown().await;
-    ExitCode::SUCCESS
+    match broker.shutdown_reporting().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sluice-broker: {error}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: every partition keeps its active

@@ -425,14 +425,18 @@ impl TopicRegistry {
     }
 
     /// Closes every log: syncs and checkpoints.
-    pub fn close_all(&self) {
+    /// Returns how many partitions failed to close (their last fsync or checkpoint).
+    pub fn close_all(&self) -> usize {
+        let mut failed = 0;
         for topic in self.list() {
             for log in &topic.partitions {
                 if let Err(error) = log.close() {
                     tracing::error!(dir = %log.dir().display(), %error, "closing partition failed");
+                    failed += 1;
                 }
             }
         }
+        failed
     }
 
     /// Applies retention to every partition of every topic but the internal ones, whose

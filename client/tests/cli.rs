@@ -441,3 +441,65 @@ async fn consume_shows_records_as_they_come_and_ends_cleanly_when_its_reader_goe
     );
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_create_takes_per_topic_overrides_and_acks_none_acknowledges_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let created = sluice(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "short",
+            "--config",
+            "retention_ms=60000",
+            "--config",
+            "segment_bytes=1048576",
+        ],
+        b"",
+    )
+    .await;
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let described = sluice(&broker, &["topic", "describe", "short"], b"").await;
+    let described = text(&described.stdout);
+    assert!(described.contains("retention_ms=60000"), "{described}");
+    assert!(described.contains("segment_bytes=1048576"), "{described}");
+    // A key the broker does not know is its error (exit 1); no KEY=VALUE is a usage error.
+    let unknown = sluice(
+        &broker,
+        &["topic", "create", "x", "--config", "colour=red"],
+        b"",
+    )
+    .await;
+    assert_eq!(unknown.status.code(), Some(1), "{}", text(&unknown.stderr));
+    let malformed = sluice(
+        &broker,
+        &["topic", "create", "x", "--config", "colour"],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        malformed.status.code(),
+        Some(2),
+        "{}",
+        text(&malformed.stderr)
+    );
+
+    // With acks=none the broker answers nothing, so nothing is counted as acknowledged.
+    let produced = sluice(
+        &broker,
+        &["produce", "short", "--acks", "none"],
+        b"a\nb\nc\n",
+    )
+    .await;
+    assert!(produced.status.success(), "{}", text(&produced.stderr));
+    assert!(
+        text(&produced.stderr).contains("sent 3 records, 0 acknowledged (acks=none)"),
+        "{}",
+        text(&produced.stderr)
+    );
+    broker.shutdown().await;
+}

@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use sluice_client::producer::Record;
 use sluice_client::{Client, CommitMode};
-use sluice_examples::{broker_url, deadline_in, text, unique_suffix};
+use sluice_examples::{deadline_in, text, unique_suffix};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -173,8 +173,12 @@ async fn wait_for_all(
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let client = Client::connect(&broker_url()).await?;
+async fn main() -> std::process::ExitCode {
+    sluice_examples::finish(scenario()).await
+}
+
+async fn scenario() -> anyhow::Result<()> {
+    let client = sluice_examples::connect().await?;
     let suffix = unique_suffix();
     let topic = format!("group-demo-{suffix}");
     let group = format!("group-demo-workers-{suffix}");

@@ -27,7 +27,7 @@ use sluice_client::producer::partitioner::partition_for_key;
 use sluice_client::producer::{Producer, Record};
 use sluice_client::protocol::messages::OffsetSpec;
 use sluice_client::{Client, CommitMode, ConsumerRecord, Seek};
-use sluice_examples::{broker_url, deadline_in, next_record, text, unique_suffix};
+use sluice_examples::{deadline_in, next_record, text, unique_suffix};
 use tokio::sync::watch;
 
 const PARTITIONS: u32 = 2;
@@ -151,8 +151,12 @@ async fn handle(
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let client = Client::connect(&broker_url()).await?;
+async fn main() -> std::process::ExitCode {
+    sluice_examples::finish(scenario()).await
+}
+
+async fn scenario() -> anyhow::Result<()> {
+    let client = sluice_examples::connect().await?;
     let suffix = unique_suffix();
     let topic = format!("account-events-{suffix}");
     client.admin().create_topic(&topic, PARTITIONS, &[]).await?;

@@ -31,7 +31,7 @@ use sluice_client::idempotent::{
 };
 use sluice_client::producer::Record;
 use sluice_client::{Client, CommitMode, Consumer, ConsumerRecord};
-use sluice_examples::{broker_url, deadline_in, text, unique_suffix};
+use sluice_examples::{deadline_in, text, unique_suffix};
 
 async fn member(client: &Client, group: &str, topic: &str) -> anyhow::Result<Consumer> {
     Ok(client
@@ -53,8 +53,12 @@ fn charge_card(charges: &Mutex<Vec<String>>, member: &str, record: &ConsumerReco
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let client = Client::connect(&broker_url()).await?;
+async fn main() -> std::process::ExitCode {
+    sluice_examples::finish(scenario()).await
+}
+
+async fn scenario() -> anyhow::Result<()> {
+    let client = sluice_examples::connect().await?;
     let suffix = unique_suffix();
     let topic = format!("payments-{suffix}");
     let group = format!("payment-service-{suffix}");

@@ -20,10 +20,10 @@
 //! (`2 rows left to publish`), publishes orders 4 and 5, and the final read of the topic shows
 //! orders 1 to 5, each once, in order: `each order once, in order`.
 
+use sluice_client::Seek;
 use sluice_client::idempotent::outbox::{self, OUTBOX_ID_HEADER, OutboxMessage, OutboxRelay};
 use sluice_client::protocol::messages::OffsetSpec;
-use sluice_client::{Client, Seek};
-use sluice_examples::{broker_url, deadline_in, header, next_record, text, unique_suffix};
+use sluice_examples::{deadline_in, header, next_record, text, unique_suffix};
 
 /// The order service: saves an order and its announcement in one transaction.
 fn place_order(
@@ -45,8 +45,12 @@ fn place_order(
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let client = Client::connect(&broker_url()).await?;
+async fn main() -> std::process::ExitCode {
+    sluice_examples::finish(scenario()).await
+}
+
+async fn scenario() -> anyhow::Result<()> {
+    let client = sluice_examples::connect().await?;
     let suffix = unique_suffix();
     let topic = format!("order-events-{suffix}");
     let relay_name = format!("order-outbox-{suffix}");

@@ -14,13 +14,17 @@
 //! record (alice's orders share a partition), and the `consumed` lines come back per
 //! partition in offset order. It ends with `quickstart done: 6 produced, 6 consumed`.
 
+use sluice_client::CommitMode;
 use sluice_client::producer::Record;
-use sluice_client::{Client, CommitMode};
-use sluice_examples::{broker_url, deadline_in, next_record, text, unique_suffix};
+use sluice_examples::{deadline_in, next_record, text, unique_suffix};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let client = Client::connect(&broker_url()).await?;
+async fn main() -> std::process::ExitCode {
+    sluice_examples::finish(scenario()).await
+}
+
+async fn scenario() -> anyhow::Result<()> {
+    let client = sluice_examples::connect().await?;
     let suffix = unique_suffix();
     let topic = format!("quickstart-orders-{suffix}");
     client.admin().create_topic(&topic, 3, &[]).await?;

@@ -36,7 +36,7 @@ use sluice_client::idempotent::{
 };
 use sluice_client::producer::{Producer, Record};
 use sluice_client::{Client, CommitMode, ConsumerRecord};
-use sluice_examples::{broker_url, deadline_in, text, unique_suffix};
+use sluice_examples::{deadline_in, text, unique_suffix};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -421,8 +421,12 @@ fn next_step(
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let client = Client::connect(&broker_url()).await?;
+async fn main() -> std::process::ExitCode {
+    sluice_examples::finish(scenario()).await
+}
+
+async fn scenario() -> anyhow::Result<()> {
+    let client = sluice_examples::connect().await?;
     let suffix = unique_suffix();
     let topics = Topics {
         inventory: format!("saga-inventory-{suffix}"),

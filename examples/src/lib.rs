@@ -13,21 +13,127 @@
 //! | `saga`                | an orchestrated order saga with compensations                     |
 //! | `event_sourcing`      | an aggregate rebuilt from its events, and a CQRS read model       |
 //!
-//! Each takes the broker from `SLUICE_BROKER` (default `tcp://127.0.0.1:7171`) and exits 0 once
-//! its scenario completed. `tests/examples.rs` runs every one against a broker it starts.
+//! Each takes the broker from `--broker URL` or `SLUICE_BROKER` (default
+//! `tcp://127.0.0.1:7171`) and, for `quic://`, the CA file from `--ca-file PATH` or
+//! `SLUICE_CA_FILE`, as the `sluice` tool does. It exits 0 once its scenario completed, 1 with
+//! one line on stderr when it failed, 2 for a bad argument. `tests/examples.rs` runs every one
+//! against a broker it starts.
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
 use futures::{Stream, StreamExt};
-use sluice_client::ConsumerRecord;
+use sluice_client::{Client, ClientOptions, ConnectionOptions, ConsumerRecord};
 
-/// The broker every example talks to when `SLUICE_BROKER` is not set.
+/// The broker every example talks to when neither `--broker` nor `SLUICE_BROKER` says.
 pub const DEFAULT_BROKER: &str = "tcp://127.0.0.1:7171";
 
-/// The broker URL: `SLUICE_BROKER`, else [`DEFAULT_BROKER`].
-pub fn broker_url() -> String {
-    std::env::var("SLUICE_BROKER").unwrap_or_else(|_| DEFAULT_BROKER.to_owned())
+/// Where the broker is: `--broker URL` (or `--broker=URL`), else `SLUICE_BROKER`, else
+/// [`DEFAULT_BROKER`]; and the CA file to trust for `quic://`: `--ca-file PATH`, else
+/// `SLUICE_CA_FILE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub broker: String,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A bad command line: the example exits 2.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (usage: [--broker URL] [--ca-file PATH])", self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+impl Target {
+    /// From `arguments` (without the program name) and the environment variable `lookup`.
+    ///
+    /// # Errors
+    /// [`Usage`] for an argument it does not know or a flag without its value.
+    pub fn from(
+        arguments: impl IntoIterator<Item = String>,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Target, Usage> {
+        let mut broker = None;
+        let mut ca_file = None;
+        let mut arguments = arguments.into_iter();
+        while let Some(argument) = arguments.next() {
+            let (flag, inline) = match argument.split_once('=') {
+                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
+                None => (argument.clone(), None),
+            };
+            let slot = match flag.as_str() {
+                "--broker" => &mut broker,
+                "--ca-file" => &mut ca_file,
+                _ => return Err(Usage(format!("unknown argument {argument:?}"))),
+            };
+            let value = inline
+                .or_else(|| arguments.next())
+                .filter(|value| !value.is_empty())
+                .ok_or_else(|| Usage(format!("{flag} needs a value")))?;
+            *slot = Some(value);
+        }
+        let non_empty = |name: &str| lookup(name).filter(|value| !value.is_empty());
+        Ok(Target {
+            broker: broker
+                .or_else(|| non_empty("SLUICE_BROKER"))
+                .unwrap_or_else(|| DEFAULT_BROKER.to_owned()),
+            ca_file: ca_file
+                .or_else(|| non_empty("SLUICE_CA_FILE"))
+                .map(PathBuf::from),
+        })
+    }
+
+    /// This process's command line and environment.
+    ///
+    /// # Errors
+    /// As [`Target::from`].
+    pub fn of_this_process() -> Result<Target, Usage> {
+        Target::from(std::env::args().skip(1), |name| std::env::var(name).ok())
+    }
+}
+
+/// A client for the broker this process was pointed at (see [`Target`]).
+///
+/// # Errors
+/// [`Usage`] for a bad command line; the connection error otherwise.
+pub async fn connect() -> anyhow::Result<Client> {
+    let target = Target::of_this_process()?;
+    let mut connection = ConnectionOptions::default();
+    if let Some(ca_file) = &target.ca_file {
+        connection = connection.ca_file(ca_file);
+    }
+    let options = ClientOptions::default().connection(connection);
+    Client::connect_with(&target.broker, options)
+        .await
+        .with_context(|| format!("connecting to {}", target.broker))
+}
+
+/// Runs an example's scenario and turns its outcome into the exit code: 0, or 1 with the
+/// error (and its causes) on one line on stderr, or 2 for a bad command line.
+pub async fn finish(scenario: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    match scenario.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let program = std::env::args()
+                .next()
+                .and_then(|path| {
+                    std::path::Path::new(&path)
+                        .file_name()
+                        .map(|name| name.to_string_lossy().into_owned())
+                })
+                .unwrap_or_else(|| "example".to_owned());
+            eprintln!("{program}: {error:#}");
+            ExitCode::from(if error.is::<Usage>() { 2 } else { 1 })
+        }
+    }
 }
 
 /// A suffix for topic and group names, different for every run, so running an example again
@@ -79,4 +185,57 @@ pub fn header(record: &ConsumerRecord, name: &str) -> Option<String> {
         .iter()
         .find(|(header, _)| header == name)
         .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(arguments: &[&str], environment: &[(&str, &str)]) -> Result<Target, Usage> {
+        let environment: Vec<(String, String)> = environment
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect();
+        Target::from(arguments.iter().map(|a| (*a).to_owned()), |name| {
+            environment
+                .iter()
+                .find(|(variable, _)| variable == name)
+                .map(|(_, value)| value.clone())
+        })
+    }
+
+    #[test]
+    fn flags_come_before_the_environment_and_the_default_last() {
+        assert_eq!(
+            target(&[], &[]).unwrap(),
+            Target {
+                broker: DEFAULT_BROKER.to_owned(),
+                ca_file: None
+            }
+        );
+        let from_environment = target(
+            &[],
+            &[
+                ("SLUICE_BROKER", "quic://h:1"),
+                ("SLUICE_CA_FILE", "/c.pem"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(from_environment.broker, "quic://h:1");
+        assert_eq!(from_environment.ca_file, Some(PathBuf::from("/c.pem")));
+        let from_flags = target(
+            &["--broker", "tcp://f:2", "--ca-file=/f.pem"],
+            &[("SLUICE_BROKER", "quic://h:1")],
+        )
+        .unwrap();
+        assert_eq!(from_flags.broker, "tcp://f:2");
+        assert_eq!(from_flags.ca_file, Some(PathBuf::from("/f.pem")));
+    }
+
+    #[test]
+    fn unknown_arguments_and_missing_values_are_usage_errors() {
+        assert!(target(&["--colour"], &[]).is_err());
+        assert!(target(&["--broker"], &[]).is_err());
+        assert!(target(&["--broker="], &[]).is_err());
+    }
 }

@@ -243,3 +243,67 @@ async fn event_sourcing() {
     )
     .await;
 }
+
+/// An example takes the broker and its CA file from flags, as the `sluice` tool does (here the
+/// quickstart over QUIC, trusting the broker's own certificate), and fails with one line: exit
+/// 1 when the broker cannot be reached, 2 for an argument it does not know.
+#[tokio::test]
+async fn an_example_takes_broker_and_ca_file_flags_and_fails_in_one_line() {
+    let binaries = tokio::task::spawn_blocking(example_binaries).await.unwrap();
+    let quickstart = &binaries["quickstart"];
+    let data_dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::on_loopback(data_dir.path()))
+        .await
+        .expect("broker starts");
+    let quic = broker.quic_addr.expect("QUIC is served");
+    let certificate = sluice_broker::tls::self_signed_certificate_path(data_dir.path());
+    let run = |arguments: Vec<String>| {
+        let quickstart = quickstart.clone();
+        async move {
+            tokio::time::timeout(
+                EXAMPLE_TIMEOUT,
+                tokio::process::Command::new(quickstart)
+                    .args(arguments)
+                    .env_remove("SLUICE_BROKER")
+                    .env_remove("SLUICE_CA_FILE")
+                    .stdin(Stdio::null())
+                    .output(),
+            )
+            .await
+            .expect("the example finishes")
+            .expect("the example runs")
+        }
+    };
+    let over_quic = run(vec![
+        "--broker".into(),
+        format!("quic://localhost:{}", quic.port()),
+        "--ca-file".into(),
+        certificate.display().to_string(),
+    ])
+    .await;
+    assert!(
+        over_quic.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over_quic.stderr)
+    );
+    broker.shutdown().await;
+
+    // Nothing listens on port 1.
+    let unreachable = run(vec!["--broker=tcp://127.0.0.1:1".into()]).await;
+    assert_eq!(unreachable.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("quickstart: connecting to tcp://127.0.0.1:1"),
+        "{stderr}"
+    );
+    let usage = run(vec!["--colour".into()]).await;
+    assert_eq!(usage.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&usage.stderr)
+            .trim_end()
+            .lines()
+            .count(),
+        1
+    );
+}

@@ -116,7 +116,8 @@ pub struct WorkloadArgs {
     /// CA certificate (PEM) to trust for quic:// (not needed with --embedded).
     #[arg(long, env = "SLUICE_CA_FILE", value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
-    /// Transport. With --broker it must match the URL's scheme. Default: the URL's, else tcp.
+    /// Transport. With --broker it must match the URL's scheme; without one, it picks the
+    /// default broker's (quic://127.0.0.1:7171 for quic). Default: the URL's, else tcp.
     #[arg(long, value_enum)]
     pub transport: Option<Transport>,
     /// Producers, each with its own connection and producer id.
@@ -289,10 +290,14 @@ impl Settings {
                 arguments.transport.unwrap_or(Transport::Tcp),
             )
         } else {
+            // Without a URL, the default broker address over the transport asked for.
             let url = arguments
                 .broker
                 .or(broker_from_environment.filter(|url| !url.is_empty()))
-                .unwrap_or_else(|| DEFAULT_BROKER.to_owned());
+                .unwrap_or_else(|| match arguments.transport {
+                    Some(Transport::Quic) => DEFAULT_BROKER.replacen("tcp://", "quic://", 1),
+                    _ => DEFAULT_BROKER.to_owned(),
+                });
             let scheme = if url.starts_with("tcp://") {
                 Transport::Tcp
             } else if url.starts_with("quic://") {
@@ -438,6 +443,10 @@ mod tests {
         let default = settings(&["produce", "--fsync", "always"], None).unwrap();
         assert_eq!(default.broker_label(), DEFAULT_BROKER);
         assert_eq!(default.fsync_label, "always (stated)");
+        // Without a URL, --transport picks the default broker over that transport.
+        let quic = settings(&["produce", "--transport", "quic"], None).unwrap();
+        assert_eq!(quic.broker_label(), "quic://127.0.0.1:7171");
+        assert_eq!(quic.transport, Transport::Quic);
     }
 
     #[test]

@@ -53,7 +53,9 @@ enum Command {
         /// Consume as a member of this group (offsets are committed).
         #[arg(long)]
         group: Option<String>,
-        /// Where to start when no committed offset exists: earliest, latest or an offset.
+        /// Where to start when no committed offset exists: earliest, latest or an offset. An
+        /// offset (without --group only) applies to every partition; a partition whose log ends
+        /// before it, or starts after it, is read from its start.
         #[arg(long, default_value = "earliest", value_parser = parse_from)]
         from: StartFrom,
         /// Exit after N records.
@@ -77,6 +79,10 @@ enum TopicCommand {
         topic: String,
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// A per-topic override of a `[log]` setting, KEY=VALUE (retention_ms, retention_bytes,
+        /// segment_bytes, segment_ms, max_message_bytes, index_interval_bytes); repeatable.
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config)]
+        configs: Vec<(String, String)>,
     },
     /// List topics.
     List,
@@ -117,6 +123,13 @@ enum StartFrom {
 }
 
 /// Parsed with the other flags, so a bad value is a usage error before anything connects.
+fn parse_config(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((key, setting)) if !key.is_empty() => Ok((key.to_owned(), setting.to_owned())),
+        _ => Err(format!("{value:?}: expected KEY=VALUE")),
+    }
+}
+
 fn parse_from(value: &str) -> Result<StartFrom, String> {
     match value {
         "earliest" => Ok(StartFrom::Earliest),
@@ -237,10 +250,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 async fn topic(client: &Client, command: &TopicCommand) -> Result<(), Failure> {
     let admin = client.admin();
-    let mut out = std::io::stdout().lock();
+    let mut out = Vec::new();
     match command {
-        TopicCommand::Create { topic, partitions } => {
-            admin.create_topic(topic, *partitions, &[]).await?;
+        TopicCommand::Create {
+            topic,
+            partitions,
+            configs,
+        } => {
+            let configs: Vec<(&str, &str)> = configs
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str()))
+                .collect();
+            admin.create_topic(topic, *partitions, &configs).await?;
             writeln!(out, "created topic {topic} with {partitions} partition(s)")?;
         }
         TopicCommand::List => {
@@ -277,12 +298,25 @@ async fn topic(client: &Client, command: &TopicCommand) -> Result<(), Failure> {
             writeln!(out, "deleted topic {topic}")?;
         }
     }
-    Ok(())
+    print(&out)
+}
+
+/// Writes a command's whole output to stdout. A reader that went away (`| head -1`) ends the
+/// command as having printed it, as `consume` does.
+fn print(out: &[u8]) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(out).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(error) => Err(Failure::runtime(format!(
+            "writing the output failed: {error}"
+        ))),
+        Ok(()) => Ok(()),
+    }
 }
 
 async fn group(client: &Client, command: &GroupCommand) -> Result<(), Failure> {
     let admin = client.admin();
-    let mut out = std::io::stdout().lock();
+    let mut out = Vec::new();
     match command {
         GroupCommand::List => {
             for group in admin.list_groups().await? {
@@ -341,7 +375,7 @@ async fn group(client: &Client, command: &GroupCommand) -> Result<(), Failure> {
             }
         }
     }
-    Ok(())
+    print(&out)
 }
 
 /// A progress line on stderr, only for a terminal, at most a few times a second.
@@ -659,15 +693,27 @@ async fn produce_with_producer(
         .await
         .map_err(|error| Failure::runtime(error.to_string()))?;
     progress.finish();
-    eprintln!("sent {sent} records, {acknowledged} acknowledged");
+    // With acks=none nothing is acknowledged: a delivery completes when its request is queued,
+    // whatever the broker then does with it.
+    let unacknowledged = matches!(acks, Acks::None);
+    if unacknowledged {
+        eprintln!("sent {sent} records, 0 acknowledged (acks=none)");
+    } else {
+        eprintln!("sent {sent} records, {acknowledged} acknowledged");
+    }
     if let Some(failure) = failure {
         return Err(failure);
     }
     closed?;
     if let Some(error) = first_error {
         return Err(Failure::runtime(format!(
-            "{} of {sent} records not acknowledged: {error}",
-            sent - acknowledged
+            "{} of {sent} records not {}: {error}",
+            sent - acknowledged,
+            if unacknowledged {
+                "sent"
+            } else {
+                "acknowledged"
+            }
         )));
     }
     Ok(())
