@@ -74,6 +74,72 @@ pub enum TlsError {
     Config(String),
 }
 
+/// The key QUIC stateless resets are derived from: 32 random bytes, kept across restarts.
+const RESET_KEY_FILE: &str = "stateless-reset.key";
+const RESET_KEY_BYTES: usize = 32;
+
+/// What a QUIC endpoint must keep across restarts for its old connections' peers to be told
+/// they are gone: the key stateless resets are signed with, and the key connection ids are
+/// hashed with (a packet for a connection id the endpoint did not make is dropped unanswered).
+pub struct QuicEndpointKeys {
+    pub reset: ring::hmac::Key,
+    pub connection_ids: u64,
+}
+
+/// The keys of this broker's QUIC endpoint, derived from `<data_dir>/tls/stateless-reset.key`,
+/// created (durably, owner-only) on first start and the same ever after.
+///
+/// A client whose broker crashed and restarted sends on its old connection; the new process
+/// answers with a stateless reset, which it sends only for a connection id it could have made
+/// and the client honours only if its token comes from the key the old process used. Fresh
+/// keys every start (quinn's default) leave such clients waiting out their idle timeout (30 s)
+/// instead of reconnecting at once.
+///
+/// # Errors
+/// [`TlsError::File`] when the key cannot be read or written.
+pub fn quic_endpoint_keys(data_dir: &Path) -> Result<QuicEndpointKeys, TlsError> {
+    let directory = data_dir.join(DIRECTORY);
+    let path = directory.join(RESET_KEY_FILE);
+    let file_error = |error: io::Error| TlsError::File {
+        what: "stateless reset key",
+        path: path.clone(),
+        message: error.to_string(),
+    };
+    let create = || -> Result<Vec<u8>, TlsError> {
+        let mut fresh = vec![0u8; RESET_KEY_BYTES];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
+            .map_err(|_| file_error(io::Error::other("no random bytes to make it from")))?;
+        let filesystem = RealFs;
+        filesystem.create_dir_all(data_dir).map_err(file_error)?;
+        if !directory.exists() {
+            // Owner only, as the certificate's key.
+            DirBuilder::new()
+                .mode(0o700)
+                .create(&directory)
+                .map_err(file_error)?;
+            filesystem.sync_dir(data_dir).map_err(file_error)?;
+        }
+        prepare_private_file(&path).map_err(file_error)?;
+        write_file_durably(&filesystem, &path, &fresh).map_err(file_error)?;
+        Ok(fresh)
+    };
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == RESET_KEY_BYTES => bytes,
+        // Written durably, so only a damaged file is another length: replaced.
+        Ok(_) => create()?,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => create()?,
+        Err(error) => return Err(file_error(error)),
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes);
+    let tag = ring::hmac::sign(&reset, b"sluice connection ids");
+    let mut connection_ids = [0u8; 8];
+    connection_ids.copy_from_slice(&tag.as_ref()[..8]);
+    Ok(QuicEndpointKeys {
+        reset,
+        connection_ids: u64::from_be_bytes(connection_ids),
+    })
+}
+
 /// Where the broker keeps its self-signed certificate: `<data_dir>/tls/cert.pem`. Clients
 /// trust it with `--ca-file` pointing there.
 pub fn self_signed_certificate_path(data_dir: &Path) -> PathBuf {
@@ -364,6 +430,32 @@ mod tests {
             tls_names: names.iter().map(|name| (*name).to_owned()).collect(),
             ..Listeners::default()
         }
+    }
+
+    #[test]
+    fn quic_endpoint_keys_are_made_once_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let first = quic_endpoint_keys(dir.path()).unwrap();
+        let second = quic_endpoint_keys(dir.path()).unwrap();
+        let sign =
+            |keys: &QuicEndpointKeys| ring::hmac::sign(&keys.reset, b"cid").as_ref().to_vec();
+        assert_eq!(sign(&first), sign(&second));
+        assert_eq!(first.connection_ids, second.connection_ids);
+        let path = dir.path().join(DIRECTORY).join(RESET_KEY_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "owner only");
+        // Another data directory, other keys.
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            sign(&quic_endpoint_keys(other.path()).unwrap()),
+            sign(&first)
+        );
+        // A damaged (short) file is replaced, not used.
+        std::fs::write(&path, b"short").unwrap();
+        let replaced = quic_endpoint_keys(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), RESET_KEY_BYTES);
+        assert_ne!(sign(&replaced), sign(&first));
     }
 
     #[test]

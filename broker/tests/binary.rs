@@ -61,9 +61,23 @@ fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> (Child, String, mpsc::Re
     (child, address, lines)
 }
 
+/// As [`spawn`], with QUIC on `quic` (an address a restart can take again).
+fn spawn_on_quic(data_dir: &std::path::Path, quic: &str) -> Child {
+    let (child, _address, _seen, _lines) = spawn_listening(data_dir, quic, &[]);
+    child
+}
+
 /// As [`spawn`], also returning the lines read up to the start line, that one included.
 fn spawn_logging(
     data_dir: &std::path::Path,
+    extra: &[&str],
+) -> (Child, String, Vec<String>, mpsc::Receiver<String>) {
+    spawn_listening(data_dir, "127.0.0.1:0", extra)
+}
+
+fn spawn_listening(
+    data_dir: &std::path::Path,
+    quic: &str,
     extra: &[&str],
 ) -> (Child, String, Vec<String>, mpsc::Receiver<String>) {
     let mut child = broker()
@@ -73,7 +87,7 @@ fn spawn_logging(
             "--http",
             "127.0.0.1:0",
             "--quic",
-            "127.0.0.1:0",
+            quic,
             "--data-dir",
         ])
         .arg(data_dir)
@@ -327,4 +341,58 @@ fn committed_offsets_survive_kill_9() {
     terminate(&child);
     let status = wait_with_deadline(&mut child, Duration::from_secs(30)).expect("exits");
     assert_eq!(status.code(), Some(0));
+}
+
+/// A QUIC client whose broker was killed and started again is told at once that its
+/// connection is gone (a stateless reset the restarted broker can sign, its key being kept in
+/// the data directory), and reconnects, instead of waiting out the 30 s idle timeout.
+#[test]
+fn a_quic_client_reconnects_at_once_to_a_broker_killed_and_restarted() {
+    use sluice_client::{Client, ClientOptions, ConnectionOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let quic = format!("127.0.0.1:{port}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut child = spawn_on_quic(dir.path(), &quic);
+    let certificate = sluice_broker::tls::self_signed_certificate_path(dir.path());
+    let options = ClientOptions::default().connection(
+        ConnectionOptions::default()
+            .ca_file(certificate)
+            .request_timeout(Duration::from_secs(60)),
+    );
+    let client = runtime
+        .block_on(Client::connect_with(
+            &format!("quic://localhost:{port}"),
+            options,
+        ))
+        .unwrap();
+    runtime.block_on(client.send(ListTopicsRequest {})).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut child = spawn_on_quic(dir.path(), &quic);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answered = runtime.block_on(async {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, client.send(ListTopicsRequest {})).await {
+                Ok(Ok(_)) => return true,
+                // The old connection, reset: the next call reconnects.
+                Ok(Err(_)) if Instant::now() < deadline => continue,
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
+    });
+    terminate(&child);
+    let _ = wait_with_deadline(&mut child, Duration::from_secs(30));
+    assert!(
+        answered,
+        "the client did not get through to the restarted broker within 10 s"
+    );
 }

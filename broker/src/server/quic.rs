@@ -64,10 +64,15 @@ const SHUTTING_DOWN_CODE: u32 = 0;
 pub async fn bind(config: &Config) -> Result<(quinn::Endpoint, SocketAddr), StartError> {
     let listeners = config.listeners.clone();
     let data_dir = config.data_dir.clone();
-    // Reading, generating and fsyncing certificate files blocks.
-    let tls_config = tokio::task::spawn_blocking(move || tls::server_config(&listeners, &data_dir))
-        .await
-        .map_err(|error| TlsError::Generate(format!("the certificate task failed: {error}")))??;
+    // Reading, generating and fsyncing certificate and key files blocks.
+    let (tls_config, keys) = tokio::task::spawn_blocking(move || {
+        Ok::<_, TlsError>((
+            tls::server_config(&listeners, &data_dir)?,
+            tls::quic_endpoint_keys(&data_dir)?,
+        ))
+    })
+    .await
+    .map_err(|error| TlsError::Generate(format!("the certificate task failed: {error}")))??;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls_config)
         .map_err(|error| TlsError::Config(format!("not usable for QUIC: {error}")))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -81,8 +86,17 @@ pub async fn bind(config: &Config) -> Result<(quinn::Endpoint, SocketAddr), Star
     };
     let socket = std::net::UdpSocket::bind(address).map_err(bind_error)?;
     let receive_buffer = raise_receive_buffer(&socket, UDP_RECEIVE_BUFFER_BYTES);
+    // Kept across restarts, so a restarted broker tells its old connections' clients at once
+    // that they are gone (see `tls::quic_endpoint_keys`).
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(keys.reset));
+    let connection_ids = keys.connection_ids;
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(
+            connection_ids,
+        ))
+    });
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(server_config),
         socket,
         Arc::new(quinn::TokioRuntime),
