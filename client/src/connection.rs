@@ -735,6 +735,13 @@ impl Shared {
         let _ = entry.response_sender.send(outcome);
     }
 
+    /// Fails the pending request `correlation_id`, if there is one, with `error`.
+    fn fail(&self, correlation_id: u32, error: Error) {
+        if let Some(entry) = self.lock_state().pending.remove(&correlation_id) {
+            let _ = entry.response_sender.send(Err(error));
+        }
+    }
+
     /// Closes the connection: refuses new requests, fails the pending ones and tells both
     /// tasks to finish. Only the first call does anything.
     fn close(&self) {
@@ -866,8 +873,19 @@ where
             match decoder.decode(&mut buffer) {
                 Ok(Some(frame)) => shared.complete(frame.freeze()),
                 Ok(None) => break,
-                // A bad length prefix leaves no way to find the next frame.
-                Err(error) => return ReadEnd::Undecodable(error),
+                // A bad length prefix leaves no way to find the next frame. The request it
+                // answers (its correlation id follows the prefix) fails with the reason, not
+                // retriable: asked again, it would be answered the same and close the
+                // connection again, failing every other call on it each time.
+                Err(error) => {
+                    if let Some(&[a, b, c, d]) = buffer.get(4..8) {
+                        shared.fail(
+                            u32::from_be_bytes([a, b, c, d]),
+                            Error::Protocol(error.clone()),
+                        );
+                    }
+                    return ReadEnd::Undecodable(error);
+                }
             }
         }
         if buffer.capacity() - buffer.len() < READ_BUFFER_BYTES / 4 {

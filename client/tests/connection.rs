@@ -330,20 +330,47 @@ async fn oversized_response_frame_closes_the_connection() {
     let (_server, connection, mut peer) = connected(options).await;
 
     let server_side = async {
-        let (header, _) = within(peer.read_request()).await.expect("a request");
+        let (first, _) = within(peer.read_request()).await.expect("a request");
+        let (second, _) = within(peer.read_request()).await.expect("a request");
         let mut frame = BytesMut::new();
         frame.put_u32(1025);
-        frame.put_u32(header.correlation_id);
+        frame.put_u32(second.correlation_id);
         peer.write(&frame).await;
-        peer
+        (first, peer)
     };
-    let (response, _peer) =
-        within(async { tokio::join!(connection.send(ApiVersionsRequest {}), server_side) }).await;
+    let (first, second, _server) = within(async {
+        tokio::join!(
+            connection.send(ApiVersionsRequest {}),
+            connection.send(ApiVersionsRequest {}),
+            server_side
+        )
+    })
+    .await;
 
+    // The request the oversized frame answers fails with the reason, which retrying would not
+    // change; the others on the connection with a closed connection, which a retry may mend.
+    let (too_large, closed) = match (&first, &second) {
+        (Err(Error::Protocol(_)), other) | (other, Err(Error::Protocol(_))) => {
+            (true, matches!(other, Err(Error::ConnectionClosed)))
+        }
+        _ => (false, false),
+    };
+    assert!(too_large && closed, "got {first:?} and {second:?}");
+    let reason = [first, second]
+        .into_iter()
+        .find_map(|result| match result {
+            Err(Error::Protocol(reason)) => Some(reason),
+            _ => None,
+        })
+        .unwrap();
     assert!(
-        matches!(response, Err(Error::ConnectionClosed)),
-        "expected ConnectionClosed, got {response:?}"
+        matches!(
+            reason,
+            sluice_client::protocol::WireError::FrameTooLarge { .. }
+        ),
+        "{reason:?}"
     );
+    assert!(!Error::Protocol(reason).is_retriable());
     assert!(connection.is_closed());
 }
 
