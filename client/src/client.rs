@@ -9,6 +9,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,10 @@ struct Inner {
     /// The last connection whose breaking was counted as a failure: the calls in flight on one
     /// connection that breaks all fail together, and count once.
     broken_counted: Mutex<Option<usize>>,
+    /// Connection attempts made so far, and how the last one failed (if it did): a call that
+    /// waited for another's attempt takes its outcome instead of making one more.
+    attempts: std::sync::atomic::AtomicU64,
+    last_failure: Mutex<Option<(String, io::ErrorKind, String)>>,
 }
 
 /// A handle to a Sluice cluster (today: one broker). Cheap to clone.
@@ -112,6 +117,8 @@ impl Client {
                 current: tokio::sync::Mutex::new(None),
                 next_url: Mutex::new(0),
                 broken_counted: Mutex::new(None),
+                attempts: std::sync::atomic::AtomicU64::new(0),
+                last_failure: Mutex::new(None),
             }),
         };
         client.connection().await?;
@@ -141,6 +148,8 @@ impl Client {
     /// # Errors
     /// `CircuitOpen` while the breaker is open; the connection error otherwise.
     pub async fn connection(&self) -> Result<Connection> {
+        use std::sync::atomic::Ordering;
+        let attempts_before = self.inner.attempts.load(Ordering::Acquire);
         let mut current = self.inner.current.lock().await;
         if let Some(connection) = current
             .as_ref()
@@ -160,6 +169,40 @@ impl Client {
             // breaker like any new connection, failing fast while it is open.
             *current = None;
         }
+        // Another call's attempt ended while this one waited for it, and failed: its outcome is
+        // this call's too. Making one more each would take k connect timeouts for the k-th
+        // caller, far past its request timeout, against a broker that is down.
+        if self.inner.attempts.load(Ordering::Acquire) != attempts_before
+            && let Some((address, kind, message)) = self
+                .inner
+                .last_failure
+                .lock()
+                .expect("attempt lock poisoned")
+                .clone()
+        {
+            return Err(Error::Connect {
+                address,
+                source: io::Error::new(kind, message),
+            });
+        }
+        let outcome = self.connect_once(&mut current).await;
+        let failure = match &outcome {
+            Err(Error::Connect { address, source }) => {
+                Some((address.clone(), source.kind(), source.to_string()))
+            }
+            _ => None,
+        };
+        *self
+            .inner
+            .last_failure
+            .lock()
+            .expect("attempt lock poisoned") = failure;
+        self.inner.attempts.fetch_add(1, Ordering::Release);
+        outcome
+    }
+
+    /// One round of connection attempts, under the `current` lock, through the breaker.
+    async fn connect_once(&self, current: &mut Option<Connection>) -> Result<Connection> {
         // Each URL once, starting where the last attempt left off: the first that connects is
         // the connection, else the last error.
         let mut last_error = None;

@@ -150,3 +150,59 @@ async fn a_broker_that_accepts_and_drops_every_connection_opens_the_breaker() {
     holder.close().await;
     broker.shutdown().await;
 }
+
+/// Calls that find the broker gone at once share one reconnection attempt: each waiting for
+/// the one in progress takes its outcome, instead of making one more after it (the k-th caller
+/// would wait k connect timeouts, far past its request timeout). Over QUIC, where an attempt to
+/// a stopped broker lasts the whole connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_reconnection_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let quic = broker.quic_addr.expect("QUIC is served");
+    let options = ClientOptions::default()
+        .connection(
+            ConnectionOptions::default()
+                .ca_file(sluice_broker::tls::self_signed_certificate_path(dir.path()))
+                .connect_timeout(Duration::from_millis(500)),
+        )
+        .breaker(BreakerOptions {
+            failure_threshold: 100,
+            open_for: Duration::from_secs(60),
+        });
+    let client = Client::connect_with(&format!("quic://localhost:{}", quic.port()), options)
+        .await
+        .unwrap();
+    client.send(ListTopicsRequest {}).await.unwrap();
+    broker.shutdown().await;
+    // The old connection is found closed (the broker closed it on shutdown).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.connection().await.is_ok() {
+        assert!(Instant::now() < deadline, "the connection never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let BreakerState::Closed { failures: before } = client.breaker_state() else {
+        panic!("the breaker opened")
+    };
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.send(ListTopicsRequest {}).await })
+        })
+        .collect();
+    for call in calls {
+        let outcome = call.await.unwrap();
+        assert!(matches!(outcome, Err(Error::Connect { .. })), "{outcome:?}");
+    }
+    let BreakerState::Closed { failures: after } = client.breaker_state() else {
+        panic!("the breaker opened")
+    };
+    // One attempt, two if a call came in just after it ended.
+    assert!(
+        after - before <= 2,
+        "{} attempts for 5 calls",
+        after - before
+    );
+}
