@@ -790,12 +790,12 @@ impl Limits {
             self.group_max_session_timeout_ms,
             MAX_TIMEOUT_MS,
         )?;
-        if self.fetch_read_ahead_ms > MAX_TIMEOUT_MS {
-            return Err(ConfigError::invalid(
-                "limits.fetch_read_ahead_ms",
-                format!("must be at most {MAX_TIMEOUT_MS}"),
-            ));
-        }
+        // 0 is allowed: nothing is read ahead.
+        at_most(
+            "limits.fetch_read_ahead_ms",
+            self.fetch_read_ahead_ms,
+            MAX_TIMEOUT_MS,
+        )?;
         if self.group_min_session_timeout_ms > self.group_max_session_timeout_ms {
             return Err(ConfigError::invalid(
                 "limits.group_min_session_timeout_ms",
@@ -836,6 +836,10 @@ const MAX_PRODUCER_EXPIRY_MS: u64 = 365 * DAY_MS;
 
 fn in_range(option: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     at_least_one(option, value)?;
+    at_most(option, value, max)
+}
+
+fn at_most(option: &str, value: u64, max: u64) -> Result<(), ConfigError> {
     if value > max {
         return Err(ConfigError::invalid(
             option,

@@ -109,18 +109,9 @@ pub fn quic_endpoint_keys(data_dir: &Path) -> Result<QuicEndpointKeys, TlsError>
         let mut fresh = vec![0u8; RESET_KEY_BYTES];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
             .map_err(|_| file_error(io::Error::other("no random bytes to make it from")))?;
-        let filesystem = RealFs;
-        filesystem.create_dir_all(data_dir).map_err(file_error)?;
-        if !directory.exists() {
-            // Owner only, as the certificate's key.
-            DirBuilder::new()
-                .mode(0o700)
-                .create(&directory)
-                .map_err(file_error)?;
-            filesystem.sync_dir(data_dir).map_err(file_error)?;
-        }
+        create_private_directory(data_dir, &directory)?;
         prepare_private_file(&path).map_err(file_error)?;
-        write_file_durably(&filesystem, &path, &fresh).map_err(file_error)?;
+        write_file_durably(&RealFs, &path, &fresh).map_err(file_error)?;
         Ok(fresh)
     };
     let bytes = match std::fs::read(&path) {
@@ -379,19 +370,7 @@ fn write_self_signed(
         message: error.to_string(),
     };
     let filesystem = RealFs;
-    filesystem
-        .create_dir_all(data_dir)
-        .map_err(|error| file_error("data directory", data_dir, error))?;
-    if !directory.exists() {
-        // Owner only: it holds a private key.
-        DirBuilder::new()
-            .mode(0o700)
-            .create(directory)
-            .map_err(|error| file_error("certificate directory", directory, error))?;
-        filesystem
-            .sync_dir(data_dir)
-            .map_err(|error| file_error("data directory", data_dir, error))?;
-    }
+    create_private_directory(data_dir, directory)?;
     prepare_private_file(key_path)
         .map_err(|error| file_error("self-signed key", key_path, error))?;
     write_file_durably(&filesystem, key_path, generated.key_pem.as_bytes())
@@ -402,6 +381,30 @@ fn write_self_signed(
         generated.certificate_pem.as_bytes(),
     )
     .map_err(|error| file_error("self-signed certificate", certificate_path, error))?;
+    Ok(())
+}
+
+/// Creates `directory` (the data directory's `tls/`) if it is missing, readable by the owner
+/// only since it holds private keys, and durably: the data directory is fsynced after.
+fn create_private_directory(data_dir: &Path, directory: &Path) -> Result<(), TlsError> {
+    let file_error = |what: &'static str, path: &Path, error: io::Error| TlsError::File {
+        what,
+        path: path.to_owned(),
+        message: error.to_string(),
+    };
+    let filesystem = RealFs;
+    filesystem
+        .create_dir_all(data_dir)
+        .map_err(|error| file_error("data directory", data_dir, error))?;
+    if !directory.exists() {
+        DirBuilder::new()
+            .mode(0o700)
+            .create(directory)
+            .map_err(|error| file_error("certificate directory", directory, error))?;
+        filesystem
+            .sync_dir(data_dir)
+            .map_err(|error| file_error("data directory", data_dir, error))?;
+    }
     Ok(())
 }
 

@@ -351,20 +351,7 @@ async fn batches_continue_where_the_stream_stopped_and_are_committed() {
         .collect();
     assert_eq!(seen, expected, "no record skipped or repeated");
     consumer.close().await.unwrap();
-    let Response::FetchOffsets(offsets) = client
-        .send(FetchOffsetsRequest {
-            group_id: "gb".into(),
-            topics: Some(vec![TopicPartitions {
-                topic: "b".into(),
-                partitions: vec![0],
-            }]),
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert_eq!(offsets.topics[0].partitions[0].committed_offset, 100);
+    assert_eq!(committed_offset(&client, "gb", "b", 0).await, 100);
     broker.shutdown().await;
 }
 
