@@ -67,7 +67,11 @@ fn crc(c: &mut Criterion) {
         let batch = sample_batch(RECORDS, value_bytes);
         let bytes = batch.as_bytes().clone();
         group.throughput(Throughput::Bytes(bytes.len() as u64));
+        // What batches are checksummed with, beside the crc32c crate it replaced.
         group.bench_function(label, |b| {
+            b.iter(|| black_box(sluice_protocol::checksum::crc32c(black_box(&bytes))))
+        });
+        group.bench_function(format!("{label}/crc32c-crate"), |b| {
             b.iter(|| black_box(crc32c::crc32c(black_box(&bytes))))
         });
     }

@@ -562,7 +562,7 @@ async fn a_batch_claiming_log_append_time_is_refused() {
     create(&connection, "t", 1).await;
     let mut claimed = batch(&["x"]).to_vec();
     claimed[22] |= sluice_protocol::batch::ATTRIBUTE_LOG_APPEND_TIME as u8;
-    let crc = crc32c::crc32c(&claimed[21..]);
+    let crc = sluice_protocol::checksum::crc32c(&claimed[21..]);
     claimed[17..21].copy_from_slice(&crc.to_be_bytes());
     let response = connection
         .send(ProduceRequest {

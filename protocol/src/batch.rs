@@ -180,7 +180,7 @@ impl<'a> RecordBatchRef<'a> {
 
     /// The CRC the bytes actually have.
     pub fn computed_crc(&self) -> u32 {
-        crc32c::crc32c(&self.buf[CRC_START..])
+        crate::checksum::crc32c(&self.buf[CRC_START..])
     }
 
     pub fn attributes(&self) -> u16 {
@@ -990,7 +990,7 @@ impl RecordBatchBuilder {
             .copy_from_slice(&self.base_sequence.to_be_bytes());
         header[RECORD_COUNT_AT..RECORD_COUNT_AT + 4]
             .copy_from_slice(&self.record_count.to_be_bytes());
-        let crc = crc32c::crc32c(&self.buf[CRC_START..]);
+        let crc = crate::checksum::crc32c(&self.buf[CRC_START..]);
         self.buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
         RecordBatch {
             bytes: self.buf.freeze(),

@@ -59,12 +59,6 @@ fn assert_decodes_to(batch: &RecordBatch, records: &[OwnedRecord]) {
 }
 
 #[test]
-fn crc32c_check_value() {
-    // The standard CRC-32C (Castagnoli) check value: pins the algorithm, not just the crate.
-    assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
-}
-
-#[test]
 fn exact_bytes_of_a_small_batch() {
     let batch = build(&[(1000, Some(b"k".to_vec()), b"v".to_vec(), vec![])]);
     let bytes = batch.as_bytes();

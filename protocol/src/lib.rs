@@ -16,6 +16,7 @@
 //! - [`frame`]: the length prefix, request and response headers, [`FrameDecoder`].
 //! - [`batch`]: the record batch: builder, zero-copy views, CRC32C, in-place stamping,
 //!   `validate()`.
+//! - [`checksum`]: CRC-32C, of batches and of the broker's own files.
 //! - [`messages`]: one module per api, the [`Request`]/[`Response`] enums and their dispatch.
 //! - [`error`]: the wire [`ErrorCode`]s and the decoding error [`WireError`].
 //! - [`wire`]: primitive encodings (integers, strings, arrays, varints).
@@ -28,6 +29,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod batch;
+pub mod checksum;
 #[cfg(feature = "codec")]
 pub mod codec;
 pub mod error;

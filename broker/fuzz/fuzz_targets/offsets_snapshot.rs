@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= 4 {
         let mut fixed = data.to_vec();
         let body = fixed.len() - 4;
-        let crc = crc32c::crc32c(&fixed[..body]);
+        let crc = sluice_protocol::checksum::crc32c(&fixed[..body]);
         fixed[body..].copy_from_slice(&crc.to_be_bytes());
         check(&fixed);
     }

@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     fs.create_dir_all(dir).unwrap();
     if mode & 2 != 0 {
         let mut bytes = recovery_point.to_be_bytes().to_vec();
-        bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_be_bytes());
+        bytes.extend_from_slice(&sluice_protocol::checksum::crc32c(&bytes).to_be_bytes());
         write(&fs, &dir.join("recovery-point"), &bytes);
     } else if mode & 8 != 0 {
         write(
@@ -86,7 +86,7 @@ fn fix_crcs(log: &mut [u8]) {
         if size < HEADER_BYTES as u64 || end > log.len() {
             break;
         }
-        let crc = crc32c::crc32c(&log[at + 21..end]);
+        let crc = sluice_protocol::checksum::crc32c(&log[at + 21..end]);
         log[at + 17..at + 21].copy_from_slice(&crc.to_be_bytes());
         at = end;
     }

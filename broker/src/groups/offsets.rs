@@ -468,14 +468,14 @@ pub(crate) fn encode_snapshot(committed: &HashMap<OffsetKey, Committed>, covered
         out.put_u64(entry.log_position);
         put_metadata(&mut out, entry.metadata.as_deref());
     }
-    let crc = crc32c::crc32c(&out);
+    let crc = sluice_protocol::checksum::crc32c(&out);
     out.put_u32(crc);
     out.to_vec()
 }
 
 pub(crate) fn decode_snapshot(bytes: &[u8]) -> Option<(HashMap<OffsetKey, Committed>, u64)> {
     let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
-    if crc32c::crc32c(body).to_be_bytes() != crc {
+    if sluice_protocol::checksum::crc32c(body).to_be_bytes() != crc {
         return None;
     }
     let mut src = body;

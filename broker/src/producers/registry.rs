@@ -94,13 +94,13 @@ fn storage_error(context: String) -> impl FnOnce(std::io::Error) -> ProducerIdEr
 
 fn encode_id_block(reserved_end: u64) -> Vec<u8> {
     let mut out = reserved_end.to_be_bytes().to_vec();
-    out.extend_from_slice(&crc32c::crc32c(&out).to_be_bytes());
+    out.extend_from_slice(&sluice_protocol::checksum::crc32c(&out).to_be_bytes());
     out
 }
 
 fn decode_id_block(bytes: &[u8]) -> Option<u64> {
     let (value, crc) = (bytes.get(..8)?, bytes.get(8..12)?);
-    if bytes.len() != 12 || crc32c::crc32c(value).to_be_bytes() != crc {
+    if bytes.len() != 12 || sluice_protocol::checksum::crc32c(value).to_be_bytes() != crc {
         return None;
     }
     Some(u64::from_be_bytes(value.try_into().ok()?))
@@ -117,13 +117,13 @@ fn encode_names(names: &BTreeMap<String, NamedProducer>) -> Vec<u8> {
         out.extend_from_slice(&named.producer_id.to_be_bytes());
         out.extend_from_slice(&named.producer_epoch.to_be_bytes());
     }
-    out.extend_from_slice(&crc32c::crc32c(&out).to_be_bytes());
+    out.extend_from_slice(&sluice_protocol::checksum::crc32c(&out).to_be_bytes());
     out
 }
 
 fn decode_names(bytes: &[u8]) -> Option<BTreeMap<String, NamedProducer>> {
     let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
-    if crc32c::crc32c(body).to_be_bytes() != crc {
+    if sluice_protocol::checksum::crc32c(body).to_be_bytes() != crc {
         return None;
     }
     let (&version, rest) = body.split_first()?;

@@ -508,7 +508,7 @@ impl ProducerStateTable {
                 out.extend_from_slice(&batch.max_timestamp_ms.to_be_bytes());
             }
         }
-        let crc = crc32c::crc32c(&out);
+        let crc = sluice_protocol::checksum::crc32c(&out);
         out.extend_from_slice(&crc.to_be_bytes());
         out
     }
@@ -551,7 +551,7 @@ impl<'a> Cursor<'a> {
 /// recovery falls back to an older snapshot or to the log alone.
 pub fn decode_snapshot(bytes: &[u8]) -> Option<Snapshot> {
     let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(SNAPSHOT_CRC_BYTES)?)?;
-    if crc32c::crc32c(body).to_be_bytes() != crc {
+    if sluice_protocol::checksum::crc32c(body).to_be_bytes() != crc {
         return None;
     }
     let mut cursor = Cursor { rest: body };

@@ -25,7 +25,7 @@ const CHECKSUM_BYTES: usize = 4;
 
 /// `entries`, then their CRC-32C.
 fn with_checksum(mut entries: Vec<u8>) -> Vec<u8> {
-    let crc = crc32c::crc32c(&entries);
+    let crc = sluice_protocol::checksum::crc32c(&entries);
     entries.extend_from_slice(&crc.to_be_bytes());
     entries
 }
@@ -33,7 +33,7 @@ fn with_checksum(mut entries: Vec<u8>) -> Vec<u8> {
 /// The entries of an index file, if its checksum matches them.
 fn checked_entries(file: &[u8]) -> Option<&[u8]> {
     let (entries, crc) = file.split_at(file.len().checked_sub(CHECKSUM_BYTES)?);
-    (crc32c::crc32c(entries).to_be_bytes()[..] == *crc).then_some(entries)
+    (sluice_protocol::checksum::crc32c(entries).to_be_bytes()[..] == *crc).then_some(entries)
 }
 
 /// Where a batch starts, relative to its segment.

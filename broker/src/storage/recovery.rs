@@ -48,13 +48,13 @@ pub(crate) struct Recovered {
 
 pub(crate) fn encode_recovery_point(offset: u64) -> Vec<u8> {
     let mut out = offset.to_be_bytes().to_vec();
-    out.extend_from_slice(&crc32c::crc32c(&out).to_be_bytes());
+    out.extend_from_slice(&sluice_protocol::checksum::crc32c(&out).to_be_bytes());
     out
 }
 
 fn decode_recovery_point(bytes: &[u8]) -> Option<u64> {
     let (offset, crc) = (bytes.get(..8)?, bytes.get(8..12)?);
-    if bytes.len() != 12 || crc32c::crc32c(offset).to_be_bytes() != crc {
+    if bytes.len() != 12 || sluice_protocol::checksum::crc32c(offset).to_be_bytes() != crc {
         return None;
     }
     Some(u64::from_be_bytes(offset.try_into().ok()?))

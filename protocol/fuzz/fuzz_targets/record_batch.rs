@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         if size < HEADER_BYTES as u64 || end > fixed.len() {
             break;
         }
-        let crc = crc32c::crc32c(&fixed[at + 21..end]);
+        let crc = sluice_protocol::checksum::crc32c(&fixed[at + 21..end]);
         fixed[at + 17..at + 21].copy_from_slice(&crc.to_be_bytes());
         at = end;
     }
