@@ -255,6 +255,73 @@ fn retention_by_bytes_and_by_age_deletes_whole_closed_segments() {
 }
 
 #[test]
+fn a_retention_ms_past_i64_max_keeps_everything() {
+    // As a topic override, `retention_ms` is any u64: someone meaning "for ever" may write
+    // u64::MAX, which must never read as a negative limit that expires every segment.
+    for limit in [u64::MAX, 1 << 63] {
+        let root = tempfile::tempdir().unwrap();
+        let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+        let limit = limit.to_string();
+        let config = small_segments()
+            .with_overrides([("retention_ms", limit.as_str())])
+            .unwrap();
+        let log = storage
+            .open_log(&partition_dir(root.path()), config)
+            .unwrap();
+        for round in 0..40u64 {
+            log.append(batch(round, 1, 500, 1_000 + round as i64))
+                .unwrap();
+        }
+        let segments = log.segment_count();
+        assert!(segments > 2);
+        assert_eq!(
+            log.enforce_retention(10_000_000).unwrap(),
+            0,
+            "limit {limit}"
+        );
+        assert_eq!(log.segment_count(), segments);
+        assert_eq!(log.earliest_offset(), 0);
+        storage.shutdown();
+    }
+}
+
+#[test]
+fn retention_of_a_closed_log_leaves_a_new_log_in_its_directory_alone() {
+    // A topic deleted while the retention pass still holds its log, then created again under
+    // the same name: the pass must not delete the new log's files by their (equal) paths.
+    let root = tempfile::tempdir().unwrap();
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let dir = partition_dir(root.path());
+    let config = LogConfig {
+        retention_bytes: Some(0),
+        ..small_segments()
+    };
+    let old = storage.open_log(&dir, config.clone()).unwrap();
+    for round in 0..40u64 {
+        old.append(batch(round, 1, 500, 1_000 + round as i64))
+            .unwrap();
+    }
+    assert!(old.segment_count() > 2);
+    old.close().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let new = storage.open_log(&dir, config).unwrap();
+    for round in 0..40u64 {
+        new.append(batch(1_000 + round, 1, 500, 1_000 + round as i64))
+            .unwrap();
+    }
+    let segments = new.segment_base_offsets();
+    assert!(segments.len() > 2);
+    assert_eq!(old.enforce_retention(10_000_000).unwrap(), 0);
+    for base in segments {
+        let file = dir.join(format!("{base:020}.log"));
+        assert!(file.exists(), "{} was deleted", file.display());
+    }
+    assert_eq!(read_all(&new, 0, 4096).len(), 40);
+    storage.shutdown();
+}
+
+#[test]
 fn segments_roll_by_age() {
     let root = tempfile::tempdir().unwrap();
     let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
@@ -270,6 +337,114 @@ fn segments_roll_by_age() {
     assert_eq!(log.segment_count(), 1);
     log.append_at(batch(2, 1, 10, 3), 11_000).unwrap();
     assert_eq!(log.segment_base_offsets(), [0, 2]);
+    storage.shutdown();
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn a_restart_does_not_start_the_active_segments_age_again() {
+    // The active segment's age counts from its first batch, across restarts: a partition
+    // restarted more often than segment_ms must still roll (and retention delete its past).
+    let root = tempfile::tempdir().unwrap();
+    let dir = partition_dir(root.path());
+    let config = LogConfig {
+        segment_ms: 30_000,
+        ..LogConfig::default()
+    };
+    let long_ago = wall_clock_ms() - 60_000;
+    let storage = self::storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, config.clone()).unwrap();
+    log.append_at(batch(0, 1, 10, long_ago as i64), long_ago)
+        .unwrap();
+    log.close().unwrap();
+    storage.shutdown();
+
+    let storage = self::storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, config.clone()).unwrap();
+    log.append(batch(1, 1, 10, wall_clock_ms() as i64)).unwrap();
+    assert_eq!(log.segment_base_offsets(), [0, 1], "the old segment rolled");
+    log.close().unwrap();
+    storage.shutdown();
+
+    // A first batch stamped in the future counts from the restart, not from its stamp.
+    let root = tempfile::tempdir().unwrap();
+    let dir = partition_dir(root.path());
+    let storage = self::storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, config.clone()).unwrap();
+    let future = wall_clock_ms() + 3_600_000;
+    log.append(batch(0, 1, 10, future as i64)).unwrap();
+    log.close().unwrap();
+    storage.shutdown();
+    let storage = self::storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, config).unwrap();
+    let opened = wall_clock_ms();
+    log.append_at(batch(1, 1, 10, opened as i64), opened + 29_000)
+        .unwrap();
+    assert_eq!(log.segment_count(), 1);
+    log.append_at(batch(2, 1, 10, opened as i64), opened + 31_000)
+        .unwrap();
+    assert_eq!(log.segment_base_offsets(), [0, 2]);
+    storage.shutdown();
+}
+
+/// Descriptors of this process open on files under `dir`: (all, those of deleted files).
+fn open_descriptors_under(dir: &Path) -> (usize, usize) {
+    let (mut open, mut deleted) = (0, 0);
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if target.starts_with(&*dir.to_string_lossy()) {
+            open += 1;
+            if target.ends_with(" (deleted)") {
+                deleted += 1;
+            }
+        }
+    }
+    (open, deleted)
+}
+
+#[test]
+fn with_fsync_never_rolled_segments_are_closed_and_deleted_ones_let_go() {
+    // fsync=never syncs nothing for weak acks, but a rolled segment's file must not stay open
+    // for ever: one descriptor per roll would run out, and the space of segments retention
+    // deletes would never come back.
+    let root = tempfile::tempdir().unwrap();
+    let dir = partition_dir(root.path());
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let config = LogConfig {
+        retention_bytes: Some(8_192),
+        ..small_segments()
+    };
+    let log = storage.open_log(&dir, config).unwrap();
+    for round in 0..400u64 {
+        log.append(batch(round, 1, 500, 1_000 + round as i64))
+            .unwrap();
+    }
+    assert!(log.segment_count() > 40);
+    log.enforce_retention(0).unwrap();
+    assert!(log.segment_count() < 6);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (open, deleted) = open_descriptors_under(&dir);
+        // The active segment, plus what the read cache (4) and the flusher may hold.
+        if open <= 6 && deleted == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} descriptors open under {}, {deleted} of deleted files",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     storage.shutdown();
 }
 

@@ -98,6 +98,13 @@ pub fn batch_size(buf: &[u8]) -> Option<u64> {
     Some(u64::from(read_u32(buf, BATCH_LENGTH_AT)) + LOG_OVERHEAD_BYTES as u64)
 }
 
+/// Reads the `base_timestamp` of the batch at the front of `buf` from its header alone, or
+/// `None` when fewer than [`HEADER_BYTES`] are there. Nothing else of the batch is checked.
+pub fn batch_base_timestamp(buf: &[u8]) -> Option<i64> {
+    let bytes = buf.get(BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8)?;
+    (buf.len() >= HEADER_BYTES).then(|| i64::from_be_bytes(bytes.try_into().expect("8 bytes")))
+}
+
 /// Writes `base_offset` into the header of the batch at the front of `buf`. The CRC stays valid.
 pub fn stamp_base_offset(buf: &mut [u8], base_offset: u64) -> Result<(), WireError> {
     check_header_present(buf)?;

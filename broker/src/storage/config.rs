@@ -16,8 +16,8 @@ pub enum FsyncPolicy {
     /// data acknowledged with `acks=leader` (never data acknowledged with `acks=durable`).
     Interval(Duration),
     /// Leave weak-ack data to the operating system's writeback; fsync only for `acks=durable`,
-    /// at checkpoints and at shutdown. A power loss can lose any weak-ack data not yet written
-    /// back.
+    /// when a segment rolls (once per segment, which closes its file) and at shutdown. A power
+    /// loss can lose any weak-ack data not yet written back.
     Never,
 }
 

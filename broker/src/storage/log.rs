@@ -22,8 +22,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use sluice_protocol::RecordBatch;
 use sluice_protocol::batch::{
-    HEADER_BYTES, LOG_OVERHEAD_BYTES, MAGIC, NO_PRODUCER_ID, RecordBatchRef, batch_size,
-    split_batches, stamp_base_offset, stamp_leader_epoch,
+    HEADER_BYTES, LOG_OVERHEAD_BYTES, MAGIC, NO_PRODUCER_ID, RecordBatchRef, batch_base_timestamp,
+    batch_size, split_batches, stamp_base_offset, stamp_leader_epoch,
 };
 use tokio::sync::oneshot;
 
@@ -175,9 +175,12 @@ pub struct PartitionLog {
     is_poisoned: AtomicBool,
     /// Weak-ack data waits for the interval flush.
     dirty: AtomicBool,
+    /// A roll left a file for the next sync to close (`fsync=never` asks for one then).
+    rolled_unsynced: AtomicBool,
     fsyncs: AtomicU64,
     last_checkpoint: Mutex<Option<u64>>,
-    /// Serialises writes of producer snapshots (the flusher's and close's).
+    /// Serialises writes of producer snapshots (the flusher's and close's) and deletions of
+    /// segment files: `close` takes it last, so no write or deletion runs after it returns.
     snapshot_lock: Mutex<()>,
     /// Serialises writing closed segments' index files: `close` and the flusher may both
     /// write one, and two writers of the same temporary file would truncate each other's.
@@ -193,6 +196,26 @@ fn now_ms() -> u64 {
         .map_or(0, |elapsed| {
             u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
         })
+}
+
+/// When a recovered active segment started, for `segment_ms`: its first batch's timestamp,
+/// no later than now (a clock or producer far ahead must not hold the roll off), or `None`
+/// for an empty segment. Without it, every restart would start the segment's age again, and
+/// a partition restarted more often than `segment_ms` would never roll, nor retention
+/// delete anything of it.
+fn active_since(active: &Segment, file: &FileHandle, now_ms: u64) -> Option<u64> {
+    if active.size_bytes() < HEADER_BYTES as u64 {
+        return None;
+    }
+    let mut header = [0u8; HEADER_BYTES];
+    let timestamp = match file.read_at(&mut header, 0) {
+        Ok(HEADER_BYTES) => batch_base_timestamp(&header),
+        // Unreadable now: the append path reports it; count the age from now.
+        _ => None,
+    };
+    Some(timestamp.map_or(now_ms, |timestamp| {
+        u64::try_from(timestamp).unwrap_or(0).min(now_ms)
+    }))
 }
 
 impl PartitionLog {
@@ -220,13 +243,14 @@ impl PartitionLog {
             .active_file()
             .expect("recovery leaves the last segment active");
         let poisoned = recovered.corruption.clone();
+        let active_since_ms = active_since(&active, &active_file, now_ms());
         let log = Arc::new(PartitionLog {
             dir: dir.to_path_buf(),
             config,
             writer: Mutex::new(Writer {
                 active,
                 active_file,
-                active_since_ms: None,
+                active_since_ms,
                 next_offset,
                 unsynced_files: Vec::new(),
                 directory_dirty: false,
@@ -243,6 +267,7 @@ impl PartitionLog {
             is_poisoned: AtomicBool::new(poisoned.is_some()),
             poisoned: Mutex::new(poisoned),
             dirty: AtomicBool::new(false),
+            rolled_unsynced: AtomicBool::new(false),
             fsyncs: AtomicU64::new(recovered.fsyncs),
             last_checkpoint: Mutex::new(None),
             snapshot_lock: Mutex::new(()),
@@ -543,7 +568,13 @@ impl PartitionLog {
                     self.shared.flusher.mark_dirty(Arc::clone(self));
                 }
             }
-            FsyncPolicy::Never => {}
+            // A rolled segment's file stays open until a sync closes it: one each roll, so
+            // descriptors (and the disk space of segments retention deletes) stay bounded.
+            FsyncPolicy::Never => {
+                if self.rolled_unsynced.swap(false, Ordering::AcqRel) {
+                    self.request_sync(None);
+                }
+            }
         }
     }
 
@@ -575,6 +606,7 @@ impl PartitionLog {
         }
         if let Some(old_file) = old.deactivate() {
             writer.unsynced_files.push(old_file);
+            self.rolled_unsynced.store(true, Ordering::Release);
         }
         let segment = Arc::new(Segment::active(
             &self.dir,
@@ -1313,9 +1345,12 @@ impl PartitionLog {
                 .retention_bytes
                 .is_some_and(|limit| total_bytes > limit);
             let expired = self.config.retention_ms.is_some_and(|limit| {
-                segment
-                    .max_timestamp()
-                    .is_some_and(|newest| (now_ms as i64).saturating_sub(newest) > limit as i64)
+                // A limit past i64::MAX milliseconds is never reached (as `limit as i64`, it
+                // was negative and expired everything).
+                segment.max_timestamp().is_some_and(|newest| {
+                    i64::try_from(limit)
+                        .is_ok_and(|limit| (now_ms as i64).saturating_sub(newest) > limit)
+                })
             });
             over_size || expired
         })?;
@@ -1341,6 +1376,13 @@ impl PartitionLog {
     /// Deletes closed segments from the oldest on while `doomed(segment, total bytes of the
     /// segments still kept)` holds. The active segment is never deleted.
     fn delete_leading_segments(&self, doomed: impl Fn(&Segment, u64) -> bool) -> Result<usize> {
+        // Held until the files are gone, so that `close` returns only after them; a log
+        // already closing deletes nothing, since its directory may hold a topic created again
+        // under the same name by the time the paths are removed.
+        let serialised = self.snapshot_lock.lock().expect("snapshot lock poisoned");
+        if self.closing.load(Ordering::Acquire) {
+            return Ok(0);
+        }
         let doomed: Vec<Arc<Segment>> = {
             let mut segments = self.segments.write().expect("segments lock poisoned");
             let mut total: u64 = segments.iter().map(|segment| segment.size_bytes()).sum();
@@ -1385,6 +1427,7 @@ impl PartitionLog {
             fs.sync_dir(&self.dir)
                 .map_err(|error| StorageError::io(format!("sync {}", self.dir.display()), error))?;
         }
+        drop(serialised);
         Ok(doomed.len())
     }
 }
