@@ -374,7 +374,7 @@ async fn produce_values(client: &Client, topic: &str, values: &[String]) {
 
 /// `sluice consume` shows records as they arrive (it does not hold them until its output
 /// buffer fills or it exits), and a reader that goes away (`| head -1`) ends it as `--count`
-/// would: the group commits what was consumed, leaves, and the command exits 0.
+/// would: the group commits what the reader took, leaves, and the command exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_shows_records_as_they_come_and_ends_cleanly_when_its_reader_goes() {
     use std::io::{BufRead, BufReader};
@@ -422,11 +422,17 @@ async fn consume_shows_records_as_they_come_and_ends_cleanly_when_its_reader_goe
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("consumed"), "{stderr}");
+    // What the reader took is committed; what was still buffered when it went is not.
+    assert_eq!(committed_offset(&client, "g", "t").await, 1);
+    broker.shutdown().await;
+}
+
+async fn committed_offset(client: &Client, group: &str, topic: &str) -> i64 {
     let Response::FetchOffsets(offsets) = client
         .send(FetchOffsetsRequest {
-            group_id: "g".into(),
+            group_id: group.into(),
             topics: Some(vec![TopicPartitions {
-                topic: "t".into(),
+                topic: topic.into(),
                 partitions: vec![0],
             }]),
         })
@@ -435,11 +441,78 @@ async fn consume_shows_records_as_they_come_and_ends_cleanly_when_its_reader_goe
     else {
         panic!()
     };
+    offsets.topics[0].partitions[0].committed_offset
+}
+
+/// A group consume whose output fails (here a full disk) must not commit the records it
+/// could not print: they are delivered again to the next run, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_consume_whose_output_fails_commits_nothing_it_did_not_print() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    let values: Vec<String> = (0..10).map(|index| format!("v{index}")).collect();
+    produce_values(&client, "t", &values).await;
+    let url = format!("tcp://{}", broker.tcp_addr);
+    let full = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env_remove("SLUICE_CA_FILE")
+            .env("SLUICE_BROKER", url)
+            .args(["consume", "t", "--group", "g", "--count", "10"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = text(&full.stderr);
+    assert_eq!(full.status.code(), Some(1), "{stderr}");
     assert!(
-        offsets.topics[0].partitions[0].committed_offset >= 1,
-        "what was consumed is committed: {offsets:?}"
+        stderr.starts_with("sluice: writing the records failed"),
+        "{stderr}"
     );
+    assert_eq!(
+        committed_offset(&client, "g", "t").await,
+        -1,
+        "nothing committed"
+    );
+    // The next run prints all ten and commits them.
+    let again = sluice(
+        &broker,
+        &[
+            "consume", "t", "--group", "g", "--count", "10", "--format", "value",
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout), values.join("\n") + "\n");
+    assert_eq!(committed_offset(&client, "g", "t").await, 10);
     broker.shutdown().await;
+}
+
+/// A closed stderr (`2>&1 | head -1`, or a closed descriptor) is no reason to crash: the
+/// exit code still says what happened.
+#[test]
+fn a_closed_stderr_does_not_turn_an_error_into_a_crash() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env_remove("SLUICE_CA_FILE")
+        .args(["--broker", "tcp://127.0.0.1:1", "topic", "list"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

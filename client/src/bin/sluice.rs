@@ -1,9 +1,11 @@
 //! `sluice`: the command line for topics, producing, consuming and groups (DESIGN.md,
 //! "Command line"). Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -174,14 +176,17 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("sluice: cannot start the runtime: {error}");
+            report(format_args!("sluice: cannot start the runtime: {error}"));
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message, code)) => {
-            eprintln!("sluice: {}", message.lines().next().unwrap_or("failed"));
+            report(format_args!(
+                "sluice: {}",
+                message.lines().next().unwrap_or("failed")
+            ));
             ExitCode::from(code)
         }
     }
@@ -395,13 +400,13 @@ impl Progress {
     fn update(&mut self, what: &str, count: u64) {
         if self.enabled && self.last.elapsed() >= Duration::from_millis(250) {
             self.last = Instant::now();
-            eprint!("\r{what} {count} records");
+            let _ = write!(std::io::stderr(), "\r{what} {count} records");
         }
     }
 
     fn finish(&self) {
         if self.enabled {
-            eprint!("\r\x1b[K");
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
         }
     }
 }
@@ -446,13 +451,14 @@ async fn consume(
             consumer
         }
     };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = Printed::new();
     let mut consumed = 0u64;
+    let mut failure = None;
     let mut progress = Progress::new();
     let idle = timeout_ms.map(Duration::from_millis);
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
-    let outcome: Result<(), Failure> = loop {
+    let outcome: std::io::Result<()> = loop {
         if count.is_some_and(|count| consumed >= count) {
             break Ok(());
         }
@@ -465,16 +471,16 @@ async fn consume(
         tokio::pin!(next);
         // What is printed shows as soon as no further record is ready: a live tail is seen
         // as it comes, a backlog is written in large writes.
+        // An interrupt stops the loop before it takes a record, never after: a record the
+        // stream handed out is printed (close commits it as processed).
+        if futures::poll!(&mut interrupted).is_ready() {
+            break Ok(());
+        }
         let record = match futures::poll!(next.as_mut()) {
-            std::task::Poll::Ready(record) => {
-                if futures::poll!(&mut interrupted).is_ready() {
-                    break Ok(());
-                }
-                record
-            }
+            std::task::Poll::Ready(record) => record,
             std::task::Poll::Pending => {
                 if let Err(error) = out.flush() {
-                    break written(error);
+                    break Err(error);
                 }
                 tokio::select! {
                     record = &mut next => record,
@@ -485,25 +491,51 @@ async fn consume(
         match record {
             None => break Ok(()),       // idle timeout
             Some(None) => break Ok(()), // stream ended
-            Some(Some(Err(error))) => break Err(Failure::runtime(error.to_string())),
+            Some(Some(Err(error))) => {
+                failure = Some(Failure::runtime(error.to_string()));
+                break Ok(());
+            }
             Some(Some(Ok(record))) => {
-                if let Err(error) = print_record(&mut out, &record, format) {
-                    break written(error);
+                if let Err(error) = out.print(&record, format) {
+                    break Err(error);
                 }
                 consumed += 1;
                 progress.update("consumed", consumed);
             }
         }
     };
-    let flushed = out.flush().or_else(written);
-    let outcome = outcome.and(flushed);
-    drop(out);
+    let output = outcome.and_then(|()| out.flush());
     progress.finish();
-    // Everything printed is processed: close commits it (in a group) before exiting.
-    let closed = consumer.close().await;
-    outcome?;
-    closed?;
-    eprintln!("consumed {consumed} records");
+    match output {
+        // Everything printed is processed: close commits it (in a group) before exiting.
+        Ok(()) => {
+            let closed = consumer.close().await;
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
+            closed?;
+        }
+        // The records still buffered did not reach the output (a write failed, or its
+        // reader went away): a group commits only those written, and delivers the others
+        // again rather than lose them.
+        Err(error) => {
+            let committed = if group.is_some() {
+                // Of the partitions still this member's: a commit for one the group moved to
+                // another member would be refused.
+                let assigned = consumer.assignment();
+                let written: Vec<_> = (out.written().into_iter())
+                    .filter(|(topic, partition, _)| assigned.contains(&(topic.clone(), *partition)))
+                    .collect();
+                consumer.commit_offsets(&written).await.map(|_| ())
+            } else {
+                Ok(())
+            };
+            consumer.close_without_commit().await;
+            written(error)?;
+            committed?;
+        }
+    }
+    report(format_args!("consumed {consumed} records"));
     Ok(())
 }
 
@@ -532,9 +564,66 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// One line on stderr. A closed stderr is not worth failing over (and `eprintln!` would
+/// panic on it).
+fn report(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Consumed records on their way to stdout, through one buffer, and the positions of those
+/// that have left it: when a write fails, a group commits only what the output took.
+struct Printed {
+    out: std::io::StdoutLock<'static>,
+    buffer: Vec<u8>,
+    /// Per partition, the offset after its last record in `buffer`.
+    buffered: BTreeMap<(Arc<str>, u32), u64>,
+    /// Per partition, the offset after its last record written out.
+    written: BTreeMap<(Arc<str>, u32), u64>,
+}
+
+impl Printed {
+    /// A backlog goes out in writes of about this many bytes.
+    const WRITE_BYTES: usize = 64 * 1024;
+
+    fn new() -> Printed {
+        Printed {
+            out: std::io::stdout().lock(),
+            buffer: Vec::with_capacity(Self::WRITE_BYTES * 2),
+            buffered: BTreeMap::new(),
+            written: BTreeMap::new(),
+        }
+    }
+
+    fn print(&mut self, record: &ConsumerRecord, format: Format) -> std::io::Result<()> {
+        print_record(&mut self.buffer, record, format)?;
+        self.buffered.insert(
+            (Arc::clone(&record.topic), record.partition),
+            record.offset + 1,
+        );
+        if self.buffer.len() >= Self::WRITE_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.write_all(&self.buffer)?;
+        self.out.flush()?;
+        self.buffer.clear();
+        self.written.append(&mut self.buffered);
+        Ok(())
+    }
+
+    fn written(&self) -> Vec<(String, u32, u64)> {
+        self.written
+            .iter()
+            .map(|((topic, partition), offset)| (topic.to_string(), *partition, *offset))
+            .collect()
+    }
+}
+
 /// A failed write of consumed records: the reader of the output went away (`| head`) ends
-/// the command as reaching `--count` would; any other error fails it. Either way the consumer
-/// is closed after, so a group commits and leaves.
+/// the command as reaching `--count` would; any other error fails it.
 fn written(error: std::io::Error) -> Result<(), Failure> {
     if error.kind() == std::io::ErrorKind::BrokenPipe {
         Ok(())
@@ -697,9 +786,13 @@ async fn produce_with_producer(
     // whatever the broker then does with it.
     let unacknowledged = matches!(acks, Acks::None);
     if unacknowledged {
-        eprintln!("sent {sent} records, 0 acknowledged (acks=none)");
+        report(format_args!(
+            "sent {sent} records, 0 acknowledged (acks=none)"
+        ));
     } else {
-        eprintln!("sent {sent} records, {acknowledged} acknowledged");
+        report(format_args!(
+            "sent {sent} records, {acknowledged} acknowledged"
+        ));
     }
     if let Some(failure) = failure {
         return Err(failure);

@@ -765,6 +765,37 @@ impl Consumer {
             .map(|member| member.member_id.clone())
     }
 
+    /// Commits these positions (group mode): per partition, the offset of the next record
+    /// to process. For a consumer that knows better than the stream what it finished with,
+    /// such as one whose output is buffered. Later records the stream yields move the
+    /// positions on again as usual. Returns how many partitions moved.
+    ///
+    /// # Errors
+    /// `Usage` for a partition not assigned to this consumer (nothing is committed then).
+    pub async fn commit_offsets(&mut self, offsets: &[(String, u32, u64)]) -> Result<usize> {
+        let only = {
+            let mut state = self.shared.state();
+            let mut only = BTreeSet::new();
+            for (topic, partition, _) in offsets {
+                let key = (topic.clone(), *partition);
+                if !state.partitions.contains_key(&key) {
+                    return Err(Error::Usage(format!("{topic}/{partition} is not assigned")));
+                }
+                only.insert(key);
+            }
+            for (topic, partition, offset) in offsets {
+                if let Some(entry) = state.partitions.get_mut(&(topic.clone(), *partition)) {
+                    entry.processed = Some(*offset);
+                }
+            }
+            only
+        };
+        if only.is_empty() {
+            return Ok(0);
+        }
+        self.shared.commit(Some(&only), false).await
+    }
+
     /// Commits every record yielded so far (group mode). Returns how many partitions moved.
     pub async fn commit(&mut self) -> Result<usize> {
         self.mark_processed();
@@ -884,6 +915,18 @@ impl Consumer {
     /// Commits everything yielded (group mode), leaves the group and stops the tasks.
     pub async fn close(mut self) -> Result<()> {
         let committed = self.commit().await;
+        self.leave().await;
+        committed.map(|_| ())
+    }
+
+    /// Leaves the group and stops the tasks without committing: what was yielded since the
+    /// last commit is delivered again, to whichever member owns its partition next. For a
+    /// consumer that could not finish processing what it was given (its output failed).
+    pub async fn close_without_commit(mut self) {
+        self.leave().await;
+    }
+
+    async fn leave(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.assignment_changed.notify_one();
         self.shared.heartbeat_now.notify_one();
@@ -904,7 +947,6 @@ impl Consumer {
         if let Some(leave) = leave {
             let _ = self.shared.client.send(leave).await;
         }
-        committed.map(|_| ())
     }
 }
 
