@@ -539,32 +539,67 @@ async fn commits_follow_a_seek_back() {
     broker.shutdown().await;
 }
 
-/// Assigned partitions the consumer cannot find a start for (here: no committed offset and the
-/// reset policy is error) are not kept as owned and never read: the error reaches the stream,
-/// the member gives them back, and they are assigned and tried again.
+/// With `ResetPolicy::Error`, an assigned partition with no committed offset is reported once
+/// and waits for the application to seek it, while the partitions assigned with it that do
+/// have a committed offset are read (before, one such partition held back all of them, and
+/// the error came again at every heartbeat).
 #[tokio::test]
-async fn assigned_partitions_that_cannot_be_started_are_tried_again() {
+async fn with_reset_policy_error_a_partition_without_a_commit_waits_for_a_seek_alone() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, client) = start(dir.path()).await;
-    create_topic(&client, "t", 1).await;
+    create_topic(&client, "a", 1).await;
+    create_topic(&client, "b", 1).await;
+    let first: Vec<String> = (0..5).map(|index| format!("a{index}")).collect();
+    produce(&client, "a", 0, &first, 5).await;
+    // A first member of the group reads "a" and commits where it got to.
+    let mut reader = client
+        .consumer()
+        .group("g")
+        .topics(["a"])
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(take(&mut reader, 5).await.len(), 5);
+    reader.close().await.unwrap();
+    assert_eq!(committed_offset(&client, "g", "a", 0).await, 5);
+
+    let later: Vec<String> = (5..8).map(|index| format!("a{index}")).collect();
+    produce(&client, "a", 0, &later, 1).await;
+    let b_values: Vec<String> = (0..5).map(|index| format!("b{index}")).collect();
+    produce(&client, "b", 0, &b_values, 5).await;
     let mut consumer = client
         .consumer()
         .group("g")
-        .topics(["t"])
+        .topics(["a", "b"])
         .reset_policy(ResetPolicy::Error)
         .build()
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for attempt in 0..2 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut records, mut errors) = (Vec::new(), Vec::new());
+    let mut sought = false;
+    while records.len() < 8 {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, consumer.next()).await {
-            Ok(Some(Err(error))) => {
-                assert!(error.to_string().contains("reset policy"), "{error}")
-            }
-            other => panic!("attempt {attempt}: expected the reset error, got {other:?}"),
+            Ok(Some(Ok(record))) => records.push(String::from_utf8(record.value.to_vec()).unwrap()),
+            Ok(Some(Err(error))) => errors.push(error.to_string()),
+            other => panic!("records {records:?}, errors {errors:?}, then {other:?}"),
+        }
+        // "a" goes on from its commit while "b" waits; then a seek starts "b".
+        if !sought && records.len() == 3 && !errors.is_empty() {
+            consumer.seek("b", 0, Seek::Offset(0)).await.unwrap();
+            sought = true;
         }
     }
+    assert_eq!(records[..3], later[..], "a, from its committed offset");
+    assert_eq!(records[3..], b_values[..], "b, from where it was sought");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("no committed offset for b/0"),
+        "{errors:?}"
+    );
+    consumer.close().await.unwrap();
+    assert_eq!(committed_offset(&client, "g", "b", 0).await, 5);
     broker.shutdown().await;
 }
 

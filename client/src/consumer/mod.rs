@@ -257,6 +257,9 @@ struct PartitionState {
     /// Pushes the partition's next fetch back after failed ones, and when it may go out.
     fetch_backoff: Backoff,
     retry_at: Option<Instant>,
+    /// Assigned with no committed offset under `ResetPolicy::Error`: not fetched until the
+    /// application seeks it.
+    needs_seek: bool,
 }
 
 #[derive(Debug)]
@@ -484,13 +487,19 @@ impl Shared {
                         Some(offset) => {
                             positions.insert(partition.clone(), *offset);
                         }
-                        None => need_reset.push((partition.clone(), self.reset_spec(partition)?)),
+                        // Under `ResetPolicy::Error`, left out: the caller parks it until the
+                        // application seeks, while the others start.
+                        None => {
+                            if let Some(spec) = reset_spec(self.settings.reset) {
+                                need_reset.push((partition.clone(), spec));
+                            }
+                        }
                     }
                 }
             }
             (None, None) => {
-                for partition in partitions {
-                    need_reset.push((partition.clone(), self.reset_spec(partition)?));
+                if let Some(spec) = reset_spec(self.settings.reset) {
+                    need_reset.extend(partitions.iter().map(|p| (p.clone(), spec)));
                 }
             }
         }
@@ -498,20 +507,6 @@ impl Shared {
             positions.extend(self.list_offsets(&need_reset).await?);
         }
         Ok(positions)
-    }
-
-    fn reset_spec(&self, partition: &TopicPartition) -> Result<OffsetSpec> {
-        match self.settings.reset {
-            ResetPolicy::Earliest => Ok(OffsetSpec::Earliest),
-            ResetPolicy::Latest => Ok(OffsetSpec::Latest),
-            ResetPolicy::Error => Err(Error::Broker {
-                code: ErrorCode::OffsetOutOfRange,
-                message: Some(format!(
-                    "no committed offset for {}/{} and the reset policy is error",
-                    partition.0, partition.1
-                )),
-            }),
-        }
     }
 
     async fn committed(
@@ -607,11 +602,48 @@ impl Shared {
                     committed: None,
                     fetch_backoff: Backoff::new(FETCH_RETRY_FIRST, FETCH_RETRY_MAX),
                     retry_at: None,
+                    needs_seek: false,
                 },
             );
         }
         drop(state);
         self.assignment_changed.notify_one();
+    }
+
+    /// Takes these partitions without fetching them: they have no committed offset and the
+    /// reset policy is `Error`, so the application says where to start with a seek. Each is
+    /// reported on the stream once.
+    fn park(&self, partitions: &BTreeSet<TopicPartition>, sender: &mpsc::Sender<Delivery>) {
+        let mut state = self.state();
+        for partition in partitions {
+            let generation = state.next_generation;
+            state.next_generation += 1;
+            state.partitions.insert(
+                partition.clone(),
+                PartitionState {
+                    fetch_offset: 0,
+                    generation,
+                    yielded: None,
+                    processed: None,
+                    committed: None,
+                    fetch_backoff: Backoff::new(FETCH_RETRY_FIRST, FETCH_RETRY_MAX),
+                    retry_at: None,
+                    needs_seek: true,
+                },
+            );
+        }
+        drop(state);
+        for partition in partitions {
+            // Told without waiting: a stream the application is behind on must not hold back
+            // the heartbeats.
+            let _ = sender.try_send(Err(Error::Broker {
+                code: ErrorCode::OffsetOutOfRange,
+                message: Some(format!(
+                    "no committed offset for {}/{} and the reset policy is Error; seek to go on",
+                    partition.0, partition.1
+                )),
+            }));
+        }
     }
 
     /// Commits processed positions (or yielded ones when `everything_yielded`) of the given
@@ -742,6 +774,7 @@ impl Consumer {
                 entry.processed = None;
                 // A new position is fetched at once, whatever the old one's failures.
                 entry.fetch_again_at_once();
+                entry.needs_seek = false;
             }
             None => return Err(Error::Usage(format!("{topic}/{partition} is not assigned"))),
         }
@@ -1054,7 +1087,9 @@ fn fetch_targets(shared: &Shared) -> Vec<(TopicPartition, u64, u64)> {
         .state()
         .partitions
         .iter()
-        .filter(|(_, entry)| entry.retry_at.is_none_or(|retry_at| retry_at <= now))
+        .filter(|(_, entry)| {
+            !entry.needs_seek && entry.retry_at.is_none_or(|retry_at| retry_at <= now)
+        })
         .map(|(partition, entry)| (partition.clone(), entry.fetch_offset, entry.generation))
         .collect()
 }
@@ -1194,7 +1229,9 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
         };
         // First stage: where each partition's batches end, from their headers.
         let mut arrived: Vec<(TopicPartition, u64, Fetched)> = Vec::new();
-        let mut out_of_range: BTreeSet<TopicPartition> = BTreeSet::new();
+        // With the generation each was fetched under: a seek or a new assignment since then
+        // moved the partition on, and its new position is not to be reset.
+        let mut out_of_range: BTreeMap<TopicPartition, u64> = BTreeMap::new();
         for topic in response.topics {
             let name = Arc::clone(
                 topic_names
@@ -1211,7 +1248,7 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 match partition.error_code {
                     ErrorCode::None => fetch_went(&shared, &key, generation, false),
                     ErrorCode::OffsetOutOfRange => {
-                        out_of_range.insert(key);
+                        out_of_range.insert(key, generation);
                         continue;
                     }
                     code => {
@@ -1299,6 +1336,17 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 return;
             }
         }
+        // Handing over (above) and resolving wait, for the stream's room and for the broker:
+        // only the partitions still at the position found out of range are reset.
+        {
+            let state = shared.state();
+            out_of_range.retain(|partition, generation| {
+                state
+                    .partitions
+                    .get(partition)
+                    .is_some_and(|entry| entry.generation == *generation)
+            });
+        }
         if !out_of_range.is_empty() {
             let Some(seek) = reset_seek(shared.settings.reset) else {
                 // `ResetPolicy::Error`: the application is told, and decides (a seek moves the
@@ -1306,7 +1354,7 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 // backoff, and told again: resolving "where to start" anew would find the
                 // group's committed offset, the very one out of range, and ask it again and
                 // again without a word.
-                for partition in &out_of_range {
+                for (partition, generation) in &out_of_range {
                     let _ = sender
                         .send(Err(Error::Broker {
                             code: ErrorCode::OffsetOutOfRange,
@@ -1316,24 +1364,21 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                             )),
                         }))
                         .await;
-                    let generation = shared
-                        .state()
-                        .partitions
-                        .get(partition)
-                        .map(|entry| entry.generation);
-                    if let Some(generation) = generation {
-                        fetch_went(&shared, partition, generation, true);
-                    }
+                    fetch_went(&shared, partition, *generation, true);
                 }
                 continue;
             };
-            match shared.resolve(&out_of_range, Some(seek)).await {
+            let partitions: BTreeSet<TopicPartition> = out_of_range.keys().cloned().collect();
+            match shared.resolve(&partitions, Some(seek)).await {
                 Ok(positions) => {
                     let mut state = shared.state();
                     let generation = state.next_generation;
                     state.next_generation += 1;
                     for (partition, offset) in positions {
-                        if let Some(entry) = state.partitions.get_mut(&partition) {
+                        // Checked again under the lock: a seek may have come meanwhile.
+                        if let Some(entry) = state.partitions.get_mut(&partition)
+                            && out_of_range.get(&partition) == Some(&entry.generation)
+                        {
                             tracing::info!(topic = %partition.0, partition = partition.1, offset, "offset out of range: reset");
                             // As a seek: what was handed out or processed before no longer
                             // counts (the log was truncated or the topic created again), so
@@ -1348,13 +1393,24 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 Err(error) => {
                     let _ = sender.send(Err(error)).await;
                     let mut state = shared.state();
-                    for partition in &out_of_range {
+                    // Checked again under the lock: a seek may have come meanwhile.
+                    let partitions: BTreeSet<TopicPartition> = out_of_range
+                        .into_iter()
+                        .filter(|(partition, generation)| {
+                            state
+                                .partitions
+                                .get(partition)
+                                .is_some_and(|entry| entry.generation == *generation)
+                        })
+                        .map(|(partition, _)| partition)
+                        .collect();
+                    for partition in &partitions {
                         state.partitions.remove(partition);
                     }
                     // No longer consumed here: the group may give them to someone (this
                     // member too) and where to start is found again.
                     if let Some(member) = state.member.as_mut() {
-                        member.released(&out_of_range);
+                        member.released(&partitions);
                     }
                 }
             }
@@ -1366,6 +1422,16 @@ fn reset_seek(reset: ResetPolicy) -> Option<Seek> {
     match reset {
         ResetPolicy::Earliest => Some(Seek::Earliest),
         ResetPolicy::Latest => Some(Seek::Latest),
+        ResetPolicy::Error => None,
+    }
+}
+
+/// Where the reset policy starts a partition with no position, as asked of the broker; `None`
+/// for `ResetPolicy::Error`.
+fn reset_spec(reset: ResetPolicy) -> Option<OffsetSpec> {
+    match reset {
+        ResetPolicy::Earliest => Some(OffsetSpec::Earliest),
+        ResetPolicy::Latest => Some(OffsetSpec::Latest),
         ResetPolicy::Error => None,
     }
 }
@@ -1432,7 +1498,17 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                                 timeout_ms: duration_ms(within_session),
                             })
                         }) {
-                        Ok(positions) => shared.start(positions),
+                        Ok(positions) => {
+                            let parked: BTreeSet<TopicPartition> = partitions
+                                .iter()
+                                .filter(|partition| !positions.contains_key(*partition))
+                                .cloned()
+                                .collect();
+                            shared.start(positions);
+                            if !parked.is_empty() {
+                                shared.park(&parked, &sender);
+                            }
+                        }
                         Err(error) => {
                             // Not owned after all: the next heartbeat says so, and the broker
                             // assigns them again, so they are tried again instead of never read.
