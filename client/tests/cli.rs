@@ -184,38 +184,37 @@ fn usage_errors_exit_2_and_an_unreachable_broker_exits_1() {
         .output()
         .unwrap();
     assert_eq!(no_ca.status.code(), Some(2));
-    // A bad --from, and --from OFFSET with --group, are usage errors found before connecting.
-    for args in [
-        &[
+    let no_partitions = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "--broker",
+            "tcp://127.0.0.1:1",
+            "topic",
+            "create",
+            "x",
+            "--partitions",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(no_partitions.status.code(), Some(2));
+    // A bad --from is a usage error found before connecting.
+    let bad_from = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
             "--broker",
             "tcp://127.0.0.1:1",
             "consume",
             "t",
             "--from",
             "bogus",
-        ][..],
-        &[
-            "--broker",
-            "tcp://127.0.0.1:1",
-            "consume",
-            "t",
-            "--group",
-            "g",
-            "--from",
-            "5",
-        ],
-    ] {
-        let bad_from = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(
-            bad_from.status.code(),
-            Some(2),
-            "{}",
-            text(&bad_from.stderr)
-        );
-    }
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        bad_from.status.code(),
+        Some(2),
+        "{}",
+        text(&bad_from.stderr)
+    );
     assert!(
         text(&no_ca.stderr).contains("ca-file"),
         "{}",
@@ -495,6 +494,53 @@ async fn a_group_consume_whose_output_fails_commits_nothing_it_did_not_print() {
     assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
     assert_eq!(text(&again.stdout), values.join("\n") + "\n");
     assert_eq!(committed_offset(&client, "g", "t").await, 10);
+    broker.shutdown().await;
+}
+
+/// In a group, `--from OFFSET` is where partitions without a committed offset start; once the
+/// group has committed, the commit wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_consume_from_an_offset_starts_there_only_without_a_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    let values: Vec<String> = (0..10).map(|index| format!("v{index}")).collect();
+    produce_values(&client, "t", &values).await;
+    let args = [
+        "consume",
+        "t",
+        "--group",
+        "g",
+        "--format",
+        "value",
+        "--timeout-ms",
+        "1000",
+    ];
+    let first = sluice(&broker, &[&args[..], &["--from", "6"]].concat(), b"").await;
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    assert_eq!(text(&first.stdout), "v6\nv7\nv8\nv9\n");
+    assert_eq!(committed_offset(&client, "g", "t").await, 10);
+    let more: Vec<String> = vec!["v10".into()];
+    produce_values(&client, "t", &more).await;
+    let second = sluice(&broker, &[&args[..], &["--from", "2"]].concat(), b"").await;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    assert_eq!(text(&second.stdout), "v10\n");
+    // An offset past the log's end is reset to the earliest, as any out-of-range position.
+    let third = sluice(
+        &broker,
+        &[
+            "consume", "t", "--group", "h", "--format", "value", "--count", "1", "--from", "1000",
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(third.status.code(), Some(0), "{}", text(&third.stderr));
+    assert_eq!(text(&third.stdout), "v0\n");
     broker.shutdown().await;
 }
 

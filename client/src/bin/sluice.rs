@@ -42,22 +42,27 @@ enum Command {
     Topic(TopicCommand),
     /// Produce stdin, one message per line.
     Produce {
+        /// The topic to produce to.
         topic: String,
         /// The text before the first SEP is the key; without it, lines have no key.
         #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
         key_separator: Option<String>,
+        /// When a record counts as sent: none (not acknowledged), leader (written by the
+        /// broker) or durable (fsynced first).
         #[arg(long, value_enum, default_value_t = AcksArg::Durable)]
         acks: AcksArg,
     },
     /// Consume records and print them to stdout.
     Consume {
+        /// The topic to consume, every partition of it.
         topic: String,
         /// Consume as a member of this group (offsets are committed).
         #[arg(long)]
         group: Option<String>,
         /// Where to start when no committed offset exists: earliest, latest or an offset. An
-        /// offset (without --group only) applies to every partition; a partition whose log ends
-        /// before it, or starts after it, is read from its start.
+        /// offset applies to every partition (in a group, to those the group has not committed
+        /// yet); a partition whose log ends before it, or starts after it, is read from its
+        /// start.
         #[arg(long, default_value = "earliest", value_parser = parse_from)]
         from: StartFrom,
         /// Exit after N records.
@@ -66,6 +71,8 @@ enum Command {
         /// Exit after MS with no new record.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// json: one object per line (topic, partition, offset, timestamp, key, value,
+        /// headers); value: each record's value alone, one per line.
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
     },
@@ -78,8 +85,10 @@ enum Command {
 enum TopicCommand {
     /// Create a topic.
     Create {
+        /// The topic's name: 1-249 characters of [a-zA-Z0-9._-].
         topic: String,
-        #[arg(long, default_value_t = 1)]
+        /// How many partitions the topic has (at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         partitions: u32,
         /// A per-topic override of a `[log]` setting, KEY=VALUE (retention_ms, retention_bytes,
         /// segment_bytes, segment_ms, max_message_bytes, index_interval_bytes); repeatable.
@@ -115,7 +124,6 @@ enum Format {
     Value,
 }
 
-/// A failure: one line on stderr, exit 1 (runtime) or 2 (usage or configuration).
 /// `consume --from`.
 #[derive(Clone, Copy, Debug)]
 enum StartFrom {
@@ -143,6 +151,7 @@ fn parse_from(value: &str) -> Result<StartFrom, String> {
     }
 }
 
+/// A failure: one line on stderr, exit 1 (runtime) or 2 (usage or configuration).
 struct Failure(String, u8);
 
 impl Failure {
@@ -210,16 +219,6 @@ async fn connect(cli: &Cli) -> Result<Client, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    if let Command::Consume {
-        group: Some(_),
-        from: StartFrom::Offset(_),
-        ..
-    } = &cli.command
-    {
-        return Err(Failure::usage(
-            "--from OFFSET applies to a consumer without --group; a group starts from its committed offsets (use earliest or latest)",
-        ));
-    }
     let client = connect(&cli).await?;
     let result = match &cli.command {
         Command::Topic(command) => topic(&client, command).await,
@@ -429,7 +428,7 @@ async fn consume(
     timeout_ms: Option<u64>,
     format: Format,
 ) -> Result<(), Failure> {
-    // (`run` refused --from OFFSET with --group before connecting.)
+    // In a group, --from says where a partition without a committed offset starts.
     let (reset, seek) = match from {
         StartFrom::Earliest => (ResetPolicy::Earliest, Seek::Earliest),
         StartFrom::Latest => (ResetPolicy::Latest, Seek::Latest),
@@ -441,7 +440,16 @@ async fn consume(
         .reset_policy(reset)
         .commit_mode(CommitMode::Manual);
     let mut consumer = match group {
-        Some(group) => builder.group(group).topics([topic]).build().await?,
+        Some(group) => {
+            let builder = builder.group(group).topics([topic]);
+            match seek {
+                // A start outside the log then resets to the earliest offset.
+                Seek::Offset(_) => builder.start_without_commit(seek),
+                _ => builder,
+            }
+            .build()
+            .await?
+        }
         None => {
             let consumer = builder.build().await?;
             let all: Vec<(String, u32)> = (0..partitions)

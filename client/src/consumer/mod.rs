@@ -104,6 +104,7 @@ pub struct ConsumerBuilder {
     group: Option<String>,
     topics: Vec<String>,
     reset: ResetPolicy,
+    uncommitted_start: Option<Seek>,
     commit: CommitMode,
     max_wait: Duration,
     max_bytes: u32,
@@ -120,6 +121,7 @@ impl ConsumerBuilder {
             group: None,
             topics: Vec::new(),
             reset: ResetPolicy::default(),
+            uncommitted_start: None,
             commit: CommitMode::Auto(Duration::from_secs(5)),
             max_wait: Duration::from_millis(500),
             max_bytes: 8 << 20,
@@ -149,6 +151,14 @@ impl ConsumerBuilder {
     /// Default = [`ResetPolicy::Earliest`].
     pub fn reset_policy(mut self, reset: ResetPolicy) -> Self {
         self.reset = reset;
+        self
+    }
+
+    /// Group mode: where a partition the group has no committed offset for starts (an offset,
+    /// a timestamp, the earliest or the latest). A start outside the log is then reset by the
+    /// reset policy. Default = by the reset policy.
+    pub fn start_without_commit(mut self, start: Seek) -> Self {
+        self.uncommitted_start = Some(start);
         self
     }
 
@@ -463,43 +473,45 @@ impl Shared {
     ) -> Result<BTreeMap<TopicPartition, u64>> {
         let mut positions = BTreeMap::new();
         let mut need_reset: Vec<(TopicPartition, OffsetSpec)> = Vec::new();
-        match (seek, &self.settings.group) {
-            (Some(Seek::Offset(offset)), _) => {
-                for partition in partitions {
+        let mut start_at = |partition: &TopicPartition, seek: Seek| {
+            let spec = match seek {
+                Seek::Offset(offset) => {
                     positions.insert(partition.clone(), offset);
+                    return;
+                }
+                Seek::Earliest => OffsetSpec::Earliest,
+                Seek::Latest => OffsetSpec::Latest,
+                Seek::Timestamp(at) => OffsetSpec::Timestamp(at),
+            };
+            need_reset.push((partition.clone(), spec));
+        };
+        match (seek, &self.settings.group) {
+            (Some(seek), _) => {
+                for partition in partitions {
+                    start_at(partition, seek);
                 }
             }
-            (Some(Seek::Earliest), _) => {
-                need_reset.extend(partitions.iter().map(|p| (p.clone(), OffsetSpec::Earliest)))
-            }
-            (Some(Seek::Latest), _) => {
-                need_reset.extend(partitions.iter().map(|p| (p.clone(), OffsetSpec::Latest)))
-            }
-            (Some(Seek::Timestamp(at)), _) => need_reset.extend(
-                partitions
-                    .iter()
-                    .map(|p| (p.clone(), OffsetSpec::Timestamp(at))),
-            ),
             (None, Some(group)) => {
                 let committed = self.committed(group, partitions).await?;
                 for partition in partitions {
-                    match committed.get(partition) {
-                        Some(offset) => {
-                            positions.insert(partition.clone(), *offset);
-                        }
+                    match (committed.get(partition), self.settings.uncommitted_start) {
+                        (Some(offset), _) => start_at(partition, Seek::Offset(*offset)),
+                        (None, Some(start)) => start_at(partition, start),
                         // Under `ResetPolicy::Error`, left out: the caller parks it until the
                         // application seeks, while the others start.
-                        None => {
-                            if let Some(spec) = reset_spec(self.settings.reset) {
-                                need_reset.push((partition.clone(), spec));
+                        (None, None) => {
+                            if let Some(seek) = reset_seek(self.settings.reset) {
+                                start_at(partition, seek);
                             }
                         }
                     }
                 }
             }
             (None, None) => {
-                if let Some(spec) = reset_spec(self.settings.reset) {
-                    need_reset.extend(partitions.iter().map(|p| (p.clone(), spec)));
+                if let Some(seek) = reset_seek(self.settings.reset) {
+                    for partition in partitions {
+                        start_at(partition, seek);
+                    }
                 }
             }
         }
@@ -1422,16 +1434,6 @@ fn reset_seek(reset: ResetPolicy) -> Option<Seek> {
     match reset {
         ResetPolicy::Earliest => Some(Seek::Earliest),
         ResetPolicy::Latest => Some(Seek::Latest),
-        ResetPolicy::Error => None,
-    }
-}
-
-/// Where the reset policy starts a partition with no position, as asked of the broker; `None`
-/// for `ResetPolicy::Error`.
-fn reset_spec(reset: ResetPolicy) -> Option<OffsetSpec> {
-    match reset {
-        ResetPolicy::Earliest => Some(OffsetSpec::Earliest),
-        ResetPolicy::Latest => Some(OffsetSpec::Latest),
         ResetPolicy::Error => None,
     }
 }
