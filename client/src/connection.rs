@@ -1163,56 +1163,85 @@ async fn quic_client_config(url: &str, ca_file: Option<&Path>) -> Result<quinn::
     Ok(config)
 }
 
-/// Resolves the host and tries each of its addresses in turn, each from a fresh endpoint of
-/// the address's family.
+/// How long a QUIC handshake to one address of a name has before the next address is tried
+/// alongside it (Happy Eyeballs, RFC 8305). QUIC hears nothing back from an address nobody
+/// serves, so trying them one after another would let the first (`localhost` as `::1`, with
+/// the broker on 127.0.0.1 only) take the whole connect timeout.
+const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(250);
+
+/// Resolves the host and races a handshake to each of its addresses, started
+/// [`NEXT_ADDRESS_AFTER`] apart, each from a fresh endpoint of the address's family. The first
+/// to connect wins; the others are dropped.
 async fn connect_quic(
     endpoint: &Endpoint,
     client_config: quinn::ClientConfig,
 ) -> Result<QuicTransport> {
     let address = endpoint.address();
+    let candidates: Vec<SocketAddr> =
+        tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|source| Error::Connect {
+                address: address.clone(),
+                source,
+            })?
+            .collect();
+    connect_quic_any(&candidates, &endpoint.host, &address, client_config).await
+}
+
+async fn connect_quic_any(
+    candidates: &[SocketAddr],
+    server_name: &str,
+    address: &str,
+    client_config: quinn::ClientConfig,
+) -> Result<QuicTransport> {
     let connect_error = |source: io::Error| Error::Connect {
-        address: address.clone(),
+        address: address.to_owned(),
         source,
     };
-    let candidates = tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port))
-        .await
-        .map_err(connect_error)?;
-    let mut last_error = None;
-    for candidate in candidates {
-        let local: SocketAddr = if candidate.is_ipv6() {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let quic_endpoint = quinn::Endpoint::client(local).map_err(connect_error)?;
-        // The URL's host is the name the certificate must carry (an IP address works too).
-        let connecting = quic_endpoint
-            .connect_with(client_config.clone(), candidate, &endpoint.host)
-            .map_err(|error| match error {
-                quinn::ConnectError::InvalidServerName(name) => Error::InvalidUrl(format!(
-                    "\"{name}\" cannot be checked against a certificate"
-                )),
-                other => connect_error(io::Error::other(other.to_string())),
-            })?;
-        match connecting.await {
-            Ok(connection) => {
-                return Ok(QuicTransport {
+    if candidates.is_empty() {
+        return Err(connect_error(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the host resolved to no address",
+        )));
+    }
+    let attempts = candidates.iter().enumerate().map(|(index, &candidate)| {
+        let client_config = client_config.clone();
+        Box::pin(async move {
+            tokio::time::sleep(NEXT_ADDRESS_AFTER * index as u32).await;
+            let local: SocketAddr = if candidate.is_ipv6() {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            };
+            let quic_endpoint = quinn::Endpoint::client(local).map_err(connect_error)?;
+            // The URL's host is the name the certificate must carry (an IP address works too).
+            let connecting = quic_endpoint
+                .connect_with(client_config, candidate, server_name)
+                .map_err(|error| match error {
+                    quinn::ConnectError::InvalidServerName(name) => Error::InvalidUrl(format!(
+                        "\"{name}\" cannot be checked against a certificate"
+                    )),
+                    other => connect_error(io::Error::other(other.to_string())),
+                })?;
+            match connecting.await {
+                Ok(connection) => Ok(QuicTransport {
                     endpoint: quic_endpoint,
                     connection,
-                });
+                }),
+                Err(error) => {
+                    debug!(%candidate, %error, "QUIC connect failed");
+                    Err(connect_error(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("QUIC handshake failed: {error}"),
+                    )))
+                }
             }
-            Err(error) => {
-                debug!(%candidate, %error, "QUIC connect failed; trying the next address");
-                last_error = Some(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("QUIC handshake failed: {error}"),
-                ));
-            }
-        }
-    }
-    Err(connect_error(last_error.unwrap_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "the host resolved to no address")
-    })))
+        })
+    });
+    // Every attempt failed: the last failure says why.
+    futures::future::select_ok(attempts)
+        .await
+        .map(|(transport, _others)| transport)
 }
 
 /// Closes the QUIC connection once the writer is done: by then the connection is closing and
@@ -1431,6 +1460,37 @@ mod tests {
             }
             other => panic!("expected InvalidUrl for a file without certificates, got {other:?}"),
         }
+    }
+
+    /// A name's first address that never answers (`localhost` as `::1` with the broker on
+    /// 127.0.0.1 only) holds the handshake to the next one back by a moment, not by the whole
+    /// connect timeout.
+    #[tokio::test]
+    async fn a_quic_address_that_never_answers_does_not_hold_back_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(dir.path()))
+            .await
+            .unwrap();
+        // Takes datagrams and answers none.
+        let silent = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+        let candidates = [
+            silent.local_addr().unwrap(),
+            broker.quic_addr.expect("quic listener"),
+        ];
+        let ca_file = dir.path().join("tls/cert.pem");
+        let config = quic_client_config("quic://localhost:1", Some(&ca_file))
+            .await
+            .unwrap();
+        let transport = tokio::time::timeout(
+            Duration::from_secs(5),
+            connect_quic_any(&candidates, "localhost", "localhost", config),
+        )
+        .await
+        .expect("connected well within the 10 s connect timeout")
+        .unwrap();
+        assert_eq!(transport.connection.remote_address(), candidates[1]);
+        drop(transport);
+        broker.shutdown().await;
     }
 
     #[test]
