@@ -552,8 +552,6 @@ async fn fetch_long_poll_answers_as_soon_as_a_produce_lands(transport: Transport
     broker.shutdown().await;
 }
 
-/// The first batch at or after `from` of topic `t`'s partition 0: a partition limit of one
-/// byte returns one whole batch per fetch.
 /// A producer cannot store a batch claiming its timestamps were set by the broker.
 #[tokio::test]
 async fn a_batch_claiming_log_append_time_is_refused() {
@@ -586,6 +584,58 @@ async fn a_batch_claiming_log_append_time_is_refused() {
         ErrorCode::InvalidRequest
     );
     assert!(fetch(&connection, "t", 0, 0, 0).await.records.is_empty());
+    connection.close().await;
+    broker.shutdown().await;
+}
+
+/// Empty partitions cost a produce request 8 bytes each: the answer to thousands of them, of
+/// a topic with a 60,000-byte name that does not exist or of one that does, must not carry a
+/// message per partition (let alone the name in each: gigabytes from one 8 MiB request).
+#[tokio::test]
+async fn errors_for_many_empty_partitions_are_not_amplified() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
+    create(&connection, "t", 2).await;
+    for (name, partitions, code) in [
+        ("n".repeat(60_000), 1_000u32, ErrorCode::UnknownTopic),
+        ("t".to_owned(), 2_000, ErrorCode::InvalidRequest),
+        ("t".to_owned(), 1_000, ErrorCode::UnknownPartition),
+    ] {
+        let response = connection
+            .send(ProduceRequest {
+                acks: Acks::Leader,
+                timeout_ms: 10_000,
+                topics: vec![ProduceTopic {
+                    name,
+                    partitions: (2..2 + partitions)
+                        .map(|partition| ProducePartition {
+                            partition,
+                            records: bytes::Bytes::new(),
+                        })
+                        .collect(),
+                }],
+            })
+            .await
+            .unwrap();
+        let Response::Produce(response) = response else {
+            panic!("wrong response")
+        };
+        let results = &response.topics[0].partitions;
+        assert_eq!(results.len(), partitions as usize);
+        assert!(
+            results.iter().all(|result| result.error_code == code),
+            "{code:?}"
+        );
+        let message_bytes: usize = results
+            .iter()
+            .filter_map(|result| result.error_message.as_ref())
+            .map(String::len)
+            .sum();
+        assert!(
+            message_bytes <= 64 * partitions as usize,
+            "{code:?}: {message_bytes} bytes of messages for {partitions} partitions"
+        );
+    }
     connection.close().await;
     broker.shutdown().await;
 }
@@ -716,6 +766,8 @@ async fn a_fetch_short_of_min_bytes_waits_for_more_records() {
     broker.shutdown().await;
 }
 
+/// The first batch at or after `from` of topic `t`'s partition 0: a partition limit of one
+/// byte returns one whole batch per fetch.
 async fn one_batch_of_t(connection: &Connection, from: u64) -> FetchPartitionResponse {
     let mut request = fetch_request("t", 0, from, 0);
     request.topics[0].partitions[0].partition_max_bytes = 1;

@@ -71,25 +71,37 @@ pub fn produce(state: &Arc<BrokerState>, request: ProduceRequest) -> Outcome {
             .get(&topic_request.name)
             .filter(|topic| !topic.internal);
         let mut partitions = Vec::with_capacity(topic_request.partitions.len());
+        // Empty partitions cost a request 8 bytes each: the errors of a topic that does not
+        // exist, or lists more partitions than a topic may have, carry one message (on the
+        // first), not one per partition, and never echo the name (it can be 64 KiB).
+        let listed = topic_request.partitions.len();
+        let too_many = listed > state.config.limits.max_partitions_per_topic as usize;
         for (partition_index, partition) in topic_request.partitions.into_iter().enumerate() {
             let index = partition.partition;
-            let Some(topic) = &topic else {
-                partitions.push(failed(
+            let once = |message: String| (partition_index == 0).then_some(message);
+            if too_many {
+                partitions.push(result(
                     index,
-                    ErrorCode::UnknownTopic,
-                    format!("unknown topic {}", topic_request.name),
+                    ErrorCode::InvalidRequest,
+                    0,
+                    0,
+                    once(format!(
+                        "{listed} partitions of one topic; a topic has at most {}",
+                        state.config.limits.max_partitions_per_topic
+                    )),
                 ));
+                continue;
+            }
+            let Some(topic) = &topic else {
+                let message = once("unknown topic".to_owned());
+                partitions.push(result(index, ErrorCode::UnknownTopic, 0, 0, message));
                 continue;
             };
             let Some(log) = topic.partition(index) else {
                 partitions.push(failed(
                     index,
                     ErrorCode::UnknownPartition,
-                    format!(
-                        "topic {} has {} partitions",
-                        topic.name,
-                        topic.partitions.len()
-                    ),
+                    format!("the topic has {} partitions", topic.partitions.len()),
                 ));
                 continue;
             };
