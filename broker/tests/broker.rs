@@ -766,6 +766,56 @@ async fn a_fetch_short_of_min_bytes_waits_for_more_records() {
     broker.shutdown().await;
 }
 
+/// A long-poll fetch waiting on a topic that is deleted answers at once that the topic is
+/// gone: it neither waits out `max_wait` nor spins on the closed log until then.
+#[tokio::test]
+async fn a_fetch_waiting_on_a_deleted_topic_answers_that_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
+    create(&connection, "t", 1).await;
+    let log = std::sync::Arc::clone(
+        broker
+            .state()
+            .topics
+            .get("t")
+            .unwrap()
+            .partition(0)
+            .unwrap(),
+    );
+    let fetcher = {
+        let connection = connection.clone();
+        tokio::spawn(async move { connection.send(fetch_request("t", 0, 0, 600_000)).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while log.high_watermark().waiter_count() == 0 {
+        assert!(Instant::now() < deadline, "the fetch never waited");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let Response::DeleteTopics(deleted) = connection
+        .send(DeleteTopicsRequest {
+            names: vec!["t".into()],
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("wrong response")
+    };
+    assert_eq!(deleted.results[0].error_code, ErrorCode::None);
+    let answer = tokio::time::timeout(Duration::from_secs(60), fetcher)
+        .await
+        .expect("the fetch answered long before its ten minutes")
+        .unwrap()
+        .expect("fetch");
+    let Response::Fetch(answer) = answer else {
+        panic!("wrong response")
+    };
+    let partition = &answer.topics[0].partitions[0];
+    assert_eq!(partition.error_code, ErrorCode::UnknownTopic);
+    assert!(partition.records.is_empty());
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 /// The first batch at or after `from` of topic `t`'s partition 0: a partition limit of one
 /// byte returns one whole batch per fetch.
 async fn one_batch_of_t(connection: &Connection, from: u64) -> FetchPartitionResponse {

@@ -250,11 +250,18 @@ async fn fetch_with_wait(
             .min(state.config.limits.fetch_max_wait_ms),
     ));
     let deadline = tokio::time::Instant::now() + max_wait;
-    let (names, targets) = resolve(state, request);
-    let request_max_bytes = frame_max_bytes(state, &names, &targets, request.max_bytes);
-    let reservation_bytes = reservation_bytes(&targets, request_max_bytes);
-    let nothing_to_wait_for = targets.iter().all(|target| target.log.is_none());
+    let (mut names, mut targets) = resolve(state, request);
     loop {
+        let request_max_bytes = frame_max_bytes(state, &names, &targets, request.max_bytes);
+        let reservation_bytes = reservation_bytes(&targets, request_max_bytes);
+        // A closed log (its topic deleted) never moves on: waiting on it would wake at once,
+        // again and again, until the deadline.
+        let nothing_to_wait_for = targets.iter().all(|target| {
+            target
+                .log
+                .as_ref()
+                .is_none_or(|log| log.high_watermark().is_closed())
+        });
         let budget_deadline = deadline.max(tokio::time::Instant::now() + BUDGET_MIN_WAIT);
         let Some(mut budget) = state
             .fetch_budget
@@ -307,10 +314,15 @@ async fn fetch_with_wait(
             })
             .collect();
         let mut shutdown = state.shutdown_receiver();
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = shutdown.wait_for(|stopping| *stopping) => {}
-            _ = select_all(waits) => {}
+        let closed = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = shutdown.wait_for(|stopping| *stopping) => false,
+            (woken, _, _) = select_all(waits) => woken.is_err(),
+        };
+        if closed {
+            // A topic was deleted under the wait: its names are resolved again, so the answer
+            // says so (or reads the topic created again under the name).
+            (names, targets) = resolve(state, request);
         }
     }
 }
