@@ -349,6 +349,28 @@ async fn fetches_read_ahead_and_an_unclaimed_read_gives_its_budget_back() {
     broker.shutdown().await;
 }
 
+/// Connections that never send a byte (or idle keep-alive ones) are closed after the idle
+/// timeout: with every admin slot held by them, a probe would otherwise wait for ever.
+#[tokio::test]
+async fn silent_connections_holding_every_slot_do_not_lock_the_probes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, http) = start(dir.path()).await;
+    let mut silent = Vec::new();
+    for _ in 0..sluice_broker::server::http::MAX_ADMIN_CONNECTIONS {
+        silent.push(TcpStream::connect(http).await.unwrap());
+    }
+    // `get` waits up to DEADLINE (30 s) for its answer: three idle timeouts.
+    let livez = get(http, "/livez").await;
+    assert_eq!(livez.status, 200, "{livez:?}");
+    // The silent ones were closed by the broker.
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(DEADLINE, silent[0].read(&mut byte))
+        .await
+        .expect("closed in time");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    broker.shutdown().await;
+}
+
 #[tokio::test]
 async fn livez_and_readyz_answer_200_and_unknown_paths_404() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,7 +12,10 @@
 //! [`HttpServer::stop`] ends it last, with axum's graceful shutdown.
 //!
 //! At most [`MAX_ADMIN_CONNECTIONS`] admin connections are served at once; more wait in the
-//! listen backlog until one closes.
+//! listen backlog until one closes. A connection that moves no byte either way for
+//! [`ADMIN_IDLE_TIMEOUT`] is closed (axum sets no timer, so hyper's own header timeout is off):
+//! silent or idle keep-alive connections would otherwise hold every slot, and the probes
+//! would wait in the backlog for ever.
 
 use std::io;
 use std::net::SocketAddr;
@@ -40,6 +43,9 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 /// Admin connections open at once; more wait in the listen backlog. Scrapers and probes need
 /// a handful, and each connection costs a task and its buffers.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// An admin connection moving no byte in either direction for this long is closed.
+pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long [`HttpServer::stop`] waits for admin requests in progress before cutting them off.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -130,10 +136,29 @@ struct LimitedListener {
     slots: Arc<Semaphore>,
 }
 
-/// An admin connection, holding its slot until it closes.
+/// An admin connection, holding its slot until it closes, and closed after
+/// [`ADMIN_IDLE_TIMEOUT`] without a byte read or written.
 struct LimitedStream {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl LimitedStream {
+    fn moved(&mut self) {
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + ADMIN_IDLE_TIMEOUT);
+    }
+
+    /// Whether the connection has been idle too long; registers for the moment it will be.
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        self.idle.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn idle_error() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "admin connection idle")
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -152,6 +177,7 @@ impl axum::serve::Listener for LimitedListener {
                         LimitedStream {
                             stream,
                             _slot: slot,
+                            idle: Box::pin(tokio::time::sleep(ADMIN_IDLE_TIMEOUT)),
                         },
                         peer,
                     );
@@ -176,7 +202,34 @@ impl AsyncRead for LimitedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.moved();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.timed_out(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+}
+
+impl LimitedStream {
+    /// A write that moved bytes keeps the connection alive; one blocked past the idle
+    /// timeout (a peer that stopped reading) ends it.
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match written {
+            Poll::Ready(Ok(count)) if count > 0 => {
+                self.moved();
+                Poll::Ready(Ok(count))
+            }
+            Poll::Pending if self.timed_out(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
     }
 }
 
@@ -186,7 +239,8 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.after_write(cx, written)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -202,7 +256,8 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.after_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
