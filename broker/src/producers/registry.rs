@@ -83,6 +83,10 @@ pub struct ProducerRegistry {
     /// No id at or above this was handed out. Read without a lock on every idempotent batch.
     issued_below: AtomicU64,
     names: Mutex<BTreeMap<String, NamedProducer>>,
+    /// For each name whose epoch a running instance raised, the id and epoch it raised it
+    /// from: that instance asking again (its answer was lost) is given the same new epoch, not
+    /// fenced. Taken only under `names`; in memory only (a retry after a restart is fenced).
+    bumped_from: Mutex<BTreeMap<String, (u64, u16)>>,
     /// The current epoch of each named producer's id: the fence every partition checks under
     /// its writer lock. Updated only after the names file holds the epoch.
     epochs: DashMap<u64, u16>,
@@ -213,6 +217,7 @@ impl ProducerRegistry {
             }),
             issued_below: AtomicU64::new(next_id),
             names: Mutex::new(names),
+            bumped_from: Mutex::new(BTreeMap::new()),
             epochs,
         })
     }
@@ -272,10 +277,18 @@ impl ProducerRegistry {
             ));
         }
         let mut names = self.names.lock().expect("producer names lock poisoned");
+        let mut bumped_from = self
+            .bumped_from
+            .lock()
+            .expect("producer bumps lock poisoned");
         let previous = names.get(name).copied();
         if let (Some(held), Some(named)) = (current, previous)
             && held != (named.producer_id, named.producer_epoch)
         {
+            // The instance that raised the epoch from what it holds, asking again.
+            if bumped_from.get(name) == Some(&held) {
+                return Ok((named.producer_id, named.producer_epoch));
+            }
             return Err(ProducerIdError::new(
                 ErrorCode::ProducerFenced,
                 format!(
@@ -328,6 +341,11 @@ impl ProducerRegistry {
             };
             return Err(storage_error(format!("write {}", path.display()))(error));
         }
+        // A starting instance takes the name from everyone, retries included.
+        match current {
+            Some(held) => bumped_from.insert(name.to_owned(), held),
+            None => bumped_from.remove(name),
+        };
         if let Some(previous) = previous
             && previous.producer_id != next.producer_id
         {
@@ -454,6 +472,27 @@ mod tests {
             registry.init_named("relay", Some(newer)).unwrap(),
             (newer.0, newer.1 + 1)
         );
+    }
+
+    #[test]
+    fn an_instance_asking_again_for_the_epoch_it_raised_gets_the_same_one() {
+        let fs = FaultFs::new();
+        let registry = open(&fs, 10).unwrap();
+        let first = registry.init_named("relay", None).unwrap();
+        let bumped = registry.init_named("relay", Some(first)).unwrap();
+        // The answer was lost and the request sent again, still holding `first`.
+        assert_eq!(registry.init_named("relay", Some(first)).unwrap(), bumped);
+        assert_eq!(registry.current_epoch(first.0), bumped.1, "raised once");
+        // Its next bump, from what it now holds, goes on as usual.
+        let again = registry.init_named("relay", Some(bumped)).unwrap();
+        assert_eq!(again, (first.0, first.1 + 2));
+        // Once a starting instance took the name, neither older epoch gets it back.
+        let newer = registry.init_named("relay", None).unwrap();
+        for held in [bumped, again] {
+            let error = registry.init_named("relay", Some(held)).unwrap_err();
+            assert_eq!(error.code, ErrorCode::ProducerFenced, "{held:?}");
+        }
+        assert_eq!(registry.current_epoch(newer.0), newer.1);
     }
 
     #[test]

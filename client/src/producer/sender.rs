@@ -790,7 +790,10 @@ impl SenderState {
                 self.epoch_bump_at = None;
                 self.epoch_bump_backoff.reset();
             }
-            Err(error) if error.is_retriable() => {
+            // A broker away for longer than the client's retry deadline is still a passing
+            // state: the producer waits it out (its records time out meanwhile), as it does
+            // for any other send, instead of stopping for good.
+            Err(error) if passing(&error) => {
                 let delay = self.epoch_bump_backoff.next_delay();
                 tracing::warn!(%error, "InitProducerId failed; trying again");
                 self.epoch_bump_at = Some(Instant::now() + delay);
@@ -799,6 +802,14 @@ impl SenderState {
                 self.fatal.get_or_insert(Arc::new(error));
             }
         }
+    }
+}
+
+/// Retriable, or given up on at a retry deadline after only retriable failures.
+fn passing(error: &Error) -> bool {
+    match error {
+        Error::RetriesExhausted { last, .. } => passing(last),
+        error => error.is_retriable(),
     }
 }
 

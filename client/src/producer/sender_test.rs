@@ -567,6 +567,31 @@ async fn no_more_batches_follow_the_oldest_unacknowledged_one_than_the_broker_re
     drop(sixth);
 }
 
+/// A new epoch that cannot be had while the broker is away past the client's retry deadline
+/// is tried again later: the outage is not fatal to the producer.
+#[tokio::test]
+async fn a_new_epoch_not_had_within_the_retry_deadline_is_tried_again_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let client_options = crate::ClientOptions::default().retry_deadline(Duration::from_millis(300));
+    let client = Client::connect_with(&format!("tcp://{}", broker.tcp_addr), client_options)
+        .await
+        .unwrap();
+    let held = init_producer_id(&client, Some("relay"), None)
+        .await
+        .unwrap();
+    // The broker goes away: every attempt is refused until the retry deadline gives up.
+    broker.shutdown().await;
+    let mut state = SenderState::new(options(), Some(held));
+    state.epoch_bump_needed = true;
+    state.bump_epoch(&client).await;
+    assert!(state.take_new_fatal().is_none(), "an outage is not fatal");
+    assert!(state.epoch_bump_needed);
+    assert!(state.epoch_bump_at.is_some(), "tried again later");
+}
+
 #[tokio::test]
 async fn a_new_epoch_for_a_name_taken_over_by_a_newer_instance_is_refused() {
     let dir = tempfile::tempdir().unwrap();
