@@ -557,8 +557,9 @@ impl Producer {
         }
         let shared = &self.inner.shared;
         let mut records = records.peekable();
-        // Buffer this call holds for a new batch; whatever is left is given back.
-        let mut reserved_bytes = 0;
+        // Buffer this call holds for a new batch; whatever is left is given back, also when
+        // the call is dropped while it waits.
+        let mut reserved = Reserved { shared, bytes: 0 };
         // The last record's topic and where the accumulator keeps it: a record naming the very
         // same string (same address and length, alive for all of 'r) needs no lookup.
         let mut known_topic: Option<(&'r str, usize)> = None;
@@ -606,7 +607,7 @@ impl Producer {
                         }
                         _ => TopicRef::Name(record.topic),
                     };
-                    match accumulator.append(topic, target, &parts, &mut reserved_bytes, || {
+                    match accumulator.append(topic, target, &parts, &mut reserved.bytes, || {
                         *now.get_or_insert_with(Instant::now)
                     }) {
                         Err(error) => {
@@ -660,12 +661,15 @@ impl Producer {
                             shared.buffer_bytes
                         )));
                     }
-                    let missing = u32::try_from(bytes - reserved_bytes)
-                        .expect("buffer_bytes fits in u32 (checked by build)");
-                    match shared.buffer.acquire_many(missing).await {
+                    // All of it at once, holding nothing while waiting: two callers each holding
+                    // a part and waiting for more could wait on each other for ever.
+                    shared.release_buffer(std::mem::take(&mut reserved.bytes));
+                    let wanted =
+                        u32::try_from(bytes).expect("buffer_bytes fits in u32 (checked by build)");
+                    match shared.buffer.acquire_many(wanted).await {
                         Ok(permit) => {
                             permit.forget();
-                            reserved_bytes = bytes;
+                            reserved.bytes = bytes;
                         }
                         Err(_closed) => break Err(shared.refusal()),
                     }
@@ -679,7 +683,7 @@ impl Producer {
                 }
             }
         };
-        shared.release_buffer(reserved_bytes);
+        drop(reserved);
         result
     }
 
@@ -783,7 +787,21 @@ impl Shared {
             self.buffer.add_permits(bytes);
         }
     }
+}
 
+/// Buffer bytes an enqueue call holds, given back when it ends or is dropped.
+struct Reserved<'a> {
+    shared: &'a Shared,
+    bytes: usize,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.shared.release_buffer(self.bytes);
+    }
+}
+
+impl Shared {
     /// Why enqueue is refused now.
     fn refusal(&self) -> Error {
         self.lock_accumulator()
