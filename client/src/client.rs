@@ -291,7 +291,7 @@ impl Client {
         result
     }
 
-    fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         self.inner
             .breaker
             .lock()

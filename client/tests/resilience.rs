@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use sluice_client::producer::Record;
+use sluice_client::protocol::Response;
 use sluice_client::protocol::messages::ListTopicsRequest;
 use sluice_client::resilience::{BreakerOptions, BreakerState};
 use sluice_client::{Client, ClientOptions, ConnectionOptions, Error};
@@ -21,7 +23,9 @@ async fn the_breaker_opens_while_the_broker_is_down_and_closes_after_it_returns(
         .connection(ConnectionOptions::default().connect_timeout(Duration::from_secs(2)))
         .breaker(BreakerOptions {
             failure_threshold: 3,
-            open_for: Duration::from_millis(500),
+            // Long enough that the checks right after it opens run while it is open, even on
+            // a stalled machine; the reconnection below waits it out.
+            open_for: Duration::from_secs(5),
         });
     let client = Client::connect_with(&format!("tcp://{address}"), options)
         .await
@@ -66,6 +70,32 @@ async fn the_breaker_opens_while_the_broker_is_down_and_closes_after_it_returns(
     broker.shutdown().await;
 }
 
+/// A producer's answers close the breaker: failures seen once (a broker restart) do not add
+/// up over the producer's life until the breaker opens on a healthy connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_answers_reset_the_breakers_failure_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_on_a_fixed_port(dir.path()).await;
+    let address = broker.tcp_addr;
+    let client = Client::connect(&format!("tcp://{address}")).await.unwrap();
+    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    let producer = client.producer().build().await.unwrap();
+    producer.send(Record::new("t", "before")).await.unwrap();
+
+    broker.shutdown().await;
+    assert!(client.send(ListTopicsRequest {}).await.is_err());
+    assert!(
+        matches!(client.breaker_state(), BreakerState::Closed { failures } if failures > 0),
+        "{:?}",
+        client.breaker_state()
+    );
+    let broker = restart(dir.path(), address).await;
+    producer.send(Record::new("t", "after")).await.unwrap();
+    assert_eq!(client.breaker_state(), BreakerState::Closed { failures: 0 });
+    producer.close().await.unwrap();
+    broker.shutdown().await;
+}
+
 /// A broker that takes connections and requests and answers nothing: once timeouts have
 /// opened the breaker, calls fail at once with `CircuitOpen` instead of each waiting out the
 /// request timeout on the connection that stayed up.
@@ -102,16 +132,38 @@ async fn an_open_breaker_stops_calls_on_a_connection_that_stays_up_but_never_ans
 /// of the list does not make the client fail.
 #[tokio::test]
 async fn the_first_reachable_url_of_a_list_is_used() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(dir.path()))
+    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = sluice_broker::Broker::start(sluice_broker::Config::on_loopback(first_dir.path()))
         .await
         .unwrap();
+    let second =
+        sluice_broker::Broker::start(sluice_broker::Config::on_loopback(second_dir.path()))
+            .await
+            .unwrap();
+    // Only the first reachable broker has this topic: the answer says which one is used.
+    first
+        .state()
+        .topics
+        .create("on-the-first", 1, &[], false)
+        .unwrap();
     // Nothing listens on port 1.
-    let client = Client::connect(&format!("tcp://127.0.0.1:1,tcp://{}", broker.tcp_addr))
-        .await
-        .expect("the second URL connects");
-    client.send(ListTopicsRequest {}).await.unwrap();
-    broker.shutdown().await;
+    let client = Client::connect(&format!(
+        "tcp://127.0.0.1:1,tcp://{},tcp://{}",
+        first.tcp_addr, second.tcp_addr
+    ))
+    .await
+    .expect("a URL after the dead one connects");
+    let Response::ListTopics(topics) = client.send(ListTopicsRequest {}).await.unwrap() else {
+        panic!("wrong response")
+    };
+    let names: Vec<&str> = topics
+        .topics
+        .iter()
+        .map(|topic| topic.name.as_str())
+        .collect();
+    assert!(names.contains(&"on-the-first"), "{names:?}");
+    first.shutdown().await;
+    second.shutdown().await;
 }
 
 /// A broker that takes connections and drops them before answering (here: it is at

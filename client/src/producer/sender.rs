@@ -1025,19 +1025,29 @@ async fn queue(client: &Client, mut planned: PlannedRequest) -> Queued {
     }
 }
 
-/// Awaits the answer to one queued request.
-async fn execute(queued: Queued, request_timeout: Duration) -> RequestResult {
+/// Awaits the answer to one queued request. An answer closes the client's circuit breaker:
+/// without it, a producer's failures added up over its whole life until the breaker opened.
+async fn execute(client: Client, queued: Queued, request_timeout: Duration) -> RequestResult {
     match queued {
         Queued::Sent(planned, result) => (planned, result.map(|()| None)),
         Queued::Waiting(planned, Err(error)) => (planned, Err(error)),
         Queued::Waiting(planned, Ok(pending)) => {
-            let result = match tokio::time::timeout(request_timeout, pending.response()).await {
-                Err(_elapsed) => Err(Error::Timeout {
-                    timeout_ms: duration_ms(request_timeout),
-                }),
-                Ok(Ok(Response::Produce(response))) => Ok(Some(response)),
-                Ok(Ok(other)) => Err(unexpected_response("Produce", &other)),
-                Ok(Err(error)) => Err(error),
+            let answer = tokio::time::timeout(request_timeout, pending.response())
+                .await
+                .unwrap_or_else(|_elapsed| {
+                    Err(Error::Timeout {
+                        timeout_ms: duration_ms(request_timeout),
+                    })
+                });
+            // Failures count where they are seen, at enqueue (once per broken connection,
+            // not once per request in flight on it).
+            if answer.is_ok() {
+                client.record_success();
+            }
+            let result = match answer {
+                Ok(Response::Produce(response)) => Ok(Some(response)),
+                Ok(other) => Err(unexpected_response("Produce", &other)),
+                Err(error) => Err(error),
             };
             (planned, result)
         }
@@ -1105,7 +1115,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut state: SenderState) {
             // partition's batches reach the broker in sequence order whatever the connection's
             // queues do (waiting for a slot, a full write queue, the task's poll budget).
             let queued = queue(&shared.client, request).await;
-            let future = Box::pin(execute(queued, state.options.request_timeout));
+            let future = Box::pin(execute(
+                shared.client.clone(),
+                queued,
+                state.options.request_timeout,
+            ));
             in_flight.start(future).await;
         }
         let sleep = async {
