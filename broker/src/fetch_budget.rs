@@ -152,6 +152,9 @@ mod tests {
             tokio::spawn(async move { budget.acquire(500, soon()).await.map(|p| p.bytes()) })
         };
         tokio::task::yield_now().await;
+        // It waits: 200 bytes are free, not 500 (and they are kept for it, first in line).
+        assert!(!waiter.is_finished());
+        assert_eq!(budget.available_bytes(), 0);
         drop(held);
         assert_eq!(waiter.await.unwrap(), Some(500));
     }

@@ -350,11 +350,9 @@ fn committed_offsets_survive_kill_9() {
 fn a_quic_client_reconnects_at_once_to_a_broker_killed_and_restarted() {
     use sluice_client::{Client, ClientOptions, ConnectionOptions};
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Below the ephemeral range, where no other socket of the run takes it between the kill
+    // and the restart.
+    let port = sluice_testkit::process::free_port().unwrap();
     let quic = format!("127.0.0.1:{port}");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -505,8 +505,9 @@ async fn slow_senders_holding_partial_frames_are_cut_off_at_the_frame_deadline()
             (index + 1, slowness, [tcp, quic])
         });
     }
-    // The deadline, plus scheduling slack on a busy machine.
-    let cut_off_within = Duration::from_millis(FRAME_READ_TIMEOUT_MS) + Duration::from_secs(5);
+    // The deadline, plus generous scheduling slack on a busy machine: an uncut trickle would
+    // take the better part of an hour, so this still tells cut from not cut.
+    let cut_off_within = Duration::from_millis(FRAME_READ_TIMEOUT_MS) + Duration::from_secs(30);
     // Meanwhile the healthy clients are served without waiting for the slow ones.
     let mut slowest = Duration::ZERO;
     while !senders.is_empty() {

@@ -4,7 +4,8 @@
 //!
 //! Short versions run in CI; `SLUICE_RELIABILITY_LONG=1` runs the long ones (`.ci/long`):
 //! 1,000 connections for 60 s instead of 200 for 5 s, and 10-second slow-consumer phases
-//! instead of 2-second ones, with the 10 % throughput bound asserted.
+//! instead of 2-second ones. The throughput ratio with and without the slow consumer is
+//! printed, never asserted (a test does not time a shared machine).
 
 mod support;
 

@@ -382,9 +382,11 @@ fn a_restart_does_not_start_the_active_segments_age_again() {
     log.close().unwrap();
     storage.shutdown();
     let storage = self::storage(Arc::new(RealFs), FsyncPolicy::Never);
+    // The age counts from the open, somewhere between these two readings.
+    let before = wall_clock_ms();
     let log = storage.open_log(&dir, config).unwrap();
     let opened = wall_clock_ms();
-    log.append_at(batch(1, 1, 10, opened as i64), opened + 29_000)
+    log.append_at(batch(1, 1, 10, opened as i64), before + 29_000)
         .unwrap();
     assert_eq!(log.segment_count(), 1);
     log.append_at(batch(2, 1, 10, opened as i64), opened + 31_000)
@@ -485,12 +487,16 @@ async fn torn_write_at_every_byte_of_the_last_batch_recovers_the_batches_before_
     let storage = storage(Arc::new(fs.clone()), FsyncPolicy::Never);
     let dir = PathBuf::from("/data/topics/t/0");
     let config = LogConfig::default();
-    let last = batch(3, 3, 30, 7);
+    // Stamped now: a segment whose first record is older than segment_ms rolls at the first
+    // append after a restart, and a roll syncs (even with fsync=never), which would make the
+    // batch to be torn durable.
+    let now = wall_clock_ms() as i64;
+    let last = batch(3, 3, 30, now + 7);
     let last_size = last.size_bytes();
     for keep in 0..last_size {
         let log = storage.open_log(&dir, config.clone()).unwrap();
         if log.latest_offset() == 0 {
-            log.append(batch(0, 3, 30, 1)).unwrap();
+            log.append(batch(0, 3, 30, now + 1)).unwrap();
             log.wait_durable(3).await.unwrap();
             log.checkpoint_recovery_point().unwrap();
         }
@@ -512,7 +518,7 @@ async fn torn_write_at_every_byte_of_the_last_batch_recovers_the_batches_before_
             log.poison_reason()
         );
         // The log accepts writes right after the cut.
-        let info = log.append(batch(3, 1, 5, 9)).unwrap();
+        let info = log.append(batch(3, 1, 5, now + 9)).unwrap();
         assert_eq!(info.base_offset, 3);
         fs.crash();
     }
@@ -622,6 +628,11 @@ fn large_reads_map_the_segment_and_check_what_they_serve() {
     let expected: Vec<(u64, u64)> = (0..240).map(|offset| (offset, offset)).collect();
     assert_eq!(read_all(&log, 0, 1), expected, "a batch per read, copied");
     assert_eq!(read_all(&log, 0, 1 << 20), expected, "mapped reads");
+    // Which way each read went: a large read is the file's own pages, a small one a copy.
+    let large = log.read(0, 1 << 20).unwrap();
+    assert!(sluice_broker::storage::fs::file_source(&large.records).is_some());
+    let small = log.read(0, 1).unwrap();
+    assert!(sluice_broker::storage::fs::file_source(&small.records).is_none());
     assert_eq!(
         read_all(&log, 37, 100_000),
         expected[37..],

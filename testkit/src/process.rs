@@ -231,7 +231,18 @@ pub fn free_port() -> anyhow::Result<u16> {
         .unwrap_or(32768);
     let low = 10_000u16.min(ephemeral_low / 2);
     let span = u64::from(ephemeral_low.saturating_sub(low).max(1));
-    let mut rng = crate::Rng::new(crate::seed() ^ u64::from(std::process::id()));
+    // Not from the workload seed alone: two tests of one process reproducing a failure with
+    // the same SLUICE_RELIABILITY_SEED would probe the same ports in the same order.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    let mut rng = crate::Rng::new(
+        u64::from(std::process::id()) << 32
+            ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ u64::from(clock),
+    );
     for _ in 0..1000 {
         let port = low + rng.below(span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {

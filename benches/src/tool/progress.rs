@@ -163,9 +163,11 @@ mod tests {
     #[tokio::test]
     async fn the_sampler_keeps_a_final_partial_second() {
         let meter = Meter::new();
+        // Started 600 ms ago and finished at once: long enough for a partial sample (200 ms),
+        // short of a full one unless this thread stalls 400 ms. No sleep to overrun.
         let sampler = Sampler::start(
             Arc::clone(&meter),
-            Instant::now(),
+            Instant::now() - Duration::from_millis(600),
             ProgressBar::hidden(),
             Stop::Messages(10),
             Progressing::Acked,
@@ -173,7 +175,6 @@ mod tests {
         meter
             .acked
             .fetch_add(10, std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let samples = sampler.finish().await;
         assert_eq!(samples.len(), 1);
         assert!(samples[0].acked_per_second > 0.0);
