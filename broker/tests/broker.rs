@@ -173,6 +173,16 @@ async fn fetch(
     response.topics.remove(0).partitions.remove(0)
 }
 
+/// The log of a partition of the broker's topic.
+fn partition_log(
+    broker: &BrokerHandle,
+    topic: &str,
+    partition: u32,
+) -> std::sync::Arc<sluice_broker::storage::PartitionLog> {
+    let topic = broker.state().topics.get(topic).expect("the topic exists");
+    std::sync::Arc::clone(topic.partition(partition).expect("the partition exists"))
+}
+
 /// Values of every record in a fetch response, with offsets.
 fn values(records: &[u8]) -> Vec<(u64, String)> {
     let mut out = Vec::new();
@@ -715,15 +725,7 @@ async fn a_fetch_short_of_min_bytes_waits_for_more_records() {
         ErrorCode::None
     );
     produce(&connection, "t", 0, &["small"], Acks::Leader).await;
-    let log = std::sync::Arc::clone(
-        broker
-            .state()
-            .topics
-            .get("t")
-            .unwrap()
-            .partition(0)
-            .unwrap(),
-    );
+    let log = partition_log(&broker, "t", 0);
     let waiting = |log: &sluice_broker::storage::PartitionLog| log.high_watermark().waiter_count();
 
     let mut request = fetch_request("t", 0, 0, 20_000);
@@ -772,15 +774,7 @@ async fn a_fetch_waiting_on_a_deleted_topic_answers_that_it_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, connection) = start(dir.path(), Transport::Tcp).await;
     create(&connection, "t", 1).await;
-    let log = std::sync::Arc::clone(
-        broker
-            .state()
-            .topics
-            .get("t")
-            .unwrap()
-            .partition(0)
-            .unwrap(),
-    );
+    let log = partition_log(&broker, "t", 0);
     let fetcher = {
         let connection = connection.clone();
         tokio::spawn(async move { connection.send(fetch_request("t", 0, 0, 600_000)).await })

@@ -343,6 +343,20 @@ async fn lines_that_are_not_utf8_are_produced_as_bytes() {
     broker.shutdown().await;
 }
 
+/// A broker on a fresh directory (kept while the first value lives), a client of it, and
+/// topic `t` of one partition.
+async fn broker_with_topic_t() -> (tempfile::TempDir, BrokerHandle, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config::on_loopback(dir.path()))
+        .await
+        .unwrap();
+    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    (dir, broker, client)
+}
+
 async fn produce_values(client: &Client, topic: &str, values: &[String]) {
     let mut builder = RecordBatchBuilder::new();
     for value in values {
@@ -377,14 +391,7 @@ async fn produce_values(client: &Client, topic: &str, values: &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_shows_records_as_they_come_and_ends_cleanly_when_its_reader_goes() {
     use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::on_loopback(dir.path()))
-        .await
-        .unwrap();
-    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
-        .await
-        .unwrap();
-    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    let (_dir, broker, client) = broker_with_topic_t().await;
     produce_values(&client, "t", &["first".to_owned()]).await;
     let url = format!("tcp://{}", broker.tcp_addr);
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -447,14 +454,7 @@ async fn committed_offset(client: &Client, group: &str, topic: &str) -> i64 {
 /// could not print: they are delivered again to the next run, not lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_consume_whose_output_fails_commits_nothing_it_did_not_print() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::on_loopback(dir.path()))
-        .await
-        .unwrap();
-    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
-        .await
-        .unwrap();
-    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    let (_dir, broker, client) = broker_with_topic_t().await;
     let values: Vec<String> = (0..10).map(|index| format!("v{index}")).collect();
     produce_values(&client, "t", &values).await;
     let url = format!("tcp://{}", broker.tcp_addr);
@@ -501,14 +501,7 @@ async fn a_group_consume_whose_output_fails_commits_nothing_it_did_not_print() {
 /// group has committed, the commit wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_consume_from_an_offset_starts_there_only_without_a_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(Config::on_loopback(dir.path()))
-        .await
-        .unwrap();
-    let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
-        .await
-        .unwrap();
-    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    let (_dir, broker, client) = broker_with_topic_t().await;
     let values: Vec<String> = (0..10).map(|index| format!("v{index}")).collect();
     produce_values(&client, "t", &values).await;
     let args = [

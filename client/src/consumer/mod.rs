@@ -604,19 +604,9 @@ impl Shared {
         for (partition, offset) in positions {
             let generation = state.next_generation;
             state.next_generation += 1;
-            state.partitions.insert(
-                partition,
-                PartitionState {
-                    fetch_offset: offset,
-                    generation,
-                    yielded: None,
-                    processed: None,
-                    committed: None,
-                    fetch_backoff: Backoff::new(FETCH_RETRY_FIRST, FETCH_RETRY_MAX),
-                    retry_at: None,
-                    needs_seek: false,
-                },
-            );
+            state
+                .partitions
+                .insert(partition, PartitionState::new(offset, generation, false));
         }
         drop(state);
         self.assignment_changed.notify_one();
@@ -630,19 +620,9 @@ impl Shared {
         for partition in partitions {
             let generation = state.next_generation;
             state.next_generation += 1;
-            state.partitions.insert(
-                partition.clone(),
-                PartitionState {
-                    fetch_offset: 0,
-                    generation,
-                    yielded: None,
-                    processed: None,
-                    committed: None,
-                    fetch_backoff: Backoff::new(FETCH_RETRY_FIRST, FETCH_RETRY_MAX),
-                    retry_at: None,
-                    needs_seek: true,
-                },
-            );
+            state
+                .partitions
+                .insert(partition.clone(), PartitionState::new(0, generation, true));
         }
         drop(state);
         for partition in partitions {
@@ -1129,6 +1109,21 @@ fn fetch_went(shared: &Shared, key: &TopicPartition, generation: u64, failed: bo
 }
 
 impl PartitionState {
+    /// A partition just taken on, to be fetched from `fetch_offset` (or, with `needs_seek`,
+    /// once the application seeks it).
+    fn new(fetch_offset: u64, generation: u64, needs_seek: bool) -> PartitionState {
+        PartitionState {
+            fetch_offset,
+            generation,
+            yielded: None,
+            processed: None,
+            committed: None,
+            fetch_backoff: Backoff::new(FETCH_RETRY_FIRST, FETCH_RETRY_MAX),
+            retry_at: None,
+            needs_seek,
+        }
+    }
+
     /// Forgets the partition's failed fetches: the next goes out at once.
     fn fetch_again_at_once(&mut self) {
         self.fetch_backoff.reset();
