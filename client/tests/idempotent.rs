@@ -16,8 +16,8 @@ use sluice_broker::{Broker, BrokerHandle, Config};
 use sluice_client::idempotent::inbox::{Inbox, InboxConsumer};
 use sluice_client::idempotent::outbox::{self, OUTBOX_ID_HEADER, OutboxMessage, OutboxRelay};
 use sluice_client::idempotent::{
-    BoxError, Error, IdempotentConsumer, InMemoryDedupStore, MESSAGE_ID_HEADER, Outcome,
-    SqliteDedupStore,
+    BoxError, Error, IdempotentConsumer, InMemoryDedupStore, MESSAGE_ID_HEADER, MessageKey,
+    Outcome, SqliteDedupStore,
 };
 use sluice_client::producer::Record;
 use sluice_client::protocol::messages::OffsetSpec;
@@ -771,6 +771,34 @@ async fn outbox_rows_published_but_not_marked_are_not_published_again() {
     relay.close().await.unwrap();
     let records = read_topic(&client, "orders").await;
     assert_each_row_once_in_order(&records, "orders-relay", 6);
+    broker.shutdown().await;
+}
+
+/// A row whose own `message-id` header is empty still gets the relay's id: an empty id is no
+/// id to a consumer's dedup store, which would key the record by its position and run its
+/// handler again for a copy published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_with_an_empty_message_id_gets_the_relays() {
+    let directory = tempfile::tempdir().unwrap();
+    let (broker, client) = start(&directory.path().join("broker")).await;
+    client.admin().create_topic("orders", 1, &[]).await.unwrap();
+    let database = directory.path().join("shop.sqlite");
+    let connection = rusqlite::Connection::open(&database).unwrap();
+    outbox::create_schema(&connection).unwrap();
+    let message = OutboxMessage::new("orders", "order-1").header("message-id", "");
+    let id = outbox::insert(&connection, &message).unwrap();
+    let mut relay = OutboxRelay::builder(&client, &database, "orders-relay")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(relay.relay_once().await.unwrap(), 1);
+    relay.close().await.unwrap();
+    let records = read_topic(&client, "orders").await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        MessageKey::of(&records[0]),
+        MessageKey::MessageId(format!("orders-relay:{id}").into_bytes().into())
+    );
     broker.shutdown().await;
 }
 

@@ -606,10 +606,11 @@ impl OutboxRelay {
             let message = &row.message;
             let mut record = Record::new(&message.topic, message.value.clone())
                 .header(OUTBOX_ID_HEADER, outbox_id.clone());
+            // An empty message id is none (`MessageKey::of` skips it): the relay's stands in.
             if !message
                 .headers
                 .iter()
-                .any(|(name, _)| name == MESSAGE_ID_HEADER)
+                .any(|(name, value)| name == MESSAGE_ID_HEADER && !value.is_empty())
             {
                 record = record.header(MESSAGE_ID_HEADER, outbox_id);
             }
