@@ -774,6 +774,57 @@ async fn outbox_rows_published_but_not_marked_are_not_published_again() {
     broker.shutdown().await;
 }
 
+/// Other writers' records in the partitions the relay's rows do not go to must not pile up in
+/// front of the next read-back: with every row marked, the relay moves where a read-back
+/// starts to the partitions' ends (before, a restart read everything written there since the
+/// relay's own start, until its read-back could not finish within its timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_back_does_not_fall_behind_partitions_the_rows_do_not_go_to() {
+    let directory = tempfile::tempdir().unwrap();
+    let (broker, client) = start(&directory.path().join("broker")).await;
+    client.admin().create_topic("orders", 2, &[]).await.unwrap();
+    let database = directory.path().join("shop.sqlite");
+    place_orders(&database, 1, 1);
+    let mut relay = OutboxRelay::builder(&client, &database, "orders-relay")
+        .scan_catch_up_every(Duration::ZERO)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(relay.relay_once().await.unwrap(), 1);
+    // The rows (keyed by customer) go to one partition; another writer fills the other.
+    let records = read_topic(&client, "orders").await;
+    let ours = records[0].partition;
+    let other = 1 - ours;
+    let producer = client.producer().build().await.unwrap();
+    for index in 0..100 {
+        let record = Record::new("orders", format!("other-{index}")).partition(other);
+        producer.enqueue(record).await.unwrap();
+    }
+    producer.close().await.unwrap();
+    // Order 4 is customer-1's, as order 1: the same key, the same partition.
+    place_orders(&database, 4, 1);
+    assert_eq!(relay.relay_once().await.unwrap(), 1);
+    let (other_end, _) = client
+        .admin()
+        .list_offset("orders", other, OffsetSpec::Latest)
+        .await
+        .unwrap();
+    let scan_from: i64 = rusqlite::Connection::open(&database)
+        .unwrap()
+        .query_row(
+            "SELECT scan_from_offset FROM sluice_outbox_scan WHERE topic = 'orders' AND partition = ?1",
+            [other],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        scan_from as u64, other_end,
+        "the other writer's records are behind it"
+    );
+    relay.close().await.unwrap();
+    broker.shutdown().await;
+}
+
 /// A row whose own `message-id` header is empty still gets the relay's id: an empty id is no
 /// id to a consumer's dedup store, which would key the record by its position and run its
 /// handler again for a copy published again.

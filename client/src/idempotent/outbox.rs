@@ -48,7 +48,10 @@
 //! but out of order. Timeouts are minutes by default.)
 //!
 //! Costs and limits: a read-back after every restart, of what was written to those partitions
-//! since the last mark (usually one batch). Records deleted by retention before they were read
+//! since the last mark, or since the last minute for partitions the relay's recent batches
+//! did not go to (with every row published marked, the relay moves all `scan_from` to the
+//! partitions' ends at most once a minute: other writers' records would otherwise pile up in
+//! front of a read-back until it could not finish within its timeout). Records deleted by retention before they were read
 //! back cannot be found, and their rows would be published again: keep the relay running
 //! well within the topic's retention. One relay name per outbox: the relay refuses a database
 //! that another name relays. The application must create the topics.
@@ -231,6 +234,7 @@ pub struct OutboxRelayBuilder {
     name: String,
     max_batch_rows: usize,
     read_back_timeout: Duration,
+    scan_catch_up_every: Duration,
 }
 
 impl OutboxRelayBuilder {
@@ -247,6 +251,16 @@ impl OutboxRelayBuilder {
     /// Default = 30 s.
     pub fn read_back_timeout(mut self, read_back_timeout: Duration) -> Self {
         self.read_back_timeout = read_back_timeout;
+        self
+    }
+
+    /// How often, at most, the relay moves where a read-back starts to the partitions' ends
+    /// (only while every row it published is marked), so that other writers' records do not
+    /// pile up in front of the read-back after a restart.
+    ///
+    /// Default = 60 s.
+    pub fn scan_catch_up_every(mut self, every: Duration) -> Self {
+        self.scan_catch_up_every = every;
         self
     }
 
@@ -301,6 +315,8 @@ impl OutboxRelayBuilder {
             published_by: None,
             publishes: 0,
             known_topics: HashSet::new(),
+            scan_catch_up_every: self.scan_catch_up_every,
+            scan_caught_up_at: Instant::now(),
         };
         relay.producer().await?;
         Ok(relay)
@@ -350,6 +366,10 @@ pub struct OutboxRelay {
     publishes: u64,
     /// Topics whose partitions all have a `scan_from` row.
     known_topics: HashSet<String>,
+    /// How often, at most, every `scan_from` moves to its partition's end.
+    scan_catch_up_every: Duration,
+    /// When every `scan_from` last moved to its partition's end.
+    scan_caught_up_at: Instant,
 }
 
 impl OutboxRelay {
@@ -366,6 +386,7 @@ impl OutboxRelay {
             name: name.into(),
             max_batch_rows: 500,
             read_back_timeout: Duration::from_secs(30),
+            scan_catch_up_every: Duration::from_secs(60),
         }
     }
 
@@ -415,17 +436,10 @@ impl OutboxRelay {
             .into_iter()
             .map(|(topic, partition, offset)| ((topic, partition), offset))
             .collect();
-        let admin = self.client.admin();
         // Where each partition ends now; records after it are not this relay's (it is fenced).
-        let mut ends: BTreeMap<(String, u32), u64> = BTreeMap::new();
-        for topic in &topics {
-            for partition in 0..admin.partition_count(topic).await? {
-                let (end, _) = admin
-                    .list_offset(topic, partition, OffsetSpec::Latest)
-                    .await?;
-                scan_from.entry((topic.clone(), partition)).or_insert(end);
-                ends.insert((topic.clone(), partition), end);
-            }
+        let ends = self.partition_ends(&topics).await?;
+        for (partition, end) in &ends {
+            scan_from.entry(partition.clone()).or_insert(*end);
         }
         let mut remaining: BTreeMap<(String, u32), u64> = ends
             .iter()
@@ -513,39 +527,83 @@ impl OutboxRelay {
         Ok(marked)
     }
 
+    /// Where each partition of `topics` ends now.
+    async fn partition_ends<'t>(
+        &self,
+        topics: impl IntoIterator<Item = &'t String>,
+    ) -> Result<BTreeMap<(String, u32), u64>> {
+        let admin = self.client.admin();
+        let mut ends = BTreeMap::new();
+        for topic in topics {
+            for partition in 0..admin.partition_count(topic).await? {
+                let (end, _) = admin
+                    .list_offset(topic, partition, OffsetSpec::Latest)
+                    .await?;
+                ends.insert((topic.clone(), partition), end);
+            }
+        }
+        Ok(ends)
+    }
+
     /// Gives every partition of `topics` a `scan_from` (its end now) before anything is
     /// published there, so a read-back after a crash knows where to look.
     async fn ensure_scan_positions(&mut self, topics: BTreeSet<String>) -> Result<()> {
-        let admin = self.client.admin();
-        for topic in topics {
-            if self.known_topics.contains(&topic) {
-                continue;
-            }
-            let mut positions = Vec::new();
-            for partition in 0..admin.partition_count(&topic).await? {
-                let (end, _) = admin
-                    .list_offset(&topic, partition, OffsetSpec::Latest)
-                    .await?;
-                positions.push((partition, end));
-            }
-            let name = topic.clone();
-            sqlite::blocking(&self.connection, move |connection| {
-                let transaction = connection.transaction()?;
-                for (partition, end) in positions {
-                    transaction.execute(
-                        "INSERT OR IGNORE INTO sluice_outbox_scan
-                             (topic, partition, scan_from_offset)
-                         VALUES (?1, ?2, ?3)",
-                        params![name, partition, offset_to_sql(end)?],
-                    )?;
-                }
-                transaction.commit()?;
-                Ok(())
-            })
-            .await?;
-            self.known_topics.insert(topic);
+        let new: Vec<String> = topics
+            .into_iter()
+            .filter(|topic| !self.known_topics.contains(topic))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
         }
+        let ends = self.partition_ends(&new).await?;
+        sqlite::blocking(&self.connection, move |connection| {
+            let transaction = connection.transaction()?;
+            for ((topic, partition), end) in ends {
+                transaction.execute(
+                    "INSERT OR IGNORE INTO sluice_outbox_scan (topic, partition, scan_from_offset)
+                     VALUES (?1, ?2, ?3)",
+                    params![topic, partition, offset_to_sql(end)?],
+                )?;
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+        .await?;
+        self.known_topics.extend(new);
         Ok(())
+    }
+
+    /// With every row published marked (no record of this relay lies past a mark), moves every
+    /// `scan_from` to its partition's end, at most every `scan_catch_up_every`. A failure
+    /// only leaves them where they were.
+    async fn catch_up_scan_positions(&mut self) {
+        if self.scan_caught_up_at.elapsed() < self.scan_catch_up_every {
+            return;
+        }
+        self.scan_caught_up_at = Instant::now();
+        let topics: Vec<String> = self.known_topics.iter().cloned().collect();
+        let moved = match self.partition_ends(&topics).await {
+            Ok(ends) => {
+                sqlite::blocking(&self.connection, move |connection| {
+                    let transaction = connection.transaction()?;
+                    for ((topic, partition), end) in ends {
+                        transaction.execute(
+                            "UPDATE sluice_outbox_scan
+                             SET scan_from_offset = MAX(scan_from_offset, ?3)
+                             WHERE topic = ?1 AND partition = ?2",
+                            params![topic, partition, offset_to_sql(end)?],
+                        )?;
+                    }
+                    transaction.commit()?;
+                    Ok(())
+                })
+                .await
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = moved {
+            tracing::debug!(relay = %self.name, %error, "outbox scan positions not moved on");
+        }
     }
 
     /// Publishes up to `max_batch_rows` unsent rows in id order and waits until the broker
@@ -667,6 +725,7 @@ impl OutboxRelay {
             && let Some(producer) = self.published_by.take()
         {
             self.producer = Some(producer);
+            self.catch_up_scan_positions().await;
         }
         Ok(marked)
     }
