@@ -710,6 +710,8 @@ impl Storage {
             ));
         }
         at_least_one("storage.flusher_threads", self.flusher_threads as u64)?;
+        // Each is a thread, started at once; past this many they only contend for the disk.
+        at_most("storage.flusher_threads", self.flusher_threads as u64, 256)?;
         at_least_one("storage.open_segments_max", self.open_segments_max as u64)?;
         in_range(
             "storage.recovery_checkpoint_ms",

@@ -202,6 +202,9 @@ pub async fn serve_with<S>(
                 Ok(read) => read,
                 Err(_) => {
                     tracing::warn!(%peer, timeout_ms = limits.frame_read_timeout_ms, "closing connection stalled mid-frame");
+                    state
+                        .metrics
+                        .count_undecoded_request(None, ErrorCode::RequestTimedOut);
                     let mut answer = BytesMut::new();
                     encode_error_response(
                         stalled_correlation_id(&buffer),

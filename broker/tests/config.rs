@@ -571,6 +571,11 @@ fn out_of_range_limits_are_named() {
             "[limits]\nmax_quic_streams = 4294967295\n",
             "limits.max_quic_streams",
         ),
+        // One thread each, started at once: ten million ended in a panic, not a message.
+        (
+            "[storage]\nflusher_threads = 10000000\n",
+            "storage.flusher_threads",
+        ),
         (
             "[limits]\nfetch_read_ahead_ms = 100000000000000000\n",
             "limits.fetch_read_ahead_ms",

@@ -349,6 +349,39 @@ async fn fetches_read_ahead_and_an_unclaimed_read_gives_its_budget_back() {
     broker.shutdown().await;
 }
 
+/// A connection cut off for stalling mid-frame got an answer (`RequestTimedOut`), so it is
+/// counted among the answered requests like any other.
+#[tokio::test]
+async fn a_frame_cut_off_for_stalling_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    config.limits.frame_read_timeout_ms = 200;
+    let broker = Broker::start(config).await.expect("broker starts");
+    let http = broker.http_addr.expect("the admin port is served");
+    let mut stalled = TcpStream::connect(broker.tcp_addr).await.unwrap();
+    // Half of a frame's length prefix and header: then nothing.
+    stalled.write_all(&[0, 0, 0, 40, 0, 18]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stalled.read_to_end(&mut answer))
+        .await
+        .expect("cut off in time")
+        .unwrap();
+    assert!(!answer.is_empty(), "answered before the close");
+    let metrics = get(http, "/metrics").await;
+    let samples = parse_exposition(&metrics.body);
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_requests_total",
+            &[("api", "unknown"), ("code", "request_timed_out")]
+        ),
+        Some(1.0),
+        "{}",
+        metrics.body
+    );
+    broker.shutdown().await;
+}
+
 /// Connections that never send a byte (or idle keep-alive ones) are closed after the idle
 /// timeout: with every admin slot held by them, a probe would otherwise wait for ever.
 #[tokio::test]
