@@ -53,10 +53,29 @@ const MAX_TOPIC_NAME_BYTES: u32 = crate::topics::MAX_TOPIC_NAME_BYTES as u32;
 /// Bytes a produce request adds around one record batch for one partition of a topic with the
 /// longest possible name: request header, `acks u8`, `timeout_ms u32`, topic count `u32`, name
 /// (`u16` length + 249 bytes), partition count `u32`, `partition u32` and the batch's `u32`
-/// length. `limits.max_batch_bytes` plus this must fit in `limits.max_frame_bytes`, or a batch
-/// the broker accepts could not be sent to it.
+/// length: with [`FETCH_FRAMING_BYTES`], it makes [`BATCH_FRAMING_BYTES`].
 pub const PRODUCE_FRAMING_BYTES: u32 =
     REQUEST_HEADER_BYTES as u32 + 1 + 4 + 4 + 2 + MAX_TOPIC_NAME_BYTES + 4 + 4 + 4;
+
+/// Bytes a fetch response adds around one record batch of one partition of a topic with the
+/// longest possible name: response header, topic count `u32`, name (`u16` length + 249 bytes),
+/// partition count `u32`, and the partition's `partition u32`, `error_code u16`, high
+/// watermark and log start offset `u64`s and the records' `u32` length. A consumer must be
+/// able to fetch any batch the broker accepted.
+pub const FETCH_FRAMING_BYTES: u32 = sluice_protocol::frame::RESPONSE_HEADER_BYTES as u32
+    + 4
+    + 2
+    + MAX_TOPIC_NAME_BYTES
+    + 4
+    + (4 + 2 + 8 + 8 + 4);
+
+/// Framing around the largest batch, in a request or an answer: `limits.max_batch_bytes` plus
+/// this must fit in `limits.max_frame_bytes`.
+pub const BATCH_FRAMING_BYTES: u32 = if PRODUCE_FRAMING_BYTES > FETCH_FRAMING_BYTES {
+    PRODUCE_FRAMING_BYTES
+} else {
+    FETCH_FRAMING_BYTES
+};
 
 /// Smallest `limits.max_frame_bytes` accepted: below it not even metadata responses fit.
 pub const MIN_FRAME_BYTES: u32 = 1024;
@@ -321,7 +340,7 @@ pub struct Limits {
     /// At least 1024. Default 8388608 (8 MiB).
     pub max_frame_bytes: u32,
     /// Largest record batch in a produce request, in bytes. It plus
-    /// [`PRODUCE_FRAMING_BYTES`] must fit in `max_frame_bytes`. Default 1048576 (1 MiB).
+    /// [`BATCH_FRAMING_BYTES`] must fit in `max_frame_bytes`. Default 1048576 (1 MiB).
     pub max_batch_bytes: u32,
     /// Client connections open at once, TCP and QUIC together; more are refused.
     /// Default 1024.
@@ -735,13 +754,13 @@ impl Limits {
             ));
         }
         at_least_one("limits.max_batch_bytes", u64::from(self.max_batch_bytes))?;
-        let largest_produce = u64::from(self.max_batch_bytes) + u64::from(PRODUCE_FRAMING_BYTES);
-        if largest_produce > u64::from(self.max_frame_bytes) {
+        let largest_frame = u64::from(self.max_batch_bytes) + u64::from(BATCH_FRAMING_BYTES);
+        if largest_frame > u64::from(self.max_frame_bytes) {
             return Err(ConfigError::invalid(
                 "limits.max_batch_bytes",
                 format!(
-                    "{} plus {PRODUCE_FRAMING_BYTES} bytes of request framing does not fit in \
-                     limits.max_frame_bytes ({})",
+                    "{} plus {BATCH_FRAMING_BYTES} bytes of request or answer framing does not \
+                     fit in limits.max_frame_bytes ({})",
                     self.max_batch_bytes, self.max_frame_bytes
                 ),
             ));

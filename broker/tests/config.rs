@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use sluice_broker::config::{
-    self, Cli, Config, ConfigError, LogFormat, Logging, PRODUCE_FRAMING_BYTES,
+    self, BATCH_FRAMING_BYTES, Cli, Config, ConfigError, LogFormat, Logging,
 };
 use sluice_broker::storage::{FsyncPolicy, LogConfig, StorageOptions};
 use sluice_protocol::frame::DEFAULT_MAX_FRAME_BYTES;
@@ -719,7 +719,7 @@ fn validate_names_the_option_that_breaks_a_rule() {
         }),
         ("limits.max_batch_bytes", |c| c.limits.max_batch_bytes = 0),
         ("limits.max_batch_bytes", |c| {
-            c.limits.max_batch_bytes = c.limits.max_frame_bytes - PRODUCE_FRAMING_BYTES + 1;
+            c.limits.max_batch_bytes = c.limits.max_frame_bytes - BATCH_FRAMING_BYTES + 1;
         }),
         ("limits.max_connections", |c| c.limits.max_connections = 0),
         ("limits.max_in_flight_requests", |c| {
@@ -765,7 +765,7 @@ fn validate_accepts_the_edges() {
     let mut config = Config::default();
     // The largest batch that still fits in a frame.
     config.limits.max_frame_bytes = 1024;
-    config.limits.max_batch_bytes = 1024 - PRODUCE_FRAMING_BYTES;
+    config.limits.max_batch_bytes = 1024 - BATCH_FRAMING_BYTES;
     config.log.max_message_bytes = u64::from(config.limits.max_batch_bytes);
     config.log.segment_bytes = 1024;
     config.limits.fetch_response_budget_bytes = 1024;

@@ -120,6 +120,59 @@ async fn fetch(
     response.topics.remove(0).partitions.remove(0)
 }
 
+/// A batch as large as the limits allow is fetched whole, in a fetch of many partitions too:
+/// beside their entries it would not fit in a frame, so the answer carries its partition
+/// alone (it was `MessageTooLarge`, to the same fetch every time: the consumer was stuck).
+#[tokio::test]
+async fn the_largest_batch_is_fetched_even_among_many_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    config.limits.max_frame_bytes = 1 << 20;
+    config.limits.max_batch_bytes = (1 << 20) - sluice_broker::config::BATCH_FRAMING_BYTES;
+    config.log.max_message_bytes = u64::from(config.limits.max_batch_bytes);
+    let max_batch = config.limits.max_batch_bytes as usize;
+    let (broker, connection) = start(config).await;
+    assert_eq!(
+        create(&connection, "t", 12, vec![]).await.error_code,
+        ErrorCode::None
+    );
+    // One record, its value sized so the batch is exactly the largest accepted.
+    let mut value_bytes = max_batch - 100;
+    let largest = loop {
+        let built = batch(1, value_bytes);
+        match max_batch.cmp(&built.len()) {
+            std::cmp::Ordering::Equal => break built,
+            std::cmp::Ordering::Greater => value_bytes += max_batch - built.len(),
+            std::cmp::Ordering::Less => value_bytes -= built.len() - max_batch,
+        }
+    };
+    assert_eq!(
+        produce(&connection, "t", largest.clone()).await.error_code,
+        ErrorCode::None
+    );
+    let mut request = fetch_request("t", 0, 0, 1 << 20);
+    request.topics[0].partitions = (0..12)
+        .map(|partition| FetchPartition {
+            partition,
+            fetch_offset: 0,
+            partition_max_bytes: 1 << 20,
+        })
+        .collect();
+    let Response::Fetch(answer) = connection.send(request).await.expect("fetch answered") else {
+        panic!("wrong response")
+    };
+    let served: Vec<_> = answer
+        .topics
+        .iter()
+        .flat_map(|topic| &topic.partitions)
+        .filter(|partition| !partition.records.is_empty())
+        .collect();
+    assert_eq!(served.len(), 1);
+    assert_eq!(served[0].partition, 0);
+    assert_eq!(served[0].records, largest);
+    broker.shutdown().await;
+}
+
 /// The client that did nothing wrong is still served: a produce and a fetch of it.
 async fn still_served(connection: &Connection, topic: &str) {
     let produced = produce(connection, topic, batch(1, 10)).await;

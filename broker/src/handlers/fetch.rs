@@ -216,7 +216,7 @@ fn read_now(state: &Arc<BrokerState>, request: &FetchRequest) -> Option<ReadAhea
         .fetch_budget
         .try_acquire(reservation_bytes(&targets, request_max_bytes))?;
     let max_bytes = request_max_bytes.min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
-    let (response, total_bytes, any_error) = read_once(&names, &targets, max_bytes);
+    let (response, total_bytes, any_error) = read_once(state, &names, &targets, max_bytes);
     if any_error || total_bytes < u64::from(request.min_bytes.max(1)) {
         return None;
     }
@@ -286,7 +286,7 @@ async fn fetch_with_wait(
                     .map_or(0, |log| log.high_watermark().get())
             })
             .collect();
-        let (response, total_bytes, any_error) = read_once(&names, &targets, max_bytes);
+        let (response, total_bytes, any_error) = read_once(state, &names, &targets, max_bytes);
         let now = tokio::time::Instant::now();
         if total_bytes >= u64::from(request.min_bytes.max(1))
             || any_error
@@ -431,9 +431,42 @@ fn throttled(names: &[String], targets: &[Target]) -> FetchResponse {
     FetchResponse { topics }
 }
 
-/// One pass over the partitions. Returns the response, the record bytes in it, and whether a
-/// partition failed (which answers at once).
-fn read_once(names: &[String], targets: &[Target], max_bytes: u32) -> (FetchResponse, u64, bool) {
+/// One pass over the partitions, its answer made to fit in a frame. Returns the response, the
+/// record bytes in it, and whether a partition failed (which answers at once).
+///
+/// The first batch found is served whole, even past `max_bytes` (a consumer must get past
+/// it). Beside the entries of many other partitions it may not fit in `max_frame_bytes`; the
+/// answer would then be `MessageTooLarge`, to the same fetch every time, and the consumer
+/// stuck for good. It carries that partition alone instead: the others are asked for again.
+fn read_once(
+    state: &BrokerState,
+    names: &[String],
+    targets: &[Target],
+    max_bytes: u32,
+) -> (FetchResponse, u64, bool) {
+    let (mut response, total_bytes, any_error) = read_partitions(names, targets, max_bytes);
+    let overhead = FetchResponse::overhead_bytes(
+        response
+            .topics
+            .iter()
+            .map(|topic| (topic.name.as_str(), topic.partitions.len())),
+    );
+    if total_bytes + overhead > u64::from(state.config.limits.max_frame_bytes) {
+        response.topics.retain_mut(|topic| {
+            topic
+                .partitions
+                .retain(|partition| !partition.records.is_empty());
+            !topic.partitions.is_empty()
+        });
+    }
+    (response, total_bytes, any_error)
+}
+
+fn read_partitions(
+    names: &[String],
+    targets: &[Target],
+    max_bytes: u32,
+) -> (FetchResponse, u64, bool) {
     let mut topics: Vec<FetchTopicResponse> = names
         .iter()
         .map(|name| FetchTopicResponse {
