@@ -774,6 +774,73 @@ async fn outbox_rows_published_but_not_marked_are_not_published_again() {
     broker.shutdown().await;
 }
 
+/// Rows whose records the broker served but never fsynced (the fsync failed) are not marked
+/// sent by the next relay's read-back: after a power loss they are in no topic, and the relay
+/// after that publishes them, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_found_in_the_topic_but_not_fsynced_are_not_marked_sent() {
+    use sluice_broker::storage::faultfs::{FaultFs, FaultKind};
+    let directory = tempfile::tempdir().unwrap();
+    let fs = FaultFs::new();
+    let broker_config = Config::on_loopback(directory.path().join("broker"));
+    let broker = Broker::start_with_fs(broker_config.clone(), Arc::new(fs.clone()))
+        .await
+        .unwrap();
+    let client = Client::connect(&broker_url(&broker)).await.unwrap();
+    client.admin().create_topic("orders", 1, &[]).await.unwrap();
+    let database = directory.path().join("shop.sqlite");
+    place_orders(&database, 1, 3);
+    let mut first = OutboxRelay::builder(&client, &database, "orders-relay")
+        .build()
+        .await
+        .unwrap();
+    // The rows reach the log, but their fsync fails: the publish fails, nothing is marked.
+    fs.fail_syncs(FaultKind::Eio);
+    assert!(first.publish_pending().await.is_err());
+    // Writes work again (the next relay's producer id is stored durably), but the partition
+    // whose fsync failed counts nothing more as durable.
+    fs.clear_faults();
+    drop(first);
+    let unsent = || {
+        rusqlite::Connection::open(&database)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM sluice_outbox WHERE sent_at_ms IS NULL",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .unwrap()
+    };
+    // The next relay finds them in the topic, but not on disk: it does not mark them.
+    let second = OutboxRelay::builder(&client, &database, "orders-relay")
+        .read_back_timeout(Duration::from_secs(1))
+        .build()
+        .await;
+    assert!(
+        second.is_err(),
+        "the read-back trusted records never fsynced"
+    );
+    assert_eq!(unsent(), 3);
+    // A power loss takes them; the relay after it publishes each row once.
+    drop(client);
+    broker.shutdown().await;
+    fs.crash();
+    let broker = Broker::start_with_fs(broker_config, Arc::new(fs.clone()))
+        .await
+        .unwrap();
+    let client = Client::connect(&broker_url(&broker)).await.unwrap();
+    let mut third = OutboxRelay::builder(&client, &database, "orders-relay")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(third.relay_once().await.unwrap(), 3);
+    third.close().await.unwrap();
+    assert_eq!(unsent(), 0);
+    let records = read_topic(&client, "orders").await;
+    assert_each_row_once_in_order(&records, "orders-relay", 3);
+    broker.shutdown().await;
+}
+
 /// Other writers' records in the partitions the relay's rows do not go to must not pile up in
 /// front of the next read-back: with every row marked, the relay moves where a read-back
 /// starts to the partitions' ends (before, a restart read everything written there since the

@@ -45,6 +45,7 @@ pub fn list_offsets(state: &Arc<BrokerState>, request: ListOffsetsRequest) -> Li
                     match partition.spec {
                         OffsetSpec::Earliest => entry.offset = log.earliest_offset(),
                         OffsetSpec::Latest => entry.offset = log.latest_offset(),
+                        OffsetSpec::Durable => entry.offset = log.durable_offset(),
                         OffsetSpec::Timestamp(timestamp_ms) => {
                             match log.offset_for_timestamp(timestamp_ms) {
                                 Ok(Some((offset, timestamp))) => {

@@ -930,7 +930,15 @@ impl PartitionLog {
     /// returns whether another round is wanted.
     pub(crate) fn run_sync(&self) -> bool {
         let target = self.high_watermark.get();
-        let result = self.sync_files();
+        // After a failed fsync nothing more becomes durable: one that succeeds later does not
+        // prove the earlier writes reached the disk (the kernel may have dropped the pages it
+        // failed to write, and reports the error once). The waiters fail; the durable offset
+        // stays where the failure left it, and so does the recovery point.
+        let result = if self.is_poisoned.load(Ordering::Acquire) {
+            Err(self.poison_reason().unwrap_or_default())
+        } else {
+            self.sync_files()
+        };
         // A failed fsync poisons the partition under the group-commit lock, before the waiters
         // fail, so no new waiter registers for an fsync that will never be retried.
         self.durability.synced(

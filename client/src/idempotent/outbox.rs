@@ -37,7 +37,9 @@
 //!    instance: a relay that was thought dead but still runs can no longer write, so what is
 //!    in the topic stops changing under the next step;
 //! 2. reads every partition from `scan_from` to its current end and marks the rows whose
-//!    `outbox-id` it finds (with the offsets found), then moves `scan_from` to that end;
+//!    `outbox-id` it finds (with the offsets found) once the broker says they are fsynced
+//!    (ListOffsets `Durable`: it serves records before their fsync), then moves `scan_from` to
+//!    that end;
 //! 3. only then publishes the rows still unsent.
 //!
 //! So a row is published again only when it is not in the topic. Within a run, retries of a
@@ -447,6 +449,7 @@ impl OutboxRelay {
             .map(|(partition, end)| (partition.clone(), *end))
             .collect();
         let mut found: Vec<PublishedRow> = Vec::new();
+        let deadline = Instant::now() + self.read_back_timeout;
         if !remaining.is_empty() {
             let mut consumer = self.client.consumer().build().await?;
             for (topic, partition) in remaining.keys() {
@@ -456,7 +459,6 @@ impl OutboxRelay {
                     .await?;
             }
             let prefix = format!("{}:", self.name);
-            let deadline = Instant::now() + self.read_back_timeout;
             while !remaining.is_empty() {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let record = match tokio::time::timeout(left, consumer.next()).await {
@@ -498,6 +500,7 @@ impl OutboxRelay {
             }
             drop(consumer);
         }
+        self.wait_until_durable(&found, deadline).await?;
         // Everything below each end has been looked at. Setting (not raising) scan_from also
         // follows a topic that was deleted and created again, whose end moved back.
         let marked = sqlite::blocking(&self.connection, move |connection| {
@@ -525,6 +528,38 @@ impl OutboxRelay {
         }
         self.known_topics = topics.into_iter().collect();
         Ok(marked)
+    }
+
+    /// Waits until every record in `found` is fsynced. The broker serves records as soon as
+    /// they are appended, before their fsync: the previous relay's last batch may be found
+    /// while its fsync is under way, or after it failed (or a power loss may take it before it
+    /// completes). Marked sent then, its rows would be in no topic and never published.
+    async fn wait_until_durable(&self, found: &[PublishedRow], deadline: Instant) -> Result<()> {
+        let mut last: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+        for row in found {
+            let offset = last.entry((row.topic.as_str(), row.partition)).or_default();
+            *offset = (*offset).max(row.offset);
+        }
+        let admin = self.client.admin();
+        for ((topic, partition), last) in last {
+            loop {
+                let (durable, _) = admin
+                    .list_offset(topic, partition, OffsetSpec::Durable)
+                    .await?;
+                if durable > last {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Timeout(format!(
+                        "outbox read-back: {topic}/{partition} is not fsynced up to offset \
+                         {last} within {} ms (its rows stay unsent)",
+                        self.read_back_timeout.as_millis()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Where each partition of `topics` ends now.

@@ -5,6 +5,8 @@
 //! request v0:   topics array { name string,
 //!                              partitions array { partition u32, spec i64 } }
 //!               spec: -2 earliest, -1 latest, >= 0 a timestamp in ms
+//! request v1:   as v0; spec may also be -3 durable: the offset below which every record is
+//!               fsynced (at most the latest)
 //! response v0:  topics array { name string,
 //!                              partitions array { partition u32, error_code u16,
 //!                                                 offset u64, timestamp i64 } }
@@ -29,24 +31,35 @@ pub enum OffsetSpec {
     Latest,
     /// The first offset whose timestamp is at or after this many ms since the Unix epoch.
     Timestamp(#[cfg_attr(test, proptest(strategy = "0i64.."))] i64),
+    /// The offset below which every record is fsynced (v1): what survives a power loss. At
+    /// most the latest; behind it while records wait for their fsync.
+    Durable,
 }
 
 impl OffsetSpec {
     const EARLIEST: i64 = -2;
     const LATEST: i64 = -1;
+    const DURABLE: i64 = -3;
 
     pub fn to_wire(self) -> i64 {
         match self {
             OffsetSpec::Earliest => Self::EARLIEST,
             OffsetSpec::Latest => Self::LATEST,
             OffsetSpec::Timestamp(timestamp_ms) => timestamp_ms,
+            OffsetSpec::Durable => Self::DURABLE,
         }
     }
 
+    /// The current version's spec.
     pub fn from_wire(value: i64) -> Result<Self, WireError> {
+        Self::from_wire_version(value, 1)
+    }
+
+    fn from_wire_version(value: i64, version: u16) -> Result<Self, WireError> {
         match value {
             Self::EARLIEST => Ok(OffsetSpec::Earliest),
             Self::LATEST => Ok(OffsetSpec::Latest),
+            Self::DURABLE if version >= 1 => Ok(OffsetSpec::Durable),
             timestamp_ms if timestamp_ms >= 0 => Ok(OffsetSpec::Timestamp(timestamp_ms)),
             other => Err(WireError::invalid("offset spec", other.to_string())),
         }
@@ -100,6 +113,10 @@ impl Body for ListOffsetsRequest {
     }
 
     fn decode(src: &mut Reader) -> Result<Self, WireError> {
+        Self::decode_version(src, 1)
+    }
+
+    fn decode_version(src: &mut Reader, version: u16) -> Result<Self, WireError> {
         Ok(ListOffsetsRequest {
             topics: src.array("topics", 6, |src| {
                 Ok(ListOffsetsTopic {
@@ -107,7 +124,7 @@ impl Body for ListOffsetsRequest {
                     partitions: src.array("partitions", 12, |src| {
                         Ok(ListOffsetsPartition {
                             partition: src.u32("partition")?,
-                            spec: OffsetSpec::from_wire(src.i64("spec")?)?,
+                            spec: OffsetSpec::from_wire_version(src.i64("spec")?, version)?,
                         })
                     })?,
                 })
@@ -194,6 +211,25 @@ mod tests {
     round_trip_tests!(request: ListOffsetsRequest, response: ListOffsetsResponse);
 
     #[test]
+    fn the_durable_spec_is_v1_only() {
+        let request = ListOffsetsRequest {
+            topics: vec![ListOffsetsTopic {
+                name: "t".into(),
+                partitions: vec![ListOffsetsPartition {
+                    partition: 0,
+                    spec: OffsetSpec::Durable,
+                }],
+            }],
+        };
+        let bytes = bytes::Bytes::from(encoded(&request));
+        assert_eq!(
+            ListOffsetsRequest::decode_exact_version(bytes.clone(), 1).unwrap(),
+            request
+        );
+        assert!(ListOffsetsRequest::decode_exact_version(bytes, 0).is_err());
+    }
+
+    #[test]
     fn exact_request_bytes() {
         let request = ListOffsetsRequest {
             topics: vec![ListOffsetsTopic {
@@ -222,7 +258,10 @@ mod tests {
 
     #[test]
     fn negative_timestamps_other_than_markers_refused() {
-        assert!(OffsetSpec::from_wire(-3).is_err());
+        assert!(OffsetSpec::from_wire(-4).is_err());
+        assert!(OffsetSpec::from_wire(i64::MIN).is_err());
+        assert!(OffsetSpec::from_wire_version(-3, 0).is_err());
+        assert_eq!(OffsetSpec::from_wire(-3).unwrap(), OffsetSpec::Durable);
         assert_eq!(OffsetSpec::from_wire(-1).unwrap(), OffsetSpec::Latest);
     }
 }

@@ -238,8 +238,8 @@ apis! {
     Produce = 6, ProduceRequest, ProduceResponse, 0..=0;
     /// Read record batches, long polling.
     Fetch = 7, FetchRequest, FetchResponse, 0..=0;
-    /// Earliest, latest or by-timestamp offsets.
-    ListOffsets = 8, ListOffsetsRequest, ListOffsetsResponse, 0..=0;
+    /// Earliest, latest, durable or by-timestamp offsets.
+    ListOffsets = 8, ListOffsetsRequest, ListOffsetsResponse, 0..=1;
     /// An id and epoch for an idempotent producer.
     InitProducerId = 9, InitProducerIdRequest, InitProducerIdResponse, 0..=1;
     /// Join, stay in, and learn the assignment of a consumer group.
