@@ -437,7 +437,8 @@ fn throttled(names: &[String], targets: &[Target]) -> FetchResponse {
 /// The first batch found is served whole, even past `max_bytes` (a consumer must get past
 /// it). Beside the entries of many other partitions it may not fit in `max_frame_bytes`; the
 /// answer would then be `MessageTooLarge`, to the same fetch every time, and the consumer
-/// stuck for good. It carries that partition alone instead: the others are asked for again.
+/// stuck for good. It carries that partition (and any partition's error) alone instead: the
+/// others are asked for again.
 fn read_once(
     state: &BrokerState,
     names: &[String],
@@ -452,10 +453,12 @@ fn read_once(
             .map(|topic| (topic.name.as_str(), topic.partitions.len())),
     );
     if total_bytes + overhead > u64::from(state.config.limits.max_frame_bytes) {
+        // Errors stay too (a few bytes each): a partition's error must not hide behind the
+        // large batch of another, fetch after fetch.
         response.topics.retain_mut(|topic| {
-            topic
-                .partitions
-                .retain(|partition| !partition.records.is_empty());
+            topic.partitions.retain(|partition| {
+                !partition.records.is_empty() || partition.error_code != ErrorCode::None
+            });
             !topic.partitions.is_empty()
         });
     }

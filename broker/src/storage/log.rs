@@ -177,6 +177,8 @@ pub struct PartitionLog {
     dirty: AtomicBool,
     /// A roll left a file for the next sync to close (`fsync=never` asks for one then).
     rolled_unsynced: AtomicBool,
+    /// An fsync of this log failed: no later one counts (see `run_sync`).
+    fsync_failed: AtomicBool,
     fsyncs: AtomicU64,
     last_checkpoint: Mutex<Option<u64>>,
     /// Serialises writes of producer snapshots (the flusher's and close's) and deletions of
@@ -268,6 +270,7 @@ impl PartitionLog {
             poisoned: Mutex::new(poisoned),
             dirty: AtomicBool::new(false),
             rolled_unsynced: AtomicBool::new(false),
+            fsync_failed: AtomicBool::new(false),
             fsyncs: AtomicU64::new(recovered.fsyncs),
             last_checkpoint: Mutex::new(None),
             snapshot_lock: Mutex::new(()),
@@ -933,8 +936,9 @@ impl PartitionLog {
         // After a failed fsync nothing more becomes durable: one that succeeds later does not
         // prove the earlier writes reached the disk (the kernel may have dropped the pages it
         // failed to write, and reports the error once). The waiters fail; the durable offset
-        // stays where the failure left it, and so does the recovery point.
-        let result = if self.is_poisoned.load(Ordering::Acquire) {
+        // stays where the failure left it, and so does the recovery point. (A log refusing
+        // writes for another reason, damage found or a close, still syncs what it holds.)
+        let result = if self.fsync_failed.load(Ordering::Acquire) {
             Err(self.poison_reason().unwrap_or_default())
         } else {
             self.sync_files()
@@ -944,7 +948,10 @@ impl PartitionLog {
         self.durability.synced(
             target,
             result,
-            |reason| self.poison(reason.to_owned()),
+            |reason| {
+                self.fsync_failed.store(true, Ordering::Release);
+                self.poison(reason.to_owned());
+            },
             || {
                 self.is_poisoned
                     .load(Ordering::Acquire)
@@ -1033,7 +1040,10 @@ impl PartitionLog {
             // during it must not count as durable (as in `run_sync`).
             let synced = self.high_watermark.get();
             self.sync_files()
-                .map_err(|reason| StorageError::Poisoned { reason })
+                .map_err(|reason| {
+                    self.fsync_failed.store(true, Ordering::Release);
+                    StorageError::Poisoned { reason }
+                })
                 .and_then(|()| {
                     self.durability.mark_durable(synced);
                     self.checkpoint_recovery_point()
@@ -1048,8 +1058,9 @@ impl PartitionLog {
             self.is_poisoned.store(true, Ordering::Release);
         }
         self.high_watermark.close();
-        let segments = self.segments.read().expect("segments lock poisoned");
-        for segment in segments.iter() {
+        // The segments' lock is let go before the snapshot lock is taken: retention takes
+        // them in the other order.
+        for segment in self.segments.read().expect("segments lock poisoned").iter() {
             self.shared.cache.evict(segment);
         }
         // A snapshot the flusher began writing before `closing` was set is finished before

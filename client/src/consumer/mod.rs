@@ -224,6 +224,7 @@ impl ConsumerBuilder {
                 partitions: BTreeMap::new(),
                 member,
                 next_generation: 1,
+                unreported_parked: BTreeSet::new(),
             }),
             assignment_changed: Notify::new(),
             heartbeat_now: Notify::new(),
@@ -277,6 +278,8 @@ struct State {
     partitions: BTreeMap<TopicPartition, PartitionState>,
     member: Option<MemberState>,
     next_generation: u64,
+    /// Parked partitions whose notice did not fit in the stream's buffer yet.
+    unreported_parked: BTreeSet<TopicPartition>,
 }
 
 #[derive(Debug)]
@@ -614,7 +617,7 @@ impl Shared {
 
     /// Takes these partitions without fetching them: they have no committed offset and the
     /// reset policy is `Error`, so the application says where to start with a seek. Each is
-    /// reported on the stream once.
+    /// reported on the stream once (see [`Shared::report_parked`]).
     fn park(&self, partitions: &BTreeSet<TopicPartition>, sender: &mpsc::Sender<Delivery>) {
         let mut state = self.state();
         for partition in partitions {
@@ -624,17 +627,35 @@ impl Shared {
                 .partitions
                 .insert(partition.clone(), PartitionState::new(0, generation, true));
         }
+        state.unreported_parked.extend(partitions.iter().cloned());
         drop(state);
-        for partition in partitions {
-            // Told without waiting: a stream the application is behind on must not hold back
-            // the heartbeats.
-            let _ = sender.try_send(Err(Error::Broker {
+        self.report_parked(sender);
+    }
+
+    /// Tells the stream of each parked partition not told yet, still waiting for a seek.
+    /// Without waiting: a stream the application is behind on must not hold back the
+    /// heartbeats, which call this again until every notice got in.
+    fn report_parked(&self, sender: &mpsc::Sender<Delivery>) {
+        let mut state = self.state();
+        let unreported = std::mem::take(&mut state.unreported_parked);
+        for partition in unreported {
+            if !state
+                .partitions
+                .get(&partition)
+                .is_some_and(|entry| entry.needs_seek)
+            {
+                continue; // sought or released since
+            }
+            let notice = Err(Error::Broker {
                 code: ErrorCode::OffsetOutOfRange,
                 message: Some(format!(
                     "no committed offset for {}/{} and the reset policy is Error; seek to go on",
                     partition.0, partition.1
                 )),
-            }));
+            });
+            if sender.try_send(notice).is_err() {
+                state.unreported_parked.insert(partition);
+            }
         }
     }
 
@@ -1563,6 +1584,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                 Err(_) => tracing::debug!("auto commit took too long; trying again later"),
             }
         }
+        shared.report_parked(&sender);
         if again_now {
             continue;
         }
