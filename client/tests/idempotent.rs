@@ -250,6 +250,46 @@ async fn a_failed_handler_keeps_its_record_and_nothing_past_it_is_committed() {
     broker.shutdown().await;
 }
 
+/// A consumer closed with a record unfinished (its handler failed) commits nothing of it and
+/// leaves the group at once: the next member gets the partition and the record without
+/// waiting for the first one's session to time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_with_a_record_unfinished_hands_the_partition_on_at_once() {
+    let directory = tempfile::tempdir().unwrap();
+    let (broker, client) = start(&directory.path().join("broker")).await;
+    client.admin().create_topic("jobs", 1, &[]).await.unwrap();
+    produce(&client, "jobs", &[(Some("job-0"), "a")]).await;
+    let long_session = || {
+        client
+            .consumer()
+            .group("workers")
+            .topics(["jobs"])
+            .commit_mode(CommitMode::Manual)
+            .session_timeout(Duration::from_secs(300))
+            .build()
+    };
+    let mut first =
+        IdempotentConsumer::new(long_session().await.unwrap(), InMemoryDedupStore::new());
+    let fail = |_record: ConsumerRecord| async move { Err::<u64, BoxError>("down".into()) };
+    let failed = tokio::time::timeout(DEADLINE, first.process_next(fail))
+        .await
+        .unwrap();
+    assert!(matches!(failed, Err(Error::Handler { .. })), "{failed:?}");
+    first.close().await.unwrap();
+    // Well within the first member's 300 s session; offset 0 again: nothing was committed.
+    let mut second =
+        IdempotentConsumer::new(long_session().await.unwrap(), InMemoryDedupStore::new());
+    let succeed = |record: ConsumerRecord| async move { Ok::<u64, BoxError>(record.offset) };
+    let handled = tokio::time::timeout(DEADLINE, second.process_next(succeed))
+        .await
+        .expect("the partition moved on before the first member's session ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(handled.outcome, Outcome::Processed(0));
+    second.close().await.unwrap();
+    broker.shutdown().await;
+}
+
 /// Runs this test binary as a child playing `role`; returns its stderr once it ended.
 async fn run_child(
     role: &str,

@@ -226,9 +226,10 @@ impl RecordSource {
 
     async fn close(self) -> Result<()> {
         if self.unfinished.is_some() {
-            // Closing would commit the unfinished record. Dropping leaves the group without a
-            // commit; the broker moves the partitions once the session times out.
-            drop(self.consumer);
+            // Closing would commit the unfinished record: leave the group without a commit,
+            // at once (dropping left the partitions with this member until its session timed
+            // out). What was finished since the last commit comes again, to the dedup store.
+            self.consumer.close_without_commit().await;
             return Ok(());
         }
         self.consumer.close().await.map_err(Error::from)
