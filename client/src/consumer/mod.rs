@@ -282,6 +282,16 @@ struct State {
     unreported_parked: BTreeSet<TopicPartition>,
 }
 
+impl State {
+    /// A generation no partition has had: a partition (re)started under it drops whatever
+    /// was fetched under its old one.
+    fn take_generation(&mut self) -> u64 {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        generation
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     client: Client,
@@ -605,8 +615,7 @@ impl Shared {
     fn start(&self, positions: BTreeMap<TopicPartition, u64>) {
         let mut state = self.state();
         for (partition, offset) in positions {
-            let generation = state.next_generation;
-            state.next_generation += 1;
+            let generation = state.take_generation();
             state
                 .partitions
                 .insert(partition, PartitionState::new(offset, generation, false));
@@ -621,8 +630,7 @@ impl Shared {
     fn park(&self, partitions: &BTreeSet<TopicPartition>, sender: &mpsc::Sender<Delivery>) {
         let mut state = self.state();
         for partition in partitions {
-            let generation = state.next_generation;
-            state.next_generation += 1;
+            let generation = state.take_generation();
             state
                 .partitions
                 .insert(partition.clone(), PartitionState::new(0, generation, true));
@@ -775,8 +783,7 @@ impl Consumer {
         let set: BTreeSet<TopicPartition> = [key.clone()].into();
         let positions = self.shared.resolve(&set, Some(seek)).await?;
         let mut state = self.shared.state();
-        let generation = state.next_generation;
-        state.next_generation += 1;
+        let generation = state.take_generation();
         match state.partitions.get_mut(&key) {
             Some(entry) => {
                 entry.fetch_offset = positions[&key];
@@ -1400,8 +1407,7 @@ async fn fetch_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             match shared.resolve(&partitions, Some(seek)).await {
                 Ok(positions) => {
                     let mut state = shared.state();
-                    let generation = state.next_generation;
-                    state.next_generation += 1;
+                    let generation = state.take_generation();
                     for (partition, offset) in positions {
                         // Checked again under the lock: a seek may have come meanwhile.
                         if let Some(entry) = state.partitions.get_mut(&partition)
