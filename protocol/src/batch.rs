@@ -354,6 +354,14 @@ impl RecordBatch {
         self.bytes
     }
 
+    /// The batch's buffer, to build another batch in ([`RecordBatchBuilder::with_buffer`]),
+    /// when nothing else holds its bytes; else the batch back.
+    pub fn try_into_buffer(self) -> Result<BytesMut, RecordBatch> {
+        self.bytes
+            .try_into_mut()
+            .map_err(|bytes| RecordBatch { bytes })
+    }
+
     pub fn size_bytes(&self) -> usize {
         self.bytes.len()
     }
@@ -782,7 +790,15 @@ impl RecordBatchBuilder {
 
     /// An empty batch whose buffer has room for `capacity_bytes` of records.
     pub fn with_capacity(capacity_bytes: usize) -> Self {
-        let mut buf = BytesMut::with_capacity(HEADER_BYTES + capacity_bytes);
+        Self::with_buffer(BytesMut::new(), capacity_bytes)
+    }
+
+    /// An empty batch built in `buf` (emptied first; a buffer given back by
+    /// [`RecordBatch::try_into_buffer`] is reused without allocating), with room for
+    /// `capacity_bytes` of records.
+    pub fn with_buffer(mut buf: BytesMut, capacity_bytes: usize) -> Self {
+        buf.clear();
+        buf.reserve(HEADER_BYTES + capacity_bytes);
         buf.put_bytes(0, HEADER_BYTES);
         RecordBatchBuilder {
             buf,

@@ -374,3 +374,33 @@ fn try_append_refuses_a_timestamp_too_far_from_the_batch_first_and_a_new_batch_t
     assert!(fresh.try_append(usize::MAX, 1, None, b"now", &[]));
     fresh.build().validate().unwrap();
 }
+
+#[test]
+fn a_batch_built_in_a_reused_buffer_is_the_batch_built_fresh() {
+    let build = |builder: RecordBatchBuilder| {
+        let mut builder = builder.producer(9, 2, 40);
+        builder.append(1_000, Some(b"k"), b"first", &[("h", b"v")]);
+        builder.append(1_005, None, b"second", &[]);
+        builder.build()
+    };
+    let fresh = build(RecordBatchBuilder::with_capacity(64));
+    let mut old = RecordBatchBuilder::new();
+    old.append(7, None, &[0xAB; 300], &[]);
+    let buffer = old
+        .build()
+        .try_into_buffer()
+        .expect("nothing else holds it");
+    let pointer = buffer.as_ptr();
+    let reused = build(RecordBatchBuilder::with_buffer(buffer, 64));
+    assert_eq!(reused.as_bytes(), fresh.as_bytes());
+    assert_eq!(
+        reused.as_bytes().as_ptr(),
+        pointer,
+        "built in the same memory"
+    );
+    reused.validate().unwrap();
+
+    let shared = fresh.as_bytes().clone();
+    let fresh = fresh.try_into_buffer().expect_err("its bytes are shared");
+    assert_eq!(fresh.as_bytes(), &shared);
+}

@@ -19,12 +19,13 @@
 //! batch is acknowledged or fails.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use sluice_protocol::batch::HEADER_BYTES;
 use sluice_protocol::wire::varint_len;
-use sluice_protocol::{ErrorCode, RecordBatchBuilder};
+use sluice_protocol::{ErrorCode, RecordBatch, RecordBatchBuilder};
 
 use super::delivery::{BatchCompletion, copy_error};
 use super::partitioner::{StickyPartitioner, partition_for_key};
@@ -193,9 +194,70 @@ impl TopicQueues {
     }
 }
 
+/// Buffers of acknowledged batches, kept to build the next batches in.
+///
+/// A batch's buffer is fresh memory from the allocator, which at batch sizes of a megabyte
+/// hands it back to the kernel when it is freed, so every batch paid a page fault and the
+/// zeroing of each of its pages before its first record was copied in (almost all of a 1 KiB
+/// produce run's page faults). At most [`SpareBuffers::MAX`] are kept, each at most twice
+/// `batch_bytes`: a few megabytes at most, beside the producer's `buffer_bytes`.
+#[derive(Debug)]
+pub(crate) struct SpareBuffers {
+    buffers: Mutex<Vec<BytesMut>>,
+    max_capacity: usize,
+}
+
+impl SpareBuffers {
+    pub(crate) const MAX: usize = 4;
+
+    pub(crate) fn new(batch_bytes: usize) -> Self {
+        SpareBuffers {
+            buffers: Mutex::new(Vec::with_capacity(Self::MAX)),
+            max_capacity: batch_bytes.saturating_mul(2),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Vec<BytesMut>> {
+        self.buffers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A kept buffer with room for `bytes`, if there is one.
+    fn take(&self, bytes: usize) -> Option<BytesMut> {
+        let mut buffers = self.lock();
+        let index = buffers
+            .iter()
+            .position(|buffer| buffer.capacity() >= bytes)?;
+        Some(buffers.swap_remove(index))
+    }
+
+    /// Keeps the buffer of an acknowledged batch, when nothing else holds it and there is room.
+    pub(crate) fn give(&self, batch: RecordBatch) {
+        if batch.as_bytes().len() > self.max_capacity {
+            return;
+        }
+        let Ok(buffer) = batch.try_into_buffer() else {
+            return;
+        };
+        if buffer.capacity() > self.max_capacity {
+            return;
+        }
+        let mut buffers = self.lock();
+        if buffers.len() < Self::MAX {
+            buffers.push(buffer);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> usize {
+        self.lock().len()
+    }
+}
+
 /// The batches of every partition a producer writes to.
 #[derive(Debug)]
 pub(crate) struct Accumulator {
+    /// Where new batches get their buffers.
+    spare: Arc<SpareBuffers>,
     batch_bytes: usize,
     linger: Duration,
     delivery_timeout: Duration,
@@ -218,6 +280,7 @@ impl Accumulator {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.subsec_nanos());
         Accumulator {
+            spare: Arc::new(SpareBuffers::new(batch_bytes)),
             batch_bytes,
             linger,
             delivery_timeout,
@@ -229,6 +292,11 @@ impl Accumulator {
             refusal: None,
             sticky_seed,
         }
+    }
+
+    /// The buffers acknowledged batches are given back to.
+    pub(crate) fn spare_buffers(&self) -> Arc<SpareBuffers> {
+        Arc::clone(&self.spare)
     }
 
     /// Records the partition count of `topic` (from Metadata). A count only grows.
@@ -352,7 +420,10 @@ impl Accumulator {
         let id = self.next_batch_id;
         self.next_batch_id += 1;
         self.queued_batches += 1;
-        let mut builder = RecordBatchBuilder::with_capacity(needed_bytes - HEADER_BYTES);
+        let mut builder = match self.spare.take(needed_bytes) {
+            Some(buffer) => RecordBatchBuilder::with_buffer(buffer, needed_bytes - HEADER_BYTES),
+            None => RecordBatchBuilder::with_capacity(needed_bytes - HEADER_BYTES),
+        };
         builder.append(
             record.timestamp_ms,
             record.key,

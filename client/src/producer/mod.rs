@@ -101,7 +101,9 @@ use tokio::task::JoinHandle;
 pub use delivery::{Deliveries, DeliveriesFuture, Delivery, DeliveryFuture};
 pub use sluice_protocol::messages::Acks;
 
-use self::accumulator::{Accumulator, Append, RecordParts, Target, TopicRef, closed_error};
+use self::accumulator::{
+    Accumulator, Append, RecordParts, SpareBuffers, Target, TopicRef, closed_error,
+};
 use self::delivery::BatchCompletion;
 use self::sender::{SenderOptions, SenderState};
 use crate::client::Client;
@@ -418,13 +420,11 @@ impl ProducerBuilder {
             retry_max_backoff: client_options.retry_max_backoff,
         };
         let (lowest_incomplete, _) = watch::channel(u64::MAX);
+        let accumulator = Accumulator::new(self.batch_bytes, self.linger, self.delivery_timeout);
         let shared = Arc::new(Shared {
             client: self.client.clone(),
-            accumulator: Mutex::new(Accumulator::new(
-                self.batch_bytes,
-                self.linger,
-                self.delivery_timeout,
-            )),
+            spare_buffers: accumulator.spare_buffers(),
+            accumulator: Mutex::new(accumulator),
             buffer: Semaphore::new(self.buffer_bytes),
             buffer_bytes: self.buffer_bytes,
             wake: Notify::new(),
@@ -745,6 +745,8 @@ impl Producer {
 pub(crate) struct Shared {
     client: Client,
     accumulator: Mutex<Accumulator>,
+    /// The accumulator's, taken without its lock: acknowledged batches' buffers go back here.
+    spare_buffers: Arc<SpareBuffers>,
     /// One permit per byte of `buffer_bytes`; closed when the producer closes or fails.
     buffer: Semaphore,
     buffer_bytes: usize,
@@ -975,6 +977,55 @@ mod tests {
         refused(base.clone().buffer_bytes(1024).batch_bytes(4096));
         refused(base.clone().delivery_timeout(Duration::from_secs(1)));
         refused(base.clone().idempotence(false).producer_name("relay"));
+    }
+
+    /// An acknowledged batch's buffer is kept, and the next batch is built in it instead of
+    /// in fresh memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_acknowledged_batch_leaves_its_buffer_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = sluice_broker::Config::on_loopback(dir.path());
+        config.listeners.tcp = "127.0.0.1:0".parse().unwrap();
+        let broker = sluice_broker::Broker::start(config).await.unwrap();
+        let client = Client::connect(&format!("tcp://{}", broker.tcp_addr))
+            .await
+            .unwrap();
+        client.admin().create_topic("t", 1, &[]).await.unwrap();
+        let producer = Producer::builder(&client)
+            .batch_bytes(64 * 1024)
+            .linger(Duration::from_secs(60))
+            .build()
+            .await
+            .unwrap();
+        let spare = Arc::clone(&producer.inner.shared.spare_buffers);
+        let value = vec![7u8; 1000];
+        let first = producer
+            .enqueue(Record::borrowed("t", &value))
+            .await
+            .unwrap();
+        producer.flush().await.unwrap();
+        first.await.unwrap();
+        assert_eq!(spare.kept(), 1, "the acknowledged batch's buffer is kept");
+        let pointer = {
+            let buffers = spare.lock();
+            buffers[0].as_ptr()
+        };
+
+        let second = producer
+            .enqueue(Record::borrowed("t", &value))
+            .await
+            .unwrap();
+        assert_eq!(spare.kept(), 0, "the new batch took it");
+        producer.flush().await.unwrap();
+        let delivery = second.await.unwrap();
+        assert_eq!(delivery.offset, Some(1));
+        {
+            let buffers = spare.lock();
+            assert_eq!(buffers.len(), 1);
+            assert_eq!(buffers[0].as_ptr(), pointer, "the same memory, twice");
+        }
+        producer.close().await.unwrap();
+        broker.shutdown().await;
     }
 
     /// A long `enqueue_many` takes the accumulator's lock once for many records, but lets it

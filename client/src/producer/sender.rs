@@ -588,6 +588,7 @@ impl SenderState {
                     sent.reserved_bytes,
                     Ok(base_offset),
                 );
+                shared.spare_buffers.give(sent.batch);
             }
             Err(error) => {
                 if let Some(doomed) = window.batches[index].doomed.clone() {

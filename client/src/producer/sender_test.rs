@@ -31,6 +31,7 @@ async fn shared() -> Arc<Shared> {
     accumulator.set_partition_count("t", 2);
     Arc::new(Shared {
         client,
+        spare_buffers: accumulator.spare_buffers(),
         accumulator: Mutex::new(accumulator),
         buffer: Semaphore::new(BUFFER_BYTES),
         buffer_bytes: BUFFER_BYTES,
