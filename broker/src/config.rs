@@ -385,6 +385,10 @@ pub struct Limits {
     /// Idle time after which an idempotent producer's state is forgotten, in milliseconds.
     /// At most 31536000000 (a year). Default 604800000 (7 days).
     pub producer_expiry_ms: u64,
+    /// How long a consumer group's committed offsets are kept after the group was last seen
+    /// with a member or committed, in milliseconds (Kafka's `offsets.retention.minutes`).
+    /// At most 31536000000 (a year). Default 604800000 (7 days).
+    pub group_offsets_retention_ms: u64,
 }
 
 impl Default for Limits {
@@ -406,6 +410,7 @@ impl Default for Limits {
             group_min_session_timeout_ms: 6_000,
             group_max_session_timeout_ms: 300_000,
             producer_expiry_ms: 7 * DAY_MS,
+            group_offsets_retention_ms: 7 * DAY_MS,
         }
     }
 }
@@ -829,6 +834,11 @@ impl Limits {
         in_range(
             "limits.producer_expiry_ms",
             self.producer_expiry_ms,
+            MAX_PRODUCER_EXPIRY_MS,
+        )?;
+        in_range(
+            "limits.group_offsets_retention_ms",
+            self.group_offsets_retention_ms,
             MAX_PRODUCER_EXPIRY_MS,
         )
     }

@@ -96,6 +96,7 @@ pub fn encode_offsets_snapshot(entries: &[OffsetsSnapshotEntry], covered: u64) -
                     offset: *offset,
                     metadata: metadata.clone(),
                     log_position: *log_position,
+                    committed_at_ms: 0,
                 },
             )
         })

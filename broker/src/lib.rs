@@ -202,6 +202,7 @@ impl Broker {
         let group_settings = groups::coordinator::GroupSettings {
             min_session_timeout_ms: config.limits.group_min_session_timeout_ms as u32,
             max_session_timeout_ms: config.limits.group_max_session_timeout_ms as u32,
+            offsets_retention_ms: config.limits.group_offsets_retention_ms,
             ..groups::coordinator::GroupSettings::default()
         };
         let (topics, groups) = tokio::task::spawn_blocking(move || {

@@ -89,6 +89,10 @@ fn defaults_are_the_designed_ones() {
     assert_eq!(config.limits.max_quic_streams, 64);
     assert_eq!(config.limits.fetch_response_budget_bytes, 256 << 20);
     assert_eq!(config.limits.producer_expiry_ms, 7 * 24 * 60 * 60 * 1000);
+    assert_eq!(
+        config.limits.group_offsets_retention_ms,
+        7 * 24 * 60 * 60 * 1000
+    );
     assert_eq!(config.logging.format, LogFormat::Text);
     assert_eq!(config.logging.filter, "info");
     config.validate().unwrap();
@@ -381,6 +385,9 @@ const SETTINGS: &[Setting] = &[
     ("limits.producer_expiry_ms", "60000", |c| {
         c.limits.producer_expiry_ms == 60_000
     }),
+    ("limits.group_offsets_retention_ms", "60000", |c| {
+        c.limits.group_offsets_retention_ms == 60_000
+    }),
     ("logging.format", "json", |c| {
         c.logging.format == LogFormat::Json
     }),
@@ -585,6 +592,10 @@ fn out_of_range_limits_are_named() {
             "limits.producer_expiry_ms",
         ),
         (
+            "[limits]\ngroup_offsets_retention_ms = 100000000000000000\n",
+            "limits.group_offsets_retention_ms",
+        ),
+        (
             "[storage]\nrecovery_checkpoint_ms = 100000000000000000\n",
             "storage.recovery_checkpoint_ms",
         ),
@@ -745,6 +756,9 @@ fn validate_names_the_option_that_breaks_a_rule() {
         }),
         ("limits.producer_expiry_ms", |c| {
             c.limits.producer_expiry_ms = 0
+        }),
+        ("limits.group_offsets_retention_ms", |c| {
+            c.limits.group_offsets_retention_ms = 0
         }),
         ("logging.filter", |c| c.logging.filter = "info,[".into()),
     ];

@@ -400,6 +400,81 @@ async fn listed_groups(connection: &Connection) -> Vec<String> {
         .collect()
 }
 
+/// A group's committed offsets expire once it has had no member and no commit for
+/// `group_offsets_retention_ms`, as Kafka's do, and stay gone after a restart; a group whose
+/// member stays keeps its offsets however old its commits.
+#[tokio::test]
+async fn an_idle_groups_committed_offsets_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    config.limits.group_offsets_retention_ms = 1000;
+    let broker = Broker::start(config.clone()).await.expect("broker starts");
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .expect("connect");
+    create_topic(&connection, "t", 1).await;
+    let live = heartbeat(&connection, join("live", "t")).await;
+    assert_eq!(
+        commit(&connection, "live", &live, "t", 0, 5).await,
+        ErrorCode::None
+    );
+    let gone = heartbeat(&connection, join("gone", "t")).await;
+    assert_eq!(
+        commit(&connection, "gone", &gone, "t", 0, 3).await,
+        ErrorCode::None
+    );
+    leave(&connection, "gone", &gone).await;
+    assert_eq!(committed(&connection, "gone", "t", 0).await, 3);
+
+    // The live member heartbeats while the other group's offsets age out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut live = live;
+    while committed(&connection, "gone", "t", 0).await != -1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle group's offsets did not expire"
+        );
+        let answer = heartbeat(
+            &connection,
+            ConsumerGroupHeartbeatRequest {
+                group_id: "live".into(),
+                member_id: live.member_id.clone(),
+                member_epoch: live.member_epoch,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(answer.error_code, ErrorCode::None);
+        live.member_epoch = answer.member_epoch;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(committed(&connection, "live", "t", 0).await, 5);
+    assert_eq!(listed_groups(&connection).await, ["live"]);
+
+    // Once its member leaves, the live group's offsets expire too.
+    leave(&connection, "live", &live).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while committed(&connection, "live", "t", 0).await != -1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the left group's offsets did not expire"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(listed_groups(&connection).await.is_empty());
+    drop(connection);
+    broker.shutdown().await;
+
+    let broker = Broker::start(config).await.expect("broker restarts");
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .expect("connect");
+    assert_eq!(committed(&connection, "gone", "t", 0).await, -1);
+    assert_eq!(committed(&connection, "live", "t", 0).await, -1);
+    assert!(listed_groups(&connection).await.is_empty());
+    broker.shutdown().await;
+}
+
 /// A group whose last member leaves and that never committed is forgotten, so group ids that
 /// come and go (a command line consumer's, a test's) do not pile up in the broker; one that
 /// committed stays, listed with its offsets.

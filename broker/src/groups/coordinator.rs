@@ -30,6 +30,8 @@ pub struct GroupSettings {
     pub default_session_timeout_ms: u32,
     pub min_session_timeout_ms: u32,
     pub max_session_timeout_ms: u32,
+    /// How long a group's committed offsets outlive its last member and its last commit.
+    pub offsets_retention_ms: u64,
 }
 
 impl Default for GroupSettings {
@@ -39,6 +41,7 @@ impl Default for GroupSettings {
             default_session_timeout_ms: 10_000,
             min_session_timeout_ms: 6_000,
             max_session_timeout_ms: 300_000,
+            offsets_retention_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }

@@ -4,6 +4,11 @@
 //! committed offsets in `__consumer_offsets`. [`GroupManager`] drives them: it supplies the
 //! time and the topics' partition counts, expires sessions from a background task, and turns
 //! protocol requests into coordinator inputs and back.
+//!
+//! Committed offsets expire as Kafka's do (`offsets.retention.minutes`): a group's offsets are
+//! deleted once the group has had no member and no commit for `group_offsets_retention_ms`.
+//! Membership is not persisted, so a broker start counts as activity of every group, plus
+//! the longest session timeout for its members to come back.
 
 pub mod assignor;
 pub mod coordinator;
@@ -41,6 +46,19 @@ pub struct GroupManager {
     /// member cut off past its session would otherwise be taken for its successor).
     groups_created: std::sync::atomic::AtomicU64,
     started: Instant,
+    /// The wall clock at start, milliseconds since the epoch.
+    started_wall_ms: u64,
+    /// When each group was last seen with a member; taken after `groups`.
+    activity: Mutex<Activity>,
+}
+
+/// What offset expiry needs beyond the groups themselves.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Wall-clock milliseconds each group was last seen with a member in this run.
+    seen_with_members: HashMap<String, u64>,
+    /// When committed offsets were last checked for expiry.
+    last_check_ms: Option<u64>,
 }
 
 /// Commits a request carries that passed the coordinator's checks, waiting to be made durable.
@@ -67,6 +85,8 @@ impl GroupManager {
             incarnation,
             groups_created: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
+            started_wall_ms: offsets::wall_clock_ms(),
+            activity: Mutex::new(Activity::default()),
         }
     }
 
@@ -128,16 +148,19 @@ impl GroupManager {
         };
         let count = Self::partition_count(topics);
         match group.heartbeat(heartbeat, now_ms, &self.settings, &count) {
-            Ok(answer) => ConsumerGroupHeartbeatResponse {
-                error_code: ErrorCode::None,
-                error_message: None,
-                member_id: answer.member_id,
-                member_epoch: answer.member_epoch,
-                group_epoch: answer.group_epoch,
-                heartbeat_interval_ms: answer.heartbeat_interval_ms,
-                assignment: TopicPartitions::group(&answer.assignment),
-                release: TopicPartitions::group(&answer.release),
-            },
+            Ok(answer) => {
+                self.note_active(&request.group_id);
+                ConsumerGroupHeartbeatResponse {
+                    error_code: ErrorCode::None,
+                    error_message: None,
+                    member_id: answer.member_id,
+                    member_epoch: answer.member_epoch,
+                    group_epoch: answer.group_epoch,
+                    heartbeat_interval_ms: answer.heartbeat_interval_ms,
+                    assignment: TopicPartitions::group(&answer.assignment),
+                    release: TopicPartitions::group(&answer.release),
+                }
+            }
             Err(error) => {
                 if group.members.is_empty() && !self.offsets.has_group(&group.id) {
                     groups.remove(&request.group_id);
@@ -159,6 +182,7 @@ impl GroupManager {
             Some(group) => match group.leave(&request.member_id, &count) {
                 Ok(()) => {
                     tracing::info!(group = %request.group_id, member = %request.member_id, "member left");
+                    self.note_active(&request.group_id);
                     if group.members.is_empty() && !self.offsets.has_group(&group.id) {
                         groups.remove(&request.group_id);
                     }
@@ -184,6 +208,74 @@ impl GroupManager {
             }
             expired.is_empty() || !group.members.is_empty() || self.offsets.has_group(&group.id)
         });
+        self.expire_offsets(&mut groups, offsets::wall_clock_ms());
+    }
+
+    /// Notes that `group` has a member now (a heartbeat, or a member leaving). Taken under the
+    /// groups lock.
+    fn note_active(&self, group: &str) {
+        let now_ms = offsets::wall_clock_ms();
+        let mut activity = self.activity.lock().expect("activity lock poisoned");
+        match activity.seen_with_members.get_mut(group) {
+            Some(seen) => *seen = (*seen).max(now_ms),
+            None => {
+                activity.seen_with_members.insert(group.to_owned(), now_ms);
+            }
+        }
+    }
+
+    /// Deletes the committed offsets of every group that has had no member and no commit for
+    /// the retention period, as of `now_ms` (wall clock). Checks at most every quarter of the
+    /// period (every minute at most); notes which groups have members at every call.
+    fn expire_offsets(&self, groups: &mut HashMap<String, Group>, now_ms: u64) {
+        let mut activity = self.activity.lock().expect("activity lock poisoned");
+        for (id, group) in groups.iter() {
+            if !group.members.is_empty() {
+                activity.seen_with_members.insert(id.clone(), now_ms);
+            }
+        }
+        let retention_ms = self.settings.offsets_retention_ms;
+        let check_every_ms = (retention_ms / 4).clamp(1, 60_000);
+        if activity
+            .last_check_ms
+            .is_some_and(|last| now_ms.saturating_sub(last) < check_every_ms)
+        {
+            return;
+        }
+        activity.last_check_ms = Some(now_ms);
+        // A group not seen with a member in this run may have members on their way back.
+        let since_start = self
+            .started_wall_ms
+            .saturating_add(u64::from(self.settings.max_session_timeout_ms));
+        let mut latest = self.offsets.latest_commits();
+        latest.retain(|group, latest_commit| {
+            if groups
+                .get(group)
+                .is_some_and(|group| !group.members.is_empty())
+            {
+                return true;
+            }
+            let seen = activity.seen_with_members.get(group).copied();
+            let active_ms = (*latest_commit).max(seen.unwrap_or(since_start));
+            if now_ms.saturating_sub(active_ms) < retention_ms {
+                return true;
+            }
+            match self.offsets.expire_group(group) {
+                Ok(0) => true,
+                Ok(count) => {
+                    tracing::info!(%group, count, retention_ms, "committed offsets expired: the group had no member and no commit for the retention period");
+                    false
+                }
+                Err(error) => {
+                    tracing::warn!(%group, %error, "expiring committed offsets failed; trying again later");
+                    true
+                }
+            }
+        });
+        groups.retain(|id, group| !group.members.is_empty() || latest.contains_key(id));
+        activity
+            .seen_with_members
+            .retain(|id, _| groups.contains_key(id) || latest.contains_key(id));
     }
 
     /// Forgets every group's committed offsets on `topic`, which was just deleted (see
@@ -514,4 +606,74 @@ fn subscription_problem(names: &[String], max_topics: usize) -> Option<String> {
                 name.len()
             )
         })
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::storage::faultfs::FaultFs;
+    use crate::storage::fs::Fs;
+    use crate::storage::{LogConfig, Storage, StorageOptions};
+
+    /// Offsets of a group not seen with a member since the broker started are kept for the
+    /// retention period after the start plus the longest session (its members may be on their
+    /// way back); a group seen in this run expires a retention period after it was last seen
+    /// or committed, whichever is later.
+    #[tokio::test]
+    async fn a_broker_start_counts_as_activity_plus_the_longest_session() {
+        let fs: Fs = Arc::new(FaultFs::new());
+        let storage = Storage::new(Arc::clone(&fs), StorageOptions::default());
+        let log = storage
+            .open_log(
+                Path::new("/data/topics/__consumer_offsets/0"),
+                LogConfig::default(),
+            )
+            .unwrap();
+        let store = OffsetStore::open(Arc::clone(&fs), "/data/groups".into(), log).unwrap();
+        for group in ["old", "seen"] {
+            let entries = [CommitEntry {
+                topic: "t".into(),
+                partition: 0,
+                offset: 4,
+                metadata: None,
+            }];
+            let (next, first) = store.append(group, &entries).unwrap();
+            store.wait_durable(next).await.unwrap();
+            store.apply(group, &entries, first);
+        }
+        let settings = GroupSettings {
+            max_session_timeout_ms: 6_000,
+            offsets_retention_ms: 1_000,
+            ..GroupSettings::default()
+        };
+        let manager = GroupManager::new(settings, store);
+        let start = manager.started_wall_ms;
+        // Commits made "before the start" as far as the clock below is concerned.
+        manager
+            .activity
+            .lock()
+            .unwrap()
+            .seen_with_members
+            .insert("seen".into(), start + 2_000);
+        let expire_at = |now_ms: u64| {
+            let mut groups = manager.groups.lock().unwrap();
+            manager.expire_offsets(&mut groups, now_ms);
+            manager.activity.lock().unwrap().last_check_ms = None;
+        };
+        let has = |group: &str| manager.offsets.has_group(group);
+
+        expire_at(start + 2_999);
+        assert!(has("seen") && has("old"));
+        expire_at(start + 3_000);
+        assert!(!has("seen"), "a retention period after it was last seen");
+        assert!(has("old"));
+        expire_at(start + 6_999);
+        assert!(has("old"), "within the start's grace");
+        expire_at(start + 7_000);
+        assert!(!has("old"));
+        drop(manager);
+        storage.shutdown();
+    }
 }

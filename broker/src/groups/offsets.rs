@@ -5,8 +5,10 @@
 //! record key:    version u8 (1), group u16-string, topic u16-string, partition u32
 //! record value:  version u8 (1), offset u64, metadata i16-nullable-string
 //! snapshot file: <data-dir>/groups/offsets.snapshot
-//!                "SLOS", version u8, covered_offset u64, count u32,
-//!                entries { group, topic, partition u32, offset u64, metadata }, crc32c u32
+//!                "SLOS", version u8 (2), covered_offset u64, count u32,
+//!                entries { group, topic, partition u32, offset u64, log_position u64,
+//!                          committed_at_ms u64, metadata }, crc32c u32
+//!                (version 1 has no committed_at_ms: read as 0, unknown)
 //! ```
 //!
 //! A commit is appended, and only once it is fsynced is it applied to the in-memory table and
@@ -30,7 +32,7 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 
 const RECORD_VERSION: u8 = 1;
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SLOS";
-const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_VERSION: u8 = 2;
 
 /// (group, topic, partition).
 pub type OffsetKey = (String, String, u32);
@@ -43,6 +45,10 @@ pub struct Committed {
     /// Where the commit sits in the offsets log; a later commit always wins, whatever order
     /// durability completes in.
     pub(crate) log_position: u64,
+    /// When it was committed (wall clock, milliseconds since the epoch; 0 when unknown, as in
+    /// a version 1 snapshot): the group's offsets expire a retention period after its last
+    /// commit, or after it was last seen with a member if later.
+    pub(crate) committed_at_ms: u64,
 }
 
 /// One commit of a request.
@@ -148,6 +154,15 @@ fn decode_key(key: &[u8]) -> Option<OffsetKey> {
     Some((group, topic, key.get_u32()))
 }
 
+/// Milliseconds since the epoch.
+pub(crate) fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
 pub(crate) fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64, Option<String>)> {
     let (group, topic, partition) = decode_key(key)?;
     let mut value = value;
@@ -231,6 +246,8 @@ impl OffsetStore {
                                     offset,
                                     metadata,
                                     log_position: record_position,
+                                    committed_at_ms: u64::try_from(record.timestamp_ms)
+                                        .unwrap_or(0),
                                 },
                             );
                         }
@@ -265,9 +282,7 @@ impl OffsetStore {
     /// durability of, and the log position of the first entry.
     pub fn append(&self, group: &str, entries: &[CommitEntry]) -> Result<(u64, u64), StorageError> {
         let mut builder = RecordBatchBuilder::new();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        let now_ms = i64::try_from(wall_clock_ms()).unwrap_or(i64::MAX);
         for entry in entries {
             let key = encode_key(group, &entry.topic, entry.partition);
             let mut value = BytesMut::new();
@@ -304,11 +319,22 @@ impl OffsetStore {
         if keys.is_empty() {
             return Ok(None);
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        let (first_position, next_offset) = self.write_tombstones(&mut state, &keys)?;
+        state.forgotten.insert(topic.to_owned(), first_position);
+        Ok(Some(next_offset))
+    }
+
+    /// Appends a tombstone (empty value) for each key, which replay applies, and drops the
+    /// keys from the table. Returns the first tombstone's log position and the offset to wait
+    /// for durability of.
+    fn write_tombstones(
+        &self,
+        state: &mut State,
+        keys: &BTreeSet<OffsetKey>,
+    ) -> Result<(u64, u64), StorageError> {
+        let now_ms = i64::try_from(wall_clock_ms()).unwrap_or(i64::MAX);
         let mut builder = RecordBatchBuilder::new();
-        for (group, topic, partition) in &keys {
+        for (group, topic, partition) in keys {
             builder.append(
                 now_ms,
                 Some(&encode_key(group, topic, *partition)),
@@ -317,11 +343,52 @@ impl OffsetStore {
             );
         }
         let info = self.log.append(builder.build())?;
-        for key in &keys {
+        for key in keys {
             state.committed.remove(key);
         }
-        state.forgotten.insert(topic.to_owned(), info.base_offset);
-        Ok(Some(info.last_offset + 1))
+        Ok((info.base_offset, info.last_offset + 1))
+    }
+
+    /// Each group with committed offsets, with the time of its latest commit (0 when
+    /// unknown).
+    pub fn latest_commits(&self) -> HashMap<String, u64> {
+        let state = self.state.lock().expect("offsets lock poisoned");
+        let mut latest: HashMap<String, u64> = HashMap::new();
+        for ((group, _, _), committed) in &state.committed {
+            let at = latest.entry(group.clone()).or_default();
+            *at = (*at).max(committed.committed_at_ms);
+        }
+        latest
+    }
+
+    /// Deletes every committed offset of `group`, as [`OffsetStore::forget_topic`] does for a
+    /// topic, unless a commit of the group is still on its way to the disk (the group is
+    /// active then). Returns how many offsets went. The caller holds the groups lock, so no
+    /// commit of the group is checked and appended meanwhile.
+    ///
+    /// # Errors
+    /// The tombstones could not be appended; nothing is forgotten then.
+    pub fn expire_group(&self, group: &str) -> Result<usize, StorageError> {
+        let mut state = self.state.lock().expect("offsets lock poisoned");
+        let pending = state
+            .pending
+            .values()
+            .flatten()
+            .any(|(owner, _, _)| owner == group);
+        if pending {
+            return Ok(0);
+        }
+        let keys: BTreeSet<OffsetKey> = state
+            .committed
+            .keys()
+            .filter(|(owner, _, _)| owner == group)
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.write_tombstones(&mut state, &keys)?;
+        Ok(keys.len())
     }
 
     /// Forgets a commit whose durability failed: it is never applied.
@@ -340,6 +407,7 @@ impl OffsetStore {
 
     /// Makes durable commits visible. `first_position` is what [`OffsetStore::append`] returned.
     pub fn apply(&self, group: &str, entries: &[CommitEntry], first_position: u64) {
+        let committed_at_ms = wall_clock_ms();
         let mut state = self.state.lock().expect("offsets lock poisoned");
         state.pending.remove(&first_position);
         for (index, entry) in entries.iter().enumerate() {
@@ -363,6 +431,7 @@ impl OffsetStore {
                         offset: entry.offset,
                         metadata: entry.metadata.clone(),
                         log_position,
+                        committed_at_ms,
                     },
                 );
             }
@@ -466,6 +535,7 @@ pub(crate) fn encode_snapshot(committed: &HashMap<OffsetKey, Committed>, covered
         out.put_u32(*partition);
         out.put_u64(entry.offset);
         out.put_u64(entry.log_position);
+        out.put_u64(entry.committed_at_ms);
         put_metadata(&mut out, entry.metadata.as_deref());
     }
     let crc = sluice_protocol::checksum::crc32c(&out);
@@ -483,7 +553,11 @@ pub(crate) fn decode_snapshot(bytes: &[u8]) -> Option<(HashMap<OffsetKey, Commit
         return None;
     }
     src.advance(4);
-    if src.remaining() < 13 || src.get_u8() != SNAPSHOT_VERSION {
+    if src.remaining() < 13 {
+        return None;
+    }
+    let version = src.get_u8();
+    if version != 1 && version != SNAPSHOT_VERSION {
         return None;
     }
     let covered = src.get_u64();
@@ -492,12 +566,13 @@ pub(crate) fn decode_snapshot(bytes: &[u8]) -> Option<(HashMap<OffsetKey, Commit
     for _ in 0..count {
         let group = get_short_string(&mut src)?;
         let topic = get_short_string(&mut src)?;
-        if src.remaining() < 20 {
+        if src.remaining() < if version == 1 { 20 } else { 28 } {
             return None;
         }
         let partition = src.get_u32();
         let offset = src.get_u64();
         let log_position = src.get_u64();
+        let committed_at_ms = if version == 1 { 0 } else { src.get_u64() };
         let metadata = get_metadata(&mut src)?;
         committed.insert(
             (group, topic, partition),
@@ -505,6 +580,7 @@ pub(crate) fn decode_snapshot(bytes: &[u8]) -> Option<(HashMap<OffsetKey, Commit
                 offset,
                 metadata,
                 log_position,
+                committed_at_ms,
             },
         );
     }
@@ -540,6 +616,7 @@ mod tests {
                 offset: 5,
                 metadata: None,
                 log_position: 3,
+                committed_at_ms: 1_700_000_000_000,
             },
         );
         committed.insert(
@@ -548,6 +625,7 @@ mod tests {
                 offset: 9,
                 metadata: Some("x".into()),
                 log_position: 8,
+                committed_at_ms: 0,
             },
         );
         let bytes = encode_snapshot(&committed, 77);
@@ -635,5 +713,80 @@ mod store_tests {
             [("t".to_owned(), 2), ("u".to_owned(), 9)]
         );
         storage.shutdown();
+    }
+
+    /// An expired group's offsets go, also on replay, and other groups' stay; a group with a
+    /// commit still on its way to the disk is not expired. Replayed commits keep when they
+    /// were made.
+    #[tokio::test]
+    async fn an_expired_groups_offsets_go_and_stay_gone() {
+        let fs: Fs = Arc::new(FaultFs::new());
+        let storage = Storage::new(Arc::clone(&fs), StorageOptions::default());
+        let store = open(&storage, &fs);
+        let before_ms = wall_clock_ms();
+        for group in ["gone", "kept"] {
+            let entries = [entry("t", 3), entry("u", 4)];
+            let (next, first) = store.append(group, &entries).unwrap();
+            store.wait_durable(next).await.unwrap();
+            store.apply(group, &entries, first);
+        }
+        let latest = store.latest_commits();
+        assert_eq!(latest.len(), 2);
+        assert!(latest.values().all(|at| *at >= before_ms), "{latest:?}");
+
+        let pending = [entry("t", 5)];
+        let (next, first) = store.append("gone", &pending).unwrap();
+        assert_eq!(
+            store.expire_group("gone").unwrap(),
+            0,
+            "a commit is pending"
+        );
+        store.wait_durable(next).await.unwrap();
+        store.apply("gone", &pending, first);
+        assert_eq!(store.expire_group("gone").unwrap(), 2);
+        assert!(!store.has_group("gone"));
+        assert_eq!(store.expire_group("gone").unwrap(), 0, "nothing left");
+        assert_eq!(store.group_offsets("kept").len(), 2);
+        store.wait_durable(store.log.latest_offset()).await.unwrap();
+        drop(store);
+        storage.shutdown();
+
+        let storage = Storage::new(Arc::clone(&fs), StorageOptions::default());
+        let replayed = open(&storage, &fs);
+        assert!(!replayed.has_group("gone"));
+        assert_eq!(replayed.group_offsets("kept").len(), 2);
+        let latest = replayed.latest_commits();
+        assert!(latest["kept"] >= before_ms, "{latest:?}");
+        storage.shutdown();
+    }
+
+    /// A version 1 snapshot (before commit times were kept) still loads, its commit times
+    /// unknown.
+    #[test]
+    fn a_version_1_snapshot_loads_without_commit_times() {
+        let mut committed = HashMap::new();
+        committed.insert(
+            ("g".into(), "t".into(), 1),
+            Committed {
+                offset: 5,
+                metadata: Some("m".into()),
+                log_position: 3,
+                committed_at_ms: 0,
+            },
+        );
+        let mut v1 = BytesMut::new();
+        v1.put_slice(SNAPSHOT_MAGIC);
+        v1.put_u8(1);
+        v1.put_u64(77);
+        v1.put_u32(1);
+        put_short_string(&mut v1, "g");
+        put_short_string(&mut v1, "t");
+        v1.put_u32(1);
+        v1.put_u64(5);
+        v1.put_u64(3);
+        put_metadata(&mut v1, Some("m"));
+        let crc = sluice_protocol::checksum::crc32c(&v1);
+        v1.put_u32(crc);
+        assert_eq!(decode_snapshot(&v1), Some((committed, 77)));
     }
 }
