@@ -649,6 +649,59 @@ async fn errors_for_many_empty_partitions_are_not_amplified() {
     broker.shutdown().await;
 }
 
+/// A fetch naming hundreds of thousands of topics, and one topic with a hundred thousand
+/// partitions, is answered at once: counting each topic's partitions for the answer's size
+/// scanned every partition once per topic (about 5·10^10 steps: a worker busy for minutes
+/// on one request, and the broker with it).
+#[tokio::test]
+async fn a_fetch_of_many_topics_and_partitions_is_answered_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
+    create(&connection, "t", 1).await;
+    let mut topics: Vec<FetchTopic> = (0..400_000)
+        .map(|_| FetchTopic {
+            name: String::new(),
+            partitions: Vec::new(),
+        })
+        .collect();
+    topics.push(FetchTopic {
+        name: "t".into(),
+        partitions: (0..120_000)
+            .map(|partition| FetchPartition {
+                partition,
+                fetch_offset: 0,
+                partition_max_bytes: 1024,
+            })
+            .collect(),
+    });
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        connection.send(FetchRequest {
+            max_wait_ms: 0,
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            topics,
+        }),
+    )
+    .await
+    .expect("answered within 20 s")
+    .unwrap();
+    let Response::Fetch(answer) = answer else {
+        panic!("wrong response: {answer:?}")
+    };
+    assert_eq!(answer.topics.len(), 400_001);
+    let t = answer.topics.last().unwrap();
+    assert_eq!(t.partitions.len(), 120_000);
+    assert_eq!(t.partitions[0].error_code, ErrorCode::None);
+    assert!(
+        t.partitions[1..]
+            .iter()
+            .all(|partition| partition.error_code == ErrorCode::UnknownPartition)
+    );
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 /// Shutdown does not wait for a peer to finish a frame it started: the half-sent request was
 /// never acknowledged, and `frame_read_timeout_ms` (here two minutes) may be long.
 #[tokio::test]
