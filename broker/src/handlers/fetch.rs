@@ -169,9 +169,19 @@ fn refresh_offsets(
                 .as_ref()
                 .and_then(|logs| logs.partition(partition.partition));
             match (now, read.next()) {
-                (Some(now), Some(Some(read))) if Arc::ptr_eq(now, read) => {
+                (Some(now), Some(Some(read))) if Arc::ptr_eq(now, read) && !now.is_closing() => {
+                    let log_start_offset = now.earliest_offset();
+                    // Retention may have removed what was read since: the fetch reads for
+                    // itself, and finds its offset out of range.
+                    let first = split_batches(&partition.records)
+                        .next()
+                        .and_then(Result::ok)
+                        .map(|batch| batch.base_offset());
+                    if first.is_some_and(|first| first < log_start_offset) {
+                        return false;
+                    }
                     partition.high_watermark = now.latest_offset();
-                    partition.log_start_offset = now.earliest_offset();
+                    partition.log_start_offset = log_start_offset;
                 }
                 (None, Some(None)) => {}
                 _ => return false,
@@ -189,6 +199,11 @@ fn next_fetch(request: &FetchRequest, response: &FetchResponse) -> Option<FetchR
     let mut next = request.clone();
     let mut advanced = false;
     for (topic, answered) in next.topics.iter_mut().zip(&response.topics) {
+        // An answer trimmed to fit its frame leaves whole topics out: the answer's topics no
+        // longer line up with the request's, and no offset may move to another topic.
+        if topic.name != answered.name {
+            return None;
+        }
         for (partition, answer) in topic.partitions.iter_mut().zip(&answered.partitions) {
             if answer.error_code != ErrorCode::None || answer.partition != partition.partition {
                 continue;
@@ -287,6 +302,30 @@ async fn fetch_with_wait(
             })
             .collect();
         let (response, total_bytes, any_error) = read_once(state, &names, &targets, max_bytes);
+        // A log closed before or during the read (its topic deleted, perhaps created again
+        // under the name: a closed segment is reopened by its path, which the new topic's
+        // files may hold by now) is resolved again and read again, so the answer says what is
+        // there now.
+        // (A log closing at shutdown is still the one resolved: that read stands.)
+        if targets
+            .iter()
+            .any(|target| target.log.as_ref().is_some_and(|log| log.is_closing()))
+        {
+            let (now_names, now_targets) = resolve(state, request);
+            let moved = now_targets
+                .iter()
+                .zip(&targets)
+                .any(|(now, read)| match (&now.log, &read.log) {
+                    (Some(now), Some(read)) => !Arc::ptr_eq(now, read),
+                    (None, None) => false,
+                    _ => true,
+                });
+            if moved {
+                drop(budget);
+                (names, targets) = (now_names, now_targets);
+                continue;
+            }
+        }
         let now = tokio::time::Instant::now();
         if total_bytes >= u64::from(request.min_bytes.max(1))
             || any_error

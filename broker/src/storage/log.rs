@@ -1021,6 +1021,12 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Whether [`PartitionLog::close`] has begun: set before the log's files can be deleted,
+    /// so a read that finds it clear after reading read this log's files.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
     /// Syncs everything, checkpoints, and wakes every waiting fetch. Appends fail afterwards.
     pub fn close(self: &Arc<Self>) -> Result<()> {
         self.closing.store(true, Ordering::Release);
