@@ -71,15 +71,23 @@ pub fn recover(
 }
 
 /// One committed offset as the snapshot stores it: (group, topic, partition), offset, position
-/// in the offsets log, metadata.
-pub type OffsetsSnapshotEntry = (OffsetKey, u64, u64, Option<String>);
+/// in the offsets log, when it was committed (ms since the epoch, 0 unknown), metadata.
+pub type OffsetsSnapshotEntry = (OffsetKey, u64, u64, u64, Option<String>);
 
 /// Decodes the committed-offsets snapshot: its entries (sorted) and the log offset it covers.
 pub fn decode_offsets_snapshot(bytes: &[u8]) -> Option<(Vec<OffsetsSnapshotEntry>, u64)> {
     let (committed, covered) = offsets::decode_snapshot(bytes)?;
     let mut entries: Vec<OffsetsSnapshotEntry> = committed
         .into_iter()
-        .map(|(key, entry)| (key, entry.offset, entry.log_position, entry.metadata))
+        .map(|(key, entry)| {
+            (
+                key,
+                entry.offset,
+                entry.log_position,
+                entry.committed_at_ms,
+                entry.metadata,
+            )
+        })
         .collect();
     entries.sort();
     Some((entries, covered))
@@ -89,14 +97,14 @@ pub fn decode_offsets_snapshot(bytes: &[u8]) -> Option<(Vec<OffsetsSnapshotEntry
 pub fn encode_offsets_snapshot(entries: &[OffsetsSnapshotEntry], covered: u64) -> Vec<u8> {
     let committed: HashMap<OffsetKey, Committed> = entries
         .iter()
-        .map(|(key, offset, log_position, metadata)| {
+        .map(|(key, offset, log_position, committed_at_ms, metadata)| {
             (
                 key.clone(),
                 Committed {
                     offset: *offset,
                     metadata: metadata.clone(),
                     log_position: *log_position,
-                    committed_at_ms: 0,
+                    committed_at_ms: *committed_at_ms,
                 },
             )
         })
@@ -235,14 +243,27 @@ mod seeds {
 
     fn offsets_snapshot() -> Vec<u8> {
         let entries = vec![
-            (("group".into(), "orders".into(), 0), 42, 3, None),
+            (
+                ("group".into(), "orders".into(), 0),
+                42,
+                3,
+                1_700_000_000_000,
+                None,
+            ),
             (
                 ("group".into(), "orders".into(), 1),
                 7,
                 4,
+                1_700_000_000_500,
                 Some("meta".into()),
             ),
-            (("other".into(), "t".into(), 9), 0, 5, Some(String::new())),
+            (
+                ("other".into(), "t".into(), 9),
+                0,
+                5,
+                0,
+                Some(String::new()),
+            ),
         ];
         encode_offsets_snapshot(&entries, 6)
     }
@@ -316,10 +337,12 @@ mod seeds {
             let committed =
                 std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
             // The offsets snapshot is written in hash-map order: compare what it says.
+            // Its version byte too: an older version still decodes, to the same entries
+            // but for what it lacks.
             if target == "offsets_snapshot" {
                 assert_eq!(
-                    decode_offsets_snapshot(&committed),
-                    decode_offsets_snapshot(&contents),
+                    (committed.get(4), decode_offsets_snapshot(&committed)),
+                    (contents.get(4), decode_offsets_snapshot(&contents)),
                     "{} is stale: run write_seed_files",
                     path.display()
                 );

@@ -247,35 +247,32 @@ impl GroupManager {
         let since_start = self
             .started_wall_ms
             .saturating_add(u64::from(self.settings.max_session_timeout_ms));
-        let mut latest = self.offsets.latest_commits();
-        latest.retain(|group, latest_commit| {
+        let expired = self.offsets.expire_groups(|group, latest_commit| {
             if groups
                 .get(group)
                 .is_some_and(|group| !group.members.is_empty())
             {
-                return true;
+                return false;
             }
             let seen = activity.seen_with_members.get(group).copied();
-            let active_ms = (*latest_commit).max(seen.unwrap_or(since_start));
-            if now_ms.saturating_sub(active_ms) < retention_ms {
-                return true;
-            }
-            match self.offsets.expire_group(group) {
-                Ok(0) => true,
-                Ok(count) => {
-                    tracing::info!(%group, count, retention_ms, "committed offsets expired: the group had no member and no commit for the retention period");
-                    false
-                }
-                Err(error) => {
-                    tracing::warn!(%group, %error, "expiring committed offsets failed; trying again later");
-                    true
-                }
-            }
+            let active_ms = latest_commit.max(seen.unwrap_or(since_start));
+            now_ms.saturating_sub(active_ms) >= retention_ms
         });
-        groups.retain(|id, group| !group.members.is_empty() || latest.contains_key(id));
+        match expired {
+            Ok(expired) => {
+                for (group, count) in &expired {
+                    tracing::info!(%group, count, retention_ms, "committed offsets expired: the group had no member and no commit for the retention period");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "expiring committed offsets failed; trying again later");
+            }
+        }
+        let committed = self.offsets.groups();
+        groups.retain(|id, group| !group.members.is_empty() || committed.contains(id));
         activity
             .seen_with_members
-            .retain(|id, _| groups.contains_key(id) || latest.contains_key(id));
+            .retain(|id, _| groups.contains_key(id) || committed.contains(id));
     }
 
     /// Forgets every group's committed offsets on `topic`, which was just deleted (see

@@ -11,6 +11,9 @@
 //!                (version 1 has no committed_at_ms: read as 0, unknown)
 //! ```
 //!
+//! Version 2 is one-way: a broker from before it refuses the file and replays the log, whose
+//! segments the snapshot covered may be gone, so going back loses the commits only they held.
+//!
 //! A commit is appended, and only once it is fsynced is it applied to the in-memory table and
 //! acknowledged, so an acknowledged commit survives a crash and a lost one was never visible.
 //! Whenever the log rolls a segment, a snapshot of the whole table is written durably; start-up
@@ -222,7 +225,7 @@ impl OffsetStore {
                     }
                     let key = record.key.unwrap_or_default();
                     if record.value.is_empty() {
-                        // A tombstone: the topic was deleted, its commits with it.
+                        // A tombstone: the topic was deleted, or the group's offsets expired.
                         if let Some(key) = decode_key(key) {
                             if committed
                                 .get(&key)
@@ -349,46 +352,51 @@ impl OffsetStore {
         Ok((info.base_offset, info.last_offset + 1))
     }
 
-    /// Each group with committed offsets, with the time of its latest commit (0 when
-    /// unknown).
-    pub fn latest_commits(&self) -> HashMap<String, u64> {
-        let state = self.state.lock().expect("offsets lock poisoned");
-        let mut latest: HashMap<String, u64> = HashMap::new();
-        for ((group, _, _), committed) in &state.committed {
-            let at = latest.entry(group.clone()).or_default();
-            *at = (*at).max(committed.committed_at_ms);
-        }
-        latest
-    }
-
-    /// Deletes every committed offset of `group`, as [`OffsetStore::forget_topic`] does for a
-    /// topic, unless a commit of the group is still on its way to the disk (the group is
-    /// active then). Returns how many offsets went. The caller holds the groups lock, so no
-    /// commit of the group is checked and appended meanwhile.
+    /// Deletes every committed offset of each group that `expired(group, latest commit time)`
+    /// says has expired, in one batch of tombstones, as [`OffsetStore::forget_topic`] does
+    /// for a topic. A group with a commit still on its way to the disk is active and kept.
+    /// Decided under this store's lock, on the commits as they are then. Returns the groups
+    /// forgotten, with how many offsets each had. The caller holds the groups lock, so no
+    /// commit is checked and appended meanwhile.
     ///
     /// # Errors
     /// The tombstones could not be appended; nothing is forgotten then.
-    pub fn expire_group(&self, group: &str) -> Result<usize, StorageError> {
+    pub fn expire_groups(
+        &self,
+        expired: impl Fn(&str, u64) -> bool,
+    ) -> Result<Vec<(String, usize)>, StorageError> {
         let mut state = self.state.lock().expect("offsets lock poisoned");
-        let pending = state
+        let pending: BTreeSet<&str> = state
             .pending
             .values()
             .flatten()
-            .any(|(owner, _, _)| owner == group);
-        if pending {
-            return Ok(0);
+            .map(|(group, _, _)| group.as_str())
+            .collect();
+        let mut latest: HashMap<&str, u64> = HashMap::new();
+        for ((group, _, _), committed) in &state.committed {
+            let at = latest.entry(group.as_str()).or_default();
+            *at = (*at).max(committed.committed_at_ms);
+        }
+        let gone: BTreeSet<String> = latest
+            .into_iter()
+            .filter(|(group, latest)| !pending.contains(group) && expired(group, *latest))
+            .map(|(group, _)| group.to_owned())
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
         }
         let keys: BTreeSet<OffsetKey> = state
             .committed
             .keys()
-            .filter(|(owner, _, _)| owner == group)
+            .filter(|(group, _, _)| gone.contains(group))
             .cloned()
             .collect();
-        if keys.is_empty() {
-            return Ok(0);
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for (group, _, _) in &keys {
+            *counts.entry(group.clone()).or_default() += 1;
         }
         self.write_tombstones(&mut state, &keys)?;
-        Ok(keys.len())
+        Ok(counts.into_iter().collect())
     }
 
     /// Forgets a commit whose durability failed: it is never applied.
@@ -730,22 +738,23 @@ mod store_tests {
             store.wait_durable(next).await.unwrap();
             store.apply(group, &entries, first);
         }
-        let latest = store.latest_commits();
+        let latest = latest_commits(&store);
         assert_eq!(latest.len(), 2);
         assert!(latest.values().all(|at| *at >= before_ms), "{latest:?}");
 
         let pending = [entry("t", 5)];
         let (next, first) = store.append("gone", &pending).unwrap();
+        let gone = |group: &str, _: u64| group == "gone";
         assert_eq!(
-            store.expire_group("gone").unwrap(),
-            0,
+            store.expire_groups(gone).unwrap(),
+            [],
             "a commit is pending"
         );
         store.wait_durable(next).await.unwrap();
         store.apply("gone", &pending, first);
-        assert_eq!(store.expire_group("gone").unwrap(), 2);
+        assert_eq!(store.expire_groups(gone).unwrap(), [("gone".to_owned(), 2)]);
         assert!(!store.has_group("gone"));
-        assert_eq!(store.expire_group("gone").unwrap(), 0, "nothing left");
+        assert_eq!(store.expire_groups(gone).unwrap(), [], "nothing left");
         assert_eq!(store.group_offsets("kept").len(), 2);
         store.wait_durable(store.log.latest_offset()).await.unwrap();
         drop(store);
@@ -755,9 +764,22 @@ mod store_tests {
         let replayed = open(&storage, &fs);
         assert!(!replayed.has_group("gone"));
         assert_eq!(replayed.group_offsets("kept").len(), 2);
-        let latest = replayed.latest_commits();
+        let latest = latest_commits(&replayed);
         assert!(latest["kept"] >= before_ms, "{latest:?}");
         storage.shutdown();
+    }
+
+    /// Each group's latest commit time, as `expire_groups` sees it.
+    fn latest_commits(store: &OffsetStore) -> HashMap<String, u64> {
+        let seen = std::sync::Mutex::new(HashMap::new());
+        let expired = store
+            .expire_groups(|group, latest| {
+                seen.lock().unwrap().insert(group.to_owned(), latest);
+                false
+            })
+            .unwrap();
+        assert!(expired.is_empty());
+        seen.into_inner().unwrap()
     }
 
     /// A version 1 snapshot (before commit times were kept) still loads, its commit times

@@ -312,14 +312,15 @@ async fn fetch_with_wait(
             .any(|target| target.log.as_ref().is_some_and(|log| log.is_closing()))
         {
             let (now_names, now_targets) = resolve(state, request);
-            let moved = now_targets
-                .iter()
-                .zip(&targets)
-                .any(|(now, read)| match (&now.log, &read.log) {
-                    (Some(now), Some(read)) => !Arc::ptr_eq(now, read),
-                    (None, None) => false,
-                    _ => true,
-                });
+            let moved =
+                now_targets
+                    .iter()
+                    .zip(&targets)
+                    .any(|(now, read)| match (&now.log, &read.log) {
+                        (Some(now), Some(read)) => !Arc::ptr_eq(now, read),
+                        (None, None) => false,
+                        _ => true,
+                    });
             if moved {
                 drop(budget);
                 (names, targets) = (now_names, now_targets);

@@ -200,7 +200,8 @@ impl TopicQueues {
 /// hands it back to the kernel when it is freed, so every batch paid a page fault and the
 /// zeroing of each of its pages before its first record was copied in (almost all of a 1 KiB
 /// produce run's page faults). At most [`SpareBuffers::MAX`] are kept, each at most twice
-/// `batch_bytes`: a few megabytes at most, beside the producer's `buffer_bytes`.
+/// `batch_bytes`, for the producer's lifetime: up to 8 × `batch_bytes` beside its
+/// `buffer_bytes` (2 MiB at the default 256 KiB batches).
 #[derive(Debug)]
 pub(crate) struct SpareBuffers {
     buffers: Mutex<Vec<BytesMut>>,

@@ -309,7 +309,9 @@ impl ProducerBuilder {
     /// The memory batches may take, from enqueue to acknowledgement. Each batch reserves its
     /// capacity (`batch_bytes`, or one larger record) from it; when it is used up,
     /// [`Producer::enqueue`] and [`Producer::send`] wait for acknowledged batches to free some
-    /// instead of growing memory. At least `batch_bytes`, at most 4 GiB.
+    /// instead of growing memory. At least `batch_bytes`, at most 4 GiB. Beside it, the
+    /// buffers of up to four acknowledged batches (each at most twice `batch_bytes`) are kept
+    /// to build the next batches in, instead of fresh memory.
     ///
     /// Default = 32 MiB.
     pub fn buffer_bytes(mut self, buffer_bytes: usize) -> Self {

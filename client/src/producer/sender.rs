@@ -581,6 +581,8 @@ impl SenderState {
                     window.rewind_to = None;
                 }
                 window.backoff.reset();
+                // Kept before the records resolve: whatever their resolving wakes finds it.
+                shared.spare_buffers.give(sent.batch);
                 finish(
                     shared,
                     sent.id,
@@ -588,7 +590,6 @@ impl SenderState {
                     sent.reserved_bytes,
                     Ok(base_offset),
                 );
-                shared.spare_buffers.give(sent.batch);
             }
             Err(error) => {
                 if let Some(doomed) = window.batches[index].doomed.clone() {
