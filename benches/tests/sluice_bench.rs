@@ -378,6 +378,8 @@ fn bad_flags_exit_2() {
         &["baseline", "--batch-bytes", "0"],
         &["stalls", "--duration", "0"],
         &["stalls", "--duration", "soon"],
+        &["produce", "--embedded", "--batch-bytes", "10"],
+        &["baseline", "--batch-bytes", "2000000"],
         &["bogus"],
         &[],
     ] {
@@ -394,14 +396,6 @@ fn bad_flags_exit_2() {
             "quic",
         ][..],
         &["produce", "--broker", "http://127.0.0.1:1"],
-        &[
-            "produce",
-            "--embedded",
-            "--messages",
-            "10",
-            "--batch-bytes",
-            "10",
-        ],
         // quic:// without a CA file is a configuration error.
         &[
             "produce",

@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sluice_broker::storage::FsyncPolicy;
 use sluice_client::producer::Acks;
 
+/// The smallest batch a producer takes: a header and one empty record.
+const MIN_BATCH_BYTES: i64 = sluice_protocol::batch::HEADER_BYTES as i64 + 8;
 /// The broker used when neither `--broker`, `--embedded` nor `SLUICE_BROKER` says otherwise.
 pub const DEFAULT_BROKER: &str = "tcp://127.0.0.1:7171";
 /// Messages sent when neither `--messages` nor `--duration` is given (latency: see below).
@@ -142,7 +144,7 @@ pub struct WorkloadArgs {
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub duration: Option<u64>,
     /// Size a producer's batch closes at (the producer's batch_bytes). Default 262144.
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(MIN_BATCH_BYTES..))]
     pub batch_bytes: Option<u32>,
     /// How long a batch waits for more records (the producer's linger). Default 5, latency 0.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
@@ -189,9 +191,10 @@ pub struct BaselineArgs {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub latency_duration: u64,
     /// Size a producer's batch closes at, and the raw writes' size: 1048576 gives 1 KiB
-    /// messages batches of about 1,000 records.
+    /// messages batches of about 1,000 records. At most 1048576, the embedded broker's
+    /// max_batch_bytes.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BATCH_BYTES,
-          value_parser = clap::value_parser!(u32).range(1..=64 * 1024 * 1024))]
+          value_parser = clap::value_parser!(u32).range(MIN_BATCH_BYTES..=1024 * 1024))]
     pub batch_bytes: u32,
 }
 

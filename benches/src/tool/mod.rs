@@ -144,13 +144,14 @@ fn baseline(arguments: &cli::BaselineArgs) -> Result<(), Failure> {
     let latency = runtime.block_on(baseline::measure_sluice_latency(arguments))?;
     let stalls = stalls::measure(std::time::Duration::from_secs(arguments.latency_duration))?;
     let limits = baseline::measure_limits(arguments, tcp_latency, stalls)?;
-    let [produce_leader, produce_durable, consume] =
+    let ([produce_leader, produce_durable, consume], tcp_before) =
         runtime.block_on(baseline::measure_sluice(arguments))?;
     let measured = baseline::Baseline {
         limits,
         produce_leader,
         produce_durable,
         consume,
+        tcp_before,
         latency,
     };
     print!("{}", measured.table(arguments, &machine));

@@ -747,7 +747,9 @@ impl SendJob {
                 std::thread::sleep(due - now);
                 now = Instant::now();
             }
-            if self.quota.is_reached(sent, now) {
+            // Ends with the last record due before the end, however late it is sent: a sender
+            // stalled across the end still owes (and times) what fell due before it.
+            if self.quota.is_reached(sent, due) {
                 break Ok(());
             }
             // Timed from when the record was due, not from when this thread got to send it:
