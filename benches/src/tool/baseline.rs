@@ -443,32 +443,21 @@ pub fn measure_limits(
     let bytes = written_bytes(message_size, arguments.messages);
     warm_up(&directory, bytes)?;
     let page_cache = page_cache_append(&directory, message_size, write_bytes, arguments.messages)?;
+    let synced = |frames_per_write: u64, writes_per_sync: u64| {
+        fdatasync_per_batch(
+            &directory,
+            message_size,
+            write_bytes,
+            arguments.messages,
+            frames_per_write,
+            writes_per_sync,
+        )
+    };
     warm_up(&directory, bytes)?;
-    let per_batch = fdatasync_per_batch(
-        &directory,
-        message_size,
-        write_bytes,
-        arguments.messages,
-        u64::MAX,
-        1,
-    )?;
+    let per_batch = synced(u64::MAX, 1)?;
     warm_up(&directory, bytes)?;
-    let per_in_flight = fdatasync_per_batch(
-        &directory,
-        message_size,
-        write_bytes,
-        arguments.messages,
-        u64::MAX,
-        MAX_IN_FLIGHT_IDEMPOTENT as u64,
-    )?;
-    let per_message = fdatasync_per_batch(
-        &directory,
-        message_size,
-        write_bytes,
-        arguments.messages,
-        1,
-        1,
-    )?;
+    let per_in_flight = synced(u64::MAX, MAX_IN_FLIGHT_IDEMPOTENT as u64)?;
+    let per_message = synced(1, 1)?;
     Ok(Limits {
         tcp,
         page_cache,
