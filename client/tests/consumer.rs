@@ -721,3 +721,42 @@ async fn a_committed_offset_out_of_range_with_reset_policy_error_is_reported() {
     consumer.close().await.unwrap();
     broker.shutdown().await;
 }
+
+/// A member whose heartbeats go unanswered for a whole session timeout (its broker gone) stops
+/// handing out the records it had fetched: the broker has expired it by then, and its
+/// partitions are another member's to read from the last commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_unheard_for_a_session_stops_handing_out_what_it_fetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start(dir.path()).await;
+    create_topic(&client, "t", 1).await;
+    let values: Vec<String> = (0..200).map(|index| format!("v{index}")).collect();
+    produce(&client, "t", 0, &values, 200).await;
+    let mut consumer = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .session_timeout(Duration::from_secs(6))
+        .commit_mode(CommitMode::Manual)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(take(&mut consumer, 1).await[0].1, 0);
+    assert_eq!(consumer.assignment().len(), 1);
+    broker.shutdown().await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !consumer.assignment().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the member kept its partitions with no heartbeat answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The other 199 records were fetched in the same batch; none is handed out now.
+    match futures::FutureExt::now_or_never(consumer.next()) {
+        None | Some(Some(Err(_))) => {}
+        Some(other) => panic!("expected nothing, got {other:?}"),
+    }
+    consumer.close_without_commit().await;
+}

@@ -7,6 +7,8 @@
 //! response.release           ─▶ Release  (stop delivering, commit processed positions, drop)
 //! UnknownMember / Fenced      ─▶ Rejoin   (drop everything WITHOUT committing: a fenced
 //!                                          member's commits would be refused anyway)
+//! no heartbeat accepted for a ─▶ Rejoin   (the broker has expired the member by now: its
+//! whole session timeout                    partitions are someone else's)
 //! ```
 
 use std::collections::BTreeSet;
@@ -92,10 +94,7 @@ impl MemberState {
         match response.error_code {
             ErrorCode::None => {}
             ErrorCode::UnknownMember | ErrorCode::FencedMemberEpoch => {
-                let lost = std::mem::take(&mut self.owned);
-                self.member_id.clear();
-                self.member_epoch = 0;
-                return Ok(vec![MemberAction::Rejoin(lost)]);
+                return Ok(vec![self.leave_unheard()]);
             }
             code => return Err(code),
         }
@@ -121,6 +120,20 @@ impl MemberState {
             actions.push(MemberAction::Assign(assign));
         }
         Ok(actions)
+    }
+
+    /// No heartbeat was accepted for a whole session timeout: the broker has expired this
+    /// member, and its partitions may be another's by now. Everything owned is lost, as when
+    /// the broker says the member is unknown. `None` when not a member (nothing to lose).
+    pub fn session_lost(&mut self) -> Option<MemberAction> {
+        (!self.member_id.is_empty() || !self.owned.is_empty()).then(|| self.leave_unheard())
+    }
+
+    fn leave_unheard(&mut self) -> MemberAction {
+        let lost = std::mem::take(&mut self.owned);
+        self.member_id.clear();
+        self.member_epoch = 0;
+        MemberAction::Rejoin(lost)
     }
 
     /// The consumer finished releasing these (committed and stopped).
@@ -193,6 +206,20 @@ mod tests {
         );
         member.released(&[tp(1), tp(2)].into());
         assert_eq!(member.heartbeat_request().owned.unwrap()[0].partitions, [0]);
+    }
+
+    #[test]
+    fn a_lost_session_drops_everything_and_rejoins_once() {
+        let mut member = MemberState::new("g", vec!["t".into()], 10_000, None);
+        assert_eq!(member.session_lost(), None, "not a member yet");
+        member.on_heartbeat(&response(&[0, 1], &[])).unwrap();
+        assert_eq!(
+            member.session_lost(),
+            Some(MemberAction::Rejoin([tp(0), tp(1)].into()))
+        );
+        assert!(!member.is_joined());
+        assert_eq!(member.heartbeat_request().member_epoch, 0, "joins again");
+        assert_eq!(member.session_lost(), None, "nothing more to lose");
     }
 
     #[test]

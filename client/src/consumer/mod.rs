@@ -1463,55 +1463,98 @@ fn reset_seek(reset: ResetPolicy) -> Option<Seek> {
 async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut last_commit = Instant::now();
+    // What the loop waits for (a heartbeat's answer, finding where to start, committing) is
+    // cut off well within the session timeout: a member that stops heartbeating is expired
+    // while it goes on handing out records, which its partitions' next owner reads again.
+    let session_timeout = shared.settings.session_timeout;
+    let within_session = session_timeout / 3;
+    // When the broker last accepted a heartbeat (or the member started): once a whole session
+    // timeout has passed without one, the broker has expired the member.
+    let mut last_accepted = Instant::now();
     while !shared.closed.load(Ordering::Acquire) {
         let request = match shared.state().member.as_ref() {
             Some(member) => member.heartbeat_request(),
             None => return,
         };
-        let response = match shared.client.send(request).await {
-            Ok(Response::ConsumerGroupHeartbeat(response)) => response,
-            Ok(_) => continue,
-            Err(error) => {
+        let answered = match tokio::time::timeout(within_session, shared.client.send(request)).await
+        {
+            Ok(Ok(Response::ConsumerGroupHeartbeat(response))) => Some(response),
+            Ok(Ok(_)) => continue,
+            Ok(Err(error)) => {
                 tracing::debug!(%error, "heartbeat failed; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
+                None
+            }
+            Err(_) => {
+                tracing::debug!(
+                    timeout_ms = duration_ms(within_session),
+                    "heartbeat unanswered; retrying"
+                );
+                None
             }
         };
-        let actions = {
-            let mut state = shared.state();
-            let Some(member) = state.member.as_mut() else {
-                return;
-            };
-            member.on_heartbeat(&response)
+        let accepted = match &answered {
+            Some(response) => {
+                let outcome = {
+                    let mut state = shared.state();
+                    let Some(member) = state.member.as_mut() else {
+                        return;
+                    };
+                    member.on_heartbeat(response)
+                };
+                match outcome {
+                    Ok(actions) => Some(actions),
+                    Err(code) => {
+                        if matches!(
+                            code,
+                            ErrorCode::InvalidSessionTimeout | ErrorCode::InvalidRequest
+                        ) {
+                            let _ = sender
+                                .send(Err(Error::Broker {
+                                    code,
+                                    message: response.error_message.clone(),
+                                }))
+                                .await;
+                            return;
+                        }
+                        tracing::debug!(%code, "heartbeat refused; retrying");
+                        None
+                    }
+                }
+            }
+            None => None,
         };
-        let actions = match actions {
-            Ok(actions) => {
+        let actions = match accepted {
+            Some(actions) => {
                 backoff.reset();
+                last_accepted = Instant::now();
                 actions
             }
-            Err(code) => {
-                if matches!(
-                    code,
-                    ErrorCode::InvalidSessionTimeout | ErrorCode::InvalidRequest
-                ) {
-                    let _ = sender
-                        .send(Err(Error::Broker {
-                            code,
-                            message: response.error_message.clone(),
-                        }))
-                        .await;
-                    return;
+            None => {
+                let lost = if last_accepted.elapsed() >= session_timeout {
+                    shared
+                        .state()
+                        .member
+                        .as_mut()
+                        .and_then(MemberState::session_lost)
+                } else {
+                    None
+                };
+                match lost {
+                    Some(lost) => {
+                        tracing::warn!(
+                            session_timeout_ms = duration_ms(session_timeout),
+                            "no heartbeat accepted for a whole session timeout: the broker has expired this member; its partitions are dropped without committing and it joins again"
+                        );
+                        vec![lost]
+                    }
+                    None => {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
                 }
-                tracing::debug!(%code, "heartbeat refused; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-                continue;
             }
         };
         let mut again_now = false;
-        // What the loop waits for between heartbeats (finding where to start, committing) is
-        // cut off well within the session timeout: a member that stops heartbeating is expired
-        // while it goes on handing out records, which its partitions' next owner reads again.
-        let within_session = shared.settings.session_timeout / 3;
         for action in actions {
             match action {
                 MemberAction::Assign(partitions) => {
