@@ -342,8 +342,9 @@ pub struct Limits {
     /// Largest record batch in a produce request, in bytes. It plus
     /// [`BATCH_FRAMING_BYTES`] must fit in `max_frame_bytes`. Default 1048576 (1 MiB).
     pub max_batch_bytes: u32,
-    /// Client connections open at once, TCP and QUIC together; more are refused.
-    /// Default 1024.
+    /// Client connections open at once, TCP and QUIC together; more are refused. A QUIC
+    /// connection's slot covers one stream: each stream open beside it takes a slot too (or is
+    /// reset when none is free). Default 1024.
     pub max_connections: usize,
     /// Requests of one connection (or QUIC stream) being handled at once; the broker stops
     /// reading from it until one completes. At most 65536. Default 256.

@@ -618,3 +618,78 @@ async fn thousands_of_connect_disconnect_cycles_leave_nothing_behind() {
         ))
         .await;
 }
+
+/// Opens a stream, sends an ApiVersions request on it and reads one answer, leaving the stream
+/// open; an error when the broker refused the stream.
+async fn open_stream_with_an_answer(
+    connection: &quinn::Connection,
+    correlation_id: u32,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, mut receive) = connection
+        .open_bi()
+        .await
+        .map_err(|error| error.to_string())?;
+    send.write_all(&frame(correlation_id, ApiVersionsRequest {}))
+        .await
+        .map_err(|error| error.to_string())?;
+    let mut length = [0u8; 4];
+    tokio::time::timeout(DEADLINE, receive.read_exact(&mut length))
+        .await
+        .expect("answered or refused in time")
+        .map_err(|error| error.to_string())?;
+    let mut body = vec![0u8; u32::from_be_bytes(length) as usize];
+    receive
+        .read_exact(&mut body)
+        .await
+        .map_err(|error| error.to_string())?;
+    let mut whole = length.to_vec();
+    whole.extend_from_slice(&body);
+    assert_eq!(parse_responses(&whole), [(correlation_id, ErrorCode::None)]);
+    Ok((send, receive))
+}
+
+/// Every QUIC stream open beside a connection's first takes a connection slot of its own:
+/// a stream is served as a TCP connection is, so otherwise one slot held `max_quic_streams`
+/// connections' worth of buffers. A stream over the limit is reset; one that ends gives its
+/// slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_streams_beside_the_first_take_connection_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    config.limits.max_connections = 3;
+    let broker = start(config).await;
+    let quic = RawQuic::new(&broker, dir.path());
+    let connection = quic.connect().await.expect("a connection");
+    let mut open = Vec::new();
+    for correlation_id in 1..=3 {
+        open.push(
+            open_stream_with_an_answer(&connection, correlation_id)
+                .await
+                .unwrap_or_else(|error| panic!("stream {correlation_id}: {error}")),
+        );
+    }
+    let refused = open_stream_with_an_answer(&connection, 4).await;
+    assert!(refused.is_err(), "a fourth stream took a slot of three");
+
+    let (mut send, mut receive) = open.pop().unwrap();
+    send.finish().unwrap();
+    tokio::time::timeout(DEADLINE, receive.read_to_end(1 << 20))
+        .await
+        .expect("the stream ends")
+        .expect("cleanly");
+    // Its slot comes back when the broker has finished serving it.
+    let deadline = Instant::now() + DEADLINE;
+    let mut correlation_id = 5;
+    while let Err(error) = open_stream_with_an_answer(&connection, correlation_id).await {
+        assert!(
+            Instant::now() < deadline,
+            "no slot came back after a stream ended: {error}"
+        );
+        correlation_id += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(open);
+    connection.close(0u32.into(), b"done");
+    quic.endpoint.wait_idle().await;
+    broker.shutdown().await;
+}

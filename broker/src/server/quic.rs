@@ -49,9 +49,12 @@ const ENDPOINT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// An idle connection sends a keep-alive this often, so a long-poll fetch waiting for data is
 /// not mistaken for a dead peer (quinn's idle timeout is 30 s, as `fetch_max_wait_ms`).
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// Bytes a client may have in flight towards the broker across all its streams, so that many
-/// streams times the per-stream window cannot make the broker buffer without bound.
+/// Bytes a client may have in flight towards the broker across all its streams, held by quinn
+/// until read. What the streams have read is bounded by their slots: every stream after a
+/// connection's first takes a connection slot of its own (see `serve_connection`).
 const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// Application error code of a stream refused because every connection slot is taken.
+const NO_SLOT_CODE: u32 = 1;
 /// Application error code of a connection the broker closes because it is shutting down.
 const SHUTTING_DOWN_CODE: u32 = 0;
 
@@ -225,7 +228,11 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<BrokerState>) {
 }
 
 /// Completes the handshake, then serves every bidirectional stream the peer opens until the
-/// peer closes the connection or the broker shuts down. Holds one connection slot throughout.
+/// peer closes the connection or the broker shuts down. Holds one connection slot throughout,
+/// which covers one stream; each stream open beside another takes a slot of its own while it
+/// lasts, or is reset when none is free. A stream is served as a TCP connection is (its own
+/// buffers, writer and in-flight requests), so without this one slot could hold
+/// `max_quic_streams` connections' worth of memory.
 async fn serve_connection(
     incoming: quinn::Incoming,
     state: Arc<BrokerState>,
@@ -251,11 +258,33 @@ async fn serve_connection(
     let shutting_down = loop {
         tokio::select! {
             accepted = quic_connection.accept_bi() => match accepted {
-                Ok((send_stream, receive_stream)) => {
+                Ok((mut send_stream, mut receive_stream)) => {
                     let peer = format!("quic://{remote} stream {}", send_stream.id().index());
+                    let extra_slot = if streams.is_empty() {
+                        None
+                    } else {
+                        match Arc::clone(&state.connection_slots).try_acquire_owned() {
+                            Ok(slot) => Some(slot),
+                            Err(_) => {
+                                tracing::warn!(
+                                    %peer,
+                                    max_connections = state.config.limits.max_connections,
+                                    "refusing a QUIC stream: every connection slot is taken"
+                                );
+                                let code = VarInt::from_u32(NO_SLOT_CODE);
+                                let _ = send_stream.reset(code);
+                                let _ = receive_stream.stop(code);
+                                continue;
+                            }
+                        }
+                    };
                     // One duplex stream out of the two halves, as `serve` takes a TCP socket.
                     let stream = tokio::io::join(receive_stream, send_stream);
-                    streams.spawn(connection::serve(stream, Arc::clone(&state), peer));
+                    let state = Arc::clone(&state);
+                    streams.spawn(async move {
+                        connection::serve(stream, state, peer).await;
+                        drop(extra_slot);
+                    });
                 }
                 Err(error) => {
                     tracing::debug!(%remote, %error, "QUIC connection ended");
