@@ -282,8 +282,30 @@ impl Client {
 
     /// Sends one request once. A broken connection is dropped so the next call reconnects.
     pub async fn send(&self, request: impl Into<Request>) -> Result<Response> {
+        self.send_within(request, None).await
+    }
+
+    /// [`Client::send`], its answer awaited at most `timeout` when given (less than the
+    /// connection's request timeout), which then counts against the breaker as the
+    /// connection's own timeout does: a connection that stays up and answers nothing is
+    /// dropped once the breaker opens.
+    pub(crate) async fn send_within(
+        &self,
+        request: impl Into<Request>,
+        timeout: Option<Duration>,
+    ) -> Result<Response> {
         let connection = self.connection().await?;
-        let result = connection.send(request).await;
+        let sending = connection.send(request);
+        let result = match timeout {
+            None => sending.await,
+            Some(timeout) => tokio::time::timeout(timeout, sending)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    })
+                }),
+        };
         match &result {
             Ok(_) => self.record_success(),
             Err(error) => self.record_failure(error, Some(&connection)),
@@ -449,5 +471,39 @@ mod tests {
         other.close().await;
         connection.close().await;
         broker.shutdown().await;
+    }
+
+    /// An answer not awaited past `send_within`'s timeout counts against the breaker as the
+    /// connection's own timeout does: a broker that takes requests and answers none opens it,
+    /// and the silent connection is then dropped.
+    #[tokio::test]
+    async fn answers_given_up_on_count_against_the_breaker() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("tcp://{}", listener.local_addr().unwrap());
+        // Accepts and reads, never answers.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let options = ClientOptions::default().breaker(BreakerOptions {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(60),
+        });
+        let client = Client::connect_with(&url, options).await.unwrap();
+        for _ in 0..2 {
+            let answer = client
+                .send_within(
+                    sluice_protocol::messages::ApiVersionsRequest {},
+                    Some(Duration::from_millis(50)),
+                )
+                .await;
+            assert!(
+                matches!(answer, Err(Error::Timeout { timeout_ms: 50 })),
+                "{answer:?}"
+            );
+        }
+        assert!(matches!(client.breaker_state(), BreakerState::Open { .. }));
     }
 }

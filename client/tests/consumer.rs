@@ -760,3 +760,22 @@ async fn a_member_unheard_for_a_session_stops_handing_out_what_it_fetched() {
     }
     consumer.close_without_commit().await;
 }
+
+#[tokio::test]
+async fn a_zero_session_timeout_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, client) = start(dir.path()).await;
+    let refused = client
+        .consumer()
+        .group("g")
+        .topics(["t"])
+        .session_timeout(Duration::ZERO)
+        .build()
+        .await;
+    assert!(
+        matches!(refused, Err(sluice_client::Error::Usage(_))),
+        "{:?}",
+        refused.err()
+    );
+    broker.shutdown().await;
+}

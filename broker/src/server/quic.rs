@@ -254,17 +254,19 @@ async fn serve_connection(
     tracing::debug!(%remote, "QUIC connection opened");
     let _open = state.metrics.open_connection(TRANSPORT_QUIC);
     let mut streams = JoinSet::new();
+    // The stream the connection's slot covers: held by whichever stream took it, while it lasts.
+    let first_stream = Arc::new(tokio::sync::Semaphore::new(1));
     let mut shutdown = state.shutdown_receiver();
     let shutting_down = loop {
         tokio::select! {
             accepted = quic_connection.accept_bi() => match accepted {
                 Ok((mut send_stream, mut receive_stream)) => {
                     let peer = format!("quic://{remote} stream {}", send_stream.id().index());
-                    let extra_slot = if streams.is_empty() {
-                        None
-                    } else {
-                        match Arc::clone(&state.connection_slots).try_acquire_owned() {
-                            Ok(slot) => Some(slot),
+                    // The connection's own slot if no stream holds it, else one of the broker's.
+                    let stream_slot = match Arc::clone(&first_stream).try_acquire_owned() {
+                        Ok(slot) => slot,
+                        Err(_) => match Arc::clone(&state.connection_slots).try_acquire_owned() {
+                            Ok(slot) => slot,
                             Err(_) => {
                                 tracing::warn!(
                                     %peer,
@@ -276,14 +278,14 @@ async fn serve_connection(
                                 let _ = receive_stream.stop(code);
                                 continue;
                             }
-                        }
+                        },
                     };
                     // One duplex stream out of the two halves, as `serve` takes a TCP socket.
                     let stream = tokio::io::join(receive_stream, send_stream);
                     let state = Arc::clone(&state);
                     streams.spawn(async move {
                         connection::serve(stream, state, peer).await;
-                        drop(extra_slot);
+                        drop(stream_slot);
                     });
                 }
                 Err(error) => {

@@ -186,7 +186,9 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Group session timeout. Default = 10 s.
+    /// Group session timeout: the broker expires a member it has not heard from for this
+    /// long, and a member whose heartbeats go unanswered for this long drops its partitions
+    /// and joins again. At least 1 ms (the broker's bounds apply too). Default = 10 s.
     pub fn session_timeout(mut self, timeout: Duration) -> Self {
         self.session_timeout = timeout;
         self
@@ -207,6 +209,9 @@ impl ConsumerBuilder {
             return Err(Error::Usage(
                 "a group consumer needs at least one topic".into(),
             ));
+        }
+        if self.session_timeout < Duration::from_millis(1) {
+            return Err(Error::Usage("session_timeout must be at least 1 ms".into()));
         }
         let (sender, receiver) = mpsc::channel(self.buffer_batches);
         let member = self.group.as_ref().map(|group| {
@@ -1476,19 +1481,21 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
             Some(member) => member.heartbeat_request(),
             None => return,
         };
-        let answered = match tokio::time::timeout(within_session, shared.client.send(request)).await
+        // A join is not cut short: the broker may have made the member and given it partitions,
+        // and a member that never learns its id leaves them held by a ghost for a session.
+        let joining = request.member_id.is_empty();
+        let answered = match shared
+            .client
+            .send_within(request, (!joining).then_some(within_session))
+            .await
         {
-            Ok(Ok(Response::ConsumerGroupHeartbeat(response))) => Some(response),
-            Ok(Ok(_)) => continue,
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "heartbeat failed; retrying");
+            Ok(Response::ConsumerGroupHeartbeat(response)) => Some(response),
+            Ok(other) => {
+                tracing::debug!(api = ?other.api_key(), "heartbeat answered with another api; retrying");
                 None
             }
-            Err(_) => {
-                tracing::debug!(
-                    timeout_ms = duration_ms(within_session),
-                    "heartbeat unanswered; retrying"
-                );
+            Err(error) => {
+                tracing::debug!(%error, "heartbeat failed; retrying");
                 None
             }
         };
