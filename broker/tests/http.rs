@@ -292,6 +292,30 @@ async fn scrape(http: SocketAddr, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing:\n{}", answer.body))
 }
 
+/// Recovery's fsyncs at start (each partition's scanned files) count in `sluice_fsyncs_total`,
+/// before any request has made the broker sync anything.
+#[tokio::test]
+async fn recovery_fsyncs_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _) = start(dir.path()).await;
+    let connection = Connection::connect(&format!("tcp://{}", broker.tcp_addr))
+        .await
+        .unwrap();
+    support::create_topic(&connection, "t", 3).await;
+    produce_values(&connection, "t", 0, &["a", "b"]).await;
+    connection.close().await;
+    broker.shutdown().await;
+
+    let (broker, http) = start(dir.path()).await;
+    let fsyncs = scrape(http, "sluice_fsyncs_total").await;
+    // At least one per partition of t, whose active segments recovery scanned.
+    assert!(
+        fsyncs >= 3.0,
+        "sluice_fsyncs_total {fsyncs} after a restart"
+    );
+    broker.shutdown().await;
+}
+
 /// A fetch that returned records reads the connection's likely next fetch ahead: the next
 /// fetch is answered from it, and one nobody asks for gives its fetch budget back on its own,
 /// with the connection still open.

@@ -231,6 +231,10 @@ impl PartitionLog {
             .validate()
             .map_err(|reason| StorageError::io("log config", std::io::Error::other(reason)))?;
         let recovered: Recovered = recovery::recover(shared.fs.as_ref(), dir, &config)?;
+        // Recovery's fsyncs are fsyncs like any other (`sluice_fsyncs_total`).
+        for elapsed in &recovered.fsyncs {
+            shared.observe_fsync(*elapsed);
+        }
         let next_offset = recovered.next_offset;
         let log_start_offset = recovered
             .segments
@@ -271,7 +275,7 @@ impl PartitionLog {
             dirty: AtomicBool::new(false),
             rolled_unsynced: AtomicBool::new(false),
             fsync_failed: AtomicBool::new(false),
-            fsyncs: AtomicU64::new(recovered.fsyncs),
+            fsyncs: AtomicU64::new(recovered.fsyncs.len() as u64),
             last_checkpoint: Mutex::new(None),
             snapshot_lock: Mutex::new(()),
             index_lock: Mutex::new(()),

@@ -43,7 +43,8 @@ pub(crate) struct Recovered {
     pub durable_offset: u64,
     /// Set when the partition must refuse writes.
     pub corruption: Option<String>,
-    pub fsyncs: u64,
+    /// How long each of recovery's fsyncs took, in order.
+    pub fsyncs: Vec<std::time::Duration>,
 }
 
 pub(crate) fn encode_recovery_point(offset: u64) -> Vec<u8> {
@@ -118,7 +119,7 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
             next_offset: 0,
             durable_offset: 0,
             corruption: None,
-            fsyncs: 0,
+            fsyncs: Vec::new(),
         });
     }
 
@@ -301,12 +302,13 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
         expected_next,
     )));
 
-    let mut fsyncs = 0;
+    let mut fsyncs = Vec::new();
     let durable_offset = if corruption.is_none() {
         for file in &scanned_files {
+            let started = std::time::Instant::now();
             file.sync_data()
                 .map_err(io(format!("sync {}", dir.display())))?;
-            fsyncs += 1;
+            fsyncs.push(started.elapsed());
         }
         expected_next
     } else {
