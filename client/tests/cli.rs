@@ -8,6 +8,8 @@ use sluice_client::Client;
 use sluice_client::protocol::messages::*;
 use sluice_client::protocol::{RecordBatchBuilder, Response};
 
+mod support;
+
 /// Runs `sluice` with the given arguments and stdin, on a blocking thread so the in-process
 /// broker keeps running.
 async fn sluice(broker: &BrokerHandle, args: &[&str], stdin: &[u8]) -> Output {
@@ -613,5 +615,77 @@ async fn topic_create_takes_per_topic_overrides_and_acks_none_acknowledges_nothi
         "{}",
         text(&produced.stderr)
     );
+    broker.shutdown().await;
+}
+
+/// `consume` retries quietly while its broker is away, as a live tail should, but says so on
+/// stderr once the client has given up on the broker for now, and says when it is back; the
+/// records produced after are printed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_says_when_the_broker_goes_away_and_comes_back() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = support::start_on_a_fixed_port(dir.path()).await;
+    let address = broker.tcp_addr;
+    let client = Client::connect(&format!("tcp://{address}")).await.unwrap();
+    client.admin().create_topic("t", 1, &[]).await.unwrap();
+    produce_values(&client, "t", &["first".to_owned()]).await;
+    /// The command, killed when the test ends, however it ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .env_remove("SLUICE_CA_FILE")
+            .env("SLUICE_BROKER", format!("tcp://{address}"))
+            .args(["consume", "t", "--format", "value"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Both streams, a line at a time, through channels read with a deadline.
+    let lines = |stream: Box<dyn std::io::Read + Send>| {
+        let (sender, receiver) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        receiver
+    };
+    let stdout = lines(Box::new(child.0.stdout.take().unwrap()));
+    let stderr = lines(Box::new(child.0.stderr.take().unwrap()));
+    let wait_for = |receiver: &mpsc::Receiver<String>, wanted: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match receiver.recv_timeout(left) {
+                Ok(line) if line.contains(wanted) => return,
+                Ok(_) => {}
+                Err(error) => panic!("no line with {wanted:?}: {error}"),
+            }
+        }
+    };
+    tokio::task::block_in_place(|| wait_for(&stdout, "first"));
+    drop(client);
+    broker.shutdown().await;
+    tokio::task::block_in_place(|| wait_for(&stderr, "the broker is unreachable"));
+
+    let broker = support::restart(dir.path(), address).await;
+    tokio::task::block_in_place(|| wait_for(&stderr, "the broker is reachable again"));
+    let client = Client::connect(&format!("tcp://{address}")).await.unwrap();
+    produce_values(&client, "t", &["second".to_owned()]).await;
+    tokio::task::block_in_place(|| wait_for(&stdout, "second"));
+    drop(child);
     broker.shutdown().await;
 }

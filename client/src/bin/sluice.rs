@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use sluice_client::producer::{DeliveryFuture, Record};
 use sluice_client::protocol::messages::Acks;
+use sluice_client::resilience::BreakerState;
 use sluice_client::{
     Client, ClientOptions, CommitMode, ConnectionOptions, ConsumerRecord, ResetPolicy, Seek,
 };
@@ -466,7 +467,9 @@ async fn consume(
     let idle = timeout_ms.map(Duration::from_millis);
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
-    let outcome: std::io::Result<()> = loop {
+    let mut reachability = Reachability::default();
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    let outcome: std::io::Result<()> = 'records: loop {
         if count.is_some_and(|count| consumed >= count) {
             break Ok(());
         }
@@ -490,9 +493,14 @@ async fn consume(
                 if let Err(error) = out.flush() {
                     break Err(error);
                 }
-                tokio::select! {
-                    record = &mut next => record,
-                    _ = &mut interrupted => break Ok(()),
+                // While it waits, a broker gone away is said once, and its return: the
+                // consumer retries quietly, and a live tail would otherwise look idle.
+                loop {
+                    tokio::select! {
+                        record = &mut next => break record,
+                        _ = &mut interrupted => break 'records Ok(()),
+                        _ = every_second.tick() => reachability.check(client),
+                    }
                 }
             }
         };
@@ -574,6 +582,30 @@ fn base64(bytes: &[u8]) -> String {
 
 /// One line on stderr. A closed stderr is not worth failing over (and `eprintln!` would
 /// panic on it).
+/// Whether the client's circuit breaker has given up on the broker for now, as last said.
+#[derive(Default)]
+struct Reachability {
+    unreachable: bool,
+}
+
+impl Reachability {
+    /// Says on stderr when the broker became unreachable (the breaker opened after repeated
+    /// failures), and when it answers again.
+    fn check(&mut self, client: &Client) {
+        let open = matches!(client.breaker_state(), BreakerState::Open { .. });
+        let closed = matches!(client.breaker_state(), BreakerState::Closed { .. });
+        if open && !self.unreachable {
+            self.unreachable = true;
+            report(format_args!(
+                "sluice: the broker is unreachable; retrying until it is back"
+            ));
+        } else if closed && self.unreachable {
+            self.unreachable = false;
+            report(format_args!("sluice: the broker is reachable again"));
+        }
+    }
+}
+
 fn report(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
