@@ -76,8 +76,9 @@ impl Default for StorageOptions {
 }
 
 /// Called after each fsync of a segment file with how long it took, whether it succeeded or
-/// not (the broker's metrics). It runs on a flusher thread, so it must be quick and must not
-/// block; it is set once, before any log is opened.
+/// not (the broker's metrics). It runs on a flusher thread, and for recovery's fsyncs on the
+/// thread opening the logs, so it must be quick and must not block; it is set once, before
+/// any log is opened.
 pub struct FsyncObserver(Box<dyn Fn(Duration) + Send + Sync>);
 
 impl FsyncObserver {

@@ -136,6 +136,8 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
     let mut corruption = None;
     let mut last: Option<(u64, FileHandle, SegmentIndex, u64)> = None;
     let mut scanned_files = Vec::new();
+    // How long each fsync took, the torn tail's cut included.
+    let mut fsyncs = Vec::new();
     let mut expected_next = bases[first_scanned];
 
     // Trusted closed segments below the recovery point.
@@ -235,8 +237,10 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
                     let cut_valid_batches = valid_batch_after(&file, *at, file_len)?;
                     file.set_len(*at)
                         .map_err(io(format!("truncate {}", paths.log.display())))?;
+                    let started = std::time::Instant::now();
                     file.sync_data()
                         .map_err(io(format!("sync {}", paths.log.display())))?;
+                    fsyncs.push(started.elapsed());
                     tracing::warn!(
                         segment = %paths.log.display(),
                         position = at,
@@ -302,7 +306,6 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, config: &LogConfig) -> Re
         expected_next,
     )));
 
-    let mut fsyncs = Vec::new();
     let durable_offset = if corruption.is_none() {
         for file in &scanned_files {
             let started = std::time::Instant::now();

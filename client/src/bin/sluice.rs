@@ -469,6 +469,8 @@ async fn consume(
     tokio::pin!(interrupted);
     let mut reachability = Reachability::default();
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    // A wait on the output (a paused pager) must not be followed by a burst of checks.
+    every_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let outcome: std::io::Result<()> = 'records: loop {
         if count.is_some_and(|count| consumed >= count) {
             break Ok(());
@@ -499,7 +501,7 @@ async fn consume(
                     tokio::select! {
                         record = &mut next => break record,
                         _ = &mut interrupted => break 'records Ok(()),
-                        _ = every_second.tick() => reachability.check(client),
+                        _ = every_second.tick() => reachability.check(client, &progress),
                     }
                 }
             }
@@ -580,8 +582,6 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// One line on stderr. A closed stderr is not worth failing over (and `eprintln!` would
-/// panic on it).
 /// Whether the client's circuit breaker has given up on the broker for now, as last said.
 #[derive(Default)]
 struct Reachability {
@@ -591,21 +591,27 @@ struct Reachability {
 impl Reachability {
     /// Says on stderr when the broker became unreachable (the breaker opened after repeated
     /// failures), and when it answers again.
-    fn check(&mut self, client: &Client) {
-        let open = matches!(client.breaker_state(), BreakerState::Open { .. });
-        let closed = matches!(client.breaker_state(), BreakerState::Closed { .. });
-        if open && !self.unreachable {
-            self.unreachable = true;
-            report(format_args!(
-                "sluice: the broker is unreachable; retrying until it is back"
-            ));
-        } else if closed && self.unreachable {
-            self.unreachable = false;
-            report(format_args!("sluice: the broker is reachable again"));
+    fn check(&mut self, client: &Client, progress: &Progress) {
+        match client.breaker_state() {
+            BreakerState::Open { .. } if !self.unreachable => {
+                self.unreachable = true;
+                progress.finish();
+                report(format_args!(
+                    "sluice: the broker is unreachable; retrying until it is back"
+                ));
+            }
+            BreakerState::Closed { .. } if self.unreachable => {
+                self.unreachable = false;
+                progress.finish();
+                report(format_args!("sluice: the broker is reachable again"));
+            }
+            _ => {}
         }
     }
 }
 
+/// One line on stderr. A closed stderr is not worth failing over (and `eprintln!` would
+/// panic on it).
 fn report(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
