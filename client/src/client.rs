@@ -478,15 +478,7 @@ mod tests {
     /// and the silent connection is then dropped.
     #[tokio::test]
     async fn answers_given_up_on_count_against_the_breaker() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("tcp://{}", listener.local_addr().unwrap());
-        // Accepts and reads, never answers.
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
+        let url = crate::test_support::silent_listener().await;
         let options = ClientOptions::default().breaker(BreakerOptions {
             failure_threshold: 2,
             open_for: Duration::from_secs(60),

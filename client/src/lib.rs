@@ -34,6 +34,8 @@ pub mod idempotent;
 pub mod producer;
 pub mod resilience;
 mod sync;
+#[cfg(test)]
+mod test_support;
 
 pub use admin::Admin;
 pub use client::{Client, ClientOptions};

@@ -1473,8 +1473,9 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
     // while it goes on handing out records, which its partitions' next owner reads again.
     let session_timeout = shared.settings.session_timeout;
     let within_session = session_timeout / 3;
-    // When the broker last accepted a heartbeat (or the member started): once a whole session
-    // timeout has passed without one, the broker has expired the member.
+    // When the last heartbeat the broker accepted was sent (or the member started), no later
+    // than the broker heard it: once a whole session timeout has passed since, the broker has
+    // expired the member.
     let mut last_accepted = Instant::now();
     while !shared.closed.load(Ordering::Acquire) {
         let request = match shared.state().member.as_ref() {
@@ -1484,6 +1485,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
         // A join is not cut short: the broker may have made the member and given it partitions,
         // and a member that never learns its id leaves them held by a ghost for a session.
         let joining = request.member_id.is_empty();
+        let sent_at = Instant::now();
         let answered = match shared
             .client
             .send_within(request, (!joining).then_some(within_session))
@@ -1533,7 +1535,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
         let actions = match accepted {
             Some(actions) => {
                 backoff.reset();
-                last_accepted = Instant::now();
+                last_accepted = sent_at;
                 actions
             }
             None => {

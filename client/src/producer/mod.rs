@@ -941,14 +941,7 @@ mod tests {
     async fn builder() -> ProducerBuilder {
         // Validation needs no broker; the client only has to exist. A listener that accepts
         // is enough for Client::connect.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("tcp://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
+        let url = crate::test_support::silent_listener().await;
         let client = Client::connect(&url).await.unwrap();
         Producer::builder(&client)
     }

@@ -17,14 +17,7 @@ const BUFFER_BYTES: usize = 1 << 20;
 /// A `Shared` whose client reaches a listener that never answers: the state machine is driven
 /// by hand, nothing is sent.
 async fn shared() -> Arc<Shared> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("tcp://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let url = crate::test_support::silent_listener().await;
     let client = Client::connect(&url).await.unwrap();
     let mut accumulator =
         Accumulator::new(1_000, Duration::from_secs(60), Duration::from_secs(120));
