@@ -226,14 +226,10 @@ impl GroupManager {
 
     /// Deletes the committed offsets of every group that has had no member and no commit for
     /// the retention period, as of `now_ms` (wall clock). Checks at most every quarter of the
-    /// period (every minute at most); notes which groups have members at every call.
+    /// period (every minute at most). A group with members now is never expired; when one was
+    /// last seen with a member, its heartbeats and leaves say (`note_active`).
     fn expire_offsets(&self, groups: &mut HashMap<String, Group>, now_ms: u64) {
         let mut activity = self.activity.lock().expect("activity lock poisoned");
-        for (id, group) in groups.iter() {
-            if !group.members.is_empty() {
-                activity.seen_with_members.insert(id.clone(), now_ms);
-            }
-        }
         let retention_ms = self.settings.offsets_retention_ms;
         let check_every_ms = (retention_ms / 4).clamp(1, 60_000);
         if activity
