@@ -112,7 +112,8 @@ pub struct BrokerHandle {
     http: server::http::HttpServer,
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in milliseconds since the epoch (0 before it, saturating far after).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| {

@@ -302,7 +302,7 @@ impl Client {
                 .await
                 .unwrap_or_else(|_| {
                     Err(Error::Timeout {
-                        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                        timeout_ms: crate::connection::duration_ms(timeout),
                     })
                 }),
         };

@@ -85,7 +85,7 @@ impl GroupManager {
             incarnation,
             groups_created: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
-            started_wall_ms: offsets::wall_clock_ms(),
+            started_wall_ms: crate::now_ms(),
             activity: Mutex::new(Activity::default()),
         }
     }
@@ -208,13 +208,13 @@ impl GroupManager {
             }
             expired.is_empty() || !group.members.is_empty() || self.offsets.has_group(&group.id)
         });
-        self.expire_offsets(&mut groups, offsets::wall_clock_ms());
+        self.expire_offsets(&mut groups, crate::now_ms());
     }
 
     /// Notes that `group` has a member now (a heartbeat, or a member leaving). Taken under the
     /// groups lock.
     fn note_active(&self, group: &str) {
-        let now_ms = offsets::wall_clock_ms();
+        let now_ms = crate::now_ms();
         let mut activity = self.activity.lock().expect("activity lock poisoned");
         match activity.seen_with_members.get_mut(group) {
             Some(seen) => *seen = (*seen).max(now_ms),

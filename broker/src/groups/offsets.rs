@@ -157,15 +157,6 @@ fn decode_key(key: &[u8]) -> Option<OffsetKey> {
     Some((group, topic, key.get_u32()))
 }
 
-/// Milliseconds since the epoch.
-pub(crate) fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
-}
-
 pub(crate) fn decode_record(key: &[u8], value: &[u8]) -> Option<(OffsetKey, u64, Option<String>)> {
     let (group, topic, partition) = decode_key(key)?;
     let mut value = value;
@@ -285,7 +276,7 @@ impl OffsetStore {
     /// durability of, and the log position of the first entry.
     pub fn append(&self, group: &str, entries: &[CommitEntry]) -> Result<(u64, u64), StorageError> {
         let mut builder = RecordBatchBuilder::new();
-        let now_ms = i64::try_from(wall_clock_ms()).unwrap_or(i64::MAX);
+        let now_ms = i64::try_from(crate::now_ms()).unwrap_or(i64::MAX);
         for entry in entries {
             let key = encode_key(group, &entry.topic, entry.partition);
             let mut value = BytesMut::new();
@@ -335,7 +326,7 @@ impl OffsetStore {
         state: &mut State,
         keys: &BTreeSet<OffsetKey>,
     ) -> Result<(u64, u64), StorageError> {
-        let now_ms = i64::try_from(wall_clock_ms()).unwrap_or(i64::MAX);
+        let now_ms = i64::try_from(crate::now_ms()).unwrap_or(i64::MAX);
         let mut builder = RecordBatchBuilder::new();
         for (group, topic, partition) in keys {
             builder.append(
@@ -415,7 +406,7 @@ impl OffsetStore {
 
     /// Makes durable commits visible. `first_position` is what [`OffsetStore::append`] returned.
     pub fn apply(&self, group: &str, entries: &[CommitEntry], first_position: u64) {
-        let committed_at_ms = wall_clock_ms();
+        let committed_at_ms = crate::now_ms();
         let mut state = self.state.lock().expect("offsets lock poisoned");
         state.pending.remove(&first_position);
         for (index, entry) in entries.iter().enumerate() {
@@ -731,7 +722,7 @@ mod store_tests {
         let fs: Fs = Arc::new(FaultFs::new());
         let storage = Storage::new(Arc::clone(&fs), StorageOptions::default());
         let store = open(&storage, &fs);
-        let before_ms = wall_clock_ms();
+        let before_ms = crate::now_ms();
         for group in ["gone", "kept"] {
             let entries = [entry("t", 3), entry("u", 4)];
             let (next, first) = store.append(group, &entries).unwrap();

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use sluice_protocol::RecordBatch;
@@ -36,6 +36,7 @@ use super::index::{IndexEntry, SegmentIndex};
 use super::recovery::{self, Recovered};
 use super::segment::{Segment, SegmentPaths};
 use super::signal::HighWatermark;
+use crate::now_ms;
 use crate::producers::state::{Verdict, decode_snapshot};
 use crate::producers::{BatchMetadata, IncomingBatch, ProducerEntry, ProducerStateTable};
 
@@ -190,14 +191,6 @@ pub struct PartitionLog {
     /// Set when `close` starts: snapshots the flusher still has queued are not written into
     /// a directory that may be about to be deleted.
     closing: AtomicBool,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 /// When a recovered active segment started, for `segment_ms`: its first batch's timestamp,

@@ -233,9 +233,6 @@ impl SpareBuffers {
 
     /// Keeps the buffer of an acknowledged batch, when nothing else holds it and there is room.
     pub(crate) fn give(&self, batch: RecordBatch) {
-        if batch.as_bytes().len() > self.max_capacity {
-            return;
-        }
         let Ok(buffer) = batch.try_into_buffer() else {
             return;
         };
