@@ -78,7 +78,19 @@ fn check_result(object: &Value, workload: &str, message_size: u64) {
             .is_some_and(|cores| cores > 0)
     );
     assert!(object["machine"].get("memory_bytes").is_some());
-    assert!(object["machine"].get("cpu_model").is_some());
+    for label in ["cpu_model", "cpu_family", "cpu_model_number", "avx512"] {
+        assert!(
+            object["machine"].get(label).is_some(),
+            "{label} in {object}"
+        );
+    }
+    // On Linux the host's steal is known: zero or more cores' worth.
+    assert!(
+        object["stolen_cores"]
+            .as_f64()
+            .is_some_and(|cores| cores >= 0.0),
+        "{object}"
+    );
 }
 
 /// p50 ≤ p99 ≤ p99.9 ≤ max for the headline latency.

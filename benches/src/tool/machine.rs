@@ -14,18 +14,31 @@ pub struct Machine {
     pub memory_bytes: Option<u64>,
     /// The first `model name` of `/proc/cpuinfo`.
     pub cpu_model: Option<String>,
+    /// The first `cpu family`, `model` and `flags` of `/proc/cpuinfo`: a virtual machine's
+    /// `model name` can be as bare as "AMD EPYC", and hosts of one machine type differ in
+    /// generation and in instruction sets (AVX-512 changes which checksum code is fastest).
+    pub cpu_generation: Option<CpuGeneration>,
+}
+
+/// Which CPU of a family a result came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuGeneration {
+    pub family: u32,
+    pub model: u32,
+    /// `avx512f` among the flags.
+    pub avx512: bool,
 }
 
 impl Machine {
     pub fn detect() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok();
         Machine {
             cores: std::thread::available_parallelism().map_or(1, usize::from),
             memory_bytes: std::fs::read_to_string("/proc/meminfo")
                 .ok()
                 .and_then(|text| memory_total_bytes(&text)),
-            cpu_model: std::fs::read_to_string("/proc/cpuinfo")
-                .ok()
-                .and_then(|text| cpu_model(&text)),
+            cpu_model: cpuinfo.as_deref().and_then(cpu_model),
+            cpu_generation: cpuinfo.as_deref().and_then(cpu_generation),
         }
     }
 
@@ -34,6 +47,9 @@ impl Machine {
             "cores": self.cores,
             "memory_bytes": self.memory_bytes,
             "cpu_model": self.cpu_model,
+            "cpu_family": self.cpu_generation.map(|generation| generation.family),
+            "cpu_model_number": self.cpu_generation.map(|generation| generation.model),
+            "avx512": self.cpu_generation.map(|generation| generation.avx512),
         })
     }
 }
@@ -49,7 +65,21 @@ impl fmt::Display for Machine {
             f,
             ", {}",
             self.cpu_model.as_deref().unwrap_or("CPU model unknown")
-        )
+        )?;
+        if let Some(generation) = self.cpu_generation {
+            write!(
+                f,
+                " (family {} model {}, {})",
+                generation.family,
+                generation.model,
+                if generation.avx512 {
+                    "AVX-512"
+                } else {
+                    "no AVX-512"
+                }
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -59,8 +89,18 @@ impl fmt::Display for Machine {
 pub struct CpuCounters {
     /// utime + stime of `/proc/self/stat`, in clock ticks.
     process_ticks: Option<u64>,
-    /// (busy, total) of the `cpu` line of `/proc/stat`, in clock ticks, all cores.
-    machine_ticks: Option<(u64, u64)>,
+    /// The `cpu` line of `/proc/stat`, all cores.
+    machine_ticks: Option<MachineTicks>,
+}
+
+/// Clock ticks of the `cpu` line of `/proc/stat`, all cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct MachineTicks {
+    /// Neither idle nor waiting for I/O (steal included).
+    busy: u64,
+    total: u64,
+    /// Time a core had work and the hypervisor ran something else instead.
+    steal: u64,
 }
 
 /// `/proc` counts CPU time in USER_HZ ticks, which Linux fixes at 100 per second.
@@ -90,13 +130,20 @@ impl CpuCounters {
             // and wake, but busy time only at timer ticks, which a workload woken by timers (a
             // paced one) can keep missing: a latency run showed 0.10 cores busy machine-wide
             // beside 0.93 in this process when busy ticks were counted.
-            machine_busy_cores: self.machine_ticks.zip(later.machine_ticks).map(
-                |((busy_from, total_from), (busy_to, total_to))| {
-                    let idle = (total_to - busy_to).saturating_sub(total_from - busy_from);
+            machine_busy_cores: self
+                .machine_ticks
+                .zip(later.machine_ticks)
+                .map(|(from, to)| {
+                    let idle = (to.total - to.busy).saturating_sub(from.total - from.busy);
                     let cores = cores as f64;
                     (cores - idle as f64 / TICKS_PER_SECOND / seconds).clamp(0.0, cores)
-                },
-            ),
+                }),
+            stolen_cores: self
+                .machine_ticks
+                .zip(later.machine_ticks)
+                .map(|(from, to)| {
+                    to.steal.saturating_sub(from.steal) as f64 / TICKS_PER_SECOND / seconds
+                }),
         }
     }
 }
@@ -109,6 +156,9 @@ pub struct CpuUse {
     /// The whole machine busy (not idle nor waiting for I/O): an external broker, the kernel's
     /// writeback, anything else running.
     pub machine_busy_cores: Option<f64>,
+    /// Of that, time the machine's cores had work but the hypervisor ran something else (the
+    /// `steal` of `/proc/stat`; 0 on bare metal): how much of the run a shared host took.
+    pub stolen_cores: Option<f64>,
 }
 
 impl fmt::Display for CpuUse {
@@ -116,9 +166,10 @@ impl fmt::Display for CpuUse {
         let cores = |value: Option<f64>| value.map_or("unknown".to_owned(), |v| format!("{v:.2}"));
         write!(
             f,
-            "{} cores this process, {} cores busy machine-wide",
+            "{} cores this process, {} cores busy machine-wide, {} stolen by the host",
             cores(self.process_cores),
-            cores(self.machine_busy_cores)
+            cores(self.machine_busy_cores),
+            cores(self.stolen_cores)
         )
     }
 }
@@ -134,9 +185,9 @@ fn process_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// (busy, total) ticks of the `cpu` line of `/proc/stat`: user nice system idle iowait irq
-/// softirq steal (guest time is already inside user); idle and iowait are not busy.
-fn machine_ticks(stat: &str) -> Option<(u64, u64)> {
+/// The ticks of the `cpu` line of `/proc/stat`: user nice system idle iowait irq softirq steal
+/// (guest time is already inside user); idle and iowait are not busy.
+fn machine_ticks(stat: &str) -> Option<MachineTicks> {
     let line = stat.lines().find(|line| line.starts_with("cpu "))?;
     let values: Vec<u64> = line
         .split_whitespace()
@@ -148,7 +199,11 @@ fn machine_ticks(stat: &str) -> Option<(u64, u64)> {
         return None;
     }
     let total: u64 = values.iter().sum();
-    Some((total - values[3] - values[4], total))
+    Some(MachineTicks {
+        busy: total - values[3] - values[4],
+        total,
+        steal: values[7],
+    })
 }
 
 /// `MemTotal:       24567890 kB` → bytes.
@@ -164,14 +219,31 @@ fn memory_total_bytes(meminfo: &str) -> Option<u64> {
     amount.checked_mul(multiplier)
 }
 
-/// `model name<TAB>: Intel(R) Xeon(R) ...` → the text after the colon.
-fn cpu_model(cpuinfo: &str) -> Option<String> {
+/// The value of the first `key<TAB>: value` line of `/proc/cpuinfo` with that key.
+fn cpuinfo_value<'a>(cpuinfo: &'a str, key: &str) -> Option<&'a str> {
     cpuinfo
         .lines()
         .filter_map(|line| line.split_once(':'))
-        .find(|(key, _)| key.trim() == "model name")
-        .map(|(_, value)| value.trim().to_owned())
+        .find(|(name, _)| name.trim() == key)
+        .map(|(_, value)| value.trim())
+}
+
+/// `model name<TAB>: Intel(R) Xeon(R) ...` → the text after the colon.
+fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo_value(cpuinfo, "model name")
         .filter(|model| !model.is_empty())
+        .map(str::to_owned)
+}
+
+/// `cpu family`, `model` and whether `flags` has `avx512f`, of the first processor.
+fn cpu_generation(cpuinfo: &str) -> Option<CpuGeneration> {
+    Some(CpuGeneration {
+        family: cpuinfo_value(cpuinfo, "cpu family")?.parse().ok()?,
+        model: cpuinfo_value(cpuinfo, "model")?.parse().ok()?,
+        avx512: cpuinfo_value(cpuinfo, "flags")?
+            .split_whitespace()
+            .any(|flag| flag == "avx512f"),
+    })
 }
 
 #[cfg(test)]
@@ -199,31 +271,76 @@ mod tests {
         assert_eq!(process_ticks(stat), Some(185));
         assert_eq!(process_ticks("4242 (short) S 1 2\n"), None);
         let proc_stat = "cpu  100 5 50 800 20 3 2 1 7 0\ncpu0 50 2 25 400 10 1 1 0 3 0\n";
-        assert_eq!(machine_ticks(proc_stat), Some((161, 981)));
+        assert_eq!(
+            machine_ticks(proc_stat),
+            Some(MachineTicks {
+                busy: 161,
+                total: 981,
+                steal: 1
+            })
+        );
         assert_eq!(machine_ticks("cpu  1 2\n"), None);
 
+        let ticks = |busy, total, steal| Some(MachineTicks { busy, total, steal });
         let before = CpuCounters {
             process_ticks: Some(1_000),
-            machine_ticks: Some((5_000, 10_000)),
+            machine_ticks: ticks(5_000, 10_000, 70),
         };
         let after = CpuCounters {
             process_ticks: Some(1_300),
-            machine_ticks: Some((5_300, 10_400)),
+            machine_ticks: ticks(5_300, 10_400, 120),
         };
         let used = before.used_until(&after, Duration::from_secs(2), 2);
         assert_eq!(used.process_cores, Some(1.5));
         assert_eq!(used.machine_busy_cores, Some(1.5));
+        assert_eq!(used.stolen_cores, Some(0.25));
+        assert_eq!(
+            used.to_string(),
+            "1.50 cores this process, 1.50 cores busy machine-wide, 0.25 stolen by the host"
+        );
         // Busy ticks missed: what was not idle is busy.
         let ticks_missed = CpuCounters {
             process_ticks: Some(1_300),
-            machine_ticks: Some((5_010, 10_110)),
+            machine_ticks: ticks(5_010, 10_110, 70),
         };
         let used = before.used_until(&ticks_missed, Duration::from_secs(2), 2);
         assert_eq!(used.machine_busy_cores, Some(1.5));
         let unknown = CpuCounters::default().used_until(&after, Duration::from_secs(2), 2);
         assert_eq!(
             unknown.to_string(),
-            "unknown cores this process, unknown cores busy machine-wide"
+            "unknown cores this process, unknown cores busy machine-wide, unknown stolen by the \
+             host"
+        );
+    }
+
+    #[test]
+    fn reads_the_cpu_generation() {
+        let cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n\
+                       model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx2 vpclmulqdq\n";
+        let generation = cpu_generation(cpuinfo);
+        assert_eq!(
+            generation,
+            Some(CpuGeneration {
+                family: 25,
+                model: 1,
+                avx512: false
+            })
+        );
+        let with_avx512 = cpuinfo.replace("avx2", "avx2 avx512f avx512vl");
+        assert!(cpu_generation(&with_avx512).is_some_and(|generation| generation.avx512));
+        // `avx512vl` alone is not `avx512f`, and no family means no generation.
+        let only_vl = cpuinfo.replace("avx2", "avx512vl");
+        assert!(cpu_generation(&only_vl).is_some_and(|generation| !generation.avx512));
+        assert_eq!(cpu_generation("model name\t: X\nflags\t: avx512f\n"), None);
+        let machine = Machine {
+            cores: 2,
+            memory_bytes: Some(2 << 30),
+            cpu_model: cpu_model(cpuinfo),
+            cpu_generation: generation,
+        };
+        assert_eq!(
+            machine.to_string(),
+            "2 cores, 2.0 GiB, AMD EPYC (family 25 model 1, no AVX-512)"
         );
     }
 
@@ -233,6 +350,7 @@ mod tests {
             cores: 2,
             memory_bytes: None,
             cpu_model: None,
+            cpu_generation: None,
         };
         assert_eq!(
             machine.to_string(),

@@ -169,6 +169,7 @@ impl Report<'_> {
         put("mb_per_s", json!(self.megabytes_per_second()));
         put("process_cpu_cores", json!(result.cpu.process_cores));
         put("machine_busy_cores", json!(result.cpu.machine_busy_cores));
+        put("stolen_cores", json!(result.cpu.stolen_cores));
         put(
             "latency",
             json!(match result.headline {
