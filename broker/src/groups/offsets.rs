@@ -320,27 +320,58 @@ impl OffsetStore {
 
     /// Appends a tombstone (empty value) for each key, which replay applies, and drops the
     /// keys from the table. Returns the first tombstone's log position and the offset to wait
-    /// for durability of.
+    /// for durability of. The tombstones go in as many batches as the log's
+    /// `max_message_bytes` needs (tens of thousands of offsets can expire at one check); the
+    /// keys of each batch leave the table as it is appended, so a failure part-way leaves the
+    /// table as the log says.
     fn write_tombstones(
         &self,
         state: &mut State,
         keys: &BTreeSet<OffsetKey>,
     ) -> Result<(u64, u64), StorageError> {
+        let max_batch_bytes =
+            usize::try_from(self.log.config().max_message_bytes).unwrap_or(usize::MAX);
         let now_ms = i64::try_from(crate::now_ms()).unwrap_or(i64::MAX);
+        let mut first_position = None;
+        let mut next_offset = 0;
+        let mut appended = |info: crate::storage::AppendInfo| {
+            first_position.get_or_insert(info.base_offset);
+            next_offset = info.last_offset + 1;
+        };
         let mut builder = RecordBatchBuilder::new();
-        for (group, topic, partition) in keys {
-            builder.append(
-                now_ms,
-                Some(&encode_key(group, topic, *partition)),
-                &[],
-                &[],
-            );
+        let mut batch_keys: Vec<&OffsetKey> = Vec::new();
+        for key in keys {
+            let (group, topic, partition) = key;
+            let encoded = encode_key(group, topic, *partition);
+            if !builder.try_append(max_batch_bytes, now_ms, Some(&encoded), &[], &[]) {
+                if !builder.is_empty() {
+                    let full = std::mem::take(&mut builder);
+                    appended(self.append_tombstones(state, full, &batch_keys)?);
+                    batch_keys.clear();
+                }
+                // A record too large even for an empty batch goes in alone: the log refuses it.
+                builder.append(now_ms, Some(&encoded), &[], &[]);
+            }
+            batch_keys.push(key);
         }
+        if !builder.is_empty() {
+            appended(self.append_tombstones(state, builder, &batch_keys)?);
+        }
+        Ok((first_position.unwrap_or(next_offset), next_offset))
+    }
+
+    /// Appends one batch of tombstones and drops their keys from the table.
+    fn append_tombstones(
+        &self,
+        state: &mut State,
+        builder: RecordBatchBuilder,
+        keys: &[&OffsetKey],
+    ) -> Result<crate::storage::AppendInfo, StorageError> {
         let info = self.log.append(builder.build())?;
         for key in keys {
-            state.committed.remove(key);
+            state.committed.remove(*key);
         }
-        Ok((info.base_offset, info.last_offset + 1))
+        Ok(info)
     }
 
     /// Deletes every committed offset of each group that `expired(group, latest commit time)`
@@ -648,11 +679,12 @@ mod store_tests {
     use crate::storage::{LogConfig, Storage, StorageOptions};
 
     fn open(storage: &Storage, fs: &Fs) -> OffsetStore {
+        open_with(storage, fs, LogConfig::default())
+    }
+
+    fn open_with(storage: &Storage, fs: &Fs, config: LogConfig) -> OffsetStore {
         let log = storage
-            .open_log(
-                Path::new("/data/topics/__consumer_offsets/0"),
-                LogConfig::default(),
-            )
+            .open_log(Path::new("/data/topics/__consumer_offsets/0"), config)
             .unwrap();
         OffsetStore::open(Arc::clone(fs), "/data/groups".into(), log).unwrap()
     }
@@ -757,6 +789,78 @@ mod store_tests {
         assert_eq!(replayed.group_offsets("kept").len(), 2);
         let latest = latest_commits(&replayed);
         assert!(latest["kept"] >= before_ms, "{latest:?}");
+        storage.shutdown();
+    }
+
+    /// More tombstones than one batch of the log's `max_message_bytes` holds go in several
+    /// batches: expiring the groups, and forgetting a topic, succeed, and stay so on replay.
+    #[tokio::test]
+    async fn tombstones_over_one_batch_go_in_several() {
+        let fs: Fs = Arc::new(FaultFs::new());
+        let storage = Storage::new(Arc::clone(&fs), StorageOptions::default());
+        let config = || LogConfig {
+            max_message_bytes: 2048,
+            ..LogConfig::default()
+        };
+        let store = open_with(&storage, &fs, config());
+        let commit = |group: &str, topic: &str, partitions: std::ops::Range<u32>| {
+            let entries: Vec<CommitEntry> = partitions
+                .map(|partition| CommitEntry {
+                    partition,
+                    ..entry(topic, u64::from(partition))
+                })
+                .collect();
+            let (next, first) = store.append(group, &entries).unwrap();
+            store.apply(group, &entries, first);
+            next
+        };
+        // 40 commits of 20 partitions each. A tombstone takes about 20 bytes: 400 of them for
+        // "gone" and 200 for "kept" on topic "t" fill several batches of 2 KiB each.
+        let mut next = 0;
+        for round in 0..10 {
+            let partitions = round * 20..round * 20 + 20;
+            next = next.max(commit("gone", "t", partitions.clone()));
+            next = next.max(commit("gone", "u", partitions.clone()));
+            next = next.max(commit("kept", "t", partitions.clone()));
+            next = next.max(commit("kept", "u", partitions));
+        }
+        store.wait_durable(next).await.unwrap();
+        let before = store.log.latest_offset();
+
+        let gone = |group: &str, _: u64| group == "gone";
+        assert_eq!(
+            store.expire_groups(gone).unwrap(),
+            [("gone".to_owned(), 400)]
+        );
+        assert!(!store.has_group("gone"));
+        let tombstones = store.log.latest_offset() - before;
+        assert_eq!(tombstones, 400, "one record each");
+        let read = store.log.read(before, 1 << 20).unwrap();
+        let batches = split_batches(&read.records).count();
+        assert!(batches > 1, "{batches} batch(es)");
+
+        let forgotten = store
+            .forget_topic("t")
+            .unwrap()
+            .expect("kept's commits on t");
+        store.wait_durable(forgotten).await.unwrap();
+        let topics = |store: &OffsetStore| -> BTreeSet<String> {
+            store
+                .group_offsets("kept")
+                .into_iter()
+                .map(|(topic, _, _)| topic)
+                .collect()
+        };
+        assert_eq!(topics(&store), BTreeSet::from(["u".to_owned()]));
+        assert_eq!(store.group_offsets("kept").len(), 200);
+        drop(store);
+        storage.shutdown();
+
+        let storage = Storage::new(Arc::clone(&fs), StorageOptions::default());
+        let replayed = open_with(&storage, &fs, config());
+        assert!(!replayed.has_group("gone"));
+        assert_eq!(topics(&replayed), BTreeSet::from(["u".to_owned()]));
+        assert_eq!(replayed.group_offsets("kept").len(), 200);
         storage.shutdown();
     }
 
