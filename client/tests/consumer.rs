@@ -743,6 +743,11 @@ async fn a_member_unheard_for_a_session_stops_handing_out_what_it_fetched() {
         .unwrap();
     assert_eq!(take(&mut consumer, 1).await[0].1, 0);
     assert_eq!(consumer.assignment().len(), 1);
+    // The rest of the batch is in the consumer, handed out without waiting for the broker.
+    match futures::FutureExt::now_or_never(consumer.next()) {
+        Some(Some(Ok(record))) => assert_eq!(record.offset, 1),
+        other => panic!("expected a buffered record, got {other:?}"),
+    }
     broker.shutdown().await;
 
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -753,7 +758,7 @@ async fn a_member_unheard_for_a_session_stops_handing_out_what_it_fetched() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The other 199 records were fetched in the same batch; none is handed out now.
+    // The other 198 records were fetched in the same batch; none is handed out now.
     match futures::FutureExt::now_or_never(consumer.next()) {
         None | Some(Some(Err(_))) => {}
         Some(other) => panic!("expected nothing, got {other:?}"),

@@ -1486,11 +1486,29 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
         // and a member that never learns its id leaves them held by a ghost for a session.
         let joining = request.member_id.is_empty();
         let sent_at = Instant::now();
-        let answered = match shared
-            .client
-            .send_within(request, (!joining).then_some(within_session))
-            .await
-        {
+        // A member's heartbeat, connecting included, is not awaited past the session's end:
+        // from then on the broker has expired the member, whatever the answer.
+        let session_end = last_accepted + session_timeout;
+        let sending = async {
+            if joining {
+                return shared.client.send_within(request, None).await;
+            }
+            let left = session_end.saturating_duration_since(sent_at);
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    timeout_ms: duration_ms(session_timeout),
+                });
+            }
+            let within = within_session.min(left);
+            tokio::time::timeout(within, shared.client.send_within(request, Some(within)))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        timeout_ms: duration_ms(within),
+                    })
+                })
+        };
+        let answered = match sending.await {
             Ok(Response::ConsumerGroupHeartbeat(response)) => Some(response),
             Ok(other) => {
                 tracing::debug!(api = ?other.api_key(), "heartbeat answered with another api; retrying");
@@ -1557,7 +1575,13 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
                         vec![lost]
                     }
                     None => {
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        // Not past the session's end, which then ends the membership.
+                        let mut delay = backoff.next_delay();
+                        if !joining {
+                            delay =
+                                delay.min(session_end.saturating_duration_since(Instant::now()));
+                        }
+                        tokio::time::sleep(delay).await;
                         continue;
                     }
                 }
