@@ -256,6 +256,7 @@ async fn serve_connection(
     let mut streams = JoinSet::new();
     // The stream the connection's slot covers: held by whichever stream took it, while it lasts.
     let first_stream = Arc::new(tokio::sync::Semaphore::new(1));
+    let mut refused_streams: u64 = 0;
     let mut shutdown = state.shutdown_receiver();
     let shutting_down = loop {
         tokio::select! {
@@ -268,11 +269,18 @@ async fn serve_connection(
                         Err(_) => match Arc::clone(&state.connection_slots).try_acquire_owned() {
                             Ok(slot) => slot,
                             Err(_) => {
-                                tracing::warn!(
-                                    %peer,
-                                    max_connections = state.config.limits.max_connections,
-                                    "refusing a QUIC stream: every connection slot is taken"
-                                );
+                                // A peer can open and be refused streams in a loop, with no
+                                // handshake each as TCP needs: one warning per connection.
+                                if refused_streams == 0 {
+                                    tracing::warn!(
+                                        %peer,
+                                        max_connections = state.config.limits.max_connections,
+                                        "refusing a QUIC stream: every connection slot is taken (further refusals on this connection are logged at debug level)"
+                                    );
+                                } else {
+                                    tracing::debug!(%peer, refused_streams, "refusing a QUIC stream: every connection slot is taken");
+                                }
+                                refused_streams += 1;
                                 let code = VarInt::from_u32(NO_SLOT_CODE);
                                 let _ = send_stream.reset(code);
                                 let _ = receive_stream.stop(code);
