@@ -232,9 +232,10 @@ impl GroupManager {
         let mut activity = self.activity.lock().expect("activity lock poisoned");
         let retention_ms = self.settings.offsets_retention_ms;
         let check_every_ms = (retention_ms / 4).clamp(1, 60_000);
+        // A clock set back since the last check does not put the next off until it catches up.
         if activity
             .last_check_ms
-            .is_some_and(|last| now_ms.saturating_sub(last) < check_every_ms)
+            .is_some_and(|last| (last..last.saturating_add(check_every_ms)).contains(&now_ms))
         {
             return;
         }
@@ -666,6 +667,26 @@ mod expiry_tests {
         assert!(has("old"), "within the start's grace");
         expire_at(start + 7_000);
         assert!(!has("old"));
+
+        // A check far ahead, then the clock set back: the next check is not put off until the
+        // clock is past the first again.
+        let check_at = |now_ms: u64| {
+            let mut groups = manager.groups.lock().unwrap();
+            manager.expire_offsets(&mut groups, now_ms);
+        };
+        check_at(start + 3_600_000);
+        let entries = [CommitEntry {
+            topic: "t".into(),
+            partition: 0,
+            offset: 5,
+            metadata: None,
+        }];
+        let (next, first) = manager.offsets.append("late", &entries).unwrap();
+        manager.offsets.wait_durable(next).await.unwrap();
+        manager.offsets.apply("late", &entries, first);
+        assert!(has("late"));
+        check_at(crate::now_ms() + 60_000);
+        assert!(!has("late"), "checked after the clock went back");
         drop(manager);
         storage.shutdown();
     }
