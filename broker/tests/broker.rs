@@ -914,6 +914,39 @@ async fn a_fetch_short_of_min_bytes_waits_for_more_records() {
     broker.shutdown().await;
 }
 
+/// A fetch whose `min_bytes` is more than it may be answered with (its `max_bytes`, or its
+/// partitions' limits together) is answered with what there is, not held until `max_wait`
+/// while every append to its partitions has it read everything again.
+#[tokio::test]
+async fn a_fetch_wanting_more_than_it_may_be_answered_with_is_answered_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
+    assert_eq!(
+        create(&connection, "t", 1).await.error_code,
+        ErrorCode::None
+    );
+    // More than either limit below, far less than min_bytes.
+    let value = "x".repeat(1_000);
+    produce(&connection, "t", 0, &[value.as_str()], Acks::Leader).await;
+    for (max_bytes, partition_max_bytes) in [(100, 1 << 20), (1 << 20, 100)] {
+        let mut request = fetch_request("t", 0, 0, 25_000);
+        request.min_bytes = 1 << 20;
+        request.max_bytes = max_bytes;
+        request.topics[0].partitions[0].partition_max_bytes = partition_max_bytes;
+        let answer = tokio::time::timeout(Duration::from_secs(15), connection.send(request))
+            .await
+            .expect("answered well before its 25 s max_wait")
+            .expect("fetch");
+        let Response::Fetch(mut answer) = answer else {
+            panic!("wrong response")
+        };
+        let got = values(&answer.topics.remove(0).partitions.remove(0).records);
+        assert_eq!(got, [(0, value.clone())]);
+    }
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 /// A long-poll fetch waiting on a topic that is deleted answers at once that the topic is
 /// gone: it neither waits out `max_wait` nor spins on the closed log until then.
 #[tokio::test]

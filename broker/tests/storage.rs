@@ -190,6 +190,30 @@ fn reads_outside_the_log_get_clear_errors_and_at_least_one_batch() {
     storage.shutdown();
 }
 
+/// A copied read (under 64 KiB) that ends in part of a batch holds only its whole batches'
+/// memory: the fetch budget counts what a read keeps, and a copy that kept its whole buffer
+/// held up to 64 KiB a partition against a count of a few hundred bytes.
+#[test]
+fn a_copied_read_holds_no_more_memory_than_its_whole_batches() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage
+        .open_log(&partition_dir(root.path()), LogConfig::default())
+        .unwrap();
+    log.append(batch(0, 1, 100, 1)).unwrap();
+    log.append(batch(1, 60, 1_000, 2)).unwrap();
+    let read = log.read(0, 60_000).unwrap();
+    let kept = read.records.len();
+    assert!(kept < 300, "the small batch only: {kept} bytes");
+    let held = read
+        .records
+        .try_into_mut()
+        .expect("the read's only reference")
+        .capacity();
+    assert!(held < kept + 4096, "{held} bytes held for {kept}");
+    storage.shutdown();
+}
+
 #[test]
 fn retention_by_bytes_and_by_age_deletes_whole_closed_segments() {
     let root = tempfile::tempdir().unwrap();

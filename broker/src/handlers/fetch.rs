@@ -232,7 +232,7 @@ fn read_now(state: &Arc<BrokerState>, request: &FetchRequest) -> Option<ReadAhea
         .try_acquire(reservation_bytes(&targets, request_max_bytes))?;
     let max_bytes = request_max_bytes.min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
     let (response, total_bytes, any_error) = read_once(state, &names, &targets, max_bytes);
-    if any_error || total_bytes < u64::from(request.min_bytes.max(1)) {
+    if any_error || total_bytes < wanted_bytes(request, &targets, max_bytes) {
         return None;
     }
     budget.shrink_to(usize::try_from(total_bytes).unwrap_or(usize::MAX));
@@ -328,7 +328,7 @@ async fn fetch_with_wait(
             }
         }
         let now = tokio::time::Instant::now();
-        if total_bytes >= u64::from(request.min_bytes.max(1))
+        if total_bytes >= wanted_bytes(request, &targets, max_bytes)
             || any_error
             || now >= deadline
             || state.is_shutting_down()
@@ -435,6 +435,22 @@ fn frame_max_bytes(
 /// Budget one read pass reserves: what the response may hold (`max_bytes`, or less when the
 /// partitions' own limits add up to less), or the largest batch the partitions accept when
 /// that is more, since the first batch found is returned whole.
+/// Bytes a fetch waits for: its `min_bytes` (at least 1), but never more than it may be
+/// answered with, its `max_bytes` (as the frame and the budget cut it) and its readable
+/// partitions' limits together. A fetch wanting more could never have it, and would read
+/// everything again at every append to its partitions until its wait ran out.
+fn wanted_bytes(request: &FetchRequest, targets: &[Target], max_bytes: u32) -> u64 {
+    let partitions_bytes: u64 = targets
+        .iter()
+        .filter(|target| target.log.is_some())
+        .map(|target| u64::from(target.partition_max_bytes))
+        .sum();
+    u64::from(request.min_bytes)
+        .min(u64::from(max_bytes))
+        .min(partitions_bytes)
+        .max(1)
+}
+
 fn reservation_bytes(targets: &[Target], max_bytes: u32) -> u64 {
     let readable = || targets.iter().filter(|target| target.log.is_some());
     let partitions_bytes: u64 = readable()

@@ -72,6 +72,10 @@ pub const RECOVERY_POINT_FILE: &str = "recovery-point";
 /// [`StorageFile::map`](super::fs::StorageFile::map)); below it a copy costs less than a mapping.
 const MAP_AT_LEAST: usize = 64 * 1024;
 
+/// A copied read whose whole batches leave more than this unused (a partial batch at its end)
+/// is copied again at their length, so the memory it holds is what the fetch budget counts.
+const TRAILING_COPY_SLACK: usize = 4 * 1024;
+
 /// Bytes read at once while walking batch headers to the batch that holds an offset: a sparse
 /// index entry's worth (`index_interval_bytes` is 4 KiB by default), so a walk over small
 /// batches costs one read instead of one per batch, and a read of the last few records at the
@@ -1115,6 +1119,12 @@ impl PartitionLog {
         let Some(segment) = self.segment_for(offset) else {
             return Ok(empty);
         };
+        // Retention may have deleted the segment that held `offset` since the log start was
+        // read: the next one is then not where `offset` is, and the reader must hear that it
+        // is out of range, not be served what follows.
+        if segment.base_offset > offset && offset < self.earliest_offset() {
+            return Err(self.out_of_range(offset));
+        }
         let fs = self.shared.fs.as_ref();
         let (file, entry) = segment.lookup(fs, &self.shared.cache, offset)?;
         let end = segment.size_bytes();
@@ -1171,6 +1181,7 @@ impl PartitionLog {
             .then(|| file.map(position, length))
             .flatten()
             .and_then(Result::ok);
+        let is_mapped = mapped.is_some();
         // A read of the log's last few records was read with the walk's headers.
         let read = mapped.or_else(|| chunk.get(position, length).map(Bytes::copy_from_slice));
         let mut buffer = match read {
@@ -1233,7 +1244,13 @@ impl PartitionLog {
             }
             cut += size;
         }
-        buffer.truncate(cut);
+        // A copied read keeps only its whole batches: truncating would keep the whole buffer
+        // alive under the fetch budget's count of what is kept (up to 64 KiB a partition).
+        if !is_mapped && buffer.len() - cut > TRAILING_COPY_SLACK {
+            buffer = Bytes::copy_from_slice(&buffer[..cut]);
+        } else {
+            buffer.truncate(cut);
+        }
         Ok(ReadResult {
             records: buffer,
             high_watermark,
