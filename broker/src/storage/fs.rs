@@ -20,7 +20,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
@@ -316,6 +316,23 @@ static MAPPING_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 /// positions as `u32`). Address space only: nothing is read or reserved for it.
 const WINDOW_BYTES: usize = 1 << 32;
 
+/// Windows live at once, at most: 16 TiB of the 128 TiB of address space a process has on
+/// x86-64. Every partition's active segment keeps its window while it is open, so a broker with
+/// tens of thousands of partitions read in large reads would otherwise take all of it, and the
+/// next allocation the allocator maps would fail. A file opened past the limit is read by
+/// copying, as on a kernel that cannot populate a mapping.
+const MAX_WINDOWS: usize = 4096;
+
+static LIVE_WINDOWS: AtomicUsize = AtomicUsize::new(0);
+
+/// Takes one of `max` places in `live`, if one is free.
+fn take_window_place(live: &AtomicUsize, max: usize) -> bool {
+    live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| {
+        (count < max).then_some(count + 1)
+    })
+    .is_ok()
+}
+
 /// What a released slice takes out of the page tables is widened to these boundaries: the
 /// largest page-cache folio (a PMD, 2 MiB on x86-64).
 const RELEASE_ALIGN: usize = 2 << 20;
@@ -368,6 +385,11 @@ unsafe impl Sync for Window {}
 
 impl Window {
     fn new(file: &Arc<File>) -> io::Result<Arc<Window>> {
+        if !take_window_place(&LIVE_WINDOWS, MAX_WINDOWS) {
+            return Err(io::Error::other(format!(
+                "{MAX_WINDOWS} files are mapped already"
+            )));
+        }
         // SAFETY: a fresh read-only mapping chosen by the kernel, of a file descriptor that is
         // open for reading; nothing else refers to the address range.
         let base = unsafe {
@@ -381,7 +403,9 @@ impl Window {
             )
         };
         if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            let error = io::Error::last_os_error();
+            LIVE_WINDOWS.fetch_sub(1, Ordering::AcqRel);
+            return Err(error);
         }
         let window = Window {
             base: std::ptr::NonNull::new(base).expect("mmap does not return null"),
@@ -438,6 +462,7 @@ impl Drop for Window {
         // SAFETY: the mapping was made by `new` with this address and length, and no slice of
         // it is left (each holds the window).
         unsafe { libc::munmap(self.base.as_ptr(), WINDOW_BYTES) };
+        LIVE_WINDOWS.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -525,6 +550,18 @@ impl FileSystem for RealFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Windows are taken up to the limit and refused past it until one is given back.
+    #[test]
+    fn window_places_run_out_and_come_back() {
+        let live = AtomicUsize::new(0);
+        assert!(take_window_place(&live, 2));
+        assert!(take_window_place(&live, 2));
+        assert!(!take_window_place(&live, 2), "the limit is 2");
+        assert_eq!(live.load(Ordering::Acquire), 2, "a refusal takes nothing");
+        live.fetch_sub(1, Ordering::AcqRel);
+        assert!(take_window_place(&live, 2));
+    }
 
     /// The vectored write lands the parts back to back, however many and whatever their
     /// sizes (empty ones included), over what the file held.
