@@ -44,7 +44,10 @@
 //!   sequence really continues, an unnamed one gets a fresh id.
 //! - Definite (unknown topic or partition, batch too large, ...): that batch fails; with
 //!   idempotence the later batches of its partition (built on its sequence numbers) fail too,
-//!   and the partition's sequence continues where the failed batch began.
+//!   and the partition's sequence continues where the failed batch began when the refusal was
+//!   of its first send (nothing of it was written). A refusal of a resend (an earlier send may
+//!   have been written), or an answer that did not decode, leaves the outcome unknown: a new
+//!   epoch, as for a retry deadline.
 //! - Fatal (`ProducerFenced`, `OutOfOrderSequence` with nothing to explain it,
 //!   `UnknownProducerId`): every pending record fails with that error and every later send is
 //!   refused with it. Start a new producer (with the same name to continue its sequences).
@@ -820,13 +823,6 @@ fn passing(error: &Error) -> bool {
 /// first send.
 fn classify(error: &Error, has_earlier: bool, first_attempt: bool, idempotent: bool) -> Action {
     match error {
-        // Refused before anything was written: its sequences are free again, unless an earlier
-        // send of it (whose answer was lost) reached the broker before the partition began
-        // refusing writes, and was written.
-        Error::Broker {
-            code: ErrorCode::PartitionReadOnly,
-            ..
-        } if idempotent && !first_attempt => Action::FailOutcomeUnknown,
         Error::Broker {
             code: ErrorCode::ProducerFenced,
             ..
@@ -858,7 +854,37 @@ fn classify(error: &Error, has_earlier: bool, first_attempt: bool, idempotent: b
             ..
         } if idempotent => Action::FailOutcomeUnknown,
         error if error.is_retriable() => Action::Retry,
+        // With idempotence a failed batch's sequences are used again (the rewind) only when
+        // the broker certainly did not write it: a refusal of its one send, or a request never
+        // sent. Any other failure (an answer that did not decode, a refusal of a resend whose
+        // earlier send may have been written) leaves its outcome unknown: the sequences reused,
+        // the broker would take the next batch for a retry of this one and answer it with this
+        // one's offsets, unwritten.
+        error if idempotent && !(first_attempt && refused_unwritten(error)) => {
+            Action::FailOutcomeUnknown
+        }
         _ => Action::FailBatch,
+    }
+}
+
+/// A failure that says the broker did not write the batch it was the answer to: refused for
+/// what it is or where it was sent, before any append, or never sent at all.
+fn refused_unwritten(error: &Error) -> bool {
+    match error {
+        Error::Broker { code, .. } => matches!(
+            code,
+            ErrorCode::CorruptMessage
+                | ErrorCode::PartitionReadOnly
+                | ErrorCode::MessageTooLarge
+                | ErrorCode::UnknownTopic
+                | ErrorCode::UnknownPartition
+                | ErrorCode::InvalidRequest
+                | ErrorCode::UnsupportedVersion
+                | ErrorCode::UnknownApiKey
+                | ErrorCode::Unauthorized
+        ),
+        Error::RequestTooLarge { .. } | Error::InvalidUrl(_) | Error::Usage(_) => true,
+        _ => false,
     }
 }
 

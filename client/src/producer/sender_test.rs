@@ -662,21 +662,55 @@ async fn a_partition_refusing_writes_fails_the_batch_and_frees_its_sequences() {
 
 #[tokio::test]
 async fn a_refused_resend_may_follow_a_written_first_send_so_a_new_epoch_follows() {
+    // A partition refusing writes, or a broker restarted with a lower batch limit or without
+    // the topic: the refusal is of the resend, not of the first send.
+    for code in [
+        ErrorCode::PartitionReadOnly,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::UnknownTopic,
+    ] {
+        let shared = shared().await;
+        let now = Instant::now();
+        let mut state = SenderState::new(options(), Some(identity()));
+        let _futures = batch(&shared, 0, 1, now);
+        let request = plan(&mut state, &shared, now).pop().unwrap();
+        // The first send's answer is lost: it may have been written before the refusals began.
+        state.handle(&shared, (request, Err(Error::ConnectionClosed)), now);
+        let retry_at = state.next_deadline().expect("a resend is due");
+        let request = plan(&mut state, &shared, retry_at).pop().unwrap();
+        state.handle(&shared, answer(request, &[(code, 0)]), retry_at);
+        assert!(state.take_new_fatal().is_none(), "{code}");
+        assert!(
+            state.epoch_bump_due(retry_at),
+            "{code}: its sequences may be taken"
+        );
+    }
+}
+
+/// An answer that did not decode came from a broker that handled the request: the batch may
+/// be written, so its sequences are not used again (the broker would answer the next batch
+/// with this one's offsets, as a retry of it) and a new epoch follows.
+#[tokio::test]
+async fn an_answer_that_did_not_decode_leaves_the_outcome_unknown() {
     let shared = shared().await;
     let now = Instant::now();
     let mut state = SenderState::new(options(), Some(identity()));
-    let _futures = batch(&shared, 0, 1, now);
+    let futures = batch(&shared, 0, 1, now);
     let request = plan(&mut state, &shared, now).pop().unwrap();
-    // The first send's answer is lost: it may have been written before the partition began
-    // refusing writes.
-    state.handle(&shared, (request, Err(Error::ConnectionClosed)), now);
-    let retry_at = state.next_deadline().expect("a resend is due");
-    let request = plan(&mut state, &shared, retry_at).pop().unwrap();
-    state.handle(
-        &shared,
-        answer(request, &[(ErrorCode::PartitionReadOnly, 0)]),
-        retry_at,
-    );
+    let undecodable = Error::Protocol(WireError::Truncated {
+        what: "produce response",
+        needed: 4,
+    });
+    state.handle(&shared, (request, Err(undecodable)), now);
+    assert!(matches!(
+        futures.into_iter().next().unwrap().now_or_never().unwrap(),
+        Err(Error::Protocol(_))
+    ));
     assert!(state.take_new_fatal().is_none());
-    assert!(state.epoch_bump_due(retry_at), "its sequences may be taken");
+    assert!(state.epoch_bump_due(now), "a new epoch, not a rewind");
+    let _waiting = batch(&shared, 0, 1, now);
+    assert!(
+        plan(&mut state, &shared, now).is_empty(),
+        "nothing new before the new epoch"
+    );
 }
