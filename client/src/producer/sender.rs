@@ -77,6 +77,9 @@ use crate::resilience::Backoff;
 const REQUEST_OVERHEAD_BYTES: usize = 64;
 /// Bytes each partition entry adds besides its batch: partition, length prefix.
 const PARTITION_OVERHEAD_BYTES: usize = 8;
+/// Bytes each topic of a request adds besides its name and partitions: the name's length
+/// prefix, the partition count.
+const TOPIC_OVERHEAD_BYTES: usize = 6;
 
 /// The id and epoch an idempotent producer stamps on its batches, and where each partition's
 /// sequence continued when they were issued.
@@ -438,22 +441,32 @@ impl SenderState {
                 let Some(&batch_id) = ids.get(round) else {
                     continue;
                 };
-                let entry_bytes = self
+                let batch_bytes = self
                     .sent_mut(topic, *partition, batch_id)
                     .batch
                     .size_bytes()
-                    + PARTITION_OVERHEAD_BYTES
-                    + topic.len();
-                if let Some((_, bytes)) = &current
-                    && bytes + entry_bytes > self.options.max_request_bytes
-                {
-                    requests.extend(current.take().map(|(request, _)| request));
+                    + PARTITION_OVERHEAD_BYTES;
+                // A topic's name and counts are written once per request, with its first batch.
+                let topic_bytes = TOPIC_OVERHEAD_BYTES + topic.len();
+                let has_topic = |request: &PlannedRequest| {
+                    request
+                        .request
+                        .topics
+                        .iter()
+                        .any(|produce_topic| *produce_topic.name == **topic)
+                };
+                if let Some((request, bytes)) = &current {
+                    let entry_bytes =
+                        batch_bytes + if has_topic(request) { 0 } else { topic_bytes };
+                    if bytes + entry_bytes > self.options.max_request_bytes {
+                        requests.extend(current.take().map(|(request, _)| request));
+                    }
                 }
                 if current.is_none() {
                     current = Some((self.new_request(), REQUEST_OVERHEAD_BYTES));
                 }
                 let (request, bytes) = current.as_mut().expect("just set");
-                *bytes += entry_bytes;
+                *bytes += batch_bytes + if has_topic(request) { 0 } else { topic_bytes };
                 let sent = self.sent_mut(topic, *partition, batch_id);
                 sent.state = SentState::InRequest(request.id);
                 sent.attempts += 1;

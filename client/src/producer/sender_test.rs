@@ -61,6 +61,17 @@ fn identity() -> Identity {
 
 /// Puts a closed batch of `records` records into `partition`, returning their futures.
 fn batch(shared: &Shared, partition: u32, records: usize, now: Instant) -> Vec<DeliveryFuture> {
+    batch_to(shared, "t", partition, records, now)
+}
+
+/// [`batch`] into a partition of `topic`.
+fn batch_to(
+    shared: &Shared,
+    topic: &str,
+    partition: u32,
+    records: usize,
+    now: Instant,
+) -> Vec<DeliveryFuture> {
     let mut accumulator = shared.lock_accumulator();
     let mut futures = Vec::new();
     for _ in 0..records {
@@ -74,7 +85,7 @@ fn batch(shared: &Shared, partition: u32, records: usize, now: Instant) -> Vec<D
         shared.buffer.try_acquire_many(1_000).unwrap().forget();
         match accumulator
             .append(
-                TopicRef::Name("t"),
+                TopicRef::Name(topic),
                 Target::Partition(partition),
                 &record,
                 &mut reserved,
@@ -713,4 +724,45 @@ async fn an_answer_that_did_not_decode_leaves_the_outcome_unknown() {
         plan(&mut state, &shared, now).is_empty(),
         "nothing new before the new epoch"
     );
+}
+
+/// However the batches of many topics fill a request, its frame stays within
+/// `max_request_bytes`: each topic's name, and its name's length and partition count, are
+/// counted once per request.
+#[tokio::test]
+async fn requests_of_many_topics_stay_within_the_request_limit() {
+    let topics: Vec<String> = (0..20).map(|index| format!("topic-{index}")).collect();
+    for max_request_bytes in (300..2_400).step_by(7) {
+        let shared = shared().await;
+        let now = Instant::now();
+        for topic in &topics {
+            shared.lock_accumulator().set_partition_count(topic, 2);
+        }
+        let mut state = SenderState::new(
+            SenderOptions {
+                max_request_bytes,
+                ..options()
+            },
+            None,
+        );
+        let mut futures = Vec::new();
+        // One batch to each topic but the first, which has two: a topic's name and counts
+        // weigh most against its batches where it has one.
+        for topic in &topics {
+            futures.extend(batch_to(&shared, topic, 0, 1, now));
+        }
+        futures.extend(batch_to(&shared, &topics[0], 1, 1, now));
+        let requests = plan(&mut state, &shared, now);
+        let batches: usize = requests.iter().map(|request| request.entries.len()).sum();
+        assert_eq!(batches, topics.len() + 1, "every batch planned");
+        for request in &requests {
+            let mut frame = bytes::BytesMut::new();
+            sluice_protocol::Request::Produce(request.request.clone()).encode_frame(1, &mut frame);
+            assert!(
+                frame.len() <= max_request_bytes,
+                "a frame of {} bytes for a limit of {max_request_bytes}",
+                frame.len()
+            );
+        }
+    }
 }
