@@ -589,6 +589,18 @@ impl SenderState {
         let Some(index) = window.batches.iter().position(|batch| batch.id == batch_id) else {
             return;
         };
+        // A base offset with no room above it for the batch's records is no answer a broker
+        // gives: the records' offsets would overflow.
+        let records = u64::from(window.batches[index].batch.record_count());
+        let outcome = match outcome {
+            Ok(Some(base_offset)) if base_offset.checked_add(records).is_none() => {
+                Err(Arc::new(Error::Protocol(WireError::Invalid {
+                    what: "produce response base offset",
+                    detail: format!("{base_offset} leaves no room for {records} records"),
+                })))
+            }
+            outcome => outcome,
+        };
         match outcome {
             Ok(base_offset) => {
                 let sent = window.batches.remove(index).expect("index in range");

@@ -766,3 +766,27 @@ async fn requests_of_many_topics_stay_within_the_request_limit() {
         }
     }
 }
+
+/// A base offset that leaves no room for the batch's records fails the batch as an answer
+/// that makes no sense (its outcome unknown), instead of overflowing the records' offsets.
+#[tokio::test]
+async fn a_base_offset_with_no_room_for_the_records_fails_the_batch() {
+    let shared = shared().await;
+    let now = Instant::now();
+    let mut state = SenderState::new(options(), Some(identity()));
+    let futures = batch(&shared, 0, 2, now);
+    let request = plan(&mut state, &shared, now).pop().unwrap();
+    state.handle(
+        &shared,
+        answer(request, &[(ErrorCode::None, u64::MAX - 1)]),
+        now,
+    );
+    for future in futures {
+        assert!(matches!(
+            future.now_or_never().unwrap(),
+            Err(Error::Protocol(_))
+        ));
+    }
+    assert!(state.take_new_fatal().is_none());
+    assert!(state.epoch_bump_due(now), "it may have been written");
+}
