@@ -231,6 +231,68 @@ async fn a_gap_or_an_unknown_producer_is_refused_and_nothing_is_written() {
     broker.shutdown().await;
 }
 
+/// A producer without a name that takes a new id (a batch's outcome was unknown to it) has
+/// its old id fenced: a copy of its old batch still on its way is refused, not appended after
+/// the new id's batches. Other producers are left alone, named ones too.
+#[tokio::test]
+async fn an_unnamed_producers_old_id_is_fenced_when_it_takes_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path()).await;
+    create_topic(&connection, "orders", 1).await;
+    let old = producer(&connection, None).await;
+    let bystander = producer(&connection, None).await;
+    let named = producer(&connection, Some("relay")).await;
+    produce_ok(&connection, "orders", 0, &record_batch(old, 0, &["a"])).await;
+    produce_ok(
+        &connection,
+        "orders",
+        0,
+        &record_batch(bystander, 0, &["b"]),
+    )
+    .await;
+    produce_ok(&connection, "orders", 0, &record_batch(named, 0, &["c"])).await;
+
+    let asked = |current: (u64, u16)| InitProducerIdRequest {
+        producer_name: None,
+        current: Some(ProducerIdAndEpoch {
+            producer_id: current.0,
+            producer_epoch: current.1,
+        }),
+    };
+    let Response::InitProducerId(renewed) = connection.send(asked(old)).await.unwrap() else {
+        panic!("wrong response")
+    };
+    assert_eq!(renewed.error_code, ErrorCode::None);
+    let new = (renewed.producer_id, renewed.producer_epoch);
+    assert_ne!(new.0, old.0, "a fresh id");
+    produce_ok(&connection, "orders", 0, &record_batch(new, 0, &["d"])).await;
+    let late = produce(&connection, "orders", 0, &record_batch(old, 1, &["stale"])).await;
+    assert_eq!(late.error_code, ErrorCode::ProducerFenced, "{late:?}");
+
+    // Naming another producer's id fences nobody but an unnamed one: a named producer's id,
+    // or one never issued, is left alone.
+    for current in [named, (new.0 + 1_000, 0)] {
+        let Response::InitProducerId(answer) = connection.send(asked(current)).await.unwrap()
+        else {
+            panic!("wrong response")
+        };
+        assert_eq!(answer.error_code, ErrorCode::None);
+    }
+    produce_ok(&connection, "orders", 0, &record_batch(named, 1, &["e"])).await;
+    produce_ok(
+        &connection,
+        "orders",
+        0,
+        &record_batch(bystander, 1, &["f"]),
+    )
+    .await;
+    assert_eq!(
+        stored(&connection, "orders", 0).await,
+        owned(&[(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e"), (5, "f")])
+    );
+    broker.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_named_producer_restarts_with_its_id_a_higher_epoch_and_its_sequences() {
     let dir = tempfile::tempdir().unwrap();

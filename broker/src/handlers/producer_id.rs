@@ -1,6 +1,10 @@
 //! InitProducerId: an id and epoch for an idempotent producer (rules in [`crate::producers`]).
 //!
-//! Without a name: a fresh id at epoch 0. With a name: the name's id with its epoch bumped
+//! Without a name: a fresh id at epoch 0; a running producer asking for a new one (it says
+//! which id it holds: a batch's outcome was unknown) has its old id fenced on every partition,
+//! so a copy of its batch still on its way is refused rather than appended after the new id's
+//! batches (see [`crate::producers::ProducerRegistry::fence_unnamed`]). With a name: the
+//! name's id with its epoch bumped
 //! and persisted; then the new epoch is pushed into every partition that holds state for the
 //! id, which fences older instances there and reports where each partition's sequence
 //! continues. The epoch is visible to every partition's check before the first of them is
@@ -57,6 +61,11 @@ fn init(state: &BrokerState, request: InitProducerIdRequest) -> InitProducerIdRe
             return failed(error.code);
         }
     };
+    if request.producer_name.is_none()
+        && let Some(current) = &request.current
+    {
+        registry.fence_unnamed(current.producer_id);
+    }
     // A fresh id has no state anywhere: nothing to fence, every sequence starts at 0.
     let sequences = match request.producer_name {
         None => Vec::new(),

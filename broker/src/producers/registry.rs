@@ -88,9 +88,18 @@ pub struct ProducerRegistry {
     /// fenced. Taken only under `names`; in memory only (a retry after a restart is fenced).
     bumped_from: Mutex<BTreeMap<String, (u64, u16)>>,
     /// The current epoch of each named producer's id: the fence every partition checks under
-    /// its writer lock. Updated only after the names file holds the epoch.
+    /// its writer lock. Updated only after the names file holds the epoch. Also every id
+    /// fenced entirely (`NO_PRODUCER_EPOCH`): a name's old id when its epochs ran out, and an
+    /// unnamed producer's old id when it took a new one ([`Self::fence_unnamed`]).
     epochs: DashMap<u64, u16>,
+    /// The unnamed ids fenced, oldest first: at most [`MAX_FENCED_UNNAMED`] are kept fenced.
+    fenced_unnamed: Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// Unnamed producers' old ids kept fenced at most. A batch of one fenced id can only be still
+/// on its way for a request timeout after its producer took a new id; this many newer fences
+/// later it is long gone, and the table stays bounded however often clients ask.
+const MAX_FENCED_UNNAMED: usize = 65_536;
 
 fn storage_error(context: String) -> impl FnOnce(std::io::Error) -> ProducerIdError {
     move |error| ProducerIdError::new(ErrorCode::StorageError, format!("{context}: {error}"))
@@ -219,6 +228,7 @@ impl ProducerRegistry {
             names: Mutex::new(names),
             bumped_from: Mutex::new(BTreeMap::new()),
             epochs,
+            fenced_unnamed: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -355,6 +365,32 @@ impl ProducerRegistry {
         Ok((next.producer_id, next.producer_epoch))
     }
 
+    /// Fences every batch of `producer_id`, an id issued to a producer without a name that has
+    /// asked for a new one (its outcome of a batch was unknown): a copy of its batch still on
+    /// its way (queued in a connection the client gave up on) is refused on every partition
+    /// instead of appended after the new id's batches. An id never issued, or a named
+    /// producer's, is left alone. In memory only, like the other fences of this table.
+    pub fn fence_unnamed(&self, producer_id: u64) {
+        if producer_id >= self.issued_below.load(Ordering::Acquire) {
+            return;
+        }
+        let mut fenced = self
+            .fenced_unnamed
+            .lock()
+            .expect("fenced producers lock poisoned");
+        // A named producer's id, or one fenced already, has its entry.
+        if self.epochs.contains_key(&producer_id) {
+            return;
+        }
+        self.epochs.insert(producer_id, NO_PRODUCER_EPOCH);
+        fenced.push_back(producer_id);
+        if fenced.len() > MAX_FENCED_UNNAMED
+            && let Some(oldest) = fenced.pop_front()
+        {
+            self.epochs.remove(&oldest);
+        }
+    }
+
     /// The lowest epoch a batch of `producer_id` may carry: a named producer's current epoch,
     /// 0 for everyone else. Cheap; called under partition writer locks.
     pub fn current_epoch(&self, producer_id: u64) -> u16 {
@@ -393,6 +429,41 @@ mod tests {
 
     fn open(fs: &FaultFs, max_names: usize) -> Result<ProducerRegistry, ProducerIdError> {
         ProducerRegistry::open(Path::new("/data"), Arc::new(fs.clone()), max_names)
+    }
+
+    /// Unnamed ids are fenced entirely, the last `MAX_FENCED_UNNAMED` of them: the oldest
+    /// fence goes when one more is made. Named ids and ids never issued are not fenced so.
+    #[test]
+    fn unnamed_fences_are_kept_for_the_latest_ids_only() {
+        let fs = FaultFs::new();
+        let registry = open(&fs, 10).unwrap();
+        let (named, epoch) = registry.init_named("relay", None).unwrap();
+        registry.fence_unnamed(named);
+        assert_eq!(
+            registry.current_epoch(named),
+            epoch,
+            "a name's id is not fenced so"
+        );
+        registry.fence_unnamed(u64::MAX - 1);
+        assert_eq!(registry.current_epoch(u64::MAX - 1), 0, "never issued");
+        let ids: Vec<u64> = (0..=MAX_FENCED_UNNAMED)
+            .map(|_| registry.allocate_id().unwrap())
+            .collect();
+        for &id in &ids {
+            registry.fence_unnamed(id);
+        }
+        assert_eq!(registry.current_epoch(ids[0]), 0, "the oldest fence went");
+        assert_eq!(registry.current_epoch(ids[1]), NO_PRODUCER_EPOCH);
+        assert_eq!(
+            registry.current_epoch(*ids.last().unwrap()),
+            NO_PRODUCER_EPOCH
+        );
+        assert_eq!(
+            registry.epochs.len(),
+            MAX_FENCED_UNNAMED + 1,
+            "and the name's"
+        );
+        assert_eq!(registry.current_epoch(named), epoch);
     }
 
     #[test]
