@@ -338,7 +338,9 @@ impl ProducerBuilder {
     }
 
     /// How long a record may take from enqueue to acknowledgement, retries included, before
-    /// its future fails. At least `linger + request_timeout`.
+    /// its future fails. At least `linger + request_timeout`. As in Kafka, it is counted from
+    /// when the record's batch was opened: a record joining an open batch (which goes on
+    /// taking records while its partition waits for a retry) has what is left of the batch's.
     ///
     /// Default = 2 min.
     pub fn delivery_timeout(mut self, delivery_timeout: Duration) -> Self {
