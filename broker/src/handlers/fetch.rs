@@ -432,9 +432,6 @@ fn frame_max_bytes(
         .max(1)
 }
 
-/// Budget one read pass reserves: what the response may hold (`max_bytes`, or less when the
-/// partitions' own limits add up to less), or the largest batch the partitions accept when
-/// that is more, since the first batch found is returned whole.
 /// Bytes a fetch waits for: its `min_bytes` (at least 1), but never more than it may be
 /// answered with, its `max_bytes` (as the frame and the budget cut it) and its readable
 /// partitions' limits together. A fetch wanting more could never have it, and would read
@@ -451,6 +448,9 @@ fn wanted_bytes(request: &FetchRequest, targets: &[Target], max_bytes: u32) -> u
         .max(1)
 }
 
+/// Budget one read pass reserves: what the response may hold (`max_bytes`, or less when the
+/// partitions' own limits add up to less), or the largest batch the partitions accept when
+/// that is more, since the first batch found is returned whole.
 fn reservation_bytes(targets: &[Target], max_bytes: u32) -> u64 {
     let readable = || targets.iter().filter(|target| target.log.is_some());
     let partitions_bytes: u64 = readable()
