@@ -374,11 +374,13 @@ impl ProducerRegistry {
         if producer_id >= self.issued_below.load(Ordering::Acquire) {
             return;
         }
+        // Under the names lock, as names take ids and their entries: a named producer's id, or
+        // one fenced already, has its entry.
+        let _names = self.names.lock().expect("producer names lock poisoned");
         let mut fenced = self
             .fenced_unnamed
             .lock()
             .expect("fenced producers lock poisoned");
-        // A named producer's id, or one fenced already, has its entry.
         if self.epochs.contains_key(&producer_id) {
             return;
         }
