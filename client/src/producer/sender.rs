@@ -448,25 +448,27 @@ impl SenderState {
                     + PARTITION_OVERHEAD_BYTES;
                 // A topic's name and counts are written once per request, with its first batch.
                 let topic_bytes = TOPIC_OVERHEAD_BYTES + topic.len();
-                let has_topic = |request: &PlannedRequest| {
+                let topic_at = |request: &PlannedRequest| {
                     request
                         .request
                         .topics
                         .iter()
-                        .any(|produce_topic| *produce_topic.name == **topic)
+                        .position(|produce_topic| *produce_topic.name == **topic)
                 };
-                if let Some((request, bytes)) = &current {
-                    let entry_bytes =
-                        batch_bytes + if has_topic(request) { 0 } else { topic_bytes };
+                // Where the topic stands in the request being filled (none in a new one).
+                let mut at = current.as_ref().and_then(|(request, _)| topic_at(request));
+                if let Some((_, bytes)) = &current {
+                    let entry_bytes = batch_bytes + if at.is_some() { 0 } else { topic_bytes };
                     if bytes + entry_bytes > self.options.max_request_bytes {
                         requests.extend(current.take().map(|(request, _)| request));
+                        at = None;
                     }
                 }
                 if current.is_none() {
                     current = Some((self.new_request(), REQUEST_OVERHEAD_BYTES));
                 }
                 let (request, bytes) = current.as_mut().expect("just set");
-                *bytes += batch_bytes + if has_topic(request) { 0 } else { topic_bytes };
+                *bytes += batch_bytes + if at.is_some() { 0 } else { topic_bytes };
                 let sent = self.sent_mut(topic, *partition, batch_id);
                 sent.state = SentState::InRequest(request.id);
                 sent.attempts += 1;
@@ -475,13 +477,8 @@ impl SenderState {
                     partition: *partition,
                     records,
                 };
-                match request
-                    .request
-                    .topics
-                    .iter_mut()
-                    .find(|produce_topic| *produce_topic.name == **topic)
-                {
-                    Some(produce_topic) => produce_topic.partitions.push(entry),
+                match at {
+                    Some(at) => request.request.topics[at].partitions.push(entry),
                     None => request.request.topics.push(ProduceTopic {
                         name: topic.to_string(),
                         partitions: vec![entry],
