@@ -285,26 +285,31 @@ impl Client {
         self.send_within(request, None).await
     }
 
-    /// [`Client::send`], its answer awaited at most `timeout` when given (less than the
-    /// connection's request timeout), which then counts against the breaker as the
-    /// connection's own timeout does: a connection that stays up and answers nothing is
-    /// dropped once the breaker opens.
+    /// [`Client::send`], the whole call (finding a connection included) taking at most
+    /// `timeout` when given (less than the connection's request timeout). An answer not had in
+    /// time counts against the breaker as the connection's own timeout does: a connection that
+    /// stays up and answers nothing is dropped once the breaker opens.
     pub(crate) async fn send_within(
         &self,
         request: impl Into<Request>,
         timeout: Option<Duration>,
     ) -> Result<Response> {
-        let connection = self.connection().await?;
-        let sending = connection.send(request);
-        let result = match timeout {
-            None => sending.await,
-            Some(timeout) => tokio::time::timeout(timeout, sending)
+        let deadline = timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+        let timed_out = || Error::Timeout {
+            timeout_ms: timeout.map_or(0, crate::connection::duration_ms),
+        };
+        let connection = match deadline {
+            None => self.connection().await?,
+            Some(deadline) => tokio::time::timeout_at(deadline, self.connection())
                 .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Timeout {
-                        timeout_ms: crate::connection::duration_ms(timeout),
-                    })
-                }),
+                .map_err(|_| timed_out())??,
+        };
+        let sending = connection.send(request);
+        let result = match deadline {
+            None => sending.await,
+            Some(deadline) => tokio::time::timeout_at(deadline, sending)
+                .await
+                .unwrap_or_else(|_| Err(timed_out())),
         };
         match &result {
             Ok(_) => self.record_success(),

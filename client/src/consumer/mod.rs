@@ -1489,26 +1489,15 @@ async fn heartbeat_loop(shared: Arc<Shared>, sender: mpsc::Sender<Delivery>) {
         // A member's heartbeat, connecting included, is not awaited past the session's end:
         // from then on the broker has expired the member, whatever the answer.
         let session_end = last_accepted + session_timeout;
-        let sending = async {
-            if joining {
-                return shared.client.send_within(request, None).await;
-            }
-            let left = session_end.saturating_duration_since(sent_at);
-            if left.is_zero() {
-                return Err(Error::Timeout {
-                    timeout_ms: duration_ms(session_timeout),
-                });
-            }
-            let within = within_session.min(left);
-            tokio::time::timeout(within, shared.client.send_within(request, Some(within)))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Timeout {
-                        timeout_ms: duration_ms(within),
-                    })
-                })
+        let within =
+            (!joining).then(|| within_session.min(session_end.saturating_duration_since(sent_at)));
+        let sent = match within {
+            Some(within) if within.is_zero() => Err(Error::Timeout {
+                timeout_ms: duration_ms(session_timeout),
+            }),
+            within => shared.client.send_within(request, within).await,
         };
-        let answered = match sending.await {
+        let answered = match sent {
             Ok(Response::ConsumerGroupHeartbeat(response)) => Some(response),
             Ok(other) => {
                 tracing::debug!(api = ?other.api_key(), "heartbeat answered with another api; retrying");
