@@ -437,26 +437,28 @@ fn frame_max_bytes(
 /// partitions' limits together. A fetch wanting more could never have it, and would read
 /// everything again at every append to its partitions until its wait ran out.
 fn wanted_bytes(request: &FetchRequest, targets: &[Target], max_bytes: u32) -> u64 {
-    let partitions_bytes: u64 = targets
+    u64::from(request.min_bytes)
+        .min(u64::from(max_bytes))
+        .min(readable_partitions_bytes(targets))
+        .max(1)
+}
+
+/// The readable partitions' `partition_max_bytes` together.
+fn readable_partitions_bytes(targets: &[Target]) -> u64 {
+    targets
         .iter()
         .filter(|target| target.log.is_some())
         .map(|target| u64::from(target.partition_max_bytes))
-        .sum();
-    u64::from(request.min_bytes)
-        .min(u64::from(max_bytes))
-        .min(partitions_bytes)
-        .max(1)
+        .sum()
 }
 
 /// Budget one read pass reserves: what the response may hold (`max_bytes`, or less when the
 /// partitions' own limits add up to less), or the largest batch the partitions accept when
 /// that is more, since the first batch found is returned whole.
 fn reservation_bytes(targets: &[Target], max_bytes: u32) -> u64 {
-    let readable = || targets.iter().filter(|target| target.log.is_some());
-    let partitions_bytes: u64 = readable()
-        .map(|target| u64::from(target.partition_max_bytes))
-        .sum();
-    let largest_batch_bytes = readable()
+    let partitions_bytes = readable_partitions_bytes(targets);
+    let largest_batch_bytes = targets
+        .iter()
         .filter_map(|target| target.log.as_ref())
         .map(|log| log.config().max_message_bytes)
         .max()
