@@ -1163,6 +1163,36 @@ async fn quic_client_config(url: &str, ca_file: Option<&Path>) -> Result<quinn::
     Ok(config)
 }
 
+/// The UDP receive buffer a client's QUIC socket asks for, as the broker's does. Linux's
+/// default (208 KiB, counted with the kernel's bookkeeping) overflows under one fetch answer of
+/// a few MiB arriving at loopback speed: every datagram dropped there is resent and cuts the
+/// broker's congestion window. Without privileges the kernel grants at most
+/// `net.core.rmem_max`.
+const QUIC_RECEIVE_BUFFER_BYTES: usize = 8 << 20;
+
+/// A client endpoint on `local` whose socket asks for [`QUIC_RECEIVE_BUFFER_BYTES`] of receive
+/// buffer (`quinn::Endpoint::client` leaves the system default).
+fn quic_client_endpoint(local: SocketAddr) -> io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        quic_client_socket(local)?,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// A UDP socket on `local` with its receive buffer raised as far as the kernel allows.
+fn quic_client_socket(local: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(local)?;
+    if let Err(error) =
+        socket2::SockRef::from(&socket).set_recv_buffer_size(QUIC_RECEIVE_BUFFER_BYTES)
+    {
+        // The connection still works, only with drops under bursts.
+        debug!(%error, "could not raise the QUIC socket's receive buffer");
+    }
+    Ok(socket)
+}
+
 /// How long a QUIC handshake to one address of a name has before the next address is tried
 /// alongside it (Happy Eyeballs, RFC 8305). QUIC hears nothing back from an address nobody
 /// serves, so trying them one after another would let the first (`localhost` as `::1`, with
@@ -1213,7 +1243,7 @@ async fn connect_quic_any(
             } else {
                 (Ipv4Addr::UNSPECIFIED, 0).into()
             };
-            let quic_endpoint = quinn::Endpoint::client(local).map_err(connect_error)?;
+            let quic_endpoint = quic_client_endpoint(local).map_err(connect_error)?;
             // The URL's host is the name the certificate must carry (an IP address works too).
             let connecting = quic_endpoint
                 .connect_with(client_config, candidate, server_name)
@@ -1330,6 +1360,24 @@ mod tests {
 
     fn parse(url: &str) -> Endpoint {
         Endpoint::parse(url).unwrap_or_else(|error| panic!("{url}: {error}"))
+    }
+
+    #[test]
+    fn quic_sockets_ask_for_more_receive_buffer_than_the_system_default() {
+        let local: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();
+        let receive_buffer = |socket: &std::net::UdpSocket| {
+            socket2::SockRef::from(socket)
+                .recv_buffer_size()
+                .expect("SO_RCVBUF")
+        };
+        let default = receive_buffer(&std::net::UdpSocket::bind(local).expect("bind"));
+        let raised = receive_buffer(&quic_client_socket(local).expect("bind"));
+        // Linux grants up to `net.core.rmem_max` and reports twice what it granted; even a
+        // limit at the default is then reported above the default.
+        assert!(
+            raised > default,
+            "receive buffer {raised} bytes, the system default {default}"
+        );
     }
 
     #[test]
