@@ -60,11 +60,13 @@ pub async fn serve_with<S>(
     // Resolves when the writer stops (a peer that does not read its answers): the reader
     // then stops too, so the connection closes instead of idling with its slot.
     let (writer_alive, mut writer_gone) = tokio::sync::oneshot::channel::<()>();
+    // Shared with the reader, which sets the socket's receive low-water mark through it.
+    let zero_copy = zero_copy.map(Arc::new);
     let writer_task = tokio::spawn(write_responses(
         writer,
         outgoing,
         state.metrics.sent_bytes().clone(),
-        zero_copy,
+        zero_copy.clone(),
         Duration::from_millis(limits.response_write_timeout_ms),
         writer_alive,
         peer.clone(),
@@ -75,6 +77,8 @@ pub async fn serve_with<S>(
     let mut decoder = FrameDecoder::for_requests(max_frame_bytes);
     let frame_read_timeout = Duration::from_millis(limits.frame_read_timeout_ms);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    // The socket's receive low-water mark, as last set (1 is the system's default).
+    let mut low_water = 1;
     // When the frame being received must be complete: set when its first bytes arrive, so a
     // peer that trickles a byte at a time is cut off as surely as one that stops.
     let mut frame_deadline: Option<tokio::time::Instant> = None;
@@ -187,6 +191,18 @@ pub async fn serve_with<S>(
         }
 
         buffer.reserve(READ_CHUNK_BYTES);
+        // A big request is woken for once it is whole, not for every piece of it.
+        if let Some(socket) = &zero_copy {
+            let wanted = decoder.low_water_bytes(&buffer);
+            if wanted != low_water {
+                match socket.set_receive_low_water(wanted) {
+                    Ok(()) => low_water = wanted,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "could not set the receive low-water mark");
+                    }
+                }
+            }
+        }
         let read = if decoder.is_mid_frame(&buffer) {
             // A peer that takes longer than the deadline to send a whole frame, by stopping
             // half-way or by sending slowly, is cut off.
@@ -303,7 +319,8 @@ const SEND_FILE_AT_LEAST: usize = 64 * 1024;
 /// fetch path maps what it reads (see `StorageFile::map`) and checks it there, and
 /// `sendfile` hands the same file region to the socket, so the broker copies none of it (on
 /// loopback the reader's receive is the one copy). A duplicate of the connection's descriptor,
-/// registered with the runtime for writability.
+/// registered with the runtime for writability. The connection's reader sets the socket's
+/// receive low-water mark through it too.
 #[derive(Debug)]
 pub struct ZeroCopySocket {
     socket: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
@@ -330,6 +347,30 @@ impl ZeroCopySocket {
         }
         .ok()?;
         Some(ZeroCopySocket { socket })
+    }
+
+    /// Sets the socket's receive low-water mark (`SO_RCVLOWAT`): its reader is woken only once
+    /// this many bytes have arrived, or the connection ends. A read still returns whatever has
+    /// arrived.
+    fn set_receive_low_water(&self, bytes: usize) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `value` is a live c_int and its size goes with it; the descriptor is open
+        // for as long as `self` is.
+        let set = unsafe {
+            libc::setsockopt(
+                self.socket.get_ref().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     /// Sends `len` bytes of `file` from `position`, waiting for room in the socket as needed.
@@ -433,7 +474,7 @@ async fn write_responses<W>(
     writer: W,
     mut outgoing: mpsc::Receiver<OutgoingFrame>,
     sent_bytes: Counter,
-    zero_copy: Option<ZeroCopySocket>,
+    zero_copy: Option<Arc<ZeroCopySocket>>,
     write_timeout: Duration,
     _alive: tokio::sync::oneshot::Sender<()>,
     peer: String,
@@ -441,7 +482,7 @@ async fn write_responses<W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut writer = BufWriter::with_capacity(READ_CHUNK_BYTES, writer);
-    let zero_copy = zero_copy.as_ref();
+    let zero_copy = zero_copy.as_deref();
     let stalled = || {
         tracing::warn!(%peer, timeout_ms = write_timeout.as_millis() as u64, "closing connection that does not read its answers");
     };

@@ -702,6 +702,102 @@ async fn a_fetch_of_many_topics_and_partitions_is_answered_at_once() {
     broker.shutdown().await;
 }
 
+/// A big request is read whole however it arrives, and a small one after it is answered at
+/// once: the reader waits for the rest of a big frame (its socket's receive low-water mark),
+/// then for any byte again. A mark left high would hold the small request back until the
+/// deadline.
+#[tokio::test]
+async fn a_big_request_arriving_in_pieces_then_small_requests_are_all_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, connection) = start(dir.path(), Transport::Tcp).await;
+    create(&connection, "t", 4).await;
+    let value = "v".repeat(900);
+    let thousand = vec![value.as_str(); 1000];
+    // Four partitions' batches of about 0.9 MB each: a frame of about 3.6 MB.
+    let mut big = produce_request("t", 0, &thousand, Acks::Leader);
+    for partition in 1..4 {
+        big.topics[0].partitions.push(ProducePartition {
+            partition,
+            records: batch(&thousand),
+        });
+    }
+    let mut raw = tokio::net::TcpStream::connect(broker.tcp_addr)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Reads until one whole answer is in, and returns its code.
+    async fn answer(
+        raw: &mut tokio::net::TcpStream,
+        deadline: Instant,
+        correlation_id: u32,
+    ) -> ErrorCode {
+        let mut received = Vec::new();
+        loop {
+            if received.len() >= 4 {
+                let length = u32::from_be_bytes(received[..4].try_into().unwrap()) as usize;
+                if received.len() >= 4 + length {
+                    let answers = support::parse_responses(&received);
+                    assert_eq!(answers.len(), 1, "{answers:?}");
+                    assert_eq!(answers[0].0, correlation_id);
+                    return answers[0].1;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let read = tokio::time::timeout_at(deadline.into(), raw.read(&mut chunk))
+                .await
+                .expect("the answer within 30 s")
+                .unwrap();
+            assert!(read > 0, "the broker closed the connection");
+            received.extend_from_slice(&chunk[..read]);
+        }
+    }
+    let mut correlation_id = 0;
+    for _ in 0..3 {
+        correlation_id += 1;
+        let frame = support::frame(correlation_id, big.clone());
+        // The length prefix and a little, then the rest in pieces of every size.
+        let mut at = 0;
+        for piece in [10, 100_000, 1, 300_000, 64 * 1024].into_iter().cycle() {
+            let end = (at + piece).min(frame.len());
+            raw.write_all(&frame[at..end]).await.unwrap();
+            at = end;
+            if at == frame.len() {
+                break;
+            }
+        }
+        assert_eq!(
+            answer(&mut raw, deadline, correlation_id).await,
+            ErrorCode::None
+        );
+        for _ in 0..2 {
+            correlation_id += 1;
+            let small = produce_request("t", 0, &["small"], Acks::Leader);
+            raw.write_all(&support::frame(correlation_id, small))
+                .await
+                .unwrap();
+            assert_eq!(
+                answer(&mut raw, deadline, correlation_id).await,
+                ErrorCode::None
+            );
+        }
+    }
+    // Every record landed: 3 x 1,000 plus 6 small ones on partition 0, 3 x 1,000 on the others.
+    for (partition, expected) in [(0, 3_006), (1, 3_000), (2, 3_000), (3, 3_000)] {
+        let mut landed = 0;
+        while landed < expected {
+            let fetched = fetch(&connection, "t", partition, landed, 0).await;
+            assert_eq!(fetched.error_code, ErrorCode::None);
+            let read = values(&fetched.records);
+            assert!(!read.is_empty(), "partition {partition}: {landed} landed");
+            landed = read.last().unwrap().0 + 1;
+        }
+        assert_eq!(landed, expected, "partition {partition}");
+    }
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 /// A connection's pipelined produce requests land in the order sent whatever their size and
 /// acks. (A version that appended large batches on a thread of their own while the reader read
 /// on, and small ones on the reader when that thread was idle, was measured and dropped; this

@@ -289,12 +289,14 @@ impl Connection {
                 stream
                     .set_nodelay(true)
                     .map_err(|source| Error::Connect { address, source })?;
+                let low_water = ReceiveLowWater::for_tcp(&stream);
                 let (read_half, write_half) = stream.into_split();
-                Ok(Connection::from_halves(
+                Ok(Connection::from_transport(
                     url.to_owned(),
-                    read_half,
+                    (read_half, low_water),
                     write_half,
                     options,
+                    None,
                 ))
             }
             Transport::Quic => {
@@ -327,7 +329,7 @@ impl Connection {
                         })?;
                 Ok(Connection::from_transport(
                     url.to_owned(),
-                    receive_stream,
+                    (receive_stream, None),
                     AcknowledgedSendStream::new(send_stream),
                     options,
                     Some(quic),
@@ -340,6 +342,7 @@ impl Connection {
     ///
     /// # Panics
     /// Outside a Tokio runtime.
+    #[cfg(test)]
     pub(crate) fn from_halves<R, W>(
         peer: String,
         read_half: R,
@@ -350,14 +353,18 @@ impl Connection {
         R: AsyncRead + Send + 'static,
         W: AsyncWrite + Send + 'static,
     {
-        Connection::from_transport(peer, read_half, write_half, options, None)
+        Connection::from_transport(peer, (read_half, None), write_half, options, None)
     }
 
-    /// [`from_halves`](Connection::from_halves), plus the QUIC connection the halves belong
-    /// to, which is kept open until the writer is done and then closed.
+    /// Starts the reader and writer tasks over an open transport: a read half with the TCP
+    /// socket's low-water mark when it has one, and the QUIC connection the halves belong to,
+    /// which is kept open until the writer is done and then closed.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
     fn from_transport<R, W>(
         peer: String,
-        read_half: R,
+        (read_half, low_water): (R, Option<ReceiveLowWater>),
         write_half: W,
         options: ConnectionOptions,
         quic: Option<QuicTransport>,
@@ -382,7 +389,9 @@ impl Connection {
         let (frame_sender, frame_receiver) = mpsc::channel(in_flight_limit);
         let (writer_done_sender, writer_done) = watch::channel(false);
         let span = tracing::debug_span!("connection", peer = %peer);
-        tokio::spawn(run_reader(read_half, Arc::clone(&shared)).instrument(span.clone()));
+        tokio::spawn(
+            run_reader(read_half, low_water, Arc::clone(&shared)).instrument(span.clone()),
+        );
         tokio::spawn(
             run_writer(
                 write_half,
@@ -820,13 +829,13 @@ async fn closing_signalled(closing: &mut watch::Receiver<bool>) {
 
 /// Reads response frames until the stream ends, fails or the connection closes, then closes
 /// the connection (which fails whatever is still pending).
-async fn run_reader<R>(read_half: R, shared: Arc<Shared>)
+async fn run_reader<R>(read_half: R, low_water: Option<ReceiveLowWater>, shared: Arc<Shared>)
 where
     R: AsyncRead + Send + 'static,
 {
     let mut closing = shared.closing.subscribe();
     tokio::select! {
-        reason = read_responses(read_half, &shared) => {
+        reason = read_responses(read_half, low_water, &shared) => {
             if !shared.is_closed() {
                 warn!(%reason, "connection lost");
             }
@@ -861,7 +870,11 @@ impl fmt::Display for ReadEnd {
     }
 }
 
-async fn read_responses<R>(read_half: R, shared: &Shared) -> ReadEnd
+async fn read_responses<R>(
+    read_half: R,
+    mut low_water: Option<ReceiveLowWater>,
+    shared: &Shared,
+) -> ReadEnd
 where
     R: AsyncRead,
 {
@@ -891,11 +904,64 @@ where
         if buffer.capacity() - buffer.len() < READ_BUFFER_BYTES / 4 {
             buffer.reserve(READ_BUFFER_BYTES);
         }
+        if let Some(low_water) = low_water.as_mut() {
+            low_water.set(decoder.low_water_bytes(&buffer));
+        }
         match read_half.as_mut().read_buf(&mut buffer).await {
             Ok(0) if decoder.is_mid_frame(&buffer) => return ReadEnd::EndOfStreamMidFrame,
             Ok(0) => return ReadEnd::EndOfStream,
             Ok(_) => {}
             Err(error) => return ReadEnd::Failed(error),
+        }
+    }
+}
+
+/// A TCP connection's receive low-water mark (`SO_RCVLOWAT`): the reader is woken only once this
+/// many bytes have arrived (or the connection ends), set to what the frame being received still
+/// lacks (see [`FrameDecoder::low_water_bytes`]). A read still returns whatever has arrived.
+#[derive(Debug)]
+struct ReceiveLowWater {
+    /// A duplicate of the connection's descriptor, so the mark can be set while the reader owns
+    /// the stream's read half.
+    socket: std::os::fd::OwnedFd,
+    current: usize,
+}
+
+impl ReceiveLowWater {
+    /// `None` when the descriptor cannot be duplicated: the reader is then woken for every
+    /// arrival, as without a mark.
+    fn for_tcp(stream: &TcpStream) -> Option<ReceiveLowWater> {
+        use std::os::fd::AsFd;
+        let socket = stream.as_fd().try_clone_to_owned().ok()?;
+        Some(ReceiveLowWater { socket, current: 1 })
+    }
+
+    // The one system call the client makes itself: neither std nor socket2 sets this option.
+    #[allow(unsafe_code)]
+    fn set(&mut self, bytes: usize) {
+        use std::os::fd::AsRawFd;
+        if bytes == self.current {
+            return;
+        }
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `value` is a live c_int and its size goes with it; the descriptor is open
+        // for as long as `self.socket` is.
+        let set = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set == 0 {
+            self.current = bytes;
+        } else {
+            debug!(
+                error = %io::Error::last_os_error(),
+                bytes, "could not set the receive low-water mark"
+            );
         }
     }
 }

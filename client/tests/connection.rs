@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use sluice_client::protocol::messages::{
     Acks, ApiVersionsRequest, ApiVersionsResponse, DeleteTopicResult, DeleteTopicsRequest,
-    DeleteTopicsResponse, ProducePartition, ProduceRequest, ProduceTopic,
+    DeleteTopicsResponse, FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse,
+    FetchTopic, FetchTopicResponse, ProducePartition, ProduceRequest, ProduceTopic,
 };
 use sluice_client::protocol::{
     ApiKey, ErrorCode, FrameDecoder, Request, RequestHeader, Response, decode_request,
@@ -163,6 +164,68 @@ async fn assert_round_trip(connection: &Connection, peer: &mut Peer) {
         response.expect("ApiVersions answered"),
         Response::ApiVersions(ApiVersionsResponse::supported())
     );
+}
+
+/// A big answer is read whole however it arrives, and a small one after it is read at once:
+/// the reader waits for the rest of a big frame (its socket's receive low-water mark), then for
+/// any byte again. A mark left high would hold the small answer back until the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_answer_arriving_in_pieces_then_small_answers_are_all_read() {
+    let (_server, connection, mut peer) = connected(ConnectionOptions::default()).await;
+    let records: bytes::Bytes = (0..3u32 << 20)
+        .map(|index| (index % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let big = FetchResponse {
+        topics: vec![FetchTopicResponse {
+            name: "t".into(),
+            partitions: vec![FetchPartitionResponse {
+                partition: 0,
+                error_code: ErrorCode::None,
+                high_watermark: 1,
+                log_start_offset: 0,
+                records: records.clone(),
+            }],
+        }],
+    };
+    let fetch = FetchRequest {
+        max_wait_ms: 0,
+        min_bytes: 1,
+        max_bytes: 4 << 20,
+        topics: vec![FetchTopic {
+            name: "t".into(),
+            partitions: vec![FetchPartition {
+                partition: 0,
+                fetch_offset: 0,
+                partition_max_bytes: 4 << 20,
+            }],
+        }],
+    };
+    for _ in 0..3 {
+        let server = async {
+            let (header, _) = within(peer.read_request()).await.expect("the fetch");
+            let mut frame = BytesMut::new();
+            Response::Fetch(big.clone()).encode_frame(header.correlation_id, &mut frame);
+            // The length prefix and a little, then the rest in pieces of every size.
+            let mut at = 0;
+            for piece in [10, 100_000, 1, 300_000, 64 * 1024].into_iter().cycle() {
+                let end = (at + piece).min(frame.len());
+                peer.write(&frame[at..end]).await;
+                at = end;
+                if at == frame.len() {
+                    break;
+                }
+            }
+        };
+        let (answer, ()) =
+            within(async { tokio::join!(connection.send(fetch.clone()), server) }).await;
+        match answer.expect("the fetch answered") {
+            Response::Fetch(answer) => assert_eq!(answer, big),
+            other => panic!("expected a fetch answer, got {other:?}"),
+        }
+        assert_round_trip(&connection, &mut peer).await;
+        assert_round_trip(&connection, &mut peer).await;
+    }
 }
 
 #[tokio::test]

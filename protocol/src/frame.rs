@@ -35,6 +35,12 @@ pub const REQUEST_HEADER_BYTES: usize = 10;
 pub const RESPONSE_HEADER_BYTES: usize = 6;
 /// The default `max_frame_bytes`: 8 MiB, room for the default 1 MiB batch many times over.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 8 * 1024 * 1024;
+/// The least rest of a frame [`FrameDecoder::low_water_bytes`] asks to wait for; a smaller
+/// rest comes in a piece or two anyway, and changing the socket's mark costs a system call.
+pub const LOW_WATER_FROM_BYTES: usize = 128 * 1024;
+/// The most [`FrameDecoder::low_water_bytes`] asks to wait for: Linux lets a socket's receive
+/// buffer grow to about twice the mark, so a frame of many MiB is read a MiB at a time.
+pub const MAX_LOW_WATER_BYTES: usize = 1024 * 1024;
 
 /// The header in front of every request body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +155,25 @@ impl FrameDecoder {
         matches!(self.state, State::Body(_)) || !buffered.is_empty()
     }
 
+    /// How many received bytes a reader waiting on a socket is best woken for (`SO_RCVLOWAT`),
+    /// with `buffered` already read: the rest of a frame being received, when that is at least
+    /// [`LOW_WATER_FROM_BYTES`] and at most [`MAX_LOW_WATER_BYTES`]; else 1, any byte.
+    ///
+    /// A big frame arriving over loopback comes in pieces of 64 KiB and less, and every piece
+    /// wakes a reader that has caught up with the sender: a wake-up costs the sender's core an
+    /// inter-processor interrupt, which a virtual machine's core pays dearly for, and the reader
+    /// a pass through the scheduler, for a frame it cannot decode until the last piece. None of
+    /// the frame's bytes can be used before it is whole, so waking for all of them costs nothing.
+    pub fn low_water_bytes(&self, buffered: &BytesMut) -> usize {
+        match self.state {
+            State::Body(length) => match length.saturating_sub(buffered.len()) {
+                missing @ LOW_WATER_FROM_BYTES.. => missing.min(MAX_LOW_WATER_BYTES),
+                _ => 1,
+            },
+            State::Head => 1,
+        }
+    }
+
     /// Takes the next whole frame (header and body, without the length prefix) off the front of
     /// `src`, or `Ok(None)` when more bytes are needed.
     ///
@@ -254,6 +279,39 @@ mod tests {
             }
         }
         assert!(buffer.is_empty());
+    }
+
+    #[test]
+    fn low_water_is_the_rest_of_a_big_frame_capped() {
+        let big = request_frame(&vec![7u8; 3 * MAX_LOW_WATER_BYTES]);
+        let body = big.len() - LENGTH_PREFIX_BYTES;
+        let mut decoder = FrameDecoder::for_requests(8 * MAX_LOW_WATER_BYTES as u32);
+        let mut buffer = BytesMut::new();
+        // Between frames, and with only part of a length prefix, any byte is worth waking for.
+        assert_eq!(decoder.low_water_bytes(&buffer), 1);
+        buffer.extend_from_slice(&big[..2]);
+        assert!(decoder.decode(&mut buffer).unwrap().is_none());
+        assert_eq!(decoder.low_water_bytes(&buffer), 1);
+        // With the prefix read, the rest of the frame, at most the cap.
+        buffer.extend_from_slice(&big[2..100]);
+        assert!(decoder.decode(&mut buffer).unwrap().is_none());
+        assert_eq!(decoder.low_water_bytes(&buffer), MAX_LOW_WATER_BYTES);
+        let near_end = big.len() - LOW_WATER_FROM_BYTES - 5;
+        buffer.extend_from_slice(&big[100..near_end]);
+        assert!(decoder.decode(&mut buffer).unwrap().is_none());
+        assert_eq!(decoder.low_water_bytes(&buffer), LOW_WATER_FROM_BYTES + 5);
+        // A small rest is not waited for as a whole.
+        buffer.extend_from_slice(&big[near_end..near_end + 10]);
+        assert!(decoder.decode(&mut buffer).unwrap().is_none());
+        assert_eq!(decoder.low_water_bytes(&buffer), 1);
+        buffer.extend_from_slice(&big[near_end + 10..]);
+        assert_eq!(decoder.decode(&mut buffer).unwrap().unwrap().len(), body);
+        assert_eq!(decoder.low_water_bytes(&buffer), 1);
+        // A small frame never asks for more than a byte.
+        let small = request_frame(&[1; 1000]);
+        buffer.extend_from_slice(&small[..10]);
+        assert!(decoder.decode(&mut buffer).unwrap().is_none());
+        assert_eq!(decoder.low_water_bytes(&buffer), 1);
     }
 
     #[test]
