@@ -13,6 +13,7 @@
 //!                                        sluice_partition_log_size_bytes{topic,partition}
 //!                                        sluice_fetch_response_budget_in_use_bytes
 //! handlers/fetch.rs ─ read ahead used ─▶ sluice_fetch_read_ahead_answers_total
+//!                   ─ each read pass ──▶ sluice_fetch_reads_total
 //! /metrics      ─ render, group lags ──▶ sluice_group_lag{group,topic,partition}
 //! ```
 //!
@@ -221,6 +222,7 @@ pub struct Metrics {
     log_size: Family<PartitionLabels, Gauge>,
     fetch_budget_in_use: Gauge,
     read_ahead_answers: Counter,
+    fetch_reads: Counter,
     group_lag: Family<GroupLagLabels, Gauge>,
     /// Serialises scrapes: each clears and refills the per-partition gauges.
     scrape: Mutex<()>,
@@ -307,6 +309,13 @@ impl Metrics {
             "Fetches answered with records read ahead, while the fetch before was on its way",
             read_ahead_answers.clone(),
         );
+        let fetch_reads = Counter::default();
+        registry.register(
+            "fetch_reads",
+            "Passes fetches made over their partitions' logs: one per fetch, one per read ahead, \
+             and one each time a long poll reads again",
+            fetch_reads.clone(),
+        );
         let group_lag = Family::<GroupLagLabels, Gauge>::default();
         registry.register(
             "group_lag",
@@ -325,6 +334,7 @@ impl Metrics {
             log_size,
             fetch_budget_in_use,
             read_ahead_answers,
+            fetch_reads,
             group_lag,
             scrape: Mutex::new(()),
         }
@@ -333,6 +343,11 @@ impl Metrics {
     /// Counts a fetch answered with records read ahead.
     pub fn count_read_ahead_answer(&self) {
         self.read_ahead_answers.inc();
+    }
+
+    /// Counts a fetch's pass over its partitions' logs.
+    pub fn count_fetch_read(&self) {
+        self.fetch_reads.inc();
     }
 
     /// Starts timing a request whose frame just decoded.

@@ -373,6 +373,66 @@ async fn fetches_read_ahead_and_an_unclaimed_read_gives_its_budget_back() {
     broker.shutdown().await;
 }
 
+/// A long poll that found too little is not read again at every append: the bytes appended
+/// since are counted, and it reads again once they may make up its `min_bytes`.
+#[tokio::test]
+async fn a_long_poll_reads_again_only_once_enough_may_have_been_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::on_loopback(dir.path());
+    // No read ahead after the answer: every read counted is the long poll's.
+    config.limits.fetch_read_ahead_ms = 0;
+    let broker = Broker::start(config).await.expect("broker starts");
+    let http = broker.http_addr.expect("the admin port is served");
+    let url = format!("tcp://{}", broker.tcp_addr);
+    let connection = Connection::connect(&url).await.unwrap();
+    let poller = Connection::connect(&url).await.unwrap();
+    support::create_topic(&connection, "t", 1).await;
+    let reads = "sluice_fetch_reads_total";
+    let before = scrape(http, reads).await;
+    let mut request = support::fetch_request("t", 0, 0, 20_000, 1 << 20);
+    request.min_bytes = 64 * 1024;
+    let long_poll = tokio::spawn(async move { poller.send(request).await });
+    // Its first read, which finds nothing.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while scrape(http, reads).await < before + 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fetch never read"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Forty small batches, about 8 KB in all: each wakes the poll, none makes its 64 KiB.
+    let small = "s".repeat(100);
+    for _ in 0..40 {
+        produce_values(&connection, "t", 0, &[small.as_str()]).await;
+    }
+    assert!(
+        !long_poll.is_finished(),
+        "answered with less than min_bytes"
+    );
+    let big = "b".repeat(64 * 1024);
+    produce_values(&connection, "t", 0, &[big.as_str()]).await;
+    let answer = tokio::time::timeout(DEADLINE, long_poll)
+        .await
+        .expect("answered once min_bytes was there")
+        .unwrap()
+        .expect("fetch");
+    let Response::Fetch(mut answer) = answer else {
+        panic!("wrong response {answer:?}")
+    };
+    let partition = answer.topics.remove(0).partitions.remove(0);
+    assert_eq!(partition.error_code, ErrorCode::None);
+    let last = sluice_protocol::batch::split_batches(&partition.records)
+        .map(|batch| batch.unwrap().last_offset())
+        .last();
+    assert_eq!(last, Some(40), "every batch in the answer");
+    // The first read, and one once the big batch came: not one per small batch.
+    let read = scrape(http, reads).await - before;
+    assert!(read <= 3.0, "{read} reads for one long poll");
+    connection.close().await;
+    broker.shutdown().await;
+}
+
 /// A connection cut off for stalling mid-frame got an answer (`RequestTimedOut`), so it is
 /// counted among the answered requests like any other.
 #[tokio::test]

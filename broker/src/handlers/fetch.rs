@@ -32,6 +32,7 @@ use super::Outcome;
 use crate::BrokerState;
 use crate::fetch_budget::FetchBudgetPermit;
 use crate::storage::PartitionLog;
+use crate::storage::signal::Appended;
 
 /// Shortest time a fetch waits for budget, even with a shorter `max_wait_ms`: a moment's
 /// contention should not turn a `max_wait_ms = 0` fetch away.
@@ -290,15 +291,16 @@ async fn fetch_with_wait(
             return (throttled(&names, &targets), None);
         };
         let max_bytes = request_max_bytes.min(u32::try_from(budget.bytes()).unwrap_or(u32::MAX));
-        // Each partition's high watermark before it is read: a fetch that found too little
-        // waits for it to move on from here (what was read included at least this much).
-        let seen: Vec<u64> = targets
+        // Each partition's high watermark before it is read, with its log's appended bytes: a
+        // fetch that found too little waits for it to move on from here (what was read
+        // included at least this much), and counts what was appended since from the bytes.
+        let seen: Vec<Appended> = targets
             .iter()
             .map(|target| {
                 target
                     .log
                     .as_ref()
-                    .map_or(0, |log| log.high_watermark().get())
+                    .map_or(Appended::default(), |log| log.high_watermark().appended())
             })
             .collect();
         let (response, total_bytes, any_error) = read_once(state, &names, &targets, max_bytes);
@@ -328,7 +330,8 @@ async fn fetch_with_wait(
             }
         }
         let now = tokio::time::Instant::now();
-        if total_bytes >= wanted_bytes(request, &targets, max_bytes)
+        let wanted = wanted_bytes(request, &targets, max_bytes);
+        if total_bytes >= wanted
             || any_error
             || now >= deadline
             || state.is_shutting_down()
@@ -339,30 +342,85 @@ async fn fetch_with_wait(
         }
         // Nothing is held while waiting for data.
         drop(budget);
-        // Wait for any partition's high watermark to pass both its fetch offset and where it
-        // stood at the read: with some data but less than `min_bytes`, the fetch offset is
-        // already passed, and waiting on it alone would read again at once until `max_wait`.
-        let waits: Vec<_> = targets
-            .iter()
-            .zip(&seen)
-            .filter_map(|(target, seen)| {
-                let log = target.log.as_ref()?;
-                // The watermark is the next offset to be written: beyond `seen` means a record
-                // at `seen` was published since.
-                let beyond = target.fetch_offset.max(*seen);
-                Some(Box::pin(log.high_watermark().wait_beyond(beyond)))
-            })
-            .collect();
-        let mut shutdown = state.shutdown_receiver();
-        let closed = tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => false,
-            _ = shutdown.wait_for(|stopping| *stopping) => false,
-            (woken, _, _) = select_all(waits) => woken.is_err(),
-        };
-        if closed {
+        if wait_for_more(state, &targets, &seen, total_bytes, wanted, deadline).await {
             // A topic was deleted under the wait: its names are resolved again, so the answer
             // says so (or reads the topic created again under the name).
             (names, targets) = resolve(state, request);
+        }
+    }
+}
+
+/// Waits until the partitions' logs have appended enough since `seen` (their pairs before a
+/// read that found `total_bytes` of the `wanted`) that a read again may find `wanted`, or the
+/// deadline or shutdown comes. True when a log was closed under the wait.
+///
+/// Each append wakes the wait, and only the appended bytes are counted then, not read: a fetch
+/// with a `min_bytes` of a MiB over small produces would otherwise read and checksum all it
+/// has found again at every append. The count may be over what a read finds (bytes past a
+/// partition's limit, or published after the pair a read started from), which costs a read;
+/// never under, since each pair is read whole under the watermark's lock.
+async fn wait_for_more(
+    state: &BrokerState,
+    targets: &[Target],
+    seen: &[Appended],
+    total_bytes: u64,
+    wanted: u64,
+    deadline: tokio::time::Instant,
+) -> bool {
+    // Where each partition's watermark stood at the read: with some data but less than
+    // `min_bytes`, the fetch offset is already passed, and waiting on it alone would wake at
+    // once until `max_wait`.
+    let mut beyond: Vec<u64> = targets
+        .iter()
+        .zip(seen)
+        .map(|(target, seen)| target.fetch_offset.max(seen.next_offset))
+        .collect();
+    let mut shutdown = state.shutdown_receiver();
+    loop {
+        // The watermark is the next offset to be written: beyond `seen` means a record at
+        // `seen` was published since.
+        let waits: Vec<_> = targets
+            .iter()
+            .zip(&beyond)
+            .filter_map(|(target, beyond)| {
+                let log = target.log.as_ref()?;
+                Some(Box::pin(log.high_watermark().wait_beyond(*beyond)))
+            })
+            .collect();
+        if waits.is_empty() {
+            // No log to wait on: the read again answers at the deadline.
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {}
+                _ = shutdown.wait_for(|stopping| *stopping) => {}
+            }
+            return false;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return false,
+            _ = shutdown.wait_for(|stopping| *stopping) => return false,
+            (woken, _, _) = select_all(waits) => if woken.is_err() {
+                return true;
+            },
+        }
+        let now: Vec<Appended> = targets
+            .iter()
+            .map(|target| {
+                target
+                    .log
+                    .as_ref()
+                    .map_or(Appended::default(), |log| log.high_watermark().appended())
+            })
+            .collect();
+        let appended: u64 = seen
+            .iter()
+            .zip(&now)
+            .map(|(seen, now)| now.bytes.saturating_sub(seen.bytes))
+            .sum();
+        if total_bytes.saturating_add(appended) >= wanted {
+            return false;
+        }
+        for ((beyond, now), target) in beyond.iter_mut().zip(&now).zip(targets) {
+            *beyond = target.fetch_offset.max(now.next_offset);
         }
     }
 }
@@ -511,6 +569,7 @@ fn read_once(
     targets: &[Target],
     max_bytes: u32,
 ) -> (FetchResponse, u64, bool) {
+    state.metrics.count_fetch_read();
     let (mut response, total_bytes, any_error) = read_partitions(names, targets, max_bytes);
     let overhead = FetchResponse::overhead_bytes(
         response

@@ -151,6 +151,8 @@ struct Writer {
     /// Wall-clock time of the active segment's first append, for `segment_ms`.
     active_since_ms: Option<u64>,
     next_offset: u64,
+    /// Bytes appended since the log was opened, published with the high watermark.
+    appended_bytes: u64,
     /// Files of rolled segments with data the flusher has not synced yet.
     unsynced_files: Vec<FileHandle>,
     /// A segment file was created since the directory was last synced.
@@ -255,6 +257,7 @@ impl PartitionLog {
                 active_file,
                 active_since_ms,
                 next_offset,
+                appended_bytes: 0,
                 unsynced_files: Vec::new(),
                 directory_dirty: false,
                 producers: ProducerStateTable::new(
@@ -555,7 +558,9 @@ impl PartitionLog {
         writer.last_batch_crc = Some(view.crc());
         writer.active_since_ms.get_or_insert(now_ms);
         // Published after the bytes are in the file and the segment size is updated.
-        self.high_watermark.publish(writer.next_offset);
+        writer.appended_bytes += size_bytes;
+        self.high_watermark
+            .publish(writer.next_offset, writer.appended_bytes);
         Ok(AppendInfo {
             base_offset,
             last_offset,

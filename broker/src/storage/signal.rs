@@ -4,6 +4,7 @@
 //!
 //! 1. writes the batch's bytes into the active segment file,
 //! 2. publishes the new high watermark (the next offset to be assigned) with a `Release` store,
+//!    and with it the bytes the log has appended through it,
 //! 3. wakes every long-poll fetch that registered itself as waiting.
 //!
 //! Readers load the watermark with `Acquire` and then read only below it, with positional reads
@@ -24,7 +25,8 @@
 //!
 //! *No lost wake-up.* A waiter that finds the watermark too low takes the waiter lock, stores its
 //! `Waker`, and checks the watermark again while still holding the lock. The writer stores the
-//! watermark before it takes the same lock to collect the wakers. The lock orders the two
+//! watermark under the same lock, before it collects the wakers there (with the bytes appended
+//! through it, so that [`HighWatermark::appended`] reads the two as a pair). The lock orders the two
 //! critical sections: if the waiter's came first, its waker is in the list the writer collects
 //! and wakes; if the writer's came first, the writer's unlock happens before the waiter's lock,
 //! so the waiter's second check sees the new watermark and returns `Ready` instead of sleeping.
@@ -81,7 +83,7 @@ pub struct Closed;
 ///
 /// // The writer appends offsets 0, 1 and 2 to the segment file, then publishes.
 /// let writer = Arc::clone(&watermark);
-/// tokio::spawn(async move { writer.publish(3) });
+/// tokio::spawn(async move { writer.publish(3, 3) });
 ///
 /// // A fetch at offset 0 with max_wait_ms = 500.
 /// let fetch_offset = 0;
@@ -108,6 +110,9 @@ pub struct HighWatermark {
 /// Registered wakers, keyed so that each [`WaitBeyond`] can find and remove its own.
 #[derive(Default)]
 struct Waiters {
+    /// The bytes the log has appended (since it was opened) through the published watermark,
+    /// stored with it under this lock so that [`HighWatermark::appended`] reads a pair.
+    appended_bytes: u64,
     /// The key the next registration gets. A u64 does not wrap in the life of a broker.
     next_key: u64,
     /// A `BTreeMap` rather than a `HashMap` so that wake order does not depend on a random hash
@@ -133,6 +138,9 @@ impl HighWatermark {
     }
 
     /// Publishes `next_offset` as the new high watermark and wakes every waiting fetch.
+    /// `appended_bytes` is how many bytes the log has appended since it was opened, through
+    /// `next_offset`; it only grows, and [`appended`](Self::appended) reads it paired with the
+    /// watermark.
     ///
     /// Only the partition's writer calls this, after the bytes of every offset below
     /// `next_offset` are in the segment file. Publishing the current value again does nothing.
@@ -142,7 +150,7 @@ impl HighWatermark {
     /// If `next_offset` is below the current watermark: readers may already have served the
     /// offsets in between, so moving backwards is a bug in the writer. Truncation at recovery
     /// happens before there are readers; see [`reset`](Self::reset).
-    pub fn publish(&self, next_offset: u64) {
+    pub fn publish(&self, next_offset: u64, appended_bytes: u64) {
         // The writer is the only thread that stores, so it reads back its own last store and
         // needs no ordering for that.
         let current = self.next_offset.load(Ordering::Relaxed);
@@ -155,10 +163,31 @@ impl HighWatermark {
             // first published, and later ones checked it while registering.
             return;
         }
-        // Release: the bytes written below `next_offset` become visible to any reader whose
-        // Acquire load sees this value (see the module documentation).
-        self.next_offset.store(next_offset, Ordering::Release);
-        self.wake_all();
+        // The guard is a temporary of this block, so the lock is released before any waker
+        // runs. Storing under the lock, before the wakers are taken, keeps "No lost wake-up"
+        // (the module documentation) and pairs the watermark with its byte count.
+        let wakers = {
+            let mut waiters = self.waiters();
+            // Release: the bytes written below `next_offset` become visible to any reader whose
+            // Acquire load sees this value (see the module documentation).
+            self.next_offset.store(next_offset, Ordering::Release);
+            waiters.appended_bytes = appended_bytes;
+            std::mem::take(&mut waiters.wakers)
+        };
+        for waker in wakers.into_values() {
+            waker.wake();
+        }
+    }
+
+    /// The watermark and the bytes the log had appended through it, as one pair (under the
+    /// waiter lock). A fetch that read too little compares two of them to learn how much was
+    /// appended since, without reading it.
+    pub fn appended(&self) -> Appended {
+        let waiters = self.waiters();
+        Appended {
+            next_offset: self.next_offset.load(Ordering::Acquire),
+            bytes: waiters.appended_bytes,
+        }
     }
 
     /// Closes the log: every pending and future [`wait_beyond`](Self::wait_beyond) that is not
@@ -245,6 +274,14 @@ impl fmt::Debug for HighWatermark {
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
+}
+
+/// A high watermark and the bytes its log had appended (since it was opened) through it; see
+/// [`HighWatermark::appended`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    pub next_offset: u64,
+    pub bytes: u64,
 }
 
 /// The future returned by [`HighWatermark::wait_beyond`].
@@ -356,6 +393,29 @@ mod tests {
         assert_send_sync::<WaitBeyond<'static>>();
     }
 
+    #[test]
+    fn appended_reads_the_watermark_with_the_bytes_published_with_it() {
+        let watermark = HighWatermark::new(7);
+        assert_eq!(
+            watermark.appended(),
+            Appended {
+                next_offset: 7,
+                bytes: 0
+            }
+        );
+        watermark.publish(9, 300);
+        watermark.publish(12, 1_000);
+        // Publishing the current watermark again changes nothing, its bytes included.
+        watermark.publish(12, 5_000);
+        assert_eq!(
+            watermark.appended(),
+            Appended {
+                next_offset: 12,
+                bytes: 1_000
+            }
+        );
+    }
+
     #[tokio::test]
     async fn a_waiter_wakes_when_the_watermark_passes_its_offset() {
         let watermark = Arc::new(HighWatermark::new(3));
@@ -366,11 +426,11 @@ mod tests {
         yield_until(|| watermark.waiter_count() == 1).await;
 
         // 4 is not beyond 4: the waiter is woken, finds it too low and registers again.
-        watermark.publish(4);
+        watermark.publish(4, 4);
         yield_until(|| watermark.waiter_count() == 1).await;
         assert!(!waiter.is_finished());
 
-        watermark.publish(5);
+        watermark.publish(5, 5);
         assert_eq!(waiter.await.unwrap(), Ok(()));
         assert_eq!(watermark.waiter_count(), 0);
     }
@@ -428,7 +488,7 @@ mod tests {
 
         // A publish takes every registration; the woken futures register again when polled,
         // and dropping one whose registration was already taken is harmless.
-        watermark.publish(3);
+        watermark.publish(3, 3);
         assert_eq!(watermark.waiter_count(), 0);
         for waiter in &mut waiters[..10] {
             assert_eq!(poll_once(waiter), Poll::Pending);
@@ -467,7 +527,7 @@ mod tests {
     async fn a_publish_within_the_timeout_ends_the_wait() {
         let watermark = Arc::new(HighWatermark::new(5));
         let writer = Arc::clone(&watermark);
-        tokio::spawn(async move { writer.publish(6) });
+        tokio::spawn(async move { writer.publish(6, 6) });
         let result = tokio::time::timeout(Duration::from_secs(10), watermark.wait_beyond(5)).await;
         assert_eq!(result, Ok(Ok(())));
     }
@@ -476,7 +536,7 @@ mod tests {
     #[should_panic(expected = "high watermark moved backwards from 5 to 4")]
     fn publishing_a_lower_watermark_panics() {
         let watermark = HighWatermark::new(5);
-        watermark.publish(4);
+        watermark.publish(4, 4);
     }
 
     #[test]
@@ -484,8 +544,8 @@ mod tests {
         let mut watermark = HighWatermark::new(9);
         watermark.reset(4);
         assert_eq!(watermark.get(), 4);
-        watermark.publish(4);
-        watermark.publish(6);
+        watermark.publish(4, 4);
+        watermark.publish(6, 6);
         assert_eq!(watermark.get(), 6);
     }
 
@@ -512,7 +572,7 @@ mod tests {
             let watermark = Arc::clone(&watermark);
             async move {
                 for next_offset in 1..=LAST_OFFSET + 16 {
-                    watermark.publish(next_offset);
+                    watermark.publish(next_offset, next_offset);
                     tokio::task::yield_now().await;
                 }
             }
@@ -631,7 +691,7 @@ mod loom_tests {
         thread::spawn(move || {
             for offset in 0..records {
                 file.append(offset);
-                watermark.publish(offset + 1);
+                watermark.publish(offset + 1, offset + 1);
             }
         })
     }
