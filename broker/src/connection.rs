@@ -77,8 +77,10 @@ pub async fn serve_with<S>(
     let mut decoder = FrameDecoder::for_requests(max_frame_bytes);
     let frame_read_timeout = Duration::from_millis(limits.frame_read_timeout_ms);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    // The socket's receive low-water mark, as last set (1 is the system's default).
+    // The socket's receive low-water mark, as last set (1 is the system's default), when the
+    // kernel honours one safely.
     let mut low_water = 1;
+    let low_water_socket = zero_copy.as_ref().filter(|_| low_water_mark_is_safe());
     // When the frame being received must be complete: set when its first bytes arrive, so a
     // peer that trickles a byte at a time is cut off as surely as one that stops.
     let mut frame_deadline: Option<tokio::time::Instant> = None;
@@ -192,7 +194,7 @@ pub async fn serve_with<S>(
 
         buffer.reserve(READ_CHUNK_BYTES);
         // A big request is woken for once it is whole, not for every piece of it.
-        if let Some(socket) = &zero_copy {
+        if let Some(socket) = low_water_socket {
             let wanted = decoder.low_water_bytes(&buffer);
             if wanted != low_water {
                 match socket.set_receive_low_water(wanted) {
@@ -300,6 +302,15 @@ impl OutgoingFrame {
         }
         Ok(written)
     }
+}
+
+/// Whether this kernel honours a receive low-water mark safely (read once).
+fn low_water_mark_is_safe() -> bool {
+    static SAFE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SAFE.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .is_ok_and(|release| FrameDecoder::low_water_mark_is_safe(&release))
+    })
 }
 
 /// Whether this process ignores SIGPIPE (Rust's runtime sets that up before `main`).

@@ -174,6 +174,22 @@ impl FrameDecoder {
         }
     }
 
+    /// Whether a Linux kernel of this release (`/proc/sys/kernel/osrelease`, `uname -r`) honours
+    /// a TCP socket's receive low-water mark safely: from 5.7 on. Earlier kernels could leave a
+    /// reader asleep for good under a mark, when the receive buffer filled with packets of much
+    /// more memory than data before the mark was reached ("tcp: fix SO_RCVLOWAT hangs with fat
+    /// skbs"), and before 4.18 lowering the mark did not wake a reader for what had arrived.
+    /// False for a release that does not parse.
+    pub fn low_water_mark_is_safe(os_release: &str) -> bool {
+        let mut parts = os_release.trim().split(['.', '-']);
+        let major = parts.next().and_then(|part| part.parse::<u32>().ok());
+        let minor = parts.next().and_then(|part| part.parse::<u32>().ok());
+        match (major, minor) {
+            (Some(major), Some(minor)) => (major, minor) >= (5, 7),
+            _ => false,
+        }
+    }
+
     /// Takes the next whole frame (header and body, without the length prefix) off the front of
     /// `src`, or `Ok(None)` when more bytes are needed.
     ///
@@ -312,6 +328,28 @@ mod tests {
         buffer.extend_from_slice(&small[..10]);
         assert!(decoder.decode(&mut buffer).unwrap().is_none());
         assert_eq!(decoder.low_water_bytes(&buffer), 1);
+    }
+
+    #[test]
+    fn the_low_water_mark_is_used_from_linux_5_7() {
+        for (release, safe) in [
+            ("6.18.44-fc-v595", true),
+            ("5.7.0", true),
+            ("5.15.0-91-generic\n", true),
+            ("10.0", true),
+            ("5.6.19", false),
+            ("4.19.0-26-amd64", false),
+            ("3.10.0-1160.el7.x86_64", false),
+            ("", false),
+            ("linux", false),
+            ("6", false),
+        ] {
+            assert_eq!(
+                FrameDecoder::low_water_mark_is_safe(release),
+                safe,
+                "{release:?}"
+            );
+        }
     }
 
     #[test]

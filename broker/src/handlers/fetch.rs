@@ -297,10 +297,9 @@ async fn fetch_with_wait(
         let seen: Vec<Appended> = targets
             .iter()
             .map(|target| {
-                target
-                    .log
-                    .as_ref()
-                    .map_or(Appended::default(), |log| log.high_watermark().appended())
+                target.log.as_ref().map_or(Appended::default(), |log| {
+                    log.high_watermark().appended_at_most()
+                })
             })
             .collect();
         let (response, total_bytes, any_error) = read_once(state, &names, &targets, max_bytes);
@@ -358,7 +357,9 @@ async fn fetch_with_wait(
 /// with a `min_bytes` of a MiB over small produces would otherwise read and checksum all it
 /// has found again at every append. The count may be over what a read finds (bytes past a
 /// partition's limit, or published after the pair a read started from), which costs a read;
-/// never under, since each pair is read whole under the watermark's lock.
+/// never under: the pair taken before the read has no more bytes than its watermark's
+/// (`appended_at_most`), and the pair after a wake-up is read whole, under the watermark's
+/// lock (`appended`).
 async fn wait_for_more(
     state: &BrokerState,
     targets: &[Target],

@@ -101,6 +101,10 @@ pub struct Closed;
 pub struct HighWatermark {
     /// The next offset to be assigned. Stored only by the writer.
     next_offset: AtomicU64,
+    /// The bytes the log has appended (since it was opened) through `next_offset`. Stored only
+    /// by the writer, after `next_offset` and under the waiter lock (see
+    /// [`appended`](Self::appended) and [`appended_at_most`](Self::appended_at_most)).
+    appended_bytes: AtomicU64,
     /// Set once, by [`close`](Self::close), and never cleared.
     closed: AtomicBool,
     /// The fetches waiting for the watermark to move.
@@ -110,9 +114,6 @@ pub struct HighWatermark {
 /// Registered wakers, keyed so that each [`WaitBeyond`] can find and remove its own.
 #[derive(Default)]
 struct Waiters {
-    /// The bytes the log has appended (since it was opened) through the published watermark,
-    /// stored with it under this lock so that [`HighWatermark::appended`] reads a pair.
-    appended_bytes: u64,
     /// The key the next registration gets. A u64 does not wrap in the life of a broker.
     next_key: u64,
     /// A `BTreeMap` rather than a `HashMap` so that wake order does not depend on a random hash
@@ -126,6 +127,7 @@ impl HighWatermark {
     pub fn new(initial: u64) -> Self {
         Self {
             next_offset: AtomicU64::new(initial),
+            appended_bytes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             waiters: Mutex::new(Waiters::default()),
         }
@@ -171,7 +173,8 @@ impl HighWatermark {
             // Release: the bytes written below `next_offset` become visible to any reader whose
             // Acquire load sees this value (see the module documentation).
             self.next_offset.store(next_offset, Ordering::Release);
-            waiters.appended_bytes = appended_bytes;
+            // After the watermark: see `appended_at_most`.
+            self.appended_bytes.store(appended_bytes, Ordering::Release);
             std::mem::take(&mut waiters.wakers)
         };
         for waker in wakers.into_values() {
@@ -179,14 +182,29 @@ impl HighWatermark {
         }
     }
 
-    /// The watermark and the bytes the log had appended through it, as one pair (under the
-    /// waiter lock). A fetch that read too little compares two of them to learn how much was
-    /// appended since, without reading it.
+    /// The watermark and the bytes the log had appended through it, as one pair: both are
+    /// read under the waiter lock they are stored under. A fetch that read too little takes
+    /// this after a wake-up, to learn how much was appended since without reading it.
     pub fn appended(&self) -> Appended {
-        let waiters = self.waiters();
+        let _waiters = self.waiters();
         Appended {
             next_offset: self.next_offset.load(Ordering::Acquire),
-            bytes: waiters.appended_bytes,
+            bytes: self.appended_bytes.load(Ordering::Acquire),
+        }
+    }
+
+    /// A watermark and bytes no more than the log had appended through it, without the lock:
+    /// what a fetch takes before it reads, to count later appends from (never too few).
+    ///
+    /// The bytes are loaded first, then the watermark. Each publish stores the watermark
+    /// before its bytes, so a load that sees a publish's bytes synchronises with it and the
+    /// later watermark load sees that publish's watermark or a later one: the bytes belong to
+    /// the watermark returned or to an earlier one.
+    pub fn appended_at_most(&self) -> Appended {
+        let bytes = self.appended_bytes.load(Ordering::Acquire);
+        Appended {
+            next_offset: self.next_offset.load(Ordering::Acquire),
+            bytes,
         }
     }
 
@@ -194,7 +212,8 @@ impl HighWatermark {
     /// already satisfied returns [`Closed`]. Called when the partition is deleted or the broker
     /// shuts down. Closing twice is harmless.
     pub fn close(&self) {
-        // Same pattern as `publish`: the flag is stored before the waiter lock is taken.
+        // The flag is stored before the waiter lock is taken, and the waiter checks it again
+        // under the lock: the same argument as "No lost wake-up" in the module documentation.
         self.closed.store(true, Ordering::Release);
         self.wake_all();
     }
@@ -407,13 +426,12 @@ mod tests {
         watermark.publish(12, 1_000);
         // Publishing the current watermark again changes nothing, its bytes included.
         watermark.publish(12, 5_000);
-        assert_eq!(
-            watermark.appended(),
-            Appended {
-                next_offset: 12,
-                bytes: 1_000
-            }
-        );
+        let pair = Appended {
+            next_offset: 12,
+            bytes: 1_000,
+        };
+        assert_eq!(watermark.appended(), pair);
+        assert_eq!(watermark.appended_at_most(), pair);
     }
 
     #[tokio::test]
