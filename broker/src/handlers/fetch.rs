@@ -32,7 +32,7 @@ use super::Outcome;
 use crate::BrokerState;
 use crate::fetch_budget::FetchBudgetPermit;
 use crate::storage::PartitionLog;
-use crate::storage::signal::Appended;
+use crate::storage::signal::{Appended, HighWatermark};
 
 /// Shortest time a fetch waits for budget, even with a shorter `max_wait_ms`: a moment's
 /// contention should not turn a `max_wait_ms = 0` fetch away.
@@ -294,14 +294,7 @@ async fn fetch_with_wait(
         // Each partition's high watermark before it is read, with its log's appended bytes: a
         // fetch that found too little waits for it to move on from here (what was read
         // included at least this much), and counts what was appended since from the bytes.
-        let seen: Vec<Appended> = targets
-            .iter()
-            .map(|target| {
-                target.log.as_ref().map_or(Appended::default(), |log| {
-                    log.high_watermark().appended_at_most()
-                })
-            })
-            .collect();
+        let seen = appended(&targets, HighWatermark::appended_at_most);
         let (response, total_bytes, any_error) = read_once(state, &names, &targets, max_bytes);
         // A log closed before or during the read (its topic deleted, perhaps created again
         // under the name: a closed segment is reopened by its path, which the new topic's
@@ -371,11 +364,14 @@ async fn wait_for_more(
     // Where each partition's watermark stood at the read: with some data but less than
     // `min_bytes`, the fetch offset is already passed, and waiting on it alone would wake at
     // once until `max_wait`.
-    let mut beyond: Vec<u64> = targets
-        .iter()
-        .zip(seen)
-        .map(|(target, seen)| target.fetch_offset.max(seen.next_offset))
-        .collect();
+    let beyond_of = |pairs: &[Appended]| -> Vec<u64> {
+        targets
+            .iter()
+            .zip(pairs)
+            .map(|(target, pair)| target.fetch_offset.max(pair.next_offset))
+            .collect()
+    };
+    let mut beyond = beyond_of(seen);
     let mut shutdown = state.shutdown_receiver();
     loop {
         // The watermark is the next offset to be written: beyond `seen` means a record at
@@ -403,15 +399,7 @@ async fn wait_for_more(
                 return true;
             },
         }
-        let now: Vec<Appended> = targets
-            .iter()
-            .map(|target| {
-                target
-                    .log
-                    .as_ref()
-                    .map_or(Appended::default(), |log| log.high_watermark().appended())
-            })
-            .collect();
+        let now = appended(targets, HighWatermark::appended);
         let appended: u64 = seen
             .iter()
             .zip(&now)
@@ -420,10 +408,22 @@ async fn wait_for_more(
         if total_bytes.saturating_add(appended) >= wanted {
             return false;
         }
-        for ((beyond, now), target) in beyond.iter_mut().zip(&now).zip(targets) {
-            *beyond = target.fetch_offset.max(now.next_offset);
-        }
+        beyond = beyond_of(&now);
     }
+}
+
+/// Each target's watermark paired with its log's appended bytes, as `pair` reads them (zeros
+/// for a target without a log).
+fn appended(targets: &[Target], pair: fn(&HighWatermark) -> Appended) -> Vec<Appended> {
+    targets
+        .iter()
+        .map(|target| {
+            target
+                .log
+                .as_ref()
+                .map_or(Appended::default(), |log| pair(log.high_watermark()))
+        })
+        .collect()
 }
 
 /// The topic names of a request and its partitions, resolved once.

@@ -165,21 +165,15 @@ impl HighWatermark {
             // first published, and later ones checked it while registering.
             return;
         }
-        // The guard is a temporary of this block, so the lock is released before any waker
-        // runs. Storing under the lock, before the wakers are taken, keeps "No lost wake-up"
-        // (the module documentation) and pairs the watermark with its byte count.
-        let wakers = {
-            let mut waiters = self.waiters();
+        // Stored under the lock, before the wakers are taken: "No lost wake-up" (the module
+        // documentation) holds, and `appended` reads the watermark paired with its byte count.
+        self.wake_all_after(|| {
             // Release: the bytes written below `next_offset` become visible to any reader whose
             // Acquire load sees this value (see the module documentation).
             self.next_offset.store(next_offset, Ordering::Release);
             // After the watermark: see `appended_at_most`.
             self.appended_bytes.store(appended_bytes, Ordering::Release);
-            std::mem::take(&mut waiters.wakers)
-        };
-        for waker in wakers.into_values() {
-            waker.wake();
-        }
+        });
     }
 
     /// The watermark and the bytes the log had appended through it, as one pair: both are
@@ -269,9 +263,19 @@ impl HighWatermark {
 
     /// Wakes every registered waiter, removing their registrations.
     fn wake_all(&self) {
-        // The guard is a temporary of this statement, so the lock is released before any
-        // waker runs.
-        let wakers = std::mem::take(&mut self.waiters().wakers);
+        self.wake_all_after(|| {});
+    }
+
+    /// Runs `update` under the waiter lock, then wakes every registered waiter, removing their
+    /// registrations.
+    fn wake_all_after(&self, update: impl FnOnce()) {
+        // The guard is a temporary of this block, so the lock is released before any waker
+        // runs.
+        let wakers = {
+            let mut waiters = self.waiters();
+            update();
+            std::mem::take(&mut waiters.wakers)
+        };
         for waker in wakers.into_values() {
             waker.wake();
         }

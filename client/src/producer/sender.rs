@@ -455,20 +455,22 @@ impl SenderState {
                         .iter()
                         .position(|produce_topic| *produce_topic.name == **topic)
                 };
+                // What the batch adds to a request where its topic stands at `at`.
+                let entry_bytes =
+                    |at: Option<usize>| batch_bytes + if at.is_some() { 0 } else { topic_bytes };
                 // Where the topic stands in the request being filled (none in a new one).
                 let mut at = current.as_ref().and_then(|(request, _)| topic_at(request));
-                if let Some((_, bytes)) = &current {
-                    let entry_bytes = batch_bytes + if at.is_some() { 0 } else { topic_bytes };
-                    if bytes + entry_bytes > self.options.max_request_bytes {
-                        requests.extend(current.take().map(|(request, _)| request));
-                        at = None;
-                    }
+                if let Some((_, bytes)) = &current
+                    && bytes + entry_bytes(at) > self.options.max_request_bytes
+                {
+                    requests.extend(current.take().map(|(request, _)| request));
+                    at = None;
                 }
                 if current.is_none() {
                     current = Some((self.new_request(), REQUEST_OVERHEAD_BYTES));
                 }
                 let (request, bytes) = current.as_mut().expect("just set");
-                *bytes += batch_bytes + if at.is_some() { 0 } else { topic_bytes };
+                *bytes += entry_bytes(at);
                 let sent = self.sent_mut(topic, *partition, batch_id);
                 sent.state = SentState::InRequest(request.id);
                 sent.attempts += 1;
