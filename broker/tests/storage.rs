@@ -966,3 +966,125 @@ async fn power_loss_just_after_a_roll_cuts_back_to_the_durable_prefix() {
     );
     storage.shutdown();
 }
+
+/// Bytes of disk `path` holds: its allocated blocks, those reserved ahead included.
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// The partition's segment files, oldest first.
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Whether the filesystem under `dir` reserves space past a file's end (`fallocate`).
+fn reserves_space_ahead(dir: &Path) -> bool {
+    use sluice_broker::storage::fs::FileSystem;
+    let probe = dir.join("probe");
+    let file = RealFs.open(&probe, true).unwrap();
+    let reserved = file.preallocate(0, 1 << 20).is_ok() && allocated_bytes(&probe) >= 1 << 20;
+    drop(file);
+    std::fs::remove_file(&probe).unwrap();
+    reserved
+}
+
+/// At most this much disk past its length is a segment's own (the filesystem's rounding to
+/// whole blocks and its extent tree), not a reservation left behind.
+const ALLOCATION_SLACK: u64 = 64 * 1024;
+
+fn assert_holds_no_reservation(path: &Path) {
+    let len = std::fs::metadata(path).unwrap().len();
+    let allocated = allocated_bytes(path);
+    assert!(
+        allocated <= len.next_multiple_of(4096) + ALLOCATION_SLACK,
+        "{} holds {allocated} bytes of disk for {len} bytes",
+        path.display()
+    );
+}
+
+#[test]
+fn big_appends_reserve_disk_ahead_and_rolls_and_close_give_it_back() {
+    let root = tempfile::tempdir().unwrap();
+    if !reserves_space_ahead(root.path()) {
+        eprintln!("skipped: this filesystem does not reserve space past a file's end");
+        return;
+    }
+    let dir = partition_dir(root.path());
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    // Segments roll by age here, far from full, with their reservation ahead.
+    let config = LogConfig {
+        segment_bytes: 64 << 20,
+        segment_ms: 1_000,
+        index_interval_bytes: 4096,
+        max_message_bytes: 1 << 20,
+        retention_ms: None,
+        ..LogConfig::default()
+    };
+    let log = storage.open_log(&dir, config).unwrap();
+    let mut expected = Vec::new();
+    let mut tag = 0;
+    // Batches of about 256 KiB: each reserves eight more ahead (2 MiB).
+    for now_ms in [1_000, 1_500, 3_000, 3_500, 5_000] {
+        let info = log.append_at(batch(tag, 256, 1000, 1_000), now_ms).unwrap();
+        expected.extend((0..256).map(|index| (info.base_offset + index, tag + index)));
+        tag += 256;
+        let files = segment_files(&dir);
+        let active = files.last().unwrap();
+        let len = std::fs::metadata(active).unwrap().len();
+        assert!(
+            allocated_bytes(active) >= len + (1 << 20),
+            "{} bytes of disk for the {len} bytes of {}",
+            allocated_bytes(active),
+            active.display()
+        );
+    }
+    let files = segment_files(&dir);
+    assert_eq!(files.len(), 3);
+    for rolled in &files[..2] {
+        assert_holds_no_reservation(rolled);
+    }
+    // The reservation changed no length: every record reads back, from every segment.
+    assert_eq!(read_all(&log, 0, 1 << 20), expected);
+    log.close().unwrap();
+    for file in &files {
+        assert_holds_no_reservation(file);
+    }
+}
+
+#[test]
+fn space_a_crash_left_reserved_past_the_end_is_given_back_on_close() {
+    let root = tempfile::tempdir().unwrap();
+    if !reserves_space_ahead(root.path()) {
+        eprintln!("skipped: this filesystem does not reserve space past a file's end");
+        return;
+    }
+    let dir = partition_dir(root.path());
+    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    log.append(batch(0, 3, 100, 1_000)).unwrap();
+    log.close().unwrap();
+    drop(log);
+    // As a crash while reserving ahead leaves it: 2 MiB past the end, the length unchanged.
+    let files = segment_files(&dir);
+    let segment = files.last().unwrap();
+    let len = std::fs::metadata(segment).unwrap().len();
+    {
+        use sluice_broker::storage::fs::FileSystem;
+        let file = RealFs.open(segment, false).unwrap();
+        file.preallocate(len, 2 << 20).unwrap();
+    }
+    assert_eq!(std::fs::metadata(segment).unwrap().len(), len);
+    assert!(allocated_bytes(segment) >= 2 << 20);
+
+    let log = storage.open_log(&dir, small_segments()).unwrap();
+    assert_eq!(read_all(&log, 0, 1 << 20), vec![(0, 0), (1, 1), (2, 2)]);
+    log.close().unwrap();
+    assert_holds_no_reservation(segment);
+}

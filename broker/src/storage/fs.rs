@@ -62,6 +62,14 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+    /// Reserves disk space for `len` bytes at `offset` without changing the file's length
+    /// (`fallocate` with `FALLOC_FL_KEEP_SIZE`): later writes there find their blocks
+    /// allocated. Space reserved past the end stays taken until [`set_len`](Self::set_len)
+    /// gives it back. By default nothing is reserved; an error says it could not be.
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Makes the file's contents durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     /// The file's current length.
@@ -70,7 +78,7 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
-    /// Truncates or extends the file to `len` bytes.
+    /// Truncates or extends the file to `len` bytes; space reserved past `len` is given back.
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
 
@@ -292,6 +300,35 @@ impl StorageFile for RealFile {
                     skip += written;
                     written = 0;
                 }
+            }
+        }
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range too large",
+            ));
+        };
+        loop {
+            // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
+            // `self.file`.
+            let done = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+            };
+            if done == 0 {
+                return Ok(());
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
             }
         }
     }
