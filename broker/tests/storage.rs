@@ -995,6 +995,18 @@ fn reserves_space_ahead(dir: &Path) -> bool {
     reserved
 }
 
+/// A partition directory in a fresh temporary directory and a storage over the real disk, when
+/// its filesystem reserves space past a file's end; `None` (the test skips) otherwise.
+fn partition_on_a_disk_that_reserves() -> Option<(tempfile::TempDir, PathBuf, Storage)> {
+    let root = tempfile::tempdir().unwrap();
+    if !reserves_space_ahead(root.path()) {
+        eprintln!("skipped: this filesystem does not reserve space past a file's end");
+        return None;
+    }
+    let dir = partition_dir(root.path());
+    Some((root, dir, storage(Arc::new(RealFs), FsyncPolicy::Never)))
+}
+
 /// At most this much disk past its length is a segment's own (the filesystem's rounding to
 /// whole blocks and its extent tree), not a reservation left behind.
 const ALLOCATION_SLACK: u64 = 64 * 1024;
@@ -1011,13 +1023,9 @@ fn assert_holds_no_reservation(path: &Path) {
 
 #[test]
 fn big_appends_reserve_disk_ahead_and_rolls_and_close_give_it_back() {
-    let root = tempfile::tempdir().unwrap();
-    if !reserves_space_ahead(root.path()) {
-        eprintln!("skipped: this filesystem does not reserve space past a file's end");
+    let Some((_root, dir, storage)) = partition_on_a_disk_that_reserves() else {
         return;
-    }
-    let dir = partition_dir(root.path());
-    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    };
     // Segments roll by age here, far from full, with their reservation ahead.
     let config = LogConfig {
         segment_bytes: 64 << 20,
@@ -1060,13 +1068,9 @@ fn big_appends_reserve_disk_ahead_and_rolls_and_close_give_it_back() {
 
 #[test]
 fn space_a_crash_left_reserved_past_the_end_is_given_back_on_close() {
-    let root = tempfile::tempdir().unwrap();
-    if !reserves_space_ahead(root.path()) {
-        eprintln!("skipped: this filesystem does not reserve space past a file's end");
+    let Some((_root, dir, storage)) = partition_on_a_disk_that_reserves() else {
         return;
-    }
-    let dir = partition_dir(root.path());
-    let storage = storage(Arc::new(RealFs), FsyncPolicy::Never);
+    };
     let log = storage.open_log(&dir, small_segments()).unwrap();
     log.append(batch(0, 3, 100, 1_000)).unwrap();
     log.close().unwrap();

@@ -57,7 +57,8 @@ use super::progress::group_digits;
 use super::stalls::Stalls;
 use super::target::scratch_base;
 use super::workloads::{self, RunResult};
-use sluice_broker::storage::FsyncPolicy;
+use sluice_broker::storage::fs::{FileHandle, FileSystem};
+use sluice_broker::storage::{FsyncPolicy, RealFs};
 use sluice_client::producer::{Acks, MAX_IN_FLIGHT_IDEMPOTENT};
 
 /// The fdatasync measurement stops after this many batches...
@@ -278,22 +279,15 @@ pub fn page_cache_append(
     messages: u64,
     reserve_ahead: bool,
 ) -> Result<Rate> {
-    let file = tempfile::tempfile_in(directory)
+    let mut file = tempfile::NamedTempFile::new_in(directory)
         .with_context(|| format!("cannot create a file in {}", directory.display()))?;
     let start = Instant::now();
     let written = if reserve_ahead {
-        write_frames(
-            &mut ReservingAhead {
-                file,
-                written: 0,
-                reserved: 0,
-            },
-            message_size,
-            write_bytes,
-            messages,
-        )
+        ReservingAhead::new(file.path()).and_then(|mut reserving| {
+            write_frames(&mut reserving, message_size, write_bytes, messages)
+        })
     } else {
-        write_frames(&mut { file }, message_size, write_bytes, messages)
+        write_frames(file.as_file_mut(), message_size, write_bytes, messages)
     };
     written.context("page-cache append")?;
     Ok(Rate {
@@ -303,47 +297,39 @@ pub fn page_cache_append(
 }
 
 /// A file appended to whose disk space is reserved eight writes ahead (at most 8 MiB) whenever
-/// a write would pass the reservation, with `fallocate` keeping the file's length: the broker's
-/// policy for a segment's appends of 64 KiB and more.
+/// a write would pass the reservation, through the broker's own filesystem calls
+/// (`StorageFile::preallocate`): its policy for a segment's appends of 64 KiB and more.
 struct ReservingAhead {
-    file: std::fs::File,
+    file: FileHandle,
     written: u64,
     reserved: u64,
 }
 
+impl ReservingAhead {
+    fn new(path: &Path) -> std::io::Result<ReservingAhead> {
+        Ok(ReservingAhead {
+            file: RealFs.open(path, true)?,
+            written: 0,
+            reserved: 0,
+        })
+    }
+}
+
 impl Write for ReservingAhead {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use std::os::fd::AsRawFd;
         let end = self.written + buf.len() as u64;
         if end > self.reserved {
             let to = end + (buf.len() as u64 * 8).min(8 << 20);
-            let (Ok(offset), Ok(len)) = (
-                libc::off_t::try_from(self.written),
-                libc::off_t::try_from(to - self.written),
-            ) else {
-                return Err(std::io::Error::other("file too large"));
-            };
-            // SAFETY: fallocate only reads its integer arguments; the descriptor is open.
-            let reserved = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    len,
-                )
-            };
-            if reserved != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            self.file.preallocate(self.written, to - self.written)?;
             self.reserved = to;
         }
-        let written = self.file.write(buf)?;
-        self.written += written as u64;
-        Ok(written)
+        self.file.write_all_at(buf, self.written)?;
+        self.written = end;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
+        Ok(())
     }
 }
 
@@ -815,11 +801,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("append");
-        let mut sink = ReservingAhead {
-            file: std::fs::File::create(&path).unwrap(),
-            written: 0,
-            reserved: 0,
-        };
+        let mut sink = ReservingAhead::new(&path).unwrap();
         write_frames(&mut sink, 100, 64 * 1024, 2_000).unwrap();
         let mut plain = Vec::new();
         write_frames(&mut plain, 100, 64 * 1024, 2_000).unwrap();
