@@ -171,8 +171,8 @@ struct Writer {
     /// the log. `None` when the log is empty or its last batch could not be read on open.
     last_batch_crc: Option<u32>,
     /// Up to where the active segment's file has disk space reserved (`fallocate` keeping its
-    /// length), when it may hold some past its end: `Some(0)` for a segment found on disk,
-    /// which a crash may have left so. Big appends reserve ahead, so the filesystem allocates
+    /// length), when it may hold some past its end: `Some(0)` for the segment a log opens
+    /// with, which a crash may have left so. Big appends reserve ahead, so the filesystem allocates
     /// their blocks once per reservation instead of block by block on every write (ext4's
     /// delayed allocation bookkeeping was a third of a 1 MiB write's cost). The space past the
     /// end is given back when the segment rolls or the log closes.
@@ -302,7 +302,6 @@ impl PartitionLog {
             .expect("recovery leaves the last segment active");
         let poisoned = recovered.corruption.clone();
         let active_since_ms = active_since(&active, &active_file, now_ms());
-        let preallocated_to = (active.size_bytes() > 0).then_some(0);
         let log = Arc::new(PartitionLog {
             dir: dir.to_path_buf(),
             config,
@@ -319,7 +318,9 @@ impl PartitionLog {
                     shared.producer_expiry_ms,
                 ),
                 last_batch_crc: None,
-                preallocated_to,
+                // A crash may have left space reserved past the segment's end (even with
+                // nothing of the append that reserved it on disk): given back at its roll.
+                preallocated_to: Some(0),
             }),
             segments: RwLock::new(recovered.segments),
             high_watermark: HighWatermark::new(next_offset),
