@@ -743,8 +743,9 @@ mod tests {
         assert!(past_end.is_err(), "a range past the end of the file fails");
     }
 
-    /// What a mapped range read in stays resident in this process only while it is held: the
-    /// broker's memory does not grow with what it has served.
+    /// What a mapped range read in stays resident in this process while it is held, and after
+    /// that only until a batch of dropped ranges is released: the broker's memory does not
+    /// grow with what it has served.
     #[test]
     fn mapped_pages_leave_the_process_when_dropped() {
         let dir = tempfile::tempdir().unwrap();

@@ -172,10 +172,10 @@ struct Writer {
     last_batch_crc: Option<u32>,
     /// Up to where the active segment's file has disk space reserved (`fallocate` keeping its
     /// length), when it may hold some past its end: `Some(0)` for the segment a log opens
-    /// with, which a crash may have left so. Big appends reserve ahead, so the filesystem allocates
-    /// their blocks once per reservation instead of block by block on every write (ext4's
-    /// delayed allocation bookkeeping was a third of a 1 MiB write's cost). The space past the
-    /// end is given back when the segment rolls or the log closes.
+    /// with, which a crash may have left so. Big appends reserve ahead, so the filesystem
+    /// allocates their blocks once per reservation instead of block by block on every write
+    /// (ext4's delayed allocation bookkeeping was a third of a 1 MiB write's cost). The space
+    /// past the end is given back when the segment rolls or the log closes.
     preallocated_to: Option<u64>,
 }
 
@@ -190,8 +190,8 @@ impl Writer {
         let to = (end + (len * 8).min(PREALLOCATE_MAX_AHEAD)).min(segment_bytes.max(end));
         match self.active_file.preallocate(position, to - position) {
             Ok(()) => {}
-            // Unsupported here, or the disk is full (which the write reports): the write
-            // allocates as it goes, and this segment does not ask again.
+            // Unsupported here, or the disk is full (which the write reports): the writes up
+            // to `to` allocate as they go, and the range is not asked for again.
             Err(error) => tracing::debug!(
                 segment = %self.active.paths.log.display(),
                 %error,
