@@ -58,6 +58,7 @@ use super::stalls::Stalls;
 use super::target::scratch_base;
 use super::workloads::{self, RunResult};
 use sluice_broker::storage::fs::{FileHandle, FileSystem};
+use sluice_broker::storage::log::reservation_end;
 use sluice_broker::storage::{FsyncPolicy, RealFs};
 use sluice_client::producer::{Acks, MAX_IN_FLIGHT_IDEMPOTENT};
 
@@ -296,9 +297,10 @@ pub fn page_cache_append(
     })
 }
 
-/// A file appended to whose disk space is reserved eight writes ahead (at most 8 MiB) whenever
-/// a write would pass the reservation, through the broker's own filesystem calls
-/// (`StorageFile::preallocate`): its policy for a segment's appends of 64 KiB and more.
+/// A file appended to whose disk space is reserved ahead whenever a write would pass the
+/// reservation, as far as the broker reserves a segment's for its appends of 64 KiB and more
+/// ([`reservation_end`]), through the broker's own filesystem calls
+/// (`StorageFile::preallocate`).
 struct ReservingAhead {
     file: FileHandle,
     written: u64,
@@ -319,7 +321,7 @@ impl Write for ReservingAhead {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let end = self.written + buf.len() as u64;
         if end > self.reserved {
-            let to = end + (buf.len() as u64 * 8).min(8 << 20);
+            let to = reservation_end(end, buf.len() as u64);
             self.file.preallocate(self.written, to - self.written)?;
             self.reserved = to;
         }

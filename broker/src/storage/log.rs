@@ -145,6 +145,13 @@ const PREALLOCATE_MIN_WRITE: u64 = 64 * 1024;
 /// How far ahead of an append its segment's space is reserved: eight such appends, at most
 /// this much, so a partition holds at most this much disk past its end.
 const PREALLOCATE_MAX_AHEAD: u64 = 8 << 20;
+
+/// Up to where an append of `len` bytes that ends at `end` reserves its file's space: eight
+/// such appends further, at most 8 MiB (`PREALLOCATE_MAX_AHEAD`; a segment also stops at
+/// `segment_bytes`). Public so the benchmarks' page-cache limit reserves as the broker does.
+pub fn reservation_end(end: u64, len: u64) -> u64 {
+    end + (len * 8).min(PREALLOCATE_MAX_AHEAD)
+}
 // Where the producer fields sit in a batch header (see `sluice_protocol::batch`).
 const LAST_OFFSET_DELTA_AT: usize = 23;
 const MAX_TIMESTAMP_AT: usize = 35;
@@ -187,7 +194,7 @@ impl Writer {
         if len < PREALLOCATE_MIN_WRITE || end <= self.preallocated_to.unwrap_or(0) {
             return;
         }
-        let to = (end + (len * 8).min(PREALLOCATE_MAX_AHEAD)).min(segment_bytes.max(end));
+        let to = reservation_end(end, len).min(segment_bytes.max(end));
         match self.active_file.preallocate(position, to - position) {
             Ok(()) => {}
             // Unsupported here, or the disk is full (which the write reports): the writes up
