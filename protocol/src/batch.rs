@@ -32,7 +32,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::WireError;
-use crate::wire::{MAX_VARINT_BYTES, encode_varint, get_varint, varint_len};
+use crate::wire::{MAX_VARINT_BYTES, encode_varint, get_varint, unzigzag, varint_len};
 
 /// The record-batch format version this build writes and accepts.
 pub const MAGIC: u8 = 1;
@@ -290,17 +290,22 @@ impl<'a> RecordBatchRef<'a> {
         if self.base_offset().checked_add(u64::from(count)).is_none() {
             return corrupt(format!("base_offset {} overflows", self.base_offset()));
         }
-        let mut records = self.records();
+        // The records are walked with the fast decoder; the detailed one runs only to say why
+        // a record failed.
+        let base_timestamp = self.base_timestamp();
+        let mut rest = &self.buf[HEADER_BYTES..];
         let mut max_timestamp = i64::MIN;
         for expected_delta in 0..count {
-            let record = match records.next() {
-                Some(Ok(record)) => record,
-                Some(Err(error)) => return corrupt(format!("record {expected_delta}: {error}")),
-                None => {
-                    return corrupt(format!(
-                        "{count} records declared, {expected_delta} present"
-                    ));
-                }
+            if rest.is_empty() {
+                return corrupt(format!(
+                    "{count} records declared, {expected_delta} present"
+                ));
+            }
+            let Some((record, used)) = decode_record_fast(rest, base_timestamp) else {
+                let error = decode_record(rest, base_timestamp)
+                    .err()
+                    .unwrap_or(WireError::invalid("record", "rejected"));
+                return corrupt(format!("record {expected_delta}: {error}"));
             };
             if record.offset_delta != expected_delta {
                 return corrupt(format!(
@@ -310,12 +315,10 @@ impl<'a> RecordBatchRef<'a> {
             }
             // Header structure and UTF-8 keys were checked by the record decoder.
             max_timestamp = max_timestamp.max(record.timestamp_ms);
+            rest = &rest[used..];
         }
-        if !records.rest.is_empty() {
-            return corrupt(format!(
-                "{} bytes after the last record",
-                records.rest.len()
-            ));
+        if !rest.is_empty() {
+            return corrupt(format!("{} bytes after the last record", rest.len()));
         }
         if max_timestamp != self.max_timestamp() {
             return corrupt(format!(
@@ -487,6 +490,18 @@ pub struct Records<'a> {
     failed: bool,
 }
 
+impl Records<'_> {
+    /// Stops the iteration at a record the fast decoder refused, and says why.
+    #[cold]
+    #[inline(never)]
+    fn fail(&mut self) -> WireError {
+        self.failed = true;
+        decode_record(self.rest, self.base_timestamp)
+            .err()
+            .unwrap_or(WireError::invalid("record", "rejected"))
+    }
+}
+
 impl<'a> Iterator for Records<'a> {
     type Item = Result<Record<'a>, WireError>;
 
@@ -495,19 +510,13 @@ impl<'a> Iterator for Records<'a> {
             return None;
         }
         // The fast decoder only says yes or no; the detailed one explains a no.
-        let decoded = decode_record_fast(self.rest, self.base_timestamp)
-            .ok_or(())
-            .or_else(|()| decode_record(self.rest, self.base_timestamp));
-        match decoded {
-            Ok((record, used)) => {
+        match decode_record_fast(self.rest, self.base_timestamp) {
+            Some((record, used)) => {
                 self.rest = &self.rest[used..];
                 self.remaining -= 1;
                 Some(Ok(record))
             }
-            Err(error) => {
-                self.failed = true;
-                Some(Err(error))
-            }
+            None => Some(Err(self.fail())),
         }
     }
 
@@ -557,15 +566,37 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Reads a varint at `*at`, advancing it; `None` on any problem.
+/// Reads a varint at `*at`, advancing it; `None` when it is cut short or malformed. One- and
+/// two-byte varints, nearly every field of a record, are read inline.
 #[inline(always)]
 fn varint_at(src: &[u8], at: &mut usize) -> Option<i64> {
-    let (value, used) = get_varint(src.get(*at..)?).ok()?;
-    *at += used;
+    let start = *at;
+    let first = *src.get(start)?;
+    if first < 0x80 {
+        *at = start + 1;
+        return Some(unzigzag(u64::from(first)));
+    }
+    let second = *src.get(start + 1)?;
+    if second < 0x80 {
+        *at = start + 2;
+        return Some(unzigzag(u64::from(first & 0x7f) | (u64::from(second) << 7)));
+    }
+    // Out of line, and handed the position rather than `at` itself, so `at` stays in a
+    // register on the inline path.
+    let (value, used) = long_varint(src, start)?;
+    *at = start + used;
     Some(value)
 }
 
-/// Takes `length` bytes at `*at`, advancing it.
+/// [`varint_at`] for varints of three bytes and more: the value and the bytes it took.
+#[cold]
+#[inline(never)]
+fn long_varint(src: &[u8], start: usize) -> Option<(i64, usize)> {
+    get_varint(src.get(start..)?).ok()
+}
+
+/// Takes `length` bytes at `*at`, advancing it; `None` for a negative length or one that runs
+/// past `src`.
 #[inline(always)]
 fn take_at<'a>(src: &'a [u8], at: &mut usize, length: i64) -> Option<&'a [u8]> {
     let length = usize::try_from(length).ok()?;
@@ -577,34 +608,32 @@ fn take_at<'a>(src: &'a [u8], at: &mut usize, length: i64) -> Option<&'a [u8]> {
 
 /// The hot path of record decoding: the same checks as [`decode_record`], without building
 /// error messages. `None` means the record is invalid; `decode_record` then says why.
-#[inline]
+///
+/// One index runs over `src`; the record's end, from its length, bounds every field, so a
+/// field that runs past it fails as it would in a slice of the record alone.
+#[inline(always)]
 fn decode_record_fast(src: &[u8], base_timestamp: i64) -> Option<(Record<'_>, usize)> {
     let mut at = 0;
     let length = varint_at(src, &mut at)?;
     let body = take_at(src, &mut at, length)?;
     let used = at;
+    let (&attributes, fields) = body.split_first()?;
     let mut at = 0;
-    let attributes = *body.first()?;
-    at += 1;
-    let timestamp_ms = base_timestamp.checked_add(varint_at(body, &mut at)?)?;
-    let offset_delta = u32::try_from(varint_at(body, &mut at)?).ok()?;
-    let key = match varint_at(body, &mut at)? {
+    let timestamp_ms = base_timestamp.checked_add(varint_at(fields, &mut at)?)?;
+    let offset_delta = u32::try_from(varint_at(fields, &mut at)?).ok()?;
+    let key = match varint_at(fields, &mut at)? {
         -1 => None,
-        length => Some(take_at(body, &mut at, length)?),
+        length => Some(take_at(fields, &mut at, length)?),
     };
-    let value_length = varint_at(body, &mut at)?;
-    let value = take_at(body, &mut at, value_length)?;
-    let header_count = u32::try_from(varint_at(body, &mut at)?).ok()?;
-    let header_bytes = body.get(at..)?;
-    let mut rest = 0;
-    for _ in 0..header_count {
-        let key_length = varint_at(header_bytes, &mut rest)?;
-        let key = take_at(header_bytes, &mut rest, key_length)?;
-        std::str::from_utf8(key).ok()?;
-        let value_length = varint_at(header_bytes, &mut rest)?;
-        take_at(header_bytes, &mut rest, value_length)?;
-    }
-    if rest != header_bytes.len() {
+    let value_length = varint_at(fields, &mut at)?;
+    let value = take_at(fields, &mut at, value_length)?;
+    let header_count = u32::try_from(varint_at(fields, &mut at)?).ok()?;
+    let header_bytes = &fields[at..];
+    if header_count == 0 {
+        if !header_bytes.is_empty() {
+            return None;
+        }
+    } else if !headers_fill(header_bytes, header_count) {
         return None;
     }
     Some((
@@ -619,6 +648,29 @@ fn decode_record_fast(src: &[u8], base_timestamp: i64) -> Option<(Record<'_>, us
         },
         used,
     ))
+}
+
+/// Whether `header_count` headers, each with a UTF-8 key, fill `header_bytes` exactly.
+#[inline(never)]
+fn headers_fill(header_bytes: &[u8], header_count: u32) -> bool {
+    let mut at = 0;
+    for _ in 0..header_count {
+        let Some(key) = varint_at(header_bytes, &mut at)
+            .and_then(|length| take_at(header_bytes, &mut at, length))
+        else {
+            return false;
+        };
+        if std::str::from_utf8(key).is_err() {
+            return false;
+        }
+        if varint_at(header_bytes, &mut at)
+            .and_then(|length| take_at(header_bytes, &mut at, length))
+            .is_none()
+        {
+            return false;
+        }
+    }
+    at == header_bytes.len()
 }
 
 fn decode_record(src: &[u8], base_timestamp: i64) -> Result<(Record<'_>, usize), WireError> {
@@ -750,21 +802,24 @@ impl Default for RecordBatchBuilder {
 /// A record's small fields (varints, attributes) on their way into the batch buffer: at most
 /// five varints and a byte are gathered between two flushes.
 struct Fields {
-    bytes: [u8; 5 * MAX_VARINT_BYTES + 1],
+    bytes: [u8; Fields::CAPACITY],
     len: usize,
 }
 
-impl Default for Fields {
-    fn default() -> Self {
+impl Fields {
+    const CAPACITY: usize = 5 * MAX_VARINT_BYTES + 1;
+    /// What a flush copies when the buffer has room: the fields before a value mostly take
+    /// well under this.
+    const CHUNK: usize = 32;
+
+    fn new() -> Self {
         Fields {
-            bytes: [0; 5 * MAX_VARINT_BYTES + 1],
+            bytes: [0; Fields::CAPACITY],
             len: 0,
         }
     }
-}
 
-impl Fields {
-    #[inline]
+    #[inline(always)]
     fn varint(&mut self, value: i64) {
         self.len += encode_varint(value, &mut self.bytes[self.len..]);
     }
@@ -777,8 +832,16 @@ impl Fields {
 
     #[inline]
     fn flush(&mut self, buf: &mut BytesMut) {
-        buf.extend_from_slice(&self.bytes[..self.len]);
-        self.len = 0;
+        let len = std::mem::take(&mut self.len);
+        // A copy of a fixed size is a couple of moves, one of `len` bytes a call: where the
+        // buffer has room to spare, copy the whole chunk and cut back to what the fields took.
+        if len <= Self::CHUNK && buf.capacity() - buf.len() >= Self::CHUNK {
+            let end = buf.len() + len;
+            buf.extend_from_slice(&self.bytes[..Self::CHUNK]);
+            buf.truncate(end);
+        } else {
+            buf.extend_from_slice(&self.bytes[..len]);
+        }
     }
 }
 
@@ -849,39 +912,48 @@ impl RecordBatchBuilder {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> usize {
-        let body = self.record_body_bytes(timestamp_ms, key, value, headers);
+        let timestamp_delta =
+            timestamp_ms.wrapping_sub(self.base_timestamp.unwrap_or(timestamp_ms));
+        let body = self.record_body_bytes(timestamp_delta, key, value, headers);
         varint_len(body as i64) + body
     }
 
+    /// Bytes of a record's body (everything after its length) at the next offset delta.
+    #[inline]
     fn record_body_bytes(
         &self,
-        timestamp_ms: i64,
+        timestamp_delta: i64,
         key: Option<&[u8]>,
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> usize {
-        let timestamp_delta =
-            timestamp_ms.wrapping_sub(self.base_timestamp.unwrap_or(timestamp_ms));
         let key_bytes = match key {
             None => varint_len(-1),
             Some(key) => varint_len(key.len() as i64) + key.len(),
         };
-        let header_bytes: usize = headers
-            .iter()
-            .map(|(name, value)| {
-                varint_len(name.len() as i64)
-                    + name.len()
-                    + varint_len(value.len() as i64)
-                    + value.len()
-            })
-            .sum();
+        let mut header_bytes = varint_len(headers.len() as i64);
+        for (name, value) in headers {
+            header_bytes += varint_len(name.len() as i64)
+                + name.len()
+                + varint_len(value.len() as i64)
+                + value.len();
+        }
         1 + varint_len(timestamp_delta)
             + varint_len(i64::from(self.record_count))
             + key_bytes
             + varint_len(value.len() as i64)
             + value.len()
-            + varint_len(headers.len() as i64)
             + header_bytes
+    }
+
+    /// The distance of `timestamp_ms` from the batch's first timestamp (0 for the first
+    /// record); `None` when it does not fit the format.
+    #[inline]
+    fn timestamp_delta(&self, timestamp_ms: i64) -> Option<i64> {
+        match self.base_timestamp {
+            None => Some(0),
+            Some(base) => timestamp_ms.checked_sub(base),
+        }
     }
 
     /// Appends a record. The first record's timestamp becomes the batch's `base_timestamp`.
@@ -896,8 +968,11 @@ impl RecordBatchBuilder {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) {
-        let body = self.record_body_bytes(timestamp_ms, key, value, headers);
-        self.append_sized(body, timestamp_ms, key, value, headers);
+        let timestamp_delta = self
+            .timestamp_delta(timestamp_ms)
+            .expect("record timestamp too far from the batch's first");
+        let body = self.record_body_bytes(timestamp_delta, key, value, headers);
+        self.append_sized(body, timestamp_delta, timestamp_ms, key, value, headers);
     }
 
     /// Appends a record if the batch then takes at most `max_size_bytes`, and its timestamp's
@@ -916,37 +991,34 @@ impl RecordBatchBuilder {
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) -> bool {
-        if let Some(base) = self.base_timestamp
-            && timestamp_ms.checked_sub(base).is_none()
-        {
+        let Some(timestamp_delta) = self.timestamp_delta(timestamp_ms) else {
             return false;
-        }
-        let body = self.record_body_bytes(timestamp_ms, key, value, headers);
+        };
+        let body = self.record_body_bytes(timestamp_delta, key, value, headers);
         if self.buf.len() + varint_len(body as i64) + body > max_size_bytes {
             return false;
         }
-        self.append_sized(body, timestamp_ms, key, value, headers);
+        self.append_sized(body, timestamp_delta, timestamp_ms, key, value, headers);
         true
     }
 
     /// Appends a record whose body (as [`record_body_bytes`](Self::record_body_bytes) counts
-    /// it) takes `body` bytes.
+    /// it) takes `body` bytes, `timestamp_delta` from the batch's first.
+    #[inline]
     fn append_sized(
         &mut self,
         body: usize,
+        timestamp_delta: i64,
         timestamp_ms: i64,
         key: Option<&[u8]>,
         value: &[u8],
         headers: &[(&str, &[u8])],
     ) {
-        let base_timestamp = *self.base_timestamp.get_or_insert(timestamp_ms);
-        let timestamp_delta = timestamp_ms
-            .checked_sub(base_timestamp)
-            .expect("record timestamp too far from the batch's first");
+        self.base_timestamp.get_or_insert(timestamp_ms);
         self.buf.reserve(varint_len(body as i64) + body);
         // The small fields between the byte strings are gathered on the stack, so the buffer
         // takes a record in a few copies rather than one call per field.
-        let mut fields = Fields::default();
+        let mut fields = Fields::new();
         fields.varint(body as i64);
         fields.byte(0);
         fields.varint(timestamp_delta);

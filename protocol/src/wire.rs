@@ -264,11 +264,13 @@ pub fn put_nullable_count(dst: &mut BytesMut, count: Option<usize>) {
 pub const MAX_VARINT_BYTES: usize = 10;
 
 /// Bytes a zig-zag varint of `value` takes.
+#[inline]
 pub fn varint_len(value: i64) -> usize {
     let zigzag = ((value << 1) ^ (value >> 63)) as u64;
-    // 7 payload bits per byte; zero still takes one byte.
-    let bits = 64 - (zigzag | 1).leading_zeros() as usize;
-    bits.div_ceil(7)
+    // 7 payload bits per byte, zero still taking one: with `high` the index of the highest set
+    // bit, (high * 9 + 73) / 64 is high / 7 + 1 for every high in 0..64, without a division.
+    let high = 63 - (zigzag | 1).leading_zeros() as usize;
+    (high * 9 + 73) / 64
 }
 
 /// Appends a zig-zag LEB128 varint.
@@ -286,6 +288,15 @@ pub fn put_varint(dst: &mut impl BufMut, value: i64) {
 #[inline]
 pub fn encode_varint(value: i64, out: &mut [u8]) -> usize {
     let mut zigzag = ((value << 1) ^ (value >> 63)) as u64;
+    // Most varints of a record (deltas, small lengths) take one or two bytes.
+    if zigzag < 0x80 {
+        out[0] = zigzag as u8;
+        return 1;
+    }
+    if zigzag < 0x4000 {
+        out[..2].copy_from_slice(&[(zigzag as u8) | 0x80, (zigzag >> 7) as u8]);
+        return 2;
+    }
     let mut length = 0;
     while zigzag >= 0x80 {
         out[length] = (zigzag as u8) | 0x80;
@@ -314,7 +325,7 @@ pub fn get_varint(src: &[u8]) -> Result<(i64, usize), WireError> {
 }
 
 #[inline]
-fn unzigzag(value: u64) -> i64 {
+pub(crate) fn unzigzag(value: u64) -> i64 {
     ((value >> 1) as i64) ^ -((value & 1) as i64)
 }
 
@@ -363,6 +374,31 @@ mod tests {
             assert_eq!(&out[..], bytes, "encoding of {value}");
             assert_eq!(varint_len(value), bytes.len());
             assert_eq!(get_varint(bytes).unwrap(), (value, bytes.len()));
+        }
+    }
+
+    /// Each side of every byte-count boundary: the last value of each length and the first
+    /// of the next, positive and negative, through every path of the encoder and the decoder.
+    #[test]
+    fn varint_lengths_at_every_boundary() {
+        for bits in 0..=64u32 {
+            let zigzags = [
+                1u64.checked_shl(bits).map_or(u64::MAX, |first| first - 1),
+                1u64.checked_shl(bits).unwrap_or(u64::MAX),
+            ];
+            for zigzag in zigzags {
+                let value = unzigzag(zigzag);
+                let significant = 64 - (zigzag | 1).leading_zeros();
+                let expected = significant.div_ceil(7) as usize;
+                let mut out = [0u8; MAX_VARINT_BYTES];
+                let written = encode_varint(value, &mut out);
+                assert_eq!(
+                    written, expected,
+                    "encoding of {value} ({zigzag:#x} zig-zagged)"
+                );
+                assert_eq!(varint_len(value), expected, "length of {value}");
+                assert_eq!(get_varint(&out[..written]).unwrap(), (value, written));
+            }
         }
     }
 
