@@ -32,7 +32,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::WireError;
-use crate::wire::{MAX_VARINT_BYTES, encode_varint, get_varint, unzigzag, varint_len};
+use crate::wire::{get_varint, put_varint, unzigzag, varint_len};
 
 /// The record-batch format version this build writes and accepts.
 pub const MAGIC: u8 = 1;
@@ -799,50 +799,26 @@ impl Default for RecordBatchBuilder {
     }
 }
 
-/// A record's small fields (varints, attributes) on their way into the batch buffer: at most
-/// five varints and a byte are gathered between two flushes.
-struct Fields {
-    bytes: [u8; Fields::CAPACITY],
-    len: usize,
+/// Appends a varint to a batch being built. One- and two-byte varints, nearly every field of
+/// a record, are stored straight from a register: gathering the fields in a stack array and
+/// copying it over stalled on every record, the copy's loads waiting on the bytewise stores
+/// before them.
+#[inline(always)]
+fn put_record_varint(buf: &mut BytesMut, value: i64) {
+    let zigzag = ((value << 1) ^ (value >> 63)) as u64;
+    if zigzag < 0x80 {
+        buf.put_u8(zigzag as u8);
+    } else if zigzag < 0x4000 {
+        buf.put_u16_le(((zigzag & 0x7f) | 0x80 | ((zigzag >> 7) << 8)) as u16);
+    } else {
+        put_long_varint(buf, value);
+    }
 }
 
-impl Fields {
-    const CAPACITY: usize = 5 * MAX_VARINT_BYTES + 1;
-    /// What a flush copies when the buffer has room: the fields before a value mostly take
-    /// well under this.
-    const CHUNK: usize = 32;
-
-    fn new() -> Self {
-        Fields {
-            bytes: [0; Fields::CAPACITY],
-            len: 0,
-        }
-    }
-
-    #[inline(always)]
-    fn varint(&mut self, value: i64) {
-        self.len += encode_varint(value, &mut self.bytes[self.len..]);
-    }
-
-    #[inline]
-    fn byte(&mut self, value: u8) {
-        self.bytes[self.len] = value;
-        self.len += 1;
-    }
-
-    #[inline]
-    fn flush(&mut self, buf: &mut BytesMut) {
-        let len = std::mem::take(&mut self.len);
-        // A copy of a fixed size is a couple of moves, one of `len` bytes a call: where the
-        // buffer has room to spare, copy the whole chunk and cut back to what the fields took.
-        if len <= Self::CHUNK && buf.capacity() - buf.len() >= Self::CHUNK {
-            let end = buf.len() + len;
-            buf.extend_from_slice(&self.bytes[..Self::CHUNK]);
-            buf.truncate(end);
-        } else {
-            buf.extend_from_slice(&self.bytes[..len]);
-        }
-    }
+#[cold]
+#[inline(never)]
+fn put_long_varint(buf: &mut BytesMut, value: i64) {
+    put_varint(buf, value);
 }
 
 impl RecordBatchBuilder {
@@ -1016,34 +992,27 @@ impl RecordBatchBuilder {
     ) {
         self.base_timestamp.get_or_insert(timestamp_ms);
         self.buf.reserve(varint_len(body as i64) + body);
-        // The small fields between the byte strings are gathered on the stack, so the buffer
-        // takes a record in a few copies rather than one call per field.
-        let mut fields = Fields::new();
-        fields.varint(body as i64);
-        fields.byte(0);
-        fields.varint(timestamp_delta);
-        fields.varint(i64::from(self.record_count));
+        let buf = &mut self.buf;
+        put_record_varint(buf, body as i64);
+        buf.put_u8(0);
+        put_record_varint(buf, timestamp_delta);
+        put_record_varint(buf, i64::from(self.record_count));
         match key {
-            None => fields.varint(-1),
+            None => put_record_varint(buf, -1),
             Some(key) => {
-                fields.varint(key.len() as i64);
-                fields.flush(&mut self.buf);
-                self.buf.extend_from_slice(key);
+                put_record_varint(buf, key.len() as i64);
+                buf.extend_from_slice(key);
             }
         }
-        fields.varint(value.len() as i64);
-        fields.flush(&mut self.buf);
-        self.buf.extend_from_slice(value);
-        fields.varint(headers.len() as i64);
+        put_record_varint(buf, value.len() as i64);
+        buf.extend_from_slice(value);
+        put_record_varint(buf, headers.len() as i64);
         for (name, value) in headers {
-            fields.varint(name.len() as i64);
-            fields.flush(&mut self.buf);
-            self.buf.extend_from_slice(name.as_bytes());
-            fields.varint(value.len() as i64);
-            fields.flush(&mut self.buf);
-            self.buf.extend_from_slice(value);
+            put_record_varint(buf, name.len() as i64);
+            buf.extend_from_slice(name.as_bytes());
+            put_record_varint(buf, value.len() as i64);
+            buf.extend_from_slice(value);
         }
-        fields.flush(&mut self.buf);
         self.record_count = self
             .record_count
             .checked_add(1)
