@@ -980,7 +980,7 @@ impl RecordBatchBuilder {
 
     /// Appends a record whose body (as [`record_body_bytes`](Self::record_body_bytes) counts
     /// it) takes `body` bytes, `timestamp_delta` from the batch's first.
-    #[inline]
+    #[inline(always)]
     fn append_sized(
         &mut self,
         body: usize,
