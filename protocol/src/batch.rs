@@ -799,28 +799,6 @@ impl Default for RecordBatchBuilder {
     }
 }
 
-/// Appends a varint to a batch being built. One- and two-byte varints, nearly every field of
-/// a record, are stored straight from a register: gathering the fields in a stack array and
-/// copying it over stalled on every record, the copy's loads waiting on the bytewise stores
-/// before them.
-#[inline(always)]
-fn put_record_varint(buf: &mut BytesMut, value: i64) {
-    let zigzag = ((value << 1) ^ (value >> 63)) as u64;
-    if zigzag < 0x80 {
-        buf.put_u8(zigzag as u8);
-    } else if zigzag < 0x4000 {
-        buf.put_u16_le(((zigzag & 0x7f) | 0x80 | ((zigzag >> 7) << 8)) as u16);
-    } else {
-        put_long_varint(buf, value);
-    }
-}
-
-#[cold]
-#[inline(never)]
-fn put_long_varint(buf: &mut BytesMut, value: i64) {
-    put_varint(buf, value);
-}
-
 impl RecordBatchBuilder {
     /// An empty batch without a producer id.
     pub fn new() -> Self {
@@ -993,24 +971,24 @@ impl RecordBatchBuilder {
         self.base_timestamp.get_or_insert(timestamp_ms);
         self.buf.reserve(varint_len(body as i64) + body);
         let buf = &mut self.buf;
-        put_record_varint(buf, body as i64);
+        put_varint(buf, body as i64);
         buf.put_u8(0);
-        put_record_varint(buf, timestamp_delta);
-        put_record_varint(buf, i64::from(self.record_count));
+        put_varint(buf, timestamp_delta);
+        put_varint(buf, i64::from(self.record_count));
         match key {
-            None => put_record_varint(buf, -1),
+            None => put_varint(buf, -1),
             Some(key) => {
-                put_record_varint(buf, key.len() as i64);
+                put_varint(buf, key.len() as i64);
                 buf.extend_from_slice(key);
             }
         }
-        put_record_varint(buf, value.len() as i64);
+        put_varint(buf, value.len() as i64);
         buf.extend_from_slice(value);
-        put_record_varint(buf, headers.len() as i64);
+        put_varint(buf, headers.len() as i64);
         for (name, value) in headers {
-            put_record_varint(buf, name.len() as i64);
+            put_varint(buf, name.len() as i64);
             buf.extend_from_slice(name.as_bytes());
-            put_record_varint(buf, value.len() as i64);
+            put_varint(buf, value.len() as i64);
             buf.extend_from_slice(value);
         }
         self.record_count = self
