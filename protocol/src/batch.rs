@@ -302,9 +302,7 @@ impl<'a> RecordBatchRef<'a> {
                 ));
             }
             let Some((record, used)) = decode_record_fast(rest, base_timestamp) else {
-                let error = decode_record(rest, base_timestamp)
-                    .err()
-                    .unwrap_or(WireError::invalid("record", "rejected"));
+                let error = refusal(rest, base_timestamp);
                 return corrupt(format!("record {expected_delta}: {error}"));
             };
             if record.offset_delta != expected_delta {
@@ -496,9 +494,7 @@ impl Records<'_> {
     #[inline(never)]
     fn fail(&mut self) -> WireError {
         self.failed = true;
-        decode_record(self.rest, self.base_timestamp)
-            .err()
-            .unwrap_or(WireError::invalid("record", "rejected"))
+        refusal(self.rest, self.base_timestamp)
     }
 }
 
@@ -671,6 +667,16 @@ fn headers_fill(header_bytes: &[u8], header_count: u32) -> bool {
         }
     }
     at == header_bytes.len()
+}
+
+/// Why [`decode_record_fast`] refused the record at the front of `src`, from the detailed
+/// decoder (the two agree; a test holds them to it).
+#[cold]
+#[inline(never)]
+fn refusal(src: &[u8], base_timestamp: i64) -> WireError {
+    decode_record(src, base_timestamp)
+        .err()
+        .unwrap_or(WireError::invalid("record", "rejected"))
 }
 
 fn decode_record(src: &[u8], base_timestamp: i64) -> Result<(Record<'_>, usize), WireError> {
