@@ -563,7 +563,9 @@ impl<'a> Cursor<'a> {
 }
 
 /// Reads a varint at `*at`, advancing it; `None` when it is cut short or malformed. One- and
-/// two-byte varints, nearly every field of a record, are read inline.
+/// two-byte varints, nearly every field of a record, are read inline: the same fast path as
+/// [`get_varint`]'s, written again over the position because sharing one (on a subslice, or
+/// returning the length) cost 3-5 % more instructions per record in `batch_work`.
 #[inline(always)]
 fn varint_at(src: &[u8], at: &mut usize) -> Option<i64> {
     let start = *at;

@@ -152,6 +152,7 @@ const PREALLOCATE_MAX_AHEAD: u64 = 8 << 20;
 pub fn reservation_end(end: u64, len: u64) -> u64 {
     end + (len * 8).min(PREALLOCATE_MAX_AHEAD)
 }
+
 // Where the producer fields sit in a batch header (see `sluice_protocol::batch`).
 const LAST_OFFSET_DELTA_AT: usize = 23;
 const MAX_TIMESTAMP_AT: usize = 35;
